@@ -1,0 +1,63 @@
+"""gradfence: PyTorch's grad-mode and train/eval contract, explicit, enforced and measured.
+
+The public API is what this module exports. Names are loaded on first use so that
+``gradfence lint`` and the flake8 plugin start without importing torch.
+
+>>> import gradfence as gf
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+>>> with gf.inference(model):
+...     out = model(torch.ones(1, 2))
+>>> model.training, out.requires_grad
+(True, False)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from gradfence.errors import (
+    AuditError,
+    GradfenceError,
+    GradfenceWarning,
+    ScopeError,
+    ScopeOverlapWarning,
+)
+
+if TYPE_CHECKING:
+    from gradfence.scope import Scope, inference, training
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily, see module docstring)
+_LAZY: dict[str, str] = {
+    "inference": "gradfence.scope",
+    "training": "gradfence.scope",
+    "Scope": "gradfence.scope",
+}
+
+__all__ = [
+    "AuditError",
+    "GradfenceError",
+    "GradfenceWarning",
+    "Scope",
+    "ScopeError",
+    "ScopeOverlapWarning",
+    "__version__",
+    "inference",
+    "training",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradfence' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,60 @@
+"""The ``gradfence`` command: one entry point, one subcommand per capability.
+
+Each capability's CLI glue lives in its own module and exposes
+``register(subparsers)``, which adds its subparser(s) and sets ``handler`` on them:
+a callable taking the parsed namespace and returning the exit status. Those modules
+import torch and other heavy dependencies inside their handlers, not at import time,
+so ``gradfence --help`` and ``gradfence lint`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gradfence import __version__
+from gradfence.errors import GradfenceError
+
+# Modules providing ``register(subparsers)``, in the order shown by --help.
+COMMAND_MODULES: tuple[str, ...] = ("gradfence.demo",)
+
+EXIT_USAGE = 2
+
+
+class UsageError(GradfenceError):
+    """Bad command-line input: reported as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradfence",
+        description=(
+            "Make PyTorch's grad-mode and train/eval contract explicit, enforced and measured."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"gradfence {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        status: int = handler(args)
+    except GradfenceError as exc:  # misuse: one line, no traceback
+        print(f"gradfence: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradfence: interrupted", file=sys.stderr)
+        return 130
+    return status
