@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXTRAS := dev
+EXTRAS := dev,bench,serve,ray
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: help venv test check format demo clean
