@@ -284,7 +284,7 @@ def _unregister(entry: _Entry) -> None:
 def _enter_grad(entry: _Entry, grad: str) -> None:
     if grad == "inference_mode":
         guard = torch._C._InferenceMode(True)
-        guard.__enter__()
+        guard.__enter__()  # type: ignore[no-untyped-call]
         entry.guard = guard
     else:
         entry.grad_before = torch.is_grad_enabled()
