@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from gradfence.errors import (
     AuditError,
+    DuplicateSamplesWarning,
+    EvaluationError,
     GradfenceError,
     GradfenceWarning,
     ScopeError,
@@ -26,6 +28,8 @@ from gradfence.errors import (
 )
 
 if TYPE_CHECKING:
+    from gradfence.evaluation.loop import evaluate
+    from gradfence.evaluation.sampler import ShardedSampler
     from gradfence.scope import Scope, inference, training
 
 __version__ = "0.1.0"
@@ -35,16 +39,22 @@ _LAZY: dict[str, str] = {
     "inference": "gradfence.scope",
     "training": "gradfence.scope",
     "Scope": "gradfence.scope",
+    "evaluate": "gradfence.evaluation.loop",
+    "ShardedSampler": "gradfence.evaluation.sampler",
 }
 
 __all__ = [
     "AuditError",
+    "DuplicateSamplesWarning",
+    "EvaluationError",
     "GradfenceError",
     "GradfenceWarning",
     "Scope",
     "ScopeError",
     "ScopeOverlapWarning",
+    "ShardedSampler",
     "__version__",
+    "evaluate",
     "inference",
     "training",
 ]

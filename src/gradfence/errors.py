@@ -28,3 +28,19 @@ class ScopeOverlapWarning(GradfenceWarning, RuntimeWarning):
     Module ``training`` flags are plain attributes shared by every thread, so both scopes
     cannot hold at once: each sees the flags the other last wrote.
     """
+
+
+class EvaluationError(GradfenceError, ValueError):
+    """``gf.evaluate`` was given something it cannot evaluate: a batch, step or metric.
+
+    Subclasses :class:`ValueError` too, since it is always a wrong value handed in.
+    """
+
+
+class DuplicateSamplesWarning(GradfenceWarning, RuntimeWarning):
+    """A distributed evaluation's sampler pads or drops samples, so the result is not exact.
+
+    ``torch.utils.data.DistributedSampler`` pads every shard to the same length with
+    repeated samples (or drops the tail with ``drop_last=True``): the metrics then
+    count some samples twice (or never). Use ``gf.ShardedSampler`` for evaluation.
+    """
