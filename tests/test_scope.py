@@ -682,7 +682,7 @@ def test_snapshot_is_pre_order_and_deduplicated() -> None:
     model = nn.Sequential(nn.Sequential(shared), shared)
     snap = ModeSnapshot([model, model[0]])
     assert snap.modules == [model, model[0], shared]
-    assert snap.ends == [3, 3, 3]
+    assert snap.index == {id(model): 0, id(model[0]): 1, id(shared): 2}
 
 
 def test_repr_names_the_scope() -> None:

@@ -85,39 +85,45 @@ def _set_mode(module: nn.Module, training: bool) -> None:
 # --- snapshots of module flags -----------------------------------------------------
 
 
+def _preorder(roots: Iterable[nn.Module]) -> tuple[list[nn.Module], dict[int, int]]:
+    """Every module reachable from ``roots``, pre-order, each once (keyed by identity).
+
+    Returns the modules and a map from ``id(module)`` to its position. Iterative and
+    lean on purpose: it runs twice per scope (entry and exit).
+    """
+    order: list[nn.Module] = []
+    index: dict[int, int] = {}
+    stack: list[nn.Module | None] = list(roots)
+    stack.reverse()
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        module = pop()
+        if module is None:
+            continue
+        key = id(module)
+        if key in index:
+            continue
+        index[key] = len(order)
+        order.append(module)
+        children = module._modules
+        if children:
+            extend(reversed(children.values()))
+    return order, index
+
+
 class ModeSnapshot:
     """Every module reachable from some roots, in pre-order, with its ``training`` flag.
 
-    Modules are keyed by identity, so a module shared by two parents appears once.
-    ``ends[i]`` is one past the last index of module ``i``'s subtree, which lets
-    :meth:`apply` hand a whole subtree to a module whose class overrides ``train()``.
+    Modules are keyed by identity, so a module shared by two parents appears once and a
+    module renamed or moved inside the tree is still recognised.
     """
 
-    __slots__ = ("custom", "ends", "flags", "index", "modules")
+    __slots__ = ("flags", "index", "modules", "roots")
 
     def __init__(self, roots: Iterable[nn.Module]) -> None:
-        self.modules: list[nn.Module] = []
-        self.flags: list[bool] = []
-        self.custom: list[bool] = []
-        self.ends: list[int] = []
-        self.index: dict[int, int] = {}
-        for root in roots:
-            self._visit(root)
-
-    def _visit(self, module: nn.Module) -> None:
-        key = id(module)
-        if key in self.index:
-            return
-        position = len(self.modules)
-        self.index[key] = position
-        self.modules.append(module)
-        self.flags.append(module.training)
-        self.custom.append(_has_custom_mode(type(module)))
-        self.ends.append(0)
-        for child in module._modules.values():
-            if child is not None:
-                self._visit(child)
-        self.ends[position] = len(self.modules)
+        self.roots = tuple(roots)
+        self.modules, self.index = _preorder(self.roots)
+        self.flags: list[bool] = [module.training for module in self.modules]
 
     def apply(self, training: bool) -> None:
         """Switch every module to ``training`` the way ``root.train(training)`` would.
@@ -126,17 +132,23 @@ class ModeSnapshot:
         ``train()`` that pins a frozen part in eval keeps working) and own their
         subtree; all others get a direct flag write, and only where it differs.
         """
-        modules, custom, ends = self.modules, self.custom, self.ends
-        i, n = 0, len(modules)
-        while i < n:
-            module = modules[i]
-            if custom[i]:
-                _set_mode(module, training)
-                i = ends[i]
-                continue
+        owned: set[int] = set()  # modules inside the subtree of an overriding module
+        cache = _custom_mode_cache
+        for module in self.modules:
+            cls = type(module)
+            custom = cache.get(cls)
+            if custom is None:
+                custom = _has_custom_mode(cls)
+            if custom or owned:
+                key = id(module)
+                if key in owned:
+                    continue
+                if custom:
+                    _set_mode(module, training)
+                    owned.update(_preorder(module._modules.values())[1])
+                    continue
             if module.training is not training:
                 module.__dict__["training"] = training
-            i += 1
 
     def restore(self, skip: set[int] | frozenset[int] = frozenset()) -> None:
         """Put every module that is still in the trees back to its recorded flag.
@@ -148,17 +160,14 @@ class ModeSnapshot:
         fixed up afterwards (pre-order). If one module fails to restore, the others are
         still restored and the first error is raised at the end.
         """
-        current = ModeSnapshot(self._roots())
-        errors: list[BaseException] = []
-        added: list[tuple[nn.Module, bool]] = []
+        current, _ = _preorder(self.roots)
         index, flags = self.index, self.flags
-        for module, flag_now in zip(current.modules, current.flags, strict=True):
+        added = [(m, m.training) for m in current if id(m) not in index]
+        errors: list[BaseException] = []
+        for module in current:
             key = id(module)
             position = index.get(key)
-            if position is None:
-                added.append((module, flag_now))
-                continue
-            if key in skip:
+            if position is None or key in skip:
                 continue
             saved = flags[position]
             if module.training is saved:
@@ -175,15 +184,6 @@ class ModeSnapshot:
             module.__dict__["training"] = flag
         if errors:
             _raise_first(errors, "restoring module modes")
-
-    def _roots(self) -> list[nn.Module]:
-        # The roots are the modules that start a new top-level subtree in pre-order.
-        roots: list[nn.Module] = []
-        i, n = 0, len(self.modules)
-        while i < n:
-            roots.append(self.modules[i])
-            i = self.ends[i]
-        return roots
 
 
 def _raise_first(errors: list[BaseException], what: str) -> None:
