@@ -85,7 +85,7 @@ def _set_mode(module: nn.Module, training: bool) -> None:
 # --- snapshots of module flags -----------------------------------------------------
 
 
-def _preorder(roots: Iterable[nn.Module]) -> tuple[list[nn.Module], dict[int, int]]:
+def _preorder(roots: Iterable[nn.Module | None]) -> tuple[list[nn.Module], dict[int, int]]:
     """Every module reachable from ``roots``, pre-order, each once (keyed by identity).
 
     Returns the modules and a map from ``id(module)`` to its position. Iterative and
