@@ -1,0 +1,163 @@
+"""``--model`` and ``--input`` specs: a built-in name, ``module:factory`` or ``file.py:factory``.
+
+A :class:`Workload` is the resolved pair. It is made of strings only (built-in name, or
+``module:attr`` / absolute ``path.py:attr``) so that the child process measuring peak
+memory can rebuild exactly the same model and input from its command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradfence.bench.builtins import BUILTINS
+from gradfence.cli import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to benchmark: a model factory and an input factory, both as specs.
+
+    ``label`` is what the user typed for ``--model``; the two specs are normalised
+    (built-in expanded, file paths made absolute).
+    """
+
+    label: str
+    model_spec: str
+    input_spec: str
+
+    def build_model(self) -> nn.Module:
+        """Call the model factory (after seeding torch with :data:`SEED`)."""
+        import torch
+        from torch import nn
+
+        factory = load(self.model_spec, "--model")
+        torch.manual_seed(SEED)
+        model = factory if isinstance(factory, nn.Module) else _call(factory, self.model_spec)
+        if not isinstance(model, nn.Module):
+            raise UsageError(
+                f"model factory {self.model_spec} returned {type(model).__name__}, "
+                "not a torch.nn.Module"
+            )
+        return model
+
+    def make_input(self, batch_size: int) -> Any:
+        """Call the input factory with ``batch_size`` (after seeding torch with :data:`SEED`)."""
+        import torch
+
+        from gradfence.bench.measure import tensors_in
+
+        factory = load(self.input_spec, "--input")
+        torch.manual_seed(SEED)
+        value = _call(factory, self.input_spec, batch_size)
+        if not tensors_in(value):
+            raise UsageError(
+                f"input factory {self.input_spec} returned {type(value).__name__} holding no "
+                "tensor: return a tensor, a tuple of arguments or a dict of keyword arguments"
+            )
+        return value
+
+
+def workload(model: str, input_spec: str | None) -> Workload:
+    """Check the ``--model``/``--input`` specs and normalise them (nothing is imported yet)."""
+    builtin = BUILTINS.get(model)
+    if builtin is not None:
+        chosen_input = builtin.input if input_spec is None else _normalise(input_spec, "--input")
+        return Workload(model, builtin.model, chosen_input)
+    if ":" not in model:
+        names = ", ".join(sorted(BUILTINS))
+        raise UsageError(
+            f"unknown model {model!r}: use a built-in ({names}), MODULE:FACTORY or "
+            "path/to/file.py:FACTORY"
+        )
+    if input_spec is None:
+        raise UsageError(
+            f"--model {model} needs --input MODULE:FACTORY, a function batch_size -> model input"
+        )
+    return Workload(model, _normalise(model, "--model"), _normalise(input_spec, "--input"))
+
+
+def _normalise(spec: str, option: str) -> str:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"{option} {spec!r}: expected MODULE:FACTORY or path/to/file.py:FACTORY")
+    if _is_path(target):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"{option} {spec!r}: no such file {target}")
+        return f"{path}:{attr}"
+    return spec
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def load(spec: str, option: str) -> Any:
+    """Import the object a normalised spec names (``module:attr`` or ``/abs/file.py:attr``)."""
+    target, _, attr = spec.rpartition(":")
+    if _is_path(target):
+        module = _load_file(Path(target), spec, option)
+    else:
+        # like ``python -m``: modules in the working directory are importable
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UsageError(f"{option} {spec!r}: cannot import {target}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"{option} {spec!r}: {target} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise UsageError(f"{option} {spec!r}: {attr} is {type(obj).__name__}, not callable")
+    return obj
+
+
+def _load_file(path: Path, spec: str, option: str) -> Any:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    name = f"_gradfence_bench_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"{option} {spec!r}: cannot load {path} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    # the file may import its siblings, as it could when run as a script
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise UsageError(f"{option} {spec!r}: importing {path} raised {_one_line(exc)}") from None
+    return module
+
+
+def _call(factory: Any, spec: str, *args: Any) -> Any:
+    try:
+        return factory(*args)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"factory {spec} raised {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
