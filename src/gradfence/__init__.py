@@ -28,6 +28,9 @@ from gradfence.errors import (
 )
 
 if TYPE_CHECKING:
+    from gradfence.audit.auditor import audit
+    from gradfence.audit.findings import Finding
+    from gradfence.audit.report import AuditReport
     from gradfence.evaluation.loop import evaluate
     from gradfence.evaluation.sampler import ShardedSampler
     from gradfence.scope import Scope, inference, training
@@ -36,6 +39,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, see module docstring)
 _LAZY: dict[str, str] = {
+    "audit": "gradfence.audit.auditor",
+    "Finding": "gradfence.audit.findings",
+    "AuditReport": "gradfence.audit.report",
     "inference": "gradfence.scope",
     "training": "gradfence.scope",
     "Scope": "gradfence.scope",
@@ -45,8 +51,10 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AuditError",
+    "AuditReport",
     "DuplicateSamplesWarning",
     "EvaluationError",
+    "Finding",
     "GradfenceError",
     "GradfenceWarning",
     "Scope",
@@ -54,6 +62,7 @@ __all__ = [
     "ScopeOverlapWarning",
     "ShardedSampler",
     "__version__",
+    "audit",
     "evaluate",
     "inference",
     "training",

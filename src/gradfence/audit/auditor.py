@@ -1,0 +1,144 @@
+"""``gf.audit``: declare a block of code to be evaluation, and check that it is.
+
+>>> import torch, gradfence as gf
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+>>> with gf.audit(model) as report:
+...     with gf.inference(model):
+...         _ = model(torch.ones(2, 4))
+>>> report.ok
+True
+>>> with gf.audit(model) as report:
+...     _ = model.eval()(torch.ones(2, 4))          # eval() does not disable grad
+>>> report.codes()
+['GFR002', 'GFR003']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+
+from torch import nn
+
+from gradfence.audit.collector import Collector
+from gradfence.audit.findings import CODES, check_codes
+from gradfence.audit.hooks import Probe
+from gradfence.audit.report import AuditReport
+from gradfence.audit.state import StateSnapshot
+from gradfence.errors import AuditError, ScopeError
+
+
+def _named_modules(roots: tuple[nn.Module, ...]) -> list[tuple[str, nn.Module]]:
+    """Every module under the roots once, with its dotted name (``"0.fc"`` for several roots)."""
+    seen: set[int] = set()
+    named: list[tuple[str, nn.Module]] = []
+    for position, root in enumerate(roots):
+        prefix = f"{position}" if len(roots) > 1 else ""
+        for name, module in root.named_modules(prefix=prefix):
+            if id(module) not in seen:
+                seen.add(id(module))
+                named.append((name, module))
+    return named
+
+
+class Audit:
+    """The context manager :func:`audit` returns; ``__enter__`` gives the :class:`AuditReport`.
+
+    One object audits one block: entering it a second time raises ``ScopeError``.
+    """
+
+    __slots__ = (
+        "_checks",
+        "_collector",
+        "_modules",
+        "_probe",
+        "_raise",
+        "_report",
+        "_state",
+        "_strict",
+    )
+
+    def __init__(
+        self,
+        modules: tuple[nn.Module, ...],
+        *,
+        raise_on_exit: bool,
+        ignore: Iterable[str],
+        strict: bool,
+    ) -> None:
+        for position, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise ScopeError(
+                    f"gf.audit() argument {position + 1} is {type(module).__name__}, not an "
+                    "nn.Module: pass the modules to audit as separate arguments"
+                )
+        self._modules = modules
+        self._raise = raise_on_exit
+        self._strict = strict
+        self._checks = frozenset(CODES) - check_codes(ignore)
+        self._report: AuditReport | None = None
+        self._probe: Probe | None = None
+        self._state: StateSnapshot | None = None
+        self._collector = Collector()
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(module).__name__ for module in self._modules)
+        return f"gf.audit({names})"
+
+    def __enter__(self) -> AuditReport:
+        if self._report is not None:
+            raise ScopeError(f"{self!r} was already entered: create one gf.audit() per block")
+        named = _named_modules(self._modules)
+        collector = self._collector
+        self._state = StateSnapshot(self._modules, named, self._checks, self._strict)
+        probe = Probe(collector, named, self._checks)
+        probe.install()
+        self._probe = probe
+        self._report = AuditReport()
+        self._collector = collector
+        return self._report
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._report is not None and self._probe is not None and self._state is not None
+        try:
+            self._probe.remove()
+        finally:
+            self._collector.closed = True
+        findings = self._state.findings() + self._collector.findings()
+        order = list(CODES)
+        findings.sort(key=lambda finding: order.index(finding.code))
+        self._report.findings[:] = findings
+        if not (self._raise and findings):
+            return
+        if exc is None:
+            raise AuditError(self._report.format())
+        exc.add_note(self._report.format())  # keep the body's own error; findings as a note
+
+
+def audit(
+    *modules: nn.Module,
+    raise_on_exit: bool = False,
+    ignore: Iterable[str] = (),
+    strict: bool = False,
+) -> Audit:
+    """Check that the block it wraps honours the evaluation contract on ``modules``.
+
+    Use it as ``with gf.audit(model) as report:``; after the block, ``report.findings``
+    lists a :class:`~gradfence.Finding` per broken promise (codes GFR001-GFR007, see
+    ``docs/audit.md``) and ``report.ok`` is True when there is none.
+
+    * ``raise_on_exit=True`` raises :class:`~gradfence.AuditError` at exit instead
+      (when the block itself raised, the findings are added to its error as a note).
+    * ``ignore=["GFR005"]`` turns checks off by code (their cost goes with them).
+    * ``strict=True`` also snapshots the value of every parameter and buffer, which
+      catches writes through ``.data`` and to inference tensors (costly on big models).
+
+    The audit does not change what the block computes: its hooks and its op watch only
+    read, and every one of them is removed at exit, also when the block raises.
+    """
+    return Audit(modules, raise_on_exit=raise_on_exit, ignore=ignore, strict=strict)

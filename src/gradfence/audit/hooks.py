@@ -1,0 +1,250 @@
+"""The forward hooks of an audit: GFR003, GFR005 (modules), GFR006, and the op watch.
+
+Hooks fire in whichever thread runs the forward, which is what makes these checks see
+worker threads: grad mode is per thread, so a forward in a ``ThreadPoolExecutor``
+worker runs with grad enabled even when the audited block disabled it.
+
+Every audited module gets a pre-hook and an ``always_call`` post-hook (which runs even
+when the forward raises). Per thread, they keep a stack of markers so that only the
+outermost audited forward
+
+* pushes the :class:`~gradfence.audit.ops.DropoutWatch` mode (and pops it again), and
+* checks for GFR003 (did the output come back carrying an autograd graph?).
+
+Modules with a fused fast path (``TransformerEncoder(Layer)``, ``MultiheadAttention``)
+run with the mode popped, since an active torch-function mode disables that path and
+would change the results; their dropout is governed by their ``training`` flag, which
+the hooks check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils.hooks import RemovableHandle
+
+from gradfence.audit.collector import Collector, module_label
+from gradfence.audit.ops import DropoutWatch
+
+_FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+# Markers on a thread's stack: what the matching post-hook has to undo.
+_NOTHING, _PUSHED, _SUSPENDED = 0, 1, 2
+
+
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.markers: list[int] = []
+
+
+def _mode_on_top(mode: DropoutWatch) -> bool:
+    depth = torch._C._len_torch_function_stack()
+    return depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+
+
+def _carries_graph(output: Any, depth: int = 0) -> bool:
+    """True when a tensor in ``output`` (nested up to 3 levels) requires grad."""
+    if isinstance(output, torch.Tensor):
+        return output.requires_grad
+    if depth >= 3:
+        return False
+    if isinstance(output, list | tuple):
+        return any(_carries_graph(item, depth + 1) for item in output)
+    if isinstance(output, dict):
+        return any(_carries_graph(item, depth + 1) for item in output.values())
+    return False
+
+
+class Probe:
+    """Installs the hooks on every audited module and removes them all again."""
+
+    def __init__(
+        self,
+        collector: Collector,
+        named: list[tuple[str, nn.Module]],
+        checks: frozenset[str],
+    ) -> None:
+        self._collector = collector
+        self._named = named
+        self._checks = checks
+        self._state = _ThreadState()
+        self._handles: list[RemovableHandle] = []
+        names = {id(module): (name, type(module).__name__) for name, module in named}
+        self._mode = DropoutWatch(collector, names) if "GFR005" in checks else None
+
+    # installing ---------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Register the hooks; on any failure, remove those already registered."""
+        if not self._checks & {"GFR003", "GFR005", "GFR006"}:
+            return
+        try:
+            for name, module in self._named:
+                check = self._module_check(name, module)
+                fast = isinstance(module, _FAST_PATH)
+                self._handles.append(module.register_forward_pre_hook(self._pre(check, fast)))
+                self._handles.append(
+                    module.register_forward_hook(self._post(name, module), always_call=True)
+                )
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook, and pop the op watch if this thread still has it on."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        markers = self._state.markers
+        mode = self._mode
+        while markers:
+            if markers.pop() == _PUSHED and mode is not None and _mode_on_top(mode):
+                torch._C._pop_torch_function_stack()
+
+    # the hooks ----------------------------------------------------------------------
+
+    def _pre(
+        self, check: Callable[[nn.Module], None] | None, fast: bool
+    ) -> Callable[[nn.Module, Any], None]:
+        state, mode = self._state, self._mode
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            markers = state.markers
+            if mode is None:
+                markers.append(_NOTHING)
+            elif fast:
+                if markers and _mode_on_top(mode):
+                    torch._C._pop_torch_function_stack()
+                    markers.append(_SUSPENDED)
+                else:
+                    markers.append(_NOTHING)
+            elif not markers:
+                torch._C._push_on_torch_function_stack(mode)
+                markers.append(_PUSHED)
+            else:
+                markers.append(_NOTHING)
+            if check is not None:
+                check(module)
+
+        return pre_hook
+
+    def _post(self, name: str, module: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
+        state, mode = self._state, self._mode
+        graph_check = "GFR003" in self._checks
+        collector = self._collector
+        label = module_label(name, type(module).__name__)
+
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            markers = state.markers
+            if not markers:
+                return  # the forward began before the audit did
+            marker = markers.pop()
+            if mode is not None:
+                if marker == _PUSHED and _mode_on_top(mode):
+                    torch._C._pop_torch_function_stack()
+                elif marker == _SUSPENDED:
+                    torch._C._push_on_torch_function_stack(mode)
+            if graph_check and not markers and torch.is_grad_enabled() and _carries_graph(output):
+                other = threading.get_ident() != collector.owner
+                fix = (
+                    "grad mode is per thread: disable it in the worker itself (wrap the "
+                    "function the worker runs in torch.no_grad() or gf.inference(model))"
+                    if other
+                    else "run evaluation under gf.inference(model) or torch.no_grad() "
+                    "(model.eval() does not disable grad)"
+                )
+                collector.add(
+                    ("GFR003", name, other),
+                    "GFR003",
+                    name,
+                    lambda thread: (
+                        f"{label} ran its forward with grad enabled {thread}: its output "
+                        f"carries an autograd graph that keeps every activation alive. "
+                        f"Fix: {fix}."
+                    ),
+                    {"other_thread": other},
+                )
+
+        return post_hook
+
+    # per-class checks (run in the pre-hook, where the flag that governs the forward is read)
+
+    def _module_check(self, name: str, module: nn.Module) -> Callable[[nn.Module], None] | None:
+        label = module_label(name, type(module).__name__)
+        if "GFR005" in self._checks:
+            rate_attr = _dropout_rate_attribute(module)
+            if rate_attr is not None:
+                return self._dropout_check(name, label, rate_attr)
+        if "GFR006" in self._checks and (
+            isinstance(module, _BatchNorm)
+            or (isinstance(module, _InstanceNorm) and module.track_running_stats)
+        ):
+            return self._norm_check(name, label)
+        return None
+
+    def _dropout_check(self, name: str, label: str, rate_attr: str) -> Callable[[nn.Module], None]:
+        collector = self._collector
+
+        def check(module: nn.Module) -> None:
+            if not module.training:
+                return
+            rate = getattr(module, rate_attr, 0.0)
+            if not (isinstance(rate, int | float) and rate > 0):
+                return
+            if isinstance(module, nn.RNNBase) and module.num_layers < 2:
+                return  # an RNN applies its dropout only between layers
+            collector.add(
+                ("GFR005", name, threading.get_ident() != collector.owner),
+                "GFR005",
+                name,
+                lambda thread: (
+                    f"{label} ran with training=True {thread}: its dropout "
+                    f"({rate_attr}={rate}) was active during evaluation. "
+                    "Fix: evaluate under gf.inference(model) (or call model.eval() first)."
+                ),
+                {rate_attr: rate},
+            )
+
+        return check
+
+    def _norm_check(self, name: str, label: str) -> Callable[[nn.Module], None]:
+        collector = self._collector
+
+        def check(module: nn.Module) -> None:
+            if not module.training:
+                return
+            tracking = bool(getattr(module, "track_running_stats", False))
+            effect = (
+                "its running statistics were updated from evaluation data"
+                if tracking
+                else "it normalised with batch statistics"
+            )
+            collector.add(
+                ("GFR006", name, threading.get_ident() != collector.owner),
+                "GFR006",
+                name,
+                lambda thread: (
+                    f"{label} ran in training mode {thread}: {effect} (BatchNorm ignores "
+                    "grad mode). Fix: evaluate under gf.inference(model) (or call "
+                    "model.eval() first)."
+                ),
+                {"track_running_stats": tracking},
+            )
+
+        return check
+
+
+def _dropout_rate_attribute(module: nn.Module) -> str | None:
+    """The attribute holding the dropout rate of a module whose flag governs dropout."""
+    if isinstance(module, _DropoutNd):
+        return "p"
+    if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
+        return "dropout"
+    return None
