@@ -1,0 +1,126 @@
+"""What each spawned rank of test_distributed.py runs (importable by name in the children).
+
+The parent puts this folder on sys.path, which spawned children inherit, so
+``torch.multiprocessing.spawn`` can find :func:`run_rank` by its module name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+import gradfence as gf
+from gradfence.errors import DuplicateSamplesWarning
+from gradfence.scope import GradMode
+
+DATASET_SIZE = 23  # divisible by neither 2 nor 3: shards are uneven
+NUM_CLASSES = 3
+BATCH_SIZE = 4
+
+
+def build() -> tuple[nn.Module, TensorDataset]:
+    """The same tiny model and data on every rank (and in the single-process reference)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(DATASET_SIZE, 5, generator=generator)
+    y = torch.randint(0, NUM_CLASSES, (DATASET_SIZE,), generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+    return model, TensorDataset(x, y)
+
+
+def per_sample_error(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A plain callable with one value per sample: 1.0 where the top class is wrong."""
+    return (preds.argmax(dim=1) != target).float()
+
+
+def evaluate_once(model: nn.Module, loader: Any, mode: GradMode) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"),
+        "macro_acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="macro"),
+        "error": per_sample_error,
+    }
+    return gf.evaluate(model, loader, metrics, mode=mode, loss=F.cross_entropy, progress=False)
+
+
+def evaluate_all() -> dict[str, Any]:
+    """Every result the parent compares with the single-process one (also run there)."""
+    model, dataset = build()
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=gf.ShardedSampler(dataset))
+    out: dict[str, Any] = {
+        "no_grad": evaluate_once(model, loader, "no_grad"),
+        "inference_mode": evaluate_once(model, loader, "inference_mode"),
+    }
+    # Called from inside the caller's own inference_mode: the sync must still leave it.
+    with torch.inference_mode():
+        out["nested_inference_mode"] = evaluate_once(model, loader, "inference_mode")
+    out["training_after"] = model.training
+    return out
+
+
+class FailingAccuracy(MulticlassAccuracy):
+    """Accuracy whose compute() raises after the states were synchronised."""
+
+    fail = True
+
+    def compute(self) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("compute failed on purpose")
+        return super().compute()
+
+
+def check_failed_sync_is_undone(model: nn.Module, dataset: TensorDataset) -> dict[str, Any]:
+    sampler = gf.ShardedSampler(dataset)
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
+    metric = FailingAccuracy(num_classes=NUM_CLASSES, average="micro")
+    try:
+        gf.evaluate(model, loader, {"acc": metric}, progress=False)
+    except RuntimeError as exc:
+        raised = str(exc)
+    else:
+        raised = ""
+    tp, fn = metric.metric_state["tp"], metric.metric_state["fn"]
+    local_count = int((tp + fn).sum())  # micro accuracy: every sample is a tp or an fn
+    metric.fail = False  # it must sync again, to the global result
+    return {
+        "raised": raised,
+        "synced_flag": metric._is_synced,
+        "local_count": local_count,
+        "shard_size": len(sampler),
+        "acc_after": float(metric.compute()),
+    }
+
+
+def check_padding_warning(dataset: TensorDataset, model: nn.Module) -> bool:
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=DistributedSampler(dataset))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gf.evaluate(model, loader, progress=False)
+    return any(issubclass(w.category, DuplicateSamplesWarning) for w in caught)
+
+
+def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        results = evaluate_all()
+        model, dataset = build()
+        results["failed_sync"] = check_failed_sync_is_undone(model, dataset)
+        results["padding_warned"] = check_padding_warning(dataset, model)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
