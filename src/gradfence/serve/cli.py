@@ -1,0 +1,126 @@
+"""``gradfence serve``: the sentiment service (imports torch only when it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from gradfence.cli import UsageError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a sentiment model over HTTP with dynamic batching",
+        description=(
+            "Serve the embedded default sentiment model (or --model-dir) over HTTP: "
+            "POST /v1/predict, GET /v1/model, /health/live, /health/ready, /metrics."
+        ),
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="a local Hugging Face sequence-classification checkpoint "
+        "(safetensors only) instead of the embedded default",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="texts per model batch at most (default 32)"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="flush a batch this long after its first text arrived (default 5)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="texts waiting for a batch at most; beyond: 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=30.0,
+        help="answer 504 after this long (default 30)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        default=None,
+        help="require 'Authorization: Bearer <key>', the key read from env NAME",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn (default) or Ray Serve (extra 'ray')",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="Ray Serve replicas (--backend ray only; default 1)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="debug logs one line per request (default info)",
+    )
+    parser.set_defaults(handler=_handle)
+
+
+def _settings_from(args: argparse.Namespace) -> Any:
+    for name in ("max_batch_size", "max_queue", "replicas"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0 or args.request_timeout_s <= 0:
+        raise UsageError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port")
+    if args.backend == "uvicorn" and args.replicas != 1:
+        raise UsageError("--replicas needs --backend ray")
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        raise UsageError(f"--model-dir {args.model_dir} is not a directory")
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UsageError(f"--api-key-env: environment variable {args.api_key_env} is empty")
+    from gradfence.serve.app import ServeSettings
+
+    return ServeSettings(
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s,
+        api_key=api_key,
+    )
+
+
+def _handle(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        from gradfence.serve.model import load_model
+    except ImportError as exc:
+        raise UsageError(f"{exc.name} is missing: pip install 'gradfence[serve]'") from exc
+    load = functools.partial(load_model, args.model_dir)
+    if args.backend == "ray":
+        try:
+            from gradfence.serve.ray import serve_ray
+        except ImportError as exc:
+            raise UsageError(f"{exc.name} is missing: pip install 'gradfence[ray]'") from exc
+        return serve_ray(load, settings, host=args.host, port=args.port, replicas=args.replicas)
+    from gradfence.serve.server import serve_uvicorn
+
+    return serve_uvicorn(load, settings, host=args.host, port=args.port, log_level=args.log_level)
