@@ -690,3 +690,25 @@ def test_repr_names_the_scope() -> None:
         "gf.inference(Linear, mode='inference_mode')"
     )
     assert repr(gf.training(nn.ReLU())) == "gf.training(ReLU)"
+
+
+def test_one_scope_object_shared_by_threads() -> None:
+    model = nn.Dropout()
+    scope = gf.inference(model)
+    barrier = threading.Barrier(2)
+    seen: list[bool] = []
+
+    def worker() -> None:
+        for _ in range(50):
+            with scope:
+                barrier.wait(5)
+                seen.append(torch.is_grad_enabled())
+            barrier.wait(5)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [False] * 100
+    assert model.training

@@ -331,7 +331,10 @@ class Scope:
         self._modules = modules
         self._training = training
         self._grad = grad
-        self._entries: contextvars.ContextVar[tuple[_Entry, ...]] | None = None
+        # Per thread and per asyncio task, so one object can be used concurrently.
+        self._entries: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar(
+            "gradfence_scope_entries"
+        )
 
     def __repr__(self) -> str:
         names = ", ".join(type(m).__name__ for m in self._modules)
@@ -367,14 +370,11 @@ class Scope:
             _exit_grad(entry)
 
     def __enter__(self) -> Scope:
-        if self._entries is None:
-            self._entries = contextvars.ContextVar("gradfence_scope_entries")
         entry = self._enter()
         self._entries.set((*self._entries.get(()), entry))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._entries is not None, "__exit__ without __enter__"
         entries = self._entries.get(())
         if not entries:
             raise ScopeError(f"{self!r} exited more often than it was entered")
