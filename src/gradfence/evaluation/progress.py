@@ -12,6 +12,8 @@ from gradfence.evaluation.metrics import MetricSlot
 
 # Running values cost a metric compute (and a host sync): refresh them at most this often.
 POSTFIX_INTERVAL_S = 0.5
+# How often tqdm redraws the bar.
+REDRAW_INTERVAL_S = 0.1
 
 
 def wants_progress(progress: bool | None, rank: int) -> bool:
@@ -44,6 +46,7 @@ class Progress:
                 file=sys.stderr,
                 dynamic_ncols=True,
                 leave=False,
+                mininterval=REDRAW_INTERVAL_S,
             )
 
     def advance(self) -> None:
