@@ -1,0 +1,278 @@
+"""The HTTP API: endpoints, limits and status codes, on a real uvicorn server (127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import gradfence as gf
+from gradfence.serve.app import MAX_TEXT_CHARS, MAX_TEXTS, ServeSettings, create_app
+from gradfence.serve.model import load_model_dir
+
+from .conftest import ServerFactory, StubClassifier, ThreadedServer, stub_label
+
+
+def predict(server: ThreadedServer, body: object, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/predict", json=body, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+def test_predict_one_answer_per_text_in_order(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    texts = ["bbb", "a  b c", "ggg g", "bg"]
+    response = predict(server, {"texts": texts})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "stub"
+    assert [p["label"] for p in body["predictions"]] == [stub_label(t) for t in texts]
+    for p in body["predictions"]:
+        assert set(p["scores"]) == {"negative", "neutral", "positive"}
+        assert p["score"] == max(p["scores"].values())
+        assert sum(p["scores"].values()) == pytest.approx(1.0)
+
+
+def test_tiny_bert_batched_answers_equal_single_runs(
+    serve_model: ServerFactory, tiny_model_dir: Path
+) -> None:
+    """Concurrent requests merged into batches get the scores of their own texts."""
+    model = load_model_dir(tiny_model_dir)
+    texts = [f"the movie was {'very ' * i}good" if i % 2 else f"awful day {i}" for i in range(24)]
+    with gf.inference(model):
+        expected = [model([t]).softmax(-1)[0].tolist() for t in texts]
+    server = serve_model(model, max_batch_size=8, max_wait_ms=20)
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/predict", json={"texts": [t]}) for t in texts)
+            )
+
+    responses = asyncio.run(send_all())
+    for response, want in zip(responses, expected, strict=True):
+        assert response.status_code == 200
+        scores = response.json()["predictions"][0]["scores"]
+        assert [scores[label] for label in model.labels] == pytest.approx(want, abs=1e-5)
+    batch_counts = httpx.get(f"{server.url}/metrics").text
+    assert "gradfence_batch_size_count" in batch_counts
+
+
+def test_model_info_seen_from_inference_thread(serve_model: ServerFactory) -> None:
+    """The model was built in train mode and the main thread has grad on: the
+    inference thread still runs it in eval mode with grad off."""
+    model = StubClassifier()
+    assert model.training and torch.is_grad_enabled()
+    server = serve_model(model)
+    info = httpx.get(f"{server.url}/v1/model").json()
+    state = info["inference_thread"]
+    assert state["eval_mode"] is True and state["modules_in_train_mode"] == []
+    assert state["grad_enabled"] is False and state["inference_mode"] is True
+    assert state["thread"] == "gradfence-inference"
+    assert info["labels"] == ["negative", "neutral", "positive"]
+    assert info["limits"]["max_texts"] == MAX_TEXTS
+    assert predict(server, {"texts": ["bb"]}).status_code == 200
+    assert all(
+        s == {"grad": False, "training": False, "thread": "gradfence-inference"} for s in model.seen
+    )
+
+
+def test_health_ready_waits_for_load_and_warmup() -> None:
+    release = threading.Event()
+    model = StubClassifier()
+
+    def slow_load() -> StubClassifier:
+        release.wait(30)
+        return model
+
+    with ThreadedServer(create_app(slow_load, ServeSettings())) as server:
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+        not_ready = httpx.get(f"{server.url}/health/ready")
+        assert not_ready.status_code == 503 and not_ready.json() == {"status": "loading"}
+        early = predict(server, {"texts": ["x"]})
+        assert early.status_code == 503 and early.headers["retry-after"] == "1"
+        release.set()
+        server.wait_ready()
+        assert model.batches[0] == ["gradfence warm-up batch"]  # warm-up ran first
+        assert predict(server, {"texts": ["x"]}).status_code == 200
+
+
+def test_failed_load_reports_not_ready() -> None:
+    def broken() -> StubClassifier:
+        raise FileNotFoundError("no weights here")
+
+    failures: list[BaseException] = []
+    with ThreadedServer(create_app(broken, on_fatal=failures.append)) as server:
+        for _ in range(500):
+            if failures:
+                break
+            threading.Event().wait(0.01)
+        ready = httpx.get(f"{server.url}/health/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "failed", "detail": "FileNotFoundError: no weights here"}
+    assert isinstance(failures[0], FileNotFoundError)
+
+
+MALFORMED: list[tuple[object, str]] = [
+    ({"texts": []}, "texts"),
+    ({"texts": ["ok", 3]}, "texts[1]"),
+    ({"texts": [None]}, "texts[0]"),
+    ({"texts": ["x"] * (MAX_TEXTS + 1)}, "texts"),
+    ({"texts": ["ok", "y" * (MAX_TEXT_CHARS + 1)]}, "texts[1]"),
+    ({"texts": "not a list"}, "texts"),
+    ({}, "texts"),
+    ({"texts": ["x"], "extra": 1}, "extra"),
+    (["x"], "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), MALFORMED)
+def test_422_names_the_field(serve_model: ServerFactory, body: object, field: str) -> None:
+    server = serve_model(StubClassifier())
+    response = predict(server, body)
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    assert field.split("[")[0] in response.json()["detail"] or field == "body"
+
+
+def test_limits_at_the_edge_are_accepted(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), max_batch_size=16)
+    texts = ["g" * MAX_TEXT_CHARS] + ["b"] * (MAX_TEXTS - 1)
+    response = predict(server, {"texts": texts})
+    assert response.status_code == 200
+    labels = [p["label"] for p in response.json()["predictions"]]
+    assert labels == ["positive"] + ["negative"] * (MAX_TEXTS - 1)
+
+
+def test_invalid_json_and_oversized_bodies(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    url = f"{server.url}/v1/predict"
+    bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 422 and bad.json()["field"] == "body"
+    big = json.dumps({"texts": ["x" * 9000] * 120}).encode()  # > 1 MiB
+    assert len(big) > 1 << 20
+    assert httpx.post(url, content=big).status_code == 413
+
+    def chunks() -> object:  # no Content-Length: counted while streaming
+        for _ in range(20):
+            yield b"x" * 65536
+
+    assert httpx.post(url, content=chunks()).status_code == 413  # type: ignore[arg-type]
+    assert predict(server, {"texts": ["b"]}).status_code == 200
+
+
+def test_api_key(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), api_key="s3cret")
+    assert predict(server, {"texts": ["b"]}).status_code == 401
+    wrong = predict(server, {"texts": ["b"]}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/v1/model").status_code == 401
+    ok = predict(server, {"texts": ["b"]}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_thousand_malformed_requests_leave_server_healthy(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for i in range(1000):
+            kind = i % 4
+            if kind == 0:
+                response = client.post("/v1/predict", content=b"\xff\xfe{[")
+            elif kind == 1:
+                body, _ = MALFORMED[i % len(MALFORMED)]
+                response = client.post("/v1/predict", json=body)
+            elif kind == 2:
+                response = client.post("/v1/predict", json={"texts": [i]})
+            else:
+                response = client.get("/v1/predict")  # wrong method
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert statuses == {422: 750, 405: 250}
+        assert client.get("/health/ready").status_code == 200
+        good = client.post("/v1/predict", json={"texts": ["bbb", "ggg"]})
+        assert [p["label"] for p in good.json()["predictions"]] == ["negative", "positive"]
+        metrics = client.get("/metrics").text
+    assert (
+        'gradfence_http_requests_total{method="POST",route="/v1/predict",status="422"} 750.0'
+        in (metrics)
+    )
+
+
+def test_queue_full_burst_every_accepted_request_answered(serve_model: ServerFactory) -> None:
+    model = StubClassifier()
+    server = serve_model(model, max_batch_size=4, max_queue=8, max_wait_ms=1)
+    model.gate.clear()  # the inference thread stalls on its next batch
+    texts = [f"{'b' * (i % 3)}{'g' * (i % 2)} {i}" for i in range(60)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [
+                asyncio.create_task(client.post("/v1/predict", json={"texts": [t]})) for t in texts
+            ]
+            done, _ = await asyncio.wait(tasks, timeout=3)
+            # the rejected ones come back while the model is stalled
+            assert done and all(t.result().status_code == 503 for t in done)
+            model.gate.set()
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 503}
+    assert codes.count(200) >= 8  # the queue's worth, plus the stalled batch
+    for text, response in zip(texts, responses, strict=True):
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "busy" in response.json()["detail"]
+        else:
+            assert response.json()["predictions"][0]["label"] == stub_label(text)
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
+def test_request_timeout_is_504_and_server_recovers(serve_model: ServerFactory) -> None:
+    model = StubClassifier()
+    server = serve_model(model, request_timeout_s=0.3)
+    model.gate.clear()
+    response = predict(server, {"texts": ["bbb"]})
+    assert response.status_code == 504
+    assert "0.3 s" in response.json()["detail"]
+    model.gate.set()
+    again = predict(server, {"texts": ["ggg"]})
+    assert again.status_code == 200
+    assert again.json()["predictions"][0]["label"] == "positive"
+
+
+def test_broken_model_gives_500_not_a_hang(serve_model: ServerFactory) -> None:
+    def load() -> StubClassifier:
+        model = StubClassifier(rows_delta=0)
+        return model
+
+    model = load()
+    server = serve_model(model)
+    model.rows_delta = -1  # from now on one row short
+    response = predict(server, {"texts": ["a", "b", "c"]})
+    assert response.status_code == 500
+    assert response.json()["detail"] == "inference failed: BatchMismatchError"
+    model.rows_delta = 0
+    assert predict(server, {"texts": ["b"]}).status_code == 200
+
+
+def test_metrics_exposes_the_documented_series(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    predict(server, {"texts": ["b", "g"]})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "gradfence_http_requests_total",
+        "gradfence_http_request_duration_seconds_bucket",
+        "gradfence_queue_depth",
+        "gradfence_batch_size_bucket",
+        "gradfence_texts_total",
+        "gradfence_texts_per_second",
+    ):
+        assert name in text
+    assert 'route="/v1/predict",status="200"' in text
+    assert httpx.get(f"{server.url}/nope").status_code == 404
+    assert 'route="other"' in httpx.get(f"{server.url}/metrics").text
