@@ -91,7 +91,7 @@ class Audit:
         named = _named_modules(self._modules)
         collector = self._collector
         self._state = StateSnapshot(self._modules, named, self._checks, self._strict)
-        probe = Probe(collector, named, self._checks)
+        probe = Probe(collector, self._modules, named, self._checks)
         probe.install()
         self._probe = probe
         self._report = AuditReport()

@@ -4,17 +4,21 @@ Hooks fire in whichever thread runs the forward, which is what makes these check
 worker threads: grad mode is per thread, so a forward in a ``ThreadPoolExecutor``
 worker runs with grad enabled even when the audited block disabled it.
 
-Every audited module gets a pre-hook and an ``always_call`` post-hook (which runs even
-when the forward raises). Per thread, they keep a stack of markers so that only the
-outermost audited forward
+Entry-point modules (the audited roots, every module with children and every module
+whose class defines ``forward`` outside torch) get a pre-hook and an ``always_call``
+post-hook (which runs even when the forward raises). Per thread, they keep a stack of
+markers, so that
 
-* pushes the :class:`~gradfence.audit.ops.DropoutWatch` mode (and pops it again), and
-* checks for GFR003 (did the output come back carrying an autograd graph?).
+* the :class:`~gradfence.audit.ops.DropoutWatch` mode is on exactly while the forward
+  of a module defined *outside* torch runs (only user code can call functional dropout
+  unguarded: torch's own modules gate it on their ``training`` flag, which the hooks
+  read, so the mode would only slow them down), and
+* only the outermost audited forward of each thread checks GFR003 (did its output come
+  back carrying an autograd graph?).
 
 Modules with a fused fast path (``TransformerEncoder(Layer)``, ``MultiheadAttention``)
-run with the mode popped, since an active torch-function mode disables that path and
-would change the results; their dropout is governed by their ``training`` flag, which
-the hooks check.
+run with the mode popped: an active torch-function mode disables that path and would
+change the results in the last bits.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ _NOTHING, _PUSHED, _SUSPENDED = 0, 1, 2
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.markers: list[int] = []
+        self.watching = False  # is our mode on this thread's torch-function stack?
+
+
+def _defined_in_torch(module: nn.Module) -> bool:
+    forward = getattr(type(module), "forward", None)
+    return str(getattr(forward, "__module__", "")).startswith("torch.")
 
 
 def _mode_on_top(mode: DropoutWatch) -> bool:
@@ -68,10 +78,12 @@ class Probe:
     def __init__(
         self,
         collector: Collector,
+        roots: tuple[nn.Module, ...],
         named: list[tuple[str, nn.Module]],
         checks: frozenset[str],
     ) -> None:
         self._collector = collector
+        self._roots = roots
         self._named = named
         self._checks = checks
         self._state = _ThreadState()
@@ -82,17 +94,35 @@ class Probe:
     # installing ---------------------------------------------------------------------
 
     def install(self) -> None:
-        """Register the hooks; on any failure, remove those already registered."""
+        """Register the hooks; on any failure, remove those already registered.
+
+        Three kinds of module get hooks, the rest (the leaves doing the arithmetic) none,
+        since a hooked module's call costs several microseconds more:
+
+        * entry points (the audited roots, every module with children, every module
+          whose forward is user code): a pre-hook and an ``always_call`` post-hook that
+          push/pop the op watch and check GFR003 for the outermost audited forward of
+          each thread;
+        * fast-path modules: the same pair, which suspends the op watch around them;
+        * mode-governed leaves (Dropout family, BatchNorm family, RNNs): one pre-hook
+          that reads the ``training`` flag.
+        """
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
+        roots = {id(module) for module in self._roots}
         try:
             for name, module in self._named:
                 check = self._module_check(name, module)
                 fast = isinstance(module, _FAST_PATH)
-                self._handles.append(module.register_forward_pre_hook(self._pre(check, fast)))
-                self._handles.append(
-                    module.register_forward_hook(self._post(name, module), always_call=True)
-                )
+                user = not _defined_in_torch(module)
+                entry = id(module) in roots or bool(module._modules) or user
+                if entry or fast:
+                    pre = self._pre(check, fast, user)
+                    self._handles.append(module.register_forward_pre_hook(pre))
+                    post = self._post(name, module)
+                    self._handles.append(module.register_forward_hook(post, always_call=True))
+                elif check is not None:
+                    self._handles.append(module.register_forward_pre_hook(_checker(check)))
         except BaseException:
             self.remove()
             raise
@@ -102,34 +132,32 @@ class Probe:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        markers = self._state.markers
-        mode = self._mode
-        while markers:
-            if markers.pop() == _PUSHED and mode is not None and _mode_on_top(mode):
-                torch._C._pop_torch_function_stack()
+        state, mode = self._state, self._mode
+        state.markers.clear()
+        if state.watching and mode is not None and _mode_on_top(mode):
+            torch._C._pop_torch_function_stack()
+        state.watching = False
 
     # the hooks ----------------------------------------------------------------------
 
     def _pre(
-        self, check: Callable[[nn.Module], None] | None, fast: bool
+        self, check: Callable[[nn.Module], None] | None, fast: bool, user: bool
     ) -> Callable[[nn.Module, Any], None]:
         state, mode = self._state, self._mode
+        push = user and mode is not None
 
         def pre_hook(module: nn.Module, args: Any) -> None:
-            markers = state.markers
-            if mode is None:
-                markers.append(_NOTHING)
-            elif fast:
-                if markers and _mode_on_top(mode):
+            marker = _NOTHING
+            if fast:
+                if state.watching and _mode_on_top(mode):  # type: ignore[arg-type]
                     torch._C._pop_torch_function_stack()
-                    markers.append(_SUSPENDED)
-                else:
-                    markers.append(_NOTHING)
-            elif not markers:
+                    state.watching = False
+                    marker = _SUSPENDED
+            elif push and not state.watching:
                 torch._C._push_on_torch_function_stack(mode)
-                markers.append(_PUSHED)
-            else:
-                markers.append(_NOTHING)
+                state.watching = True
+                marker = _PUSHED
+            state.markers.append(marker)
             if check is not None:
                 check(module)
 
@@ -146,11 +174,13 @@ class Probe:
             if not markers:
                 return  # the forward began before the audit did
             marker = markers.pop()
-            if mode is not None:
-                if marker == _PUSHED and _mode_on_top(mode):
+            if marker == _PUSHED:
+                if _mode_on_top(mode):  # type: ignore[arg-type]
                     torch._C._pop_torch_function_stack()
-                elif marker == _SUSPENDED:
-                    torch._C._push_on_torch_function_stack(mode)
+                state.watching = False
+            elif marker == _SUSPENDED:
+                torch._C._push_on_torch_function_stack(mode)
+                state.watching = True
             if graph_check and not markers and torch.is_grad_enabled() and _carries_graph(output):
                 other = threading.get_ident() != collector.owner
                 fix = (
@@ -239,6 +269,13 @@ class Probe:
             )
 
         return check
+
+
+def _checker(check: Callable[[nn.Module], None]) -> Callable[[nn.Module, Any], None]:
+    def pre_hook(module: nn.Module, args: Any) -> None:
+        check(module)
+
+    return pre_hook
 
 
 def _dropout_rate_attribute(module: nn.Module) -> str | None:

@@ -91,6 +91,7 @@ def _watched() -> dict[Any, _Spec]:
 
 
 WATCHED: dict[Any, _Spec] = _watched()
+_watched_spec = WATCHED.get  # every func torch passes a mode is hashable
 
 # Frames in these directories are the machinery between the user's call and the mode.
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -129,15 +130,12 @@ class DropoutWatch(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if kwargs is None:
-            kwargs = {}
-        try:
-            spec = WATCHED.get(func)
-        except TypeError:  # an unhashable callable: not one of ours
-            spec = None
+        spec = _watched_spec(func)
         if spec is not None:
-            self._check(spec, args, kwargs)
-        return func(*args, **kwargs)
+            self._check(spec, args, kwargs or {})
+        if kwargs:
+            return func(*args, **kwargs)
+        return func(*args)
 
     def _check(self, spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         p = _argument(args, kwargs, spec.p_index, spec.p_name)
