@@ -195,19 +195,28 @@ def plot(run: BenchRun, path: Path) -> None:
     figure = Figure(figsize=(13, 4.2), layout="constrained")
     latency_ax, saved_ax, peak_ax = figure.subplots(1, 3)
     mib = 1024 * 1024
+    styles = {"grad": ("-", "o"), "no_grad": ("--", "s"), "inference_mode": (":", "^")}
     for mode in settings.modes:
+        line, marker = styles.get(mode, ("-", "o"))
         items = [run.result(mode, size) for size in settings.batch_sizes]
         present = [item for item in items if item is not None]
         sizes = [item.batch_size for item in present]
         medians = [item.latency.median_s * 1e3 for item in present]
         above = [item.latency.p95_s * 1e3 - m for item, m in zip(present, medians, strict=True)]
         latency_ax.errorbar(
-            sizes, medians, yerr=[[0] * len(sizes), above], marker="o", capsize=3, label=mode
+            sizes,
+            medians,
+            yerr=[[0] * len(sizes), above],
+            linestyle=line,
+            marker=marker,
+            capsize=3,
+            label=mode,
         )
-        saved_ax.plot(sizes, [item.saved.bytes / mib for item in present], marker="o", label=mode)
+        saved = [item.saved.bytes / mib for item in present]
+        saved_ax.plot(sizes, saved, linestyle=line, marker=marker, label=mode)
         peaks = [(item.batch_size, item.peak.delta_bytes / mib) for item in present if item.peak]
         if peaks:
-            peak_ax.plot(*zip(*peaks, strict=True), marker="o", label=mode)
+            peak_ax.plot(*zip(*peaks, strict=True), linestyle=line, marker=marker, label=mode)
     peak_label = "CUDA max allocated" if settings.device == "cuda" else "peak RSS"
     for ax, title, ylabel in (
         (latency_ax, "latency per call (median, whisker p95)", "ms"),
@@ -222,6 +231,8 @@ def plot(run: BenchRun, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     latency_ax.set_yscale("log")
+    for ax in (saved_ax, peak_ax):
+        ax.set_ylim(bottom=0)
     env = run.environment
     figure.suptitle(
         f"gradfence bench: {settings.workload.label} ({settings.module_mode} mode), "
