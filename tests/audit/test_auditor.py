@@ -1,0 +1,188 @@
+"""The audit's own promises: it computes nothing differently, cleans up, and its API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradfence as gf
+
+
+class Mixed(nn.Module):
+    """Every kind of module the audit hooks, plus a fused fast-path transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.2)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.p = 0.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.bn(self.inp(x)))
+        h = F.dropout(h, self.p, training=self.training)
+        h = F.scaled_dot_product_attention(h, h, h, dropout_p=self.p if self.training else 0.0)
+        return self.encoder(h)
+
+
+def _hooks_left(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_always_called)
+        for m in model.modules()
+    )
+
+
+@pytest.fixture
+def mixed() -> Mixed:
+    torch.manual_seed(0)
+    return Mixed()
+
+
+def test_results_are_bit_identical_in_evaluation(mixed: Mixed) -> None:
+    x = torch.randn(3, 5, 8)
+    with gf.inference(mixed):
+        plain = mixed(x)
+    with gf.audit(mixed, strict=True) as report, gf.inference(mixed):
+        audited = mixed(x)
+    assert report.ok, report.format()
+    assert torch.equal(plain, audited)
+
+
+def test_results_are_bit_identical_when_findings_fire(mixed: Mixed) -> None:
+    x = torch.randn(3, 5, 8)
+    torch.manual_seed(7)
+    plain = mixed(x)  # train mode, grad on: dropout everywhere, BN updates
+    state = {k: v.clone() for k, v in mixed.state_dict().items()}
+    fresh = Mixed()
+    fresh.load_state_dict(state)
+    torch.manual_seed(7)
+    with gf.audit(fresh) as report:
+        fresh_plain = fresh(x)
+    assert set(report.codes()) >= {"GFR003", "GFR005", "GFR006"}
+    again = Mixed()
+    again.load_state_dict(state)
+    torch.manual_seed(7)
+    unaudited = again(x)
+    assert torch.equal(fresh_plain, unaudited)
+    assert plain.shape == unaudited.shape
+
+
+def test_transformer_fast_path_is_kept(mixed: Mixed) -> None:
+    # An active torch-function mode turns the fused path off (results then differ in the
+    # last bits); the audit pops its mode around such modules.
+    encoder = mixed.encoder.eval()
+    x = torch.randn(4, 7, 16)
+    with torch.no_grad():
+        plain = encoder(x)
+        with gf.audit(encoder) as report:
+            audited = encoder(x)
+    assert report.ok
+    assert torch.equal(plain, audited)
+
+
+def test_every_hook_and_mode_is_removed(mixed: Mixed) -> None:
+    with gf.audit(mixed, strict=True), gf.inference(mixed):
+        assert _hooks_left(mixed) > 0
+        mixed(torch.randn(2, 5, 8))
+    assert _hooks_left(mixed) == 0
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_cleanup_when_the_body_raises(mixed: Mixed) -> None:
+    with pytest.raises(KeyError), gf.audit(mixed), gf.inference(mixed):
+        mixed(torch.randn(2, 5, 8))
+        raise KeyError("boom")
+    assert _hooks_left(mixed) == 0
+    assert torch._C._len_torch_function_stack() == 0
+
+
+class Exploding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert torch._C._len_torch_function_stack() == 1  # the op watch is on in here
+        raise ValueError("bad batch")
+
+
+def test_op_watch_is_popped_when_a_forward_raises() -> None:
+    model = Exploding()
+    with gf.audit(model) as report:
+        with pytest.raises(ValueError, match="bad batch"):
+            model(torch.ones(1, 2))
+        assert torch._C._len_torch_function_stack() == 0
+    assert report.ok
+
+
+def test_raise_on_exit_lists_every_finding(mixed: Mixed) -> None:
+    with pytest.raises(gf.AuditError) as info, gf.audit(mixed, raise_on_exit=True):
+        mixed.eval()
+        mixed(torch.randn(2, 5, 8))
+    text = str(info.value)
+    assert "GFR002" in text and "GFR003" in text
+    assert isinstance(info.value, AssertionError)  # pytest shows it as a failed assertion
+
+
+def test_raise_on_exit_keeps_the_bodys_own_error(mixed: Mixed) -> None:
+    with (
+        pytest.raises(RuntimeError, match="from the body") as info,
+        gf.audit(mixed, raise_on_exit=True),
+    ):
+        mixed.eval()
+        raise RuntimeError("from the body")
+    assert any("GFR002" in note for note in getattr(info.value, "__notes__", []))
+    mixed.train()
+
+
+def test_raise_if_findings(mixed: Mixed) -> None:
+    with gf.audit(mixed) as report:
+        mixed.eval()
+    assert not report.ok
+    with pytest.raises(gf.AuditError, match="GFR002"):
+        report.raise_if_findings()
+    gf.AuditReport().raise_if_findings()  # nothing to raise
+
+
+def test_ignore_turns_a_check_off(mixed: Mixed) -> None:
+    with gf.audit(mixed, ignore=["GFR002"]) as report:
+        mixed.eval()
+    assert report.ok
+    with gf.audit(mixed, ignore="gfr002") as report:  # one code, any case
+        mixed.train()
+    assert report.ok
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="GFR999"):
+        gf.audit(nn.Linear(1, 1), ignore=["GFR999"])
+    with pytest.raises(gf.ScopeError, match="argument 1 is list"):
+        gf.audit([nn.Linear(1, 1)])  # type: ignore[arg-type]
+    audit = gf.audit(nn.Linear(1, 1))
+    with audit:
+        pass
+    with pytest.raises(gf.ScopeError, match="already entered"), audit:
+        pass
+
+
+def test_several_modules_get_indexed_names() -> None:
+    student, teacher = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+    with gf.audit(student, teacher) as report:
+        teacher[0].eval()
+    assert [f.module for f in report.findings] == ["1.0"]
+
+
+def test_finding_is_data() -> None:
+    finding = gf.Finding("GFR001", "msg")
+    assert (finding.code, finding.message, finding.module, finding.detail) == (
+        "GFR001",
+        "msg",
+        "",
+        {},
+    )
+    assert str(finding) == "GFR001 msg"
+    assert "no findings" in gf.AuditReport().format()
