@@ -1,0 +1,195 @@
+"""``gradfence lint`` and ``gradfence rules``: the static checker's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradfence.errors import GradfenceError
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``lint`` and ``rules`` subcommands."""
+    lint = subparsers.add_parser(
+        "lint",
+        help="check Python files for grad-mode and train/eval pitfalls (GF rules)",
+        description=(
+            "Statically check Python files for PyTorch grad-mode and train/eval pitfalls. "
+            "Exit status: 0 clean, 1 findings, 2 usage or internal error."
+        ),
+    )
+    lint.add_argument("paths", nargs="*", default=["."], metavar="PATH", help="files or directories")
+    lint.add_argument("--select", metavar="CODES", help="comma-separated codes or prefixes to check")
+    lint.add_argument("--ignore", metavar="CODES", help="comma-separated codes or prefixes to skip")
+    lint.add_argument(
+        "--format", choices=("text", "json", "sarif", "github"), default="text", help="report format"
+    )
+    lint.add_argument("--fix", action="store_true", help="apply safe fixes in place")
+    lint.add_argument("--diff", action="store_true", help="print the fixes as a diff, change nothing")
+    lint.add_argument("--target-torch", metavar="X.Y", help="oldest torch version to support")
+    lint.add_argument("--jobs", "-j", type=int, metavar="N", help="worker processes (default: all cores)")
+    lint.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings remain")
+    lint.add_argument("--statistics", action="store_true", help="count findings per rule instead")
+    lint.set_defaults(handler=run_lint)
+
+    rules = subparsers.add_parser(
+        "rules",
+        help="list the lint rules, or show one rule's documentation",
+        description="Without CODE: a table of every rule. With CODE: that rule's full page.",
+    )
+    rules.add_argument("code", nargs="?", metavar="CODE", help="a rule code such as GF302")
+    rules.set_defaults(handler=run_rules)
+
+
+def run_rules(args: argparse.Namespace) -> int:
+    """``gradfence rules [CODE]``."""
+    from gradfence.cli import UsageError
+    from gradfence.lint.docgen import render_page, render_table
+    from gradfence.lint.rules import RULES
+
+    if args.code is None:
+        print(render_table())
+        return EXIT_CLEAN
+    rule = RULES.get(args.code.strip().upper())
+    if rule is None:
+        raise UsageError(f"unknown rule {args.code!r} (see `gradfence rules`)")
+    print(render_page(rule), end="")
+    return EXIT_CLEAN
+
+
+def _split_codes(text: str | None, option: str) -> tuple[str, ...] | None:
+    from gradfence.cli import UsageError
+    from gradfence.lint.rules import RULES
+
+    if text is None:
+        return None
+    codes = tuple(c.strip().upper() for c in text.split(",") if c.strip())
+    for code in codes:
+        if not any(known.startswith(code) for known in RULES):
+            raise UsageError(f"{option}: unknown rule code or prefix {code!r}")
+    return codes
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    """``gradfence lint``: lint, optionally fix, report; return the exit status."""
+    from gradfence import __version__
+    from gradfence.cli import UsageError
+    from gradfence.lint.config import ConfigError, find_pyproject, load_config, parse_torch_version
+    from gradfence.lint.engine import Settings, lint_paths
+    from gradfence.lint.files import discover
+    from gradfence.lint.selection import Selection
+
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise UsageError(f"no such file or directory: {path}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    try:
+        first = Path(args.paths[0]) if args.paths else Path.cwd()
+        config = load_config(find_pyproject(first if first.exists() else Path.cwd()))
+        target = (
+            parse_torch_version(args.target_torch) if args.target_torch else config.target_torch
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    select = _split_codes(args.select, "--select") or config.select or ("GF",)
+    ignore = (*config.ignore, *(_split_codes(args.ignore, "--ignore") or ()))
+    root = config.root
+    selection = Selection(
+        select=select,
+        ignore=ignore,
+        per_file_ignores=config.per_file_ignores,
+        root=str(root) if root is not None else None,
+    )
+    settings = Settings(selection=selection, target_torch=target)
+    base = str(root) if root is not None else "."
+    files = list(discover(args.paths, config.exclude, base=base))
+    results = lint_paths(files, settings, jobs=args.jobs, keep_source=args.fix or args.diff)
+
+    errors = [r.error for r in results if r.error]
+    if args.fix or args.diff:
+        return _fix(results, settings, args, errors)
+    diagnostics = [d for r in results for d in r.diagnostics]
+    _report(diagnostics, args, __version__)
+    return _status(diagnostics, errors, args)
+
+
+def _report(diagnostics: list[Any], args: argparse.Namespace, version: str) -> None:
+    from gradfence.lint.output import format_statistics, render
+
+    if args.statistics:
+        if diagnostics:
+            print(format_statistics(diagnostics))
+        return
+    text = render(diagnostics, args.format, version)
+    if text or args.format in {"json", "sarif"}:
+        print(text)
+    if args.format == "text" and diagnostics:
+        fixable = sum(d.fix is not None for d in diagnostics)
+        noun = "finding" if len(diagnostics) == 1 else "findings"
+        extra = f" ({fixable} fixable with --fix)" if fixable else ""
+        print(f"Found {len(diagnostics)} {noun}{extra}.")
+
+
+def _status(diagnostics: list[Any], errors: list[str | None], args: argparse.Namespace) -> int:
+    for error in errors:
+        print(f"gradfence: error: {error}", file=sys.stderr)
+    if errors:
+        return EXIT_ERROR
+    if diagnostics and not args.exit_zero:
+        return EXIT_FINDINGS
+    return EXIT_CLEAN
+
+
+def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: list[str | None]) -> int:
+    from gradfence import __version__
+    from gradfence.lint.engine import check_source
+    from gradfence.lint.fix import apply_fixes, unified_diff
+
+    remaining = []
+    fixed_count = 0
+    changed_files = 0
+    for result in results:
+        source = result.source
+        if source is None or not any(d.fix for d in result.diagnostics):
+            remaining.extend(result.diagnostics)
+            continue
+        new_source, applied = apply_fixes(source, result.diagnostics)
+        if not applied:
+            remaining.extend(result.diagnostics)
+            continue
+        fixed_count += len(applied)
+        changed_files += 1
+        if args.diff:
+            sys.stdout.write(unified_diff(result.path, source, new_source))
+            continue
+        try:
+            with open(result.path, "w", encoding="utf-8", newline="") as handle:
+                handle.write(new_source)
+        except OSError as exc:
+            errors.append(f"cannot write {result.path}: {exc.strerror or exc}")
+            continue
+        try:
+            remaining.extend(check_source(new_source, result.path, settings))
+        except Exception as exc:  # same contract as lint_file: one line, no traceback
+            errors.append(f"internal error on {result.path}: {type(exc).__name__}: {exc}")
+    if args.diff:
+        for error in errors:
+            print(f"gradfence: error: {error}", file=sys.stderr)
+        if errors:
+            return EXIT_ERROR
+        noun = "fix" if fixed_count == 1 else "fixes"
+        print(f"Would apply {fixed_count} {noun} in {changed_files} file(s).", file=sys.stderr)
+        return EXIT_FINDINGS if fixed_count and not args.exit_zero else EXIT_CLEAN
+    _report(remaining, args, __version__)
+    noun = "finding" if fixed_count == 1 else "findings"
+    print(f"Fixed {fixed_count} {noun} in {changed_files} file(s).", file=sys.stderr)
+    return _status(remaining, errors, args)
+
+
+__all__ = ["GradfenceError", "register", "run_lint", "run_rules"]

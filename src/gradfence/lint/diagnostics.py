@@ -1,0 +1,96 @@
+"""What a rule reports: a :class:`Diagnostic` with an optional :class:`Fix` of text edits."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """Replace the text between two positions (1-based lines, 0-based character columns)."""
+
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    """A safe rewrite: non-overlapping edits applied together."""
+
+    message: str
+    edits: tuple[Edit, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One finding: ``path:line:col: CODE message`` (1-based line and column)."""
+
+    code: str
+    name: str
+    message: str
+    path: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+    fix: Fix | None = field(default=None, compare=False)
+
+    @property
+    def sort_key(self) -> tuple[str, int, int, str]:
+        """Order by file, position, code."""
+        return (self.path, self.line, self.col, self.code)
+
+
+class SourceText:
+    """Converts AST positions (UTF-8 byte columns) into character columns."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def char_col(self, line: int, byte_col: int) -> int:
+        """Character column of a byte offset on a 1-based line."""
+        if not 1 <= line <= len(self.lines):
+            return byte_col
+        text = self.lines[line - 1]
+        if text.isascii():
+            return byte_col
+        return len(text.encode("utf-8")[:byte_col].decode("utf-8", errors="replace"))
+
+    def start(self, node: ast.AST) -> tuple[int, int]:
+        """1-based line and 0-based character column where ``node`` starts."""
+        line = getattr(node, "lineno", 1)
+        return line, self.char_col(line, getattr(node, "col_offset", 0))
+
+    def end(self, node: ast.AST) -> tuple[int, int]:
+        """1-based line and 0-based character column where ``node`` ends."""
+        line = getattr(node, "end_lineno", None) or getattr(node, "lineno", 1)
+        col = getattr(node, "end_col_offset", None)
+        if col is None:
+            col = getattr(node, "col_offset", 0)
+        return line, self.char_col(line, col)
+
+    def segment(self, node: ast.AST) -> str:
+        """Source text of a node."""
+        (line, col), (end_line, end_col) = self.start(node), self.end(node)
+        if line == end_line:
+            return self.lines[line - 1][col:end_col]
+        parts = [self.lines[line - 1][col:]]
+        parts.extend(self.lines[line : end_line - 1])
+        parts.append(self.lines[end_line - 1][:end_col])
+        return "\n".join(parts)
+
+    def insert_after(self, node: ast.AST, content: str) -> Edit:
+        """An edit inserting ``content`` right after ``node``."""
+        line, col = self.end(node)
+        return Edit(line, col, line, col, content)
+
+    def replace(self, node: ast.AST, content: str) -> Edit:
+        """An edit replacing the text of ``node``."""
+        (line, col), (end_line, end_col) = self.start(node), self.end(node)
+        return Edit(line, col, end_line, end_col, content)

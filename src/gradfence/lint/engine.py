@@ -1,0 +1,174 @@
+"""The lint engine: check one source text, one file, or many files in parallel.
+
+``check_source`` is the whole pipeline for one file: files without ``torch`` in their text
+are skipped before parsing; the file is parsed once (a parse failure is one ``GF000``
+finding); :func:`gradfence.lint.model.build_model` walks the tree once; the selected rules
+query the recorded events; ``# noqa`` comments filter the findings.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from gradfence.lint.diagnostics import Diagnostic, Fix, SourceText
+from gradfence.lint.model import build_model, split_lines
+from gradfence.lint.rules import RULES
+from gradfence.lint.rules.syntax import SYNTAX_ERROR
+from gradfence.lint.selection import Selection, noqa_codes
+
+# Below this many files, starting worker processes costs more than it saves.
+PARALLEL_MIN_FILES = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes what the linter reports."""
+
+    selection: Selection = field(default_factory=Selection)
+    target_torch: tuple[int, int] | None = None
+
+
+@dataclass
+class FileResult:
+    """Findings for one file, or the one-line reason it could not be checked."""
+
+    path: str
+    diagnostics: list[Diagnostic]
+    error: str | None = None
+    source: str | None = None
+
+
+def check_source(source: str, path: str = "<string>", settings: Settings | None = None) -> list[Diagnostic]:
+    """Lint Python source text and return the findings, sorted by position.
+
+    >>> [d.code for d in check_source("import torch\\nwith torch.no_grad:\\n    pass\\n")]
+    ['GF101']
+    """
+    settings = settings or Settings()
+    if "torch" not in source:
+        return []
+    selection = settings.selection
+    try:
+        tree = ast.parse(source, filename=path)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        if not selection.enabled(SYNTAX_ERROR, path):
+            return []
+        return [_syntax_error(exc, path)]
+    model = build_model(path, source, tree, settings.target_torch)
+    text = SourceText(model.lines)
+    found: list[Diagnostic] = []
+    for code, rule in RULES.items():
+        if code == SYNTAX_ERROR or not selection.enabled(code, path):
+            continue
+        for node, message, fix in rule.check(model):
+            (line, col), (end_line, end_col) = text.start(node), text.end(node)
+            found.append(
+                Diagnostic(code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix)
+            )
+    return sorted(_without_noqa(found, model.lines), key=lambda d: d.sort_key)
+
+
+def _syntax_error(exc: BaseException, path: str) -> Diagnostic:
+    if isinstance(exc, SyntaxError):
+        message = exc.msg or "invalid syntax"
+        line = exc.lineno or 1
+        col = exc.offset or 1
+    else:
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, RecursionError | MemoryError):
+            message = "too deeply nested to parse"
+        line, col = 1, 1
+    name = RULES[SYNTAX_ERROR].name
+    return Diagnostic(SYNTAX_ERROR, name, message, path, line, max(col, 1), line, max(col, 1))
+
+
+def _without_noqa(found: list[Diagnostic], lines: list[str]) -> Iterable[Diagnostic]:
+    for diagnostic in found:
+        line = lines[diagnostic.line - 1] if diagnostic.line <= len(lines) else ""
+        codes = noqa_codes(line)
+        if codes is None or (codes and diagnostic.code not in codes):
+            yield diagnostic
+
+
+def read_source(path: str) -> str:
+    """Read a Python file as the interpreter would (UTF-8 unless a coding cookie says else)."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        import tokenize
+
+        encoding, _ = tokenize.detect_encoding(iter(raw.splitlines(keepends=True)).__next__)
+        return raw.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError):
+        return raw.decode("utf-8", errors="replace")
+
+
+def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileResult:
+    """Lint one file; never raises (an internal failure becomes ``FileResult.error``)."""
+    try:
+        source = read_source(path)
+    except OSError as exc:
+        return FileResult(path, [], f"cannot read {path}: {exc.strerror or exc}")
+    try:
+        diagnostics = check_source(source, path, settings)
+    except RecursionError:
+        return FileResult(path, [], f"internal error on {path}: nesting too deep to analyse")
+    except Exception as exc:  # the contract: one line per file, never a traceback
+        return FileResult(path, [], f"internal error on {path}: {type(exc).__name__}: {exc}")
+    return FileResult(path, diagnostics, None, source if keep_source else None)
+
+
+def _lint_chunk(paths: Sequence[str], settings: Settings, keep_source: bool) -> list[FileResult]:
+    return [lint_file(p, settings, keep_source) for p in paths]
+
+
+def default_jobs() -> int:
+    """All cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def lint_paths(
+    paths: Sequence[str], settings: Settings, jobs: int | None = None, keep_source: bool = False
+) -> list[FileResult]:
+    """Lint files, in worker processes when ``jobs`` > 1 and there are enough files."""
+    jobs = default_jobs() if jobs is None or jobs <= 0 else jobs
+    if jobs == 1 or len(paths) < PARALLEL_MIN_FILES:
+        return _lint_chunk(paths, settings, keep_source)
+    # big chunks keep inter-process traffic low; interleaving balances file sizes
+    chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
+    results: list[FileResult] = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
+        for chunk in pool.map(_lint_chunk, chunks, [settings] * len(chunks), [keep_source] * len(chunks)):
+            results.extend(chunk)
+    order = {p: i for i, p in enumerate(paths)}
+    results.sort(key=lambda r: order.get(r.path, 0))
+    return results
+
+
+def _context() -> object:
+    import multiprocessing
+
+    # fork is cheapest where it is safe; elsewhere the platform default
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+__all__ = [
+    "Diagnostic",
+    "FileResult",
+    "Fix",
+    "Settings",
+    "check_source",
+    "default_jobs",
+    "lint_file",
+    "lint_paths",
+    "split_lines",
+]

@@ -1,0 +1,233 @@
+"""What the code says about names, shared by the rules.
+
+Which names are modules, which functions evaluate, which calls train, who calls whom.
+Each answer errs towards "don't know": rules stay silent where the evidence is thin.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable, Iterator
+
+from gradfence.lint.imports import dotted
+from gradfence.lint.model import CallEvent, FileModel, FunctionModel, Pos, pos
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+EVAL_TOKENS = frozenset(
+    {
+        "validate",
+        "validation",
+        "valid",
+        "val",
+        "evaluate",
+        "evaluation",
+        "eval",
+        "evaluator",
+        "test",
+        "testing",
+        "predict",
+        "prediction",
+        "predictions",
+        "infer",
+        "inference",
+    }
+)
+_TRAIN_TOKENS = frozenset({"train", "training", "fit", "step", "update", "backward"})
+# framework hooks that the framework already runs under eval() and no_grad()
+FRAMEWORK_EVAL_HOOKS = frozenset(
+    {
+        "validation_step",
+        "test_step",
+        "predict_step",
+        "on_validation_epoch_end",
+        "on_test_epoch_end",
+        "on_predict_epoch_end",
+        "validation_epoch_end",
+        "test_epoch_end",
+        "on_validation_batch_end",
+        "on_test_batch_end",
+        "on_predict_batch_end",
+        "generate",
+    }
+)
+_MODULE_NAME = re.compile(
+    r"(^|_)(model|net|network|module|encoder|decoder|classifier|backbone|generator|"
+    r"discriminator|critic|actor|policy|teacher|student|head)s?\d*$"
+)
+_MODULE_METHODS = frozenset(
+    {
+        "parameters",
+        "named_parameters",
+        "eval",
+        "train",
+        "state_dict",
+        "load_state_dict",
+        "modules",
+        "named_modules",
+        "children",
+        "named_children",
+        "requires_grad_",
+    }
+)
+_GRADIENT_USES = frozenset({"backward", "grad", "requires_grad_", "retain_grad", "register_hook"})
+_MC_DROPOUT = re.compile(r"dropout|monte|mc_|_mc|bayes|uncertain", re.IGNORECASE)
+
+
+def tokens(name: str) -> set[str]:
+    """Lower-case word tokens of an identifier (``validate_epoch`` -> {validate, epoch})."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return set(_TOKEN.findall(spaced.lower()))
+
+
+def is_eval_function(function: FunctionModel) -> bool:
+    """A function whose name says it evaluates (validate, evaluate, test, predict, infer...).
+
+    Pytest tests (``test_*``) and functions that also train (``train_and_validate``) are not.
+    """
+    name = function.name
+    if name.startswith("<") or name in FRAMEWORK_EVAL_HOOKS:
+        return False
+    if name.startswith("test_") and name not in {"test_step", "test_epoch", "test_loop"}:
+        return False
+    words = tokens(name)
+    return bool(words & EVAL_TOKENS) and not words & _TRAIN_TOKENS
+
+
+def is_eval_loader(text: str) -> bool:
+    """A loop iterable whose text names validation or test data (``val_loader``...)."""
+    if not text:
+        return False
+    words = tokens(text)
+    return bool(words & {"val", "valid", "validation", "test", "eval", "evaluation", "dev"}) and (
+        "train" not in words
+    )
+
+
+def is_framework_hook(function: FunctionModel) -> bool:
+    """Lightning-style hooks already run under eval() and no_grad() by the framework."""
+    return function.cls is not None and function.name in FRAMEWORK_EVAL_HOOKS
+
+
+def looks_like_module_name(text: str) -> bool:
+    """``model``, ``self.encoder``, ``net2``: a name that conventionally holds a module."""
+    last = text.rsplit(".", 1)[-1]
+    return bool(_MODULE_NAME.search(last.lower()))
+
+
+def is_module_ctor(model: FileModel, call: ast.expr) -> bool:
+    """``nn.Linear(...)``, ``torch.nn.Sequential(...)``, or a Module class defined in the file."""
+    if not isinstance(call, ast.Call):
+        return False
+    qual = model.imports.resolve(call.func)
+    if qual is not None:
+        last = qual.rsplit(".", 1)[-1]
+        return qual.startswith("torch.nn.") and qual.count(".") == 2 and last[:1].isupper()
+    if isinstance(call.func, ast.Name):
+        cls = model.classes.get(call.func.id)
+        return cls is not None and cls.is_module
+    return False
+
+
+def module_names(model: FileModel) -> set[str]:
+    """Dotted names the file shows to be modules (constructed, or used through Module methods)."""
+    cached: set[str] | None = getattr(model, "_module_names", None)
+    if cached is not None:
+        return cached
+    names: set[str] = set()
+    for function in model.functions:
+        for call in function.calls:
+            if call.attr in _MODULE_METHODS and call.receiver:
+                names.add(call.receiver)
+        for assign in function.assigns:
+            if assign.value is not None and is_module_ctor(model, assign.value):
+                names.update(assign.target_names())
+        for loop in function.loops:
+            node = loop.node
+            if (
+                isinstance(node, ast.For)
+                and isinstance(node.iter, ast.Call)
+                and isinstance(node.iter.func, ast.Attribute)
+                and node.iter.func.attr in {"modules", "children"}
+            ):
+                text = dotted(node.target)
+                if text is not None:
+                    names.add(text)
+    model._module_names = names  # type: ignore[attr-defined]
+    return names
+
+
+def is_training_step(call: CallEvent) -> bool:
+    """``loss.backward()``, ``optimizer.step()``, ``scaler.step(opt)``: a training step."""
+    if call.attr == "backward" and not call.node.args:
+        return True
+    if call.attr == "step" and call.receiver:
+        last = call.receiver.rsplit(".", 1)[-1].lower()
+        return "opt" in last or last == "scaler"
+    return False
+
+
+def uses_gradients(function: FunctionModel) -> bool:
+    """The function differentiates on purpose (backward, autograd.grad, requires_grad...)."""
+    for call in function.calls:
+        if call.attr in _GRADIENT_USES or call.qual in {
+            "torch.autograd.grad",
+            "torch.autograd.backward",
+            "torch.enable_grad",
+        }:
+            return True
+    for assign in function.assigns:
+        for target in assign.targets:
+            if isinstance(target, ast.Attribute) and target.attr == "requires_grad":
+                return True
+    return False
+
+
+def mentions_mc_dropout(model: FileModel, function: FunctionModel) -> bool:
+    """The function's text talks about dropout / MC sampling: ``.train()`` there is on purpose."""
+    node = function.node
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", start) or start
+    return any(_MC_DROPOUT.search(line) for line in model.lines[start - 1 : end])
+
+
+def callers(model: FileModel, function: FunctionModel) -> Iterator[CallEvent]:
+    """Call sites in the file that call ``function`` (``f(...)``, ``self.f(...)``)."""
+    for other in model.functions:
+        for call in other.calls:
+            if call_targets(model, call, function):
+                yield call
+
+
+def call_targets(model: FileModel, call: CallEvent, function: FunctionModel) -> bool:
+    """Whether ``call`` calls ``function``: a plain name, or ``self.method`` in its class."""
+    func = call.node.func
+    if isinstance(func, ast.Name):
+        return func.id == function.name and function.cls is None
+    if isinstance(func, ast.Attribute) and func.attr == function.name and function.cls:
+        return call.receiver in {"self", "cls", function.cls.name}
+    return False
+
+
+def resolve_callees(model: FileModel, call: CallEvent) -> list[FunctionModel]:
+    """Functions of this file that ``call`` may call."""
+    func = call.node.func
+    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+    if name is None:
+        return []
+    return [f for f in model.functions_named(name) if call_targets(model, call, f)]
+
+
+def first_before(events: Iterable[Pos], limit: Pos) -> bool:
+    """Whether any position lies before ``limit``."""
+    return any(p < limit for p in events)
+
+
+def names_in(node: ast.AST) -> set[str]:
+    """Every plain name read in an expression."""
+    return {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)}
+
+
+def call_pos(call: CallEvent) -> Pos:
+    """Position of a call, for ordering."""
+    return pos(call.node)

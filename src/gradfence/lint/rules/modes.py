@@ -1,0 +1,847 @@
+"""GF3xx: train/eval mode of modules switched, leaked, missing or bypassed."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+from gradfence.lint.diagnostics import Fix
+from gradfence.lint.imports import dotted
+from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel, Pos, pos
+from gradfence.lint.rules.evidence import (
+    callers,
+    is_eval_function,
+    is_eval_loader,
+    is_framework_hook,
+    is_module_ctor,
+    is_training_step,
+    looks_like_module_name,
+    mentions_mc_dropout,
+    module_names,
+    resolve_callees,
+    uses_gradients,
+)
+from gradfence.lint.rules.registry import Hit, rule
+from gradfence.lint.scopes import GradMode
+
+_DROPOUT_FUNCS = frozenset(
+    {
+        "torch.nn.functional.dropout",
+        "torch.nn.functional.dropout1d",
+        "torch.nn.functional.dropout2d",
+        "torch.nn.functional.dropout3d",
+        "torch.nn.functional.alpha_dropout",
+        "torch.nn.functional.feature_alpha_dropout",
+    }
+)
+_SDPA = "torch.nn.functional.scaled_dot_product_attention"
+
+
+def _is_false(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value in (False, 0) and node.value is not None
+
+
+def _is_true(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value in (True, 1)
+
+
+def is_eval_call(call: CallEvent) -> bool:
+    """``m.eval()`` or ``m.train(False)``."""
+    if call.attr == "eval" and not call.node.args and not call.node.keywords:
+        return True
+    if call.attr == "train":
+        args = [*call.node.args, *(k.value for k in call.node.keywords if k.arg == "mode")]
+        return len(args) == 1 and _is_false(args[0])
+    return False
+
+
+def is_train_call(call: CallEvent) -> bool:
+    """``m.train()``, ``m.train(True)`` or ``m.train(<expression>)`` (a restore)."""
+    if call.attr != "train" or call.receiver is None:
+        return False
+    args = [*call.node.args, *(k.value for k in call.node.keywords if k.arg == "mode")]
+    return not args or not _is_false(args[0])
+
+
+def _plain_train_call(call: CallEvent) -> bool:
+    """``m.train()`` / ``m.train(True)``: switches to training, restores nothing."""
+    if not is_train_call(call):
+        return False
+    args = [*call.node.args, *(k.value for k in call.node.keywords if k.arg == "mode")]
+    return not args or _is_true(args[0])
+
+
+@rule(
+    "GF301",
+    "mode-method-not-called",
+    "`model.eval` / `model.train` without `()` does nothing",
+    fixable=True,
+)
+def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags `model.eval` and `model.train` written as a statement without being called.
+
+    ## Why is this a problem?
+    The statement evaluates the bound method and throws it away. The module's mode does not
+    change.
+
+    **Hidden detail.** Python accepts the line without complaint and nothing fails later:
+    dropout stays active and BatchNorm keeps normalising with batch statistics (and
+    updating its running statistics from evaluation data). The only symptom is worse,
+    noisier metrics.
+
+    ## Example
+    ```python
+    model.eval
+    with torch.no_grad():
+        accuracy = evaluate(model, loader)
+    ```
+
+    ## Use instead
+    ```python
+    model.eval()
+    with torch.no_grad():
+        accuracy = evaluate(model, loader)
+    ```
+
+    ## References
+    - PyTorch docs, `Module.eval`:
+      https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.eval
+    """
+    text = model.text
+    for function in model.functions:
+        for event in function.exprs:
+            value = event.node.value
+            if isinstance(value, ast.Attribute) and value.attr in {"eval", "train"}:
+                source = text.segment(value)
+                fix = Fix(f"Call it: `{source}()`", (text.insert_after(value, "()"),))
+                yield value, f"`{source}` is not called: the mode does not change", fix
+
+
+class _ModeFlow:
+    """Per-file summary for GF302: which functions leave eval on, train, or restore train."""
+
+    def __init__(self, model: FileModel) -> None:
+        self.model = model
+        self.callees: dict[int, list[tuple[CallEvent, list[FunctionModel]]]] = {}
+        for function in model.functions:
+            self.callees[id(function)] = [
+                (call, targets)
+                for call in function.calls
+                if call.attr is None or call.receiver in {"self", "cls"}
+                for targets in [resolve_callees(model, call)]
+                if targets
+            ]
+        self.leaks = self._fixpoint(self._leaks)
+        self.trains = self._fixpoint(
+            lambda f, known: any(is_training_step(c) for c in f.calls)
+            or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+        )
+        self.sets_train = self._fixpoint(
+            lambda f, known: any(_plain_train_call(c) for c in f.calls)
+            or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+        )
+
+    def _fixpoint(self, test: object) -> set[int]:
+        known: set[int] = set()
+        for _ in range(4):
+            grown = {
+                id(f)
+                for f in self.model.functions
+                if test(f, known)  # type: ignore[operator]
+            }
+            if grown == known:
+                break
+            known = grown
+        return known
+
+    def _leaks(self, function: FunctionModel, known: set[int]) -> bool:
+        switches: list[Pos] = [pos(c.node) for c in function.calls if is_eval_call(c)]
+        switches += [
+            pos(c.node)
+            for c, targets in self.callees[id(function)]
+            if any(id(t) in known for t in targets)
+        ]
+        if not switches:
+            return False
+        restores = [pos(c.node) for c in function.calls if is_train_call(c)]
+        last = max(switches)
+        return not any(r > last for r in restores)
+
+
+def _events_in(loop: LoopModel, function: FunctionModel, flow: _ModeFlow) -> list[tuple[Pos, int, CallEvent]]:
+    """(position, kind, call) in the loop: kind 0 = back to train, 1 = training step, 2 = leak."""
+    events: list[tuple[Pos, int, CallEvent]] = []
+    callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
+    for call in function.calls:
+        if call.loop is None or loop not in list(call.loop.chain()):
+            continue
+        here = pos(call.node)
+        targets = callee_map.get(id(call), [])
+        if _plain_train_call(call) or any(id(t) in flow.sets_train for t in targets):
+            events.append((here, 0, call))
+        if is_training_step(call) or any(id(t) in flow.trains for t in targets):
+            events.append((here, 1, call))
+        if is_eval_call(call) or any(id(t) in flow.leaks for t in targets):
+            events.append((here, 2, call))
+    events.sort(key=lambda e: (e[0], e[1]))
+    return events
+
+
+@rule(
+    "GF302",
+    "eval-mode-leak",
+    "a helper leaves the model in eval mode inside a training loop",
+)
+def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags a call, inside a loop that also trains (`.backward()`, `optimizer.step()`), to a
+    function of the same file that switches a module to eval (`.eval()`, `.train(False)`)
+    without switching it back, when no `.train()` runs between that call and the next
+    training step. A direct `.eval()` in such a loop is flagged the same way. The call
+    graph is followed through functions and methods (`self.validate()`).
+
+    ## Why is this a problem?
+    `eval()` is a persistent flag on every submodule, not a scope. After the periodic
+    validation returns, training continues with dropout disabled and BatchNorm frozen on
+    its running statistics.
+
+    **Hidden detail.** Nothing fails. The loss curve changes slope right after the first
+    validation, and the model trains as a different (unregularised) model from then on;
+    fixing the bug in published code has changed its reported results.
+
+    ## Example
+    ```python
+    def validate(model, loader):
+        model.eval()
+        with torch.no_grad():
+            return sum(criterion(model(x), y).item() for x, y in loader)
+
+    model.train()
+    for step, (x, y) in enumerate(train_loader):
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            validate(model, val_loader)
+    ```
+
+    ## Use instead
+    Scope the mode so that it is restored, whatever the caller did before:
+    ```python
+    def validate(model, loader):
+        with gradfence.inference(model):
+            return sum(criterion(model(x), y).item() for x, y in loader)
+    ```
+    or call `model.train()` at the top of every training step.
+
+    ## References
+    - fartashf/vsepp#4; Project-MONAI/MONAI PR #1131
+    - PyTorch docs, `Module.train`:
+      https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
+    """
+    flow = _ModeFlow(model)
+    reported: set[int] = set()
+    for function in model.functions:
+        callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
+        for call in function.calls:
+            if call.loop is None or id(call.node) in reported:
+                continue
+            if not is_eval_call(call) and not any(
+                id(t) in flow.leaks for t in callee_map.get(id(call), [])
+            ):
+                continue
+            for loop in call.loop.chain():
+                events = _events_in(loop, function, flow)
+                if not any(kind == 1 for _, kind, _ in events):
+                    continue
+                if not any(kind == 2 and c is call for _, kind, c in events):
+                    break
+                index = next(i for i, e in enumerate(events) if e[1] == 2 and e[2] is call)
+                rotated = events[index + 1 :] + events[: index + 1]
+                following = next((kind for _, kind, c in rotated if kind in (0, 1)), None)
+                if following == 1:
+                    reported.add(id(call.node))
+                    what = (
+                        f"`{dotted(call.node.func)}()`"
+                        if not is_eval_call(call)
+                        else f"`{call.receiver}.{call.attr}(...)`"
+                    )
+                    yield (
+                        call.node,
+                        f"{what} leaves the model in eval mode and the loop trains again "
+                        "without `.train()`",
+                        None,
+                    )
+                break
+
+
+def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
+    if is_eval_function(function):
+        return True
+    return call.loop is not None and any(is_eval_loader(loop.iter_text) for loop in call.loop.chain())
+
+
+def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str | None:
+    """``R`` when the call is ``R(...)`` on something that is a module."""
+    callee = dotted(call.node.func)
+    if callee is None or callee in {"self", "super"} or call.attr is not None and call.attr in {
+        "eval",
+        "train",
+        "forward",
+    }:
+        return None
+    if callee in modules or looks_like_module_name(callee):
+        return callee
+    return None
+
+
+def _related(receiver: str | None, target: str) -> bool:
+    if receiver is None:
+        return False
+    return receiver == target or target.startswith(receiver + ".") or receiver.startswith(target + ".")
+
+
+def _switched_before(function: FunctionModel, target: str, limit: Pos, *, to_eval: bool) -> bool:
+    for call in function.calls:
+        if pos(call.node) >= limit:
+            continue
+        if to_eval:
+            if is_eval_call(call) and _related(call.receiver, target):
+                return True
+            if call.qual == "gradfence.inference" and any(
+                dotted(arg) == target for arg in call.node.args
+            ):
+                return True
+        elif is_train_call(call) and _related(call.receiver, target):
+            return True
+    return False
+
+
+def _caller_evaluates(model: FileModel, function: FunctionModel, depth: int = 2) -> bool:
+    """Some caller in the file (or its caller) switches a module to eval before the call."""
+    if depth == 0 or function.name.startswith("<"):
+        return False
+    for site in callers(model, function):
+        caller = site.function
+        if any(is_eval_call(c) and pos(c.node) < pos(site.node) for c in caller.calls):
+            return True
+        if any(c.qual == "gradfence.inference" for c in caller.calls):
+            return True
+        if _caller_evaluates(model, caller, depth - 1):
+            return True
+    return False
+
+
+def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
+    """``target = load_model(...)``: built by a call we cannot see into (may set eval)."""
+    for assign in function.assigns:
+        if pos(assign.node) < limit and target in assign.target_names():
+            value = assign.value
+            return isinstance(value, ast.Call) and not is_module_ctor(model, value)
+    return False
+
+
+def _evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
+    """First forward of each module in an evaluation context, per function."""
+    modules = module_names(model)
+    for function in model.functions:
+        if is_framework_hook(function) or function.name.startswith("<class"):
+            continue
+        seen: set[str] = set()
+        for call in function.calls:
+            target = _forward_target(model, call, modules)
+            if target is None or target in seen or not _is_eval_context(function, call):
+                continue
+            seen.add(target)
+            yield function, call, target
+
+
+@rule(
+    "GF303",
+    "train-in-inference",
+    "`.train()` inside no_grad or an evaluation function, then the module is run",
+)
+def train_in_inference(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags `m.train()` / `m.train(True)` inside a `no_grad` / `inference_mode` scope or
+    inside an evaluation function (`validate`, `evaluate`, `test`, `predict`, `infer`...)
+    when `m` is run afterwards in the same function. A `.train()` that restores the mode
+    at the end, and functions that talk about dropout sampling (MC dropout) or compute
+    gradients on purpose, are not flagged.
+
+    ## Why is this a problem?
+    `no_grad` controls gradient recording; it does not change what the layers compute. In
+    train mode, dropout drops activations and BatchNorm normalises with the batch
+    statistics *and overwrites its running statistics* with the evaluation data.
+
+    **Hidden detail.** BatchNorm never consults grad mode: "buffers are only updated if
+    ... we are in training mode". Evaluating in train mode under `no_grad` therefore
+    changes the model that is being evaluated, with no error. Metrics are noisy and the
+    next training step starts from contaminated statistics.
+
+    ## Example
+    ```python
+    def validate(model, loader):
+        model.train()
+        with torch.no_grad():
+            return [model(x) for x, _ in loader]
+    ```
+
+    ## Use instead
+    ```python
+    def validate(model, loader):
+        with gradfence.inference(model):
+            return [model(x) for x, _ in loader]
+    ```
+
+    ## References
+    - pliang279/MultiBench#26
+    - PyTorch source, `torch/nn/modules/batchnorm.py`
+    """
+    modules = module_names(model)
+    for function in model.functions:
+        candidates = [
+            c
+            for c in function.calls
+            if _plain_train_call(c) and (c.mode.no_graph or is_eval_function(function))
+        ]
+        if not candidates or mentions_mc_dropout(model, function) or uses_gradients(function):
+            continue
+        for call in candidates:
+            receiver = call.receiver or ""
+            later = [
+                other
+                for other in function.calls
+                if pos(other.node) > pos(call.node)
+                and (
+                    _forward_target(model, other, modules | {receiver}) == receiver
+                    or (other.attr == "forward" and other.receiver == receiver)
+                )
+            ]
+            if later:
+                yield (
+                    call.node,
+                    f"`{receiver}.train()` before `{receiver}` is run for evaluation: dropout "
+                    "is active and BatchNorm statistics are overwritten",
+                    None,
+                )
+
+
+@rule(
+    "GF304",
+    "inference-without-eval",
+    "a module is run for evaluation without `.eval()` first",
+)
+def inference_without_eval(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags the first forward call of a module in an evaluation context — a function named
+    like `validate`/`evaluate`/`test`/`predict`/`infer`, or a loop over a validation/test
+    loader — when no `.eval()` (or `.train(False)`, or `gradfence.inference(model)`) is
+    applied to that module earlier in the function or in a caller of it in the same file.
+    Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
+    gradients on purpose, MC-dropout code and models returned by a loader function are not
+    flagged.
+
+    ## Why is this a problem?
+    Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
+    dropout active and BatchNorm in batch-statistics mode. A model evaluated in train mode
+    gives noisy, pessimistic metrics and updates BatchNorm running statistics from the
+    evaluation data.
+
+    **Hidden detail.** The PyTorch docs for `inference_mode` say it "does NOT automatically
+    set the model to evaluation mode". A module is in train mode from construction until
+    something calls `.eval()`.
+
+    ## Example
+    ```python
+    def evaluate(model, loader):
+        with torch.no_grad():
+            return [model(x).argmax(-1) for x, _ in loader]
+    ```
+
+    ## Use instead
+    ```python
+    def evaluate(model, loader):
+        with gradfence.inference(model):
+            return [model(x).argmax(-1) for x, _ in loader]
+    ```
+
+    ## References
+    - PyTorch docs, `torch.inference_mode`:
+      https://pytorch.org/docs/stable/generated/torch.inference_mode.html
+    - wolny/pytorch-3dunet#53; asteroid-team/asteroid#643
+    """
+    skip: dict[int, bool] = {}
+    for function, call, target in _evaluation_forwards(model):
+        key = id(function)
+        if key not in skip:
+            skip[key] = (
+                uses_gradients(function)
+                or mentions_mc_dropout(model, function)
+                or _caller_evaluates(model, function)
+            )
+        if skip[key]:
+            continue
+        here = pos(call.node)
+        if _switched_before(function, target, here, to_eval=True):
+            continue
+        if _switched_before(function, target, here, to_eval=False):
+            continue  # explicit train mode for evaluation is on purpose (MC dropout...)
+        if _locally_loaded(model, function, target, here):
+            continue
+        yield call.node, f"`{target}` is run for evaluation without `{target}.eval()` first", None
+
+
+@rule(
+    "GF305",
+    "eval-without-no-grad",
+    "forwards after `.eval()` for evaluation still record an autograd graph",
+)
+def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags the first forward call of a module after its `.eval()` in an evaluation function
+    or loop when the call is outside any `no_grad` / `inference_mode` scope, nothing in the
+    function differentiates (`backward`, `torch.autograd.grad`, `requires_grad`), and no
+    caller in the file runs the function under `no_grad`. Lightning hooks are not flagged.
+
+    ## Why is this a problem?
+    `eval()` changes what dropout and BatchNorm compute; it does not turn off gradient
+    recording. Every forward still builds an autograd graph and keeps its activations alive
+    for as long as the outputs live.
+
+    **Hidden detail.** "eval always allows backprop" (pytorch/pytorch#7013): the outputs
+    have a `grad_fn`. Collected into a list across a test set, they keep every batch's
+    activations alive, and evaluation runs out of memory where training did not:
+    `CUDA out of memory`.
+
+    ## Example
+    ```python
+    def predict(model, loader):
+        model.eval()
+        return [model(x) for x, _ in loader]
+    ```
+
+    ## Use instead
+    ```python
+    @torch.no_grad()
+    def predict(model, loader):
+        model.eval()
+        return [model(x) for x, _ in loader]
+    ```
+    or `with gradfence.inference(model):`, which does both and restores both.
+
+    ## References
+    - pytorch/pytorch#7013; jhjacobsen/invertible-resnet#15; mindsdb/lightwood#154
+    """
+    skip: dict[int, bool] = {}
+    for function, call, target in _evaluation_forwards(model):
+        if call.mode is not GradMode.DEFAULT and call.mode is not GradMode.ENABLED:
+            continue
+        key = id(function)
+        if key not in skip:
+            skip[key] = uses_gradients(function) or any(
+                site.mode.no_graph or site.mode is GradMode.UNKNOWN
+                for site in callers(model, function)
+            )
+        if skip[key]:
+            continue
+        if not _switched_before(function, target, pos(call.node), to_eval=True):
+            continue
+        yield (
+            call.node,
+            f"`{target}` is evaluated after `.eval()` with gradients on: wrap it in "
+            "`torch.no_grad()`",
+            None,
+        )
+
+
+@rule(
+    "GF306",
+    "ungated-functional-dropout",
+    "functional dropout in a Module that does not follow `self.training`",
+    fixable=True,
+)
+def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Inside an `nn.Module`, flags `F.dropout(...)` (and `dropout1d/2d/3d`, `alpha_dropout`,
+    `feature_alpha_dropout`) called without `training=`, and
+    `F.scaled_dot_product_attention(..., dropout_p=p)` where `p` is not zero and does not
+    depend on `self.training`. Calls under `if self.training:` are not flagged. The fix
+    adds `training=self.training` to the dropout call.
+
+    ## Why is this a problem?
+    Functional dropout has no module flag to consult: `F.dropout(x, p)` defaults to
+    `training=True`, and `scaled_dot_product_attention` applies `dropout_p` whatever the
+    module's mode.
+
+    **Hidden detail.** `model.eval()` reaches only registered submodules; a functional
+    call keeps dropping activations at evaluation and in production. Predictions are
+    random from call to call, which shows up as unstable metrics, not as an error.
+
+    ## Example
+    ```python
+    class Block(nn.Module):
+        def forward(self, x):
+            return F.dropout(self.proj(x), p=0.1)
+    ```
+
+    ## Use instead
+    ```python
+    class Block(nn.Module):
+        def forward(self, x):
+            return F.dropout(self.proj(x), p=0.1, training=self.training)
+    ```
+    and `dropout_p=self.p if self.training else 0.0` for attention.
+
+    ## References
+    - PyTorch docs, `torch.nn.functional.dropout`:
+      https://pytorch.org/docs/stable/generated/torch.nn.functional.dropout.html
+    - pytorch/pytorch#26338, #124464
+    """
+    text = model.text
+    for function in model.functions:
+        if function.cls is None or not function.cls.is_module:
+            continue
+        has_self = _first_arg(function) == "self"
+        for call in function.calls:
+            if call.training_guard or call.qual is None:
+                continue
+            node = call.node
+            if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                k.arg is None for k in node.keywords
+            ):
+                continue
+            if call.qual in _DROPOUT_FUNCS:
+                if not node.args or len(node.args) >= 3:
+                    continue
+                if any(k.arg == "training" for k in node.keywords):
+                    continue
+                fix = None
+                if has_self:
+                    last = max([*node.args, *node.keywords], key=lambda n: (n.end_lineno, n.end_col_offset))
+                    fix = Fix(
+                        "Add `training=self.training`",
+                        (text.insert_after(last, ", training=self.training"),),
+                    )
+                yield (
+                    node,
+                    f"`{text.segment(node.func)}` without `training=` drops activations in eval "
+                    "mode too",
+                    fix,
+                )
+            elif call.qual == _SDPA:
+                value = next((k.value for k in node.keywords if k.arg == "dropout_p"), None)
+                if value is None and len(node.args) > 4:
+                    value = node.args[4]
+                if value is None or _depends_on_training(function, value):
+                    continue
+                if isinstance(value, ast.Constant) and not value.value:
+                    continue
+                yield (
+                    node,
+                    "`dropout_p` of `scaled_dot_product_attention` ignores `self.training`: "
+                    "use `p if self.training else 0.0`",
+                    None,
+                )
+
+
+def _first_arg(function: FunctionModel) -> str | None:
+    node = function.node
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        args = [*node.args.posonlyargs, *node.args.args]
+        return args[0].arg if args else None
+    return None
+
+
+def _depends_on_training(function: FunctionModel, value: ast.expr) -> bool:
+    from gradfence.lint.model import mentions_training
+
+    if mentions_training(value):
+        return True
+    if isinstance(value, ast.Name):
+        return any(
+            value.id in assign.target_names()
+            and assign.value is not None
+            and mentions_training(assign.value)
+            for assign in function.assigns
+        )
+    return False
+
+
+@rule(
+    "GF307",
+    "unregistered-submodules",
+    "modules kept in a plain list/tuple/dict on `self` are invisible to `.eval()`",
+    fixable=True,
+)
+def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags, in an `nn.Module`'s `__init__`, a list, tuple or dict of freshly built modules
+    (`nn.Linear(...)`, `nn.Dropout()`, modules defined in the file) assigned to `self.x`,
+    including list and dict comprehensions. The fix wraps a list or tuple in
+    `nn.ModuleList(...)` and a dict with string keys in `nn.ModuleDict(...)`.
+
+    ## Why is this a problem?
+    `nn.Module` registers a submodule only when the attribute value *is* a module.
+    Containers from Python are stored as plain attributes.
+
+    **Hidden detail.** Every recursive operation skips them: `.eval()` and `.train()`,
+    `.to(device)` and `.cuda()`, `.parameters()` (so the optimizer never updates them),
+    `state_dict()` (so checkpoints silently lack them). Dropout inside stays on after
+    `model.eval()`; on GPU the forward fails with `Expected all tensors to be on the same
+    device`.
+
+    ## Example
+    ```python
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(8, 8), nn.Dropout(0.2), nn.Linear(8, 1)]
+    ```
+
+    ## Use instead
+    ```python
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Dropout(0.2), nn.Linear(8, 1)])
+    ```
+
+    ## References
+    - PyTorch docs, `nn.ModuleList`:
+      https://pytorch.org/docs/stable/generated/torch.nn.ModuleList.html
+    """
+    text = model.text
+    for cls in model.classes.values():
+        init = cls.methods.get("__init__")
+        if not cls.is_module or init is None:
+            continue
+        for assign in init.assigns:
+            node = assign.node
+            if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+                continue
+            target = dotted(node.targets[0])
+            if target is None or not target.startswith("self.") or target.count(".") != 1:
+                continue
+            value = node.value
+            container, fix_name, elements = _module_container(value)
+            if container is None or not elements:
+                continue
+            if not all(is_module_ctor(model, e) for e in elements):
+                continue
+            fix = None
+            local = model.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
+            if local is not None:
+                source = text.segment(value)
+                if isinstance(value, ast.Tuple) and not _parenthesized(value, source):
+                    source = f"({source})"
+                fix = Fix(f"Wrap in `{local}`", (text.replace(value, f"{local}({source})"),))
+            yield (
+                value,
+                f"modules in a plain {container} on `{target}` are not registered: "
+                "`.eval()`, `.to()` and `.parameters()` skip them",
+                fix,
+            )
+
+
+def _module_container(value: ast.expr) -> tuple[str | None, str | None, list[ast.expr]]:
+    """(container word, fix class or None, element expressions)."""
+    if isinstance(value, ast.List):
+        return "list", "ModuleList", list(value.elts)
+    if isinstance(value, ast.Tuple):
+        return "tuple", "ModuleList", list(value.elts)
+    if isinstance(value, ast.ListComp):
+        return "list", "ModuleList", [value.elt]
+    if isinstance(value, ast.Dict):
+        keys_ok = all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in value.keys)
+        return "dict", "ModuleDict" if keys_ok else None, [v for v in value.values if v]
+    if isinstance(value, ast.DictComp):
+        return "dict", None, [value.value]
+    return None, None, []
+
+
+def _parenthesized(value: ast.Tuple, source: str) -> bool:
+    if not (source.startswith("(") and source.endswith(")")) or not value.elts:
+        return False
+    first = value.elts[0]
+    return (first.lineno, first.col_offset) != (value.lineno, value.col_offset)
+
+
+@rule(
+    "GF308",
+    "module-requires-grad-attribute",
+    "`module.requires_grad = False` (or the typo `.require_grad`) freezes nothing",
+    fixable=True,
+)
+def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags `m.requires_grad = ...` when `m` is an `nn.Module` (built from `torch.nn` in the
+    file, iterated from `.modules()`/`.children()`, used through Module methods, or named
+    like one: `model`, `encoder`, `backbone`...), and the typo `x.require_grad = ...` on
+    anything. The fix rewrites the statement to `m.requires_grad_(...)`.
+
+    ## Why is this a problem?
+    `requires_grad` is a property of tensors. On a module it is just a new Python attribute:
+    the parameters keep `requires_grad=True`. The typo `require_grad` creates a new
+    attribute on a tensor as well.
+
+    **Hidden detail.** No error and no warning: the "frozen" backbone keeps training,
+    receives gradients and changes, and the optimizer state grows for it. Transfer-learning
+    results are quietly different from the intended setup.
+
+    ## Example
+    ```python
+    backbone.requires_grad = False
+    for p in head.parameters():
+        p.require_grad = False
+    ```
+
+    ## Use instead
+    ```python
+    backbone.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    ```
+
+    ## References
+    - PyTorch docs, `Module.requires_grad_`:
+      https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.requires_grad_
+    - pytorch/test-infra#4687 (TorchFix TOR002, the typo)
+    """
+    text = model.text
+    modules: set[str] | None = None
+    for function in model.functions:
+        for assign in function.assigns:
+            node = assign.node
+            for target in assign.targets:
+                if not isinstance(target, ast.Attribute):
+                    continue
+                owner = dotted(target.value)
+                if owner is None:
+                    continue
+                if target.attr == "requires_grad":
+                    if modules is None:
+                        modules = module_names(model)
+                    if owner == "self" or not (
+                        owner in modules or looks_like_module_name(owner)
+                    ):
+                        continue
+                    message = f"`{owner}.requires_grad = ...` sets a plain attribute on a module"
+                elif target.attr == "require_grad":
+                    message = f"`{owner}.require_grad` is a typo: it freezes nothing"
+                else:
+                    continue
+                fix = None
+                if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                    content = f"{text.segment(target.value)}.requires_grad_({text.segment(node.value)})"
+                    fix = Fix("Use `.requires_grad_(...)`", (text.replace(node, content),))
+                yield target, message + f": use `{owner}.requires_grad_(...)`", fix

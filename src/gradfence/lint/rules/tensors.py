@@ -1,0 +1,410 @@
+"""GF4xx: tensors that keep graphs alive, and inference tensors that escape their scope."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+from gradfence.lint.diagnostics import Fix
+from gradfence.lint.imports import dotted
+from gradfence.lint.model import (
+    AssignEvent,
+    CallEvent,
+    FileModel,
+    FunctionModel,
+    LoopModel,
+    end_pos,
+    pos,
+)
+from gradfence.lint.rules.evidence import names_in
+from gradfence.lint.rules.registry import Hit, rule
+from gradfence.lint.scopes import GradMode
+
+_SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
+_SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
+_SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
+_SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
+_COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
+
+
+def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
+    """Whether ``node`` reads a tainted name other than through ``.item()``/``.detach()``..."""
+    if isinstance(node, ast.Name):
+        return node.id in tainted
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
+            return False
+        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
+            return False
+    elif isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}:
+        return False
+    elif isinstance(node, ast.Compare | ast.Lambda):
+        return False
+    return any(graph_refs(child, tainted) for child in ast.iter_child_nodes(node))
+
+
+def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
+    return event_loop is not None and any(l is loop for l in event_loop.chain())
+
+
+def _backward_roots(call: CallEvent) -> set[str]:
+    func = call.node.func
+    if call.attr == "backward" and isinstance(func, ast.Attribute):
+        return names_in(func.value)
+    return set()
+
+
+@rule(
+    "GF401",
+    "accumulated-graph",
+    "the loss tensor is accumulated across iterations, keeping every graph alive",
+    fixable=True,
+)
+def accumulated_graph(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
+    from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
+    `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
+    later backpropagated through on purpose, and accumulation under `no_grad`, are not
+    flagged. Where the accumulated value is the loss name itself, the fix adds `.detach()`.
+
+    ## Why is this a problem?
+    The loss tensor holds its autograd graph, and the graph holds every saved activation of
+    the forward pass. Adding it to a running total (or keeping it in a list) links each
+    iteration's graph to the next, so none of them can be freed.
+
+    **Hidden detail.** `backward()` frees the graph's *buffers*, but the accumulator still
+    references the graph nodes, and `total` itself becomes a tensor with a `grad_fn` that
+    chains every iteration. Memory grows linearly with the number of steps: the PyTorch FAQ
+    calls this "accumulating history across your training loop", and the symptom is
+    `CUDA out of memory` after a number of steps, or a steadily slowing loop.
+
+    ## Example
+    ```python
+    total_loss = 0
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss
+    ```
+
+    ## Use instead
+    ```python
+    total_loss = 0.0
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+    ```
+
+    ## References
+    - PyTorch FAQ, "My model reports cuda runtime error(2): out of memory":
+      https://pytorch.org/docs/stable/notes/faq.html
+    - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83
+    """
+    text = model.text
+    for function in model.functions:
+        backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
+        if not backward_calls:
+            continue
+        reported: set[int] = set()
+        feeds_backward = _names_feeding_backward(function)
+        for backward in backward_calls:
+            loop = backward.loop
+            assert loop is not None
+            roots = _backward_roots(backward)
+            if not roots:
+                continue
+            assigns = sorted(
+                (a for a in function.assigns if _in_loop(loop, a.loop)), key=lambda a: pos(a.node)
+            )
+            rebound = {
+                name
+                for a in assigns
+                if isinstance(a.node, ast.Assign | ast.AnnAssign)
+                for name in a.target_names()
+            }
+            tainted = set(roots)
+            for assign in assigns:
+                if isinstance(assign.node, ast.AugAssign) or assign.value is None:
+                    continue
+                if graph_refs(assign.value, tainted):
+                    tainted.update(n for n in assign.target_names() if "." not in n)
+            for assign in assigns:
+                hit = _accumulation(assign, tainted, roots, rebound, text)
+                if hit is not None and id(assign.node) not in reported:
+                    reported.add(id(assign.node))
+                    yield hit
+            for call in function.calls:
+                if call.attr not in _COLLECTORS or not _in_loop(loop, call.loop):
+                    continue
+                if call.mode.no_graph or call.receiver is None or call.receiver in rebound:
+                    continue
+                if call.receiver.split(".", 1)[0] in feeds_backward:
+                    continue
+                args = [*call.node.args, *(k.value for k in call.node.keywords)]
+                if not any(graph_refs(arg, tainted) for arg in args):
+                    continue
+                if id(call.node) in reported:
+                    continue
+                reported.add(id(call.node))
+                fix = None
+                if len(args) == 1 and isinstance(args[0], ast.Name):
+                    fix = _detach_fix(args[0], text)
+                yield (
+                    call.node,
+                    f"`{call.receiver}.{call.attr}(...)` keeps the loss graph of every "
+                    "iteration alive: use `.item()` or `.detach()`",
+                    fix,
+                )
+
+
+def _names_feeding_backward(function: FunctionModel) -> set[str]:
+    """Names read by a ``.backward()`` receiver, directly or through assignments."""
+    feeding: set[str] = set()
+    for call in function.calls:
+        feeding |= _backward_roots(call)
+    for _ in range(3):
+        for assign in function.assigns:
+            if assign.value is not None and set(assign.target_names()) & feeding:
+                feeding |= names_in(assign.value)
+    return feeding
+
+
+def _detach_fix(name: ast.Name, text: object) -> Fix:
+    from gradfence.lint.diagnostics import SourceText
+
+    assert isinstance(text, SourceText)
+    return Fix(f"Detach: `{name.id}.detach()`", (text.insert_after(name, ".detach()"),))
+
+
+def _accumulation(
+    assign: AssignEvent, tainted: set[str], roots: set[str], rebound: set[str], text: object
+) -> Hit | None:
+    node = assign.node
+    if assign.mode.no_graph or assign.value is None:
+        return None
+    if isinstance(node, ast.AugAssign):
+        target = dotted(node.target)
+        if target is None or target in roots or target in rebound or target in tainted:
+            return None
+        if not graph_refs(node.value, tainted):
+            return None
+        fix = _detach_fix(node.value, text) if isinstance(node.value, ast.Name) else None
+        return (
+            node,
+            f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
+            "alive (use `.item()` or `.detach()`)",
+            fix,
+        )
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = dotted(node.targets[0])
+        value = node.value
+        if target is None or "." in target or target in roots:
+            return None
+        if not isinstance(value, ast.BinOp) or target not in names_in(value):
+            return None
+        other = value.right if dotted(value.left) == target else value.left
+        if dotted(value.left) != target and dotted(value.right) != target:
+            return None
+        if not graph_refs(other, tainted - {target}):
+            return None
+        fix = _detach_fix(other, text) if isinstance(other, ast.Name) else None
+        return (
+            node,
+            f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
+            "alive (use `.item()` or `.detach()`)",
+            fix,
+        )
+    return None
+
+
+def _scalar(value: ast.expr | None) -> bool:
+    """An expression that is certainly not a tensor (a constant, a size, an ``.item()``)."""
+    if value is None or isinstance(value, ast.Constant):
+        return True
+    if isinstance(value, ast.Attribute) and value.attr in _SCALAR_ATTRS:
+        return True
+    if isinstance(value, ast.Call):
+        func = value.func
+        if isinstance(func, ast.Attribute) and func.attr in _SCALAR_METHODS:
+            return True
+        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
+            return True
+    if isinstance(value, ast.UnaryOp):
+        return _scalar(value.operand)
+    if isinstance(value, ast.BinOp):
+        return _scalar(value.left) and _scalar(value.right)
+    return False
+
+
+@rule(
+    "GF402",
+    "inference-tensor-stored",
+    "a tensor stored on `self` under inference_mode breaks later training",
+)
+def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags assignments to `self.<attr>` inside a `torch.inference_mode()` block, or in a
+    method decorated with `@torch.inference_mode()`, of an `nn.Module`. Constants, sizes,
+    `.item()` values and other plain Python values are not flagged.
+
+    ## Why is this a problem?
+    Every tensor created under inference mode is an *inference tensor*. Cached on the
+    module, it outlives the block: the next training step that uses the cache fails.
+
+    **Hidden detail.** Outside inference mode an inference tensor cannot be saved for
+    backward, modified in place or given `requires_grad`. The training step fails with
+    `RuntimeError: Inference tensors cannot be saved for backward. To work around you can
+    make a clone to get a normal tensor and use it in autograd.` — from code that only
+    ever *reads* the cache, often many steps after the evaluation that filled it.
+
+    ## Example
+    ```python
+    class Encoder(nn.Module):
+        @torch.inference_mode()
+        def warmup(self, x):
+            self.cached_keys = self.proj(x)
+    ```
+
+    ## Use instead
+    Cache under `no_grad` (normal tensors without a graph), or `.clone()` the value
+    *outside* inference mode before storing it:
+    ```python
+    class Encoder(nn.Module):
+        @torch.no_grad()
+        def warmup(self, x):
+            self.cached_keys = self.proj(x)
+    ```
+
+    ## References
+    - PyTorch docs, inference mode:
+      https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
+    - facebookresearch/dinov2#472; unslothai/unsloth#2434
+    """
+    for function in model.functions:
+        if function.cls is None or not function.cls.is_module:
+            continue
+        for assign in function.assigns:
+            if assign.mode is not GradMode.INFERENCE or _scalar(assign.value):
+                continue
+            for target in assign.targets:
+                text = dotted(target)
+                if text is not None and text.startswith("self."):
+                    yield (
+                        target,
+                        f"`{text}` stores an inference tensor on the module: using it outside "
+                        "inference_mode raises RuntimeError",
+                        None,
+                    )
+
+
+def _mutations(function: FunctionModel, name: str) -> Iterator[tuple[tuple[int, int], ast.AST, str]]:
+    for assign in function.assigns:
+        node = assign.node
+        if assign.mode is GradMode.INFERENCE:
+            continue
+        if isinstance(node, ast.AugAssign) and dotted(node.target) == name:
+            yield pos(node), node, "augmented assignment"
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and dotted(target.value) == name:
+                    yield pos(node), node, "item assignment"
+    for call in function.calls:
+        attr = call.attr
+        if (
+            call.mode is not GradMode.INFERENCE
+            and call.receiver == name
+            and attr is not None
+            and attr.endswith("_")
+            and not attr.startswith("_")
+        ):
+            yield pos(call.node), call.node, f"`.{attr}()`"
+
+
+@rule(
+    "GF403",
+    "inference-tensor-mutated-outside",
+    "a tensor from an inference_mode block is modified in place after it (RuntimeError)",
+)
+def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Flags an in-place modification — `x /= n`, `x.add_(...)`, `x[i] = v` — of a name that
+    was bound to a tensor inside a `with torch.inference_mode():` block, when it happens
+    after the block and the name was not rebound in between.
+
+    ## Why is this a problem?
+    Values computed inside the block are inference tensors, and inference tensors may only
+    be modified in place inside inference mode.
+
+    **Hidden detail.** A classic shape: `test_loss += loss_fn(pred, y)` (no `.item()`)
+    inside the block turns the Python number `test_loss` into an inference tensor, and the
+    averaging `test_loss /= len(loader)` after the block fails with `RuntimeError:
+    Inplace update to inference tensor outside InferenceMode is not allowed.You can make a
+    clone to get a normal tensor before doing inplace update.`
+
+    ## Example
+    ```python
+    test_loss = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            test_loss += loss_fn(model(x), y)
+    test_loss /= len(loader)
+    ```
+
+    ## Use instead
+    ```python
+    test_loss = 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            test_loss += loss_fn(model(x), y).item()
+    test_loss /= len(loader)
+    ```
+
+    ## References
+    - PyTorch docs, inference mode:
+      https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
+    - mrdbourke/pytorch-deep-learning#397; ultralytics/yolov5#11186
+    """
+    for function in model.functions:
+        for event in function.withs:
+            if event.mode is not GradMode.INFERENCE or event.outer_mode is GradMode.INFERENCE:
+                continue
+            start, end = pos(event.node), end_pos(event.node)
+            bound: dict[str, tuple[int, int]] = {}
+            for assign in function.assigns:
+                here = pos(assign.node)
+                if not start <= here <= end or _scalar(assign.value):
+                    continue
+                if isinstance(assign.node, ast.AugAssign) and _scalar(assign.node.value):
+                    continue
+                for name in assign.target_names():
+                    if "." not in name:
+                        bound[name] = here
+            for name in bound:
+                rebinds = [
+                    pos(a.node)
+                    for a in function.assigns
+                    if pos(a.node) > end
+                    and isinstance(a.node, ast.Assign | ast.AnnAssign)
+                    and name in a.target_names()
+                ]
+                first_rebind = min(rebinds, default=(1 << 30, 0))
+                found = sorted(
+                    (m for m in _mutations(function, name) if end < m[0] < first_rebind),
+                    key=lambda m: m[0],
+                )
+                if found:
+                    _, node, how = found[0]
+                    yield (
+                        node,
+                        f"`{name}` is an inference tensor from the inference_mode block "
+                        f"(line {bound[name][0]}): {how} outside it raises RuntimeError",
+                        None,
+                    )

@@ -1,0 +1,92 @@
+"""The grad-scope model: which grad mode is in force at a point of the code.
+
+Every statement the walker visits is tagged with one :class:`GradMode`. Function bodies
+start in ``DEFAULT`` (grad enabled unless a caller says otherwise) or in the mode of a
+grad-mode decorator; a ``with`` item that is a grad-mode context switches the mode of its
+body; ``set_grad_enabled(<literal>)`` as a statement switches the mode of the statements
+after it. Anything the model cannot decide is ``UNKNOWN`` and rules stay silent there.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+
+from gradfence.lint.imports import ImportMap
+
+
+class GradMode(enum.Enum):
+    """Grad mode in force at a node."""
+
+    DEFAULT = "default"  # nothing says otherwise: grad enabled unless a caller disabled it
+    ENABLED = "enabled"  # explicitly enabled (enable_grad, set_grad_enabled(True), ...)
+    DISABLED = "disabled"  # no_grad or set_grad_enabled(False)
+    INFERENCE = "inference"  # inference_mode()
+    UNKNOWN = "unknown"  # set_grad_enabled(<expression>), inference_mode(<expression>)
+
+    @property
+    def no_graph(self) -> bool:
+        """True where no autograd graph is recorded for sure."""
+        return self is GradMode.DISABLED or self is GradMode.INFERENCE
+
+
+GRAD_CONTEXTS = frozenset(
+    {"torch.no_grad", "torch.enable_grad", "torch.set_grad_enabled", "torch.inference_mode"}
+)
+# the three that are classes meant to be instantiated with no argument
+NULLARY_GRAD_CONTEXTS = frozenset({"torch.no_grad", "torch.enable_grad", "torch.inference_mode"})
+
+
+def _literal_bool(call: ast.Call, keyword: str) -> bool | None:
+    """The bool given as first positional argument or ``keyword``; None if not a literal."""
+    arg: ast.expr | None = call.args[0] if call.args else None
+    for kw in call.keywords:
+        if kw.arg == keyword:
+            arg = kw.value
+    if arg is None:
+        return None
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, bool | int):
+        return bool(arg.value)
+    return None
+
+
+def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
+    """The grad mode a ``with`` item or decorator puts its body in; None if not a grad context."""
+    if isinstance(expr, ast.Call):
+        qual = imports.resolve(expr.func)
+        if qual not in GRAD_CONTEXTS:
+            return None
+        if qual == "torch.no_grad":
+            return GradMode.DISABLED
+        if qual == "torch.enable_grad":
+            return GradMode.ENABLED
+        if qual == "torch.set_grad_enabled":
+            value = _literal_bool(expr, "mode")
+            if value is None:
+                return GradMode.UNKNOWN
+            return GradMode.ENABLED if value else GradMode.DISABLED
+        if not expr.args and not expr.keywords:
+            return GradMode.INFERENCE
+        value = _literal_bool(expr, "mode")
+        if value is None:
+            return GradMode.UNKNOWN
+        return GradMode.INFERENCE if value else GradMode.ENABLED
+    qual = imports.resolve(expr)
+    # bare decorator form (@torch.no_grad, torch >= 2.1)
+    if qual == "torch.no_grad":
+        return GradMode.DISABLED
+    if qual == "torch.enable_grad":
+        return GradMode.ENABLED
+    if qual == "torch.inference_mode":
+        return GradMode.INFERENCE
+    return None
+
+
+def mode_of_set_call(call: ast.Call, imports: ImportMap) -> GradMode | None:
+    """Mode set by a statement-level ``set_grad_enabled(...)`` call; None if not one."""
+    if imports.resolve(call.func) != "torch.set_grad_enabled":
+        return None
+    value = _literal_bool(call, "mode")
+    if value is None:
+        return GradMode.UNKNOWN
+    return GradMode.ENABLED if value else GradMode.DISABLED
