@@ -18,7 +18,13 @@ from gradfence import __version__
 from gradfence.errors import GradfenceError
 
 # Modules providing ``register(subparsers)``, in the order shown by --help.
-COMMAND_MODULES: tuple[str, ...] = ("gradfence.demo", "gradfence.lint.cli", "gradfence.serve.cli", "gradfence.bench.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "gradfence.demo",
+    "gradfence.lint.cli",
+    "gradfence.serve.cli",
+    "gradfence.bench.cli",
+    "gradfence.evaluation.cli",
+)
 
 EXIT_USAGE = 2
 

@@ -1,8 +1,5 @@
-"""Evaluation done right: ``gf.evaluate``, ``gf.ShardedSampler`` and ``gradfence eval``."""
+"""Evaluation done right: ``gf.evaluate``, ``gf.ShardedSampler`` and ``gradfence eval``.
 
-from __future__ import annotations
-
-from gradfence.evaluation.loop import evaluate
-from gradfence.evaluation.sampler import ShardedSampler
-
-__all__ = ["ShardedSampler", "evaluate"]
+Import the public names from :mod:`gradfence` (``gf.evaluate``, ``gf.ShardedSampler``).
+This package imports nothing itself, so the ``gradfence eval`` CLI glue loads without torch.
+"""

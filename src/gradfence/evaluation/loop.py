@@ -82,7 +82,7 @@ def evaluate(
     (['acc', 'loss'], True)
     """
     scope = inference(model, mode=mode)  # validates model and mode before anything runs
-    target_device = _resolve_device(model, device)
+    target_device = resolve_device(model, device)
     slots = _build_slots(metrics, loss, target_device)
     _warn_if_padded(loader)
     run_step = _default_step if step is None else step
@@ -94,7 +94,7 @@ def evaluate(
     try:
         with scope:
             for batch in loader:
-                preds, target = run_step(model, _to_device(batch, target_device))
+                preds, target = run_step(model, to_device(batch, target_device))
                 size = _batch_size(target, preds)
                 for slot in slots:
                     slot.update(preds, target, size)
@@ -110,7 +110,7 @@ def evaluate(
     return results
 
 
-def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     for parameter in model.parameters():
@@ -205,16 +205,16 @@ def _default_step(model: nn.Module, batch: Any) -> tuple[Any, Any]:
     return model(inputs), target
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, tuple):
-        items = [_to_device(item, device) for item in batch]
+        items = [to_device(item, device) for item in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
     if isinstance(batch, list):
-        return [_to_device(item, device) for item in batch]
+        return [to_device(item, device) for item in batch]
     if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: to_device(value, device) for key, value in batch.items()}
     return batch
 
 

@@ -1,0 +1,205 @@
+"""``gradfence eval``: evaluate a model factory on a dataset factory, print a table (and JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
+
+
+def register(subparsers: Any) -> None:
+    metric_help = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on a dataset with gf.evaluate and print the metrics",
+        description=(
+            "Build a model and a dataset from factories (callables taking no argument), "
+            "evaluate the model with gf.evaluate (eval mode and no_grad, both restored) "
+            "and print one row per metric. FACTORY is a built-in name, module.path:callable "
+            "or path/to/file.py:callable."
+        ),
+    )
+    builtin_models = ", ".join(sorted(MODELS)) or "none"
+    builtin_data = ", ".join(sorted(DATASETS)) or "none"
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="FACTORY",
+        help=f"returns an nn.Module (built-in: {builtin_models})",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FACTORY",
+        help=f"returns a Dataset or DataLoader of (inputs, target) (built-in: {builtin_data})",
+    )
+    parser.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help=(
+            f"repeat for several (default: {' '.join(DEFAULT_METRICS)}). {metric_help}. "
+            "Classification metrics take the model output as logits of shape (N, classes)."
+        ),
+    )
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="default: 64")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="K",
+        help="for classification metrics; default: the width of the model's output on batch 1",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("no_grad", "inference_mode"),
+        default="no_grad",
+        help="grad mode of the evaluation (default: no_grad)",
+    )
+    parser.add_argument("--device", help="default: the device of the model's parameters")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar, even on a terminal"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gradfence.cli import UsageError
+
+    names: list[str] = []
+    for entry in args.metric or DEFAULT_METRICS:
+        names.extend(name for name in entry.split(",") if name)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise UsageError(f"unknown metric {unknown[0]!r} (known: {', '.join(sorted(METRICS))})")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UsageError(f"--num-classes must be >= 2, got {args.num_classes}")
+
+    model, loader, samples = _build_targets(args)
+
+    import gradfence as gf
+
+    num_classes = args.num_classes
+    if num_classes is None and any(METRICS[name].needs_classes for name in names):
+        num_classes = _output_width(model, loader, args.device)
+    metrics: dict[str, Any] = {}
+    loss = None
+    for name in dict.fromkeys(names):  # in order, once each
+        built = METRICS[name].build(num_classes)
+        if METRICS[name].is_loss:
+            loss = built
+        else:
+            metrics[name] = built
+
+    results = gf.evaluate(
+        model,
+        loader,
+        metrics,
+        device=args.device,
+        mode=args.mode,
+        loss=loss,
+        progress=False if args.no_progress else None,
+    )
+    plain = {name: _plain(value) for name, value in results.items()}
+    size = f"{samples} samples, " if samples is not None else ""
+    print(f"model {args.model}, data {args.data} ({size}batch size {args.batch_size})")
+    print(_table(plain))
+    if args.json is not None:
+        record = {
+            "model": args.model,
+            "data": args.data,
+            "samples": samples,
+            "batch_size": args.batch_size,
+            "mode": args.mode,
+            "results": plain,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
+    """Call the model and data factories; wrap a dataset in a DataLoader."""
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    from gradfence.cli import UsageError
+    from gradfence.evaluation.registry import FactoryError, load_factory
+
+    try:
+        model_factory = load_factory(args.model, MODELS, "--model")
+        data_factory = load_factory(args.data, DATASETS, "--data")
+    except FactoryError as exc:
+        raise UsageError(str(exc)) from None
+    model = model_factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"--model {args.model!r} returned a {type(model).__name__}, not an nn.Module"
+        )
+    data = data_factory()
+    if isinstance(data, DataLoader):
+        loader = data
+        dataset = data.dataset
+    elif isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=args.batch_size)
+        dataset = data
+    else:
+        raise UsageError(
+            f"--data {args.data!r} returned a {type(data).__name__}: return a "
+            "torch.utils.data.Dataset (or DataLoader) of (inputs, target) pairs"
+        )
+    samples = None if isinstance(dataset, IterableDataset) else _length(dataset)
+    return model, loader, samples
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _output_width(model: Any, loader: Any, device: str | None) -> int:
+    """The number of classes, read off the model's output on the first batch."""
+    import gradfence as gf
+    from gradfence.cli import UsageError
+    from gradfence.evaluation.loop import resolve_device, to_device
+
+    batch = next(iter(loader), None)
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        raise UsageError(
+            "cannot infer the number of classes: the data must give (inputs, target) "
+            "batches; or pass --num-classes"
+        )
+    with gf.inference(model):
+        output = model(to_device(batch[0], resolve_device(model, device)))
+    if getattr(output, "ndim", 0) != 2 or output.shape[1] < 2:
+        shape = tuple(getattr(output, "shape", ()))
+        raise UsageError(
+            f"classification metrics need logits of shape (N, classes >= 2); the model "
+            f"returned shape {shape}: pass --num-classes or pick --metric mse"
+        )
+    return int(output.shape[1])
+
+
+def _plain(value: Any) -> Any:
+    """A result value as JSON: floats stay floats (NaN -> null), tensors become lists."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    return value.tolist()
+
+
+def _table(results: dict[str, Any]) -> str:
+    rows = [("metric", "value")]
+    for name, value in results.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+        rows.append((name, shown))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.insert(1, f"{'-' * width}  {'-' * 6}")
+    return "\n".join(lines)
