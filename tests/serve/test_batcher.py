@@ -1,0 +1,104 @@
+"""The dynamic batcher on its own: flush rules, request splitting, errors, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gradfence.serve.batcher import (
+    Batcher,
+    BatcherStoppedError,
+    BatchMismatchError,
+    QueueFullError,
+)
+
+from .conftest import StubClassifier, stub_label
+
+
+def started(model: StubClassifier, **options: float) -> Batcher:
+    batcher = Batcher(model, **options)  # type: ignore[arg-type]
+    batcher.start(warmup=[])
+    return batcher
+
+
+def test_flushes_at_max_batch_size_and_splits_large_requests() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=4, max_wait_ms=10_000)
+    model.gate.clear()
+    first = batcher.submit(["b"])
+    texts = [f"{'g' * (i % 3)}{'b' * (i % 2)} {i}" for i in range(11)]
+    second = batcher.submit(texts)
+    model.gate.set()
+    assert [p.label for p in second.result(30)] == [stub_label(t) for t in texts]
+    assert [p.label for p in first.result(30)] == ["negative"]
+    # 12 texts, a 10 s wait: only the size rule can have flushed these batches
+    assert model.batches == [["b", *texts[:3]], texts[3:7], texts[7:11]]
+    batcher.stop()
+
+
+def test_max_wait_flushes_a_partial_batch() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=32, max_wait_ms=20)
+    assert [p.label for p in batcher.submit(["ggg"]).result(30)] == ["positive"]
+    assert model.batches == [["ggg"]]
+    batcher.stop()
+
+
+def test_wrong_number_of_rows_fails_every_request_in_the_batch() -> None:
+    model = StubClassifier(rows_delta=1)
+    batcher = started(model, max_batch_size=8, max_wait_ms=50)
+    futures = [batcher.submit(["a", "b"]), batcher.submit(["c"])]
+    for future in futures:
+        with pytest.raises(BatchMismatchError, match="for 3 texts"):
+            future.result(30)
+    assert batcher.alive
+    batcher.stop()
+
+
+def test_queue_bound_and_stop_drains_accepted_work() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=2, max_queue=4, max_wait_ms=0)
+    model.gate.clear()
+    stalled = batcher.submit(["b"])  # taken by the thread, which then waits on the gate
+    while batcher.queue_depth:
+        time.sleep(0.001)
+    accepted = [batcher.submit(["g", "g"]), batcher.submit(["b", "b"])]
+    with pytest.raises(QueueFullError):
+        batcher.submit(["x"])
+    model.gate.set()
+    batcher.stop()  # finishes everything queued before the thread ends
+    assert [p.label for p in stalled.result(0)] == ["negative"]
+    assert [p.label for f in accepted for p in f.result(0)] == ["positive"] * 2 + ["negative"] * 2
+    with pytest.raises(BatcherStoppedError):
+        batcher.submit(["b"])
+
+
+def test_timed_out_request_is_dropped_from_the_queue() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=1, max_wait_ms=0)
+    model.gate.clear()
+    blocker = batcher.submit(["b"])
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await batcher.predict(["dropped"], timeout_s=0.05)
+
+    asyncio.run(give_up())
+    model.gate.set()
+    assert blocker.result(30)[0].label == "negative"
+    assert batcher.submit(["g"]).result(30)[0].label == "positive"
+    assert ["dropped"] not in model.batches
+    batcher.stop()
+
+
+def test_model_left_in_train_mode_cannot_start() -> None:
+    class StaysInTrain(StubClassifier):
+        def train(self, mode: bool = True) -> StaysInTrain:
+            return super().train(True)  # ignores eval(): e.g. a misbehaving override
+
+    batcher = Batcher(StaysInTrain())
+    with pytest.raises(RuntimeError, match="train mode"):
+        batcher.start()
+    assert not batcher.alive
