@@ -197,20 +197,20 @@ def test_inference_mode_leaves_usable_metric_states() -> None:
 
 
 def test_device_defaults_to_the_first_parameter() -> None:
-    from gradfence.evaluation.loop import _resolve_device
+    from gradfence.evaluation.loop import resolve_device
 
-    assert _resolve_device(nn.Identity(), None) == torch.device("cpu")
-    assert _resolve_device(nn.Linear(2, 2, device="meta"), None) == torch.device("meta")
-    assert _resolve_device(nn.Linear(2, 2, device="meta"), "cpu") == torch.device("cpu")
+    assert resolve_device(nn.Identity(), None) == torch.device("cpu")
+    assert resolve_device(nn.Linear(2, 2, device="meta"), None) == torch.device("meta")
+    assert resolve_device(nn.Linear(2, 2, device="meta"), "cpu") == torch.device("cpu")
 
 
 def test_batches_are_moved_with_their_structure() -> None:
     from collections import namedtuple
 
-    from gradfence.evaluation.loop import _to_device
+    from gradfence.evaluation.loop import to_device
 
     Pair = namedtuple("Pair", "x y")
-    moved = _to_device({"a": [Pair(torch.ones(1), 3)], "b": "text"}, torch.device("meta"))
+    moved = to_device({"a": [Pair(torch.ones(1), 3)], "b": "text"}, torch.device("meta"))
     assert isinstance(moved["a"][0], Pair)
     assert moved["a"][0].x.device == torch.device("meta") and moved["a"][0].y == 3
     assert moved["b"] == "text"

@@ -1,0 +1,152 @@
+"""``gradfence eval``: factories by built-in name, module or file; table, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+import gradfence as gf
+from gradfence.cli import main
+from gradfence.evaluation import registry, toy
+
+
+def toy_reference() -> dict[str, float]:
+    model, dataset = toy.toy_model(), toy.toy_dataset()
+    loader = DataLoader(dataset, batch_size=64)
+    results = gf.evaluate(
+        model,
+        loader,
+        {"acc": MulticlassAccuracy(num_classes=3, average="micro")},
+        loss=F.cross_entropy,
+        progress=False,
+    )
+    return {name: float(value) for name, value in results.items()}  # type: ignore[arg-type]
+
+
+def table_rows(out: str) -> dict[str, str]:
+    lines = out.strip().splitlines()
+    assert lines[1].split() == ["metric", "value"]
+    return dict(line.split(maxsplit=1) for line in lines[3:])  # type: ignore[misc]
+
+
+def test_builtin_toy_prints_the_evaluate_results(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--model", "toy", "--data", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "model toy, data toy (500 samples, batch size 64)"
+    rows = table_rows(out)
+    expected = toy_reference()
+    assert list(rows) == ["acc", "loss"]  # the default metrics
+    assert float(rows["acc"]) == pytest.approx(expected["acc"], rel=1e-5)
+    assert float(rows["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
+    assert expected["acc"] > 0.9  # evaluated in eval mode: dropout (p=0.5) would spoil it
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "results.json"
+    argv = ["eval", "--model", "toy", "--data", "toy", "--metric", "acc", "--metric", "f1,loss"]
+    assert main([*argv, "--batch-size", "7", "--json", str(out_file)]) == 0
+    record = json.loads(out_file.read_text())
+    assert record["model"] == "toy" and record["samples"] == 500 and record["batch_size"] == 7
+    assert list(record["results"]) == ["acc", "f1", "loss"]
+    rows = table_rows(capsys.readouterr().out)
+    for name, value in record["results"].items():
+        assert float(rows[name]) == pytest.approx(value, rel=1e-5)
+    # Batch size changes nothing but float rounding.
+    assert record["results"]["acc"] == pytest.approx(toy_reference()["acc"], abs=1e-7)
+
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def model():
+        return nn.Identity()
+
+    def data():
+        logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+        return TensorDataset(logits, torch.tensor([0, 1, 1, 1]))
+
+    def loader():
+        return DataLoader(data(), batch_size=3)
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "my_factories.py"
+    path.write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+@pytest.mark.parametrize("form", ["module", "file"])
+def test_user_factories(factories: Path, form: str, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix = "my_factories" if form == "module" else str(factories)
+    argv = ["eval", "--model", f"{prefix}:model", "--data", f"{prefix}:data"]
+    assert main([*argv, "--metric", "acc"]) == 0
+    assert table_rows(capsys.readouterr().out) == {"acc": "0.75"}  # 3 of 4 right
+
+
+def test_a_dataloader_factory_and_given_num_classes(
+    factories: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--model", "my_factories:model", "--data", "my_factories:loader"]
+    assert main([*argv, "--metric", "macro-acc", "--num-classes", "2"]) == 0
+    assert table_rows(capsys.readouterr().out) == {"macro-acc": "0.833333"}  # (1 + 2/3) / 2
+
+
+def test_registry_names_resolve(
+    factories: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(registry.MODELS, "tiny", "my_factories:model")
+    monkeypatch.setitem(registry.DATASETS, "tiny-heldout", "my_factories:data")
+    assert main(["eval", "--model", "tiny", "--data", "tiny-heldout", "--metric", "acc"]) == 0
+    assert table_rows(capsys.readouterr().out) == {"acc": "0.75"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "toy", "--data", "toy", "--metric", "top5"], "unknown metric 'top5'"),
+        (["--model", "no-colon", "--data", "toy"], "expected MODULE:FACTORY"),
+        (["--model", "toy", "--data", ":data"], "expected MODULE:FACTORY"),
+        (["--model", "no_such_module_x:f", "--data", "toy"], "cannot import 'no_such_module_x'"),
+        (["--model", "my_factories:missing", "--data", "toy"], "has no attribute 'missing'"),
+        (["--model", "missing_file.py:f", "--data", "toy"], "no such file"),
+        (["--model", "my_factories:not_a_model", "--data", "toy"], "not an nn.Module"),
+        (["--model", "toy", "--data", "my_factories:model"], "return a torch.utils.data.Dataset"),
+        (["--model", "toy", "--data", "toy", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    factories: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradfence: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_the_cli_module_imports_without_torch() -> None:
+    code = (
+        "import sys, gradfence.cli as c; c.build_parser; import gradfence.evaluation.cli; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
