@@ -28,6 +28,48 @@ def _mode_name(grad: bool, inference: bool) -> str:
     return "grad enabled" if grad else "grad disabled"
 
 
+def current_modes() -> tuple[bool, bool]:
+    """This thread's ``(grad enabled, inference mode enabled)``."""
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def mode_leak(before: tuple[bool, bool], after: tuple[bool, bool], place: str) -> Finding | None:
+    """A GFR001 finding when grad/inference mode ``after`` a block differs from ``before``.
+
+    ``place`` says where, e.g. ``"on the audit's thread 'MainThread'"``.
+    """
+    if before == after:
+        return None
+    (grad_before, inference_before), (grad, inference) = before, after
+    if inference != inference_before:
+        cause = (
+            "an inference_mode guard was entered and never exited"
+            if inference
+            else "an inference_mode block entered before was exited inside"
+        )
+        fix = "use torch.inference_mode() only as a with-block or decorator"
+    else:
+        cause = (
+            "torch.set_grad_enabled(False) was called, or a no_grad context was left open"
+            if not grad
+            else "torch.set_grad_enabled(True) was called, or an enable_grad context was left open"
+        )
+        fix = (
+            "use a with-block (torch.no_grad(), gf.inference(model)) instead of a bare "
+            "set_grad_enabled() call"
+        )
+    message = (
+        f"grad mode leaked {place}: {_mode_name(grad_before, inference_before)} on entry, "
+        f"{_mode_name(grad, inference)} on exit ({cause}); everything that runs later on "
+        f"this thread inherits it. Fix: {fix}."
+    )
+    detail: dict[str, object] = {
+        "grad_enabled": [grad_before, grad],
+        "inference_mode": [inference_before, inference],
+    }
+    return Finding("GFR001", message, "", detail)
+
+
 class _Fingerprint:
     """What a tensor looked like at entry."""
 
@@ -146,38 +188,9 @@ class StateSnapshot:
     # GFR001 -------------------------------------------------------------------------
 
     def _grad_mode(self) -> list[Finding]:
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        if (grad, inference) == (self._grad, self._inference):
-            return []
-        before, after = _mode_name(self._grad, self._inference), _mode_name(grad, inference)
-        if inference != self._inference:
-            cause = (
-                "an inference_mode guard was entered and never exited"
-                if inference
-                else "an inference_mode block entered before the audit was exited inside it"
-            )
-            fix = "use torch.inference_mode() only as a with-block or decorator"
-        else:
-            cause = (
-                "torch.set_grad_enabled(False) was called, or a no_grad context was left open"
-                if not grad
-                else "torch.set_grad_enabled(True) was called, or an enable_grad context was "
-                "left open"
-            )
-            fix = (
-                "use a with-block (torch.no_grad(), gf.inference(model)) instead of a bare "
-                "set_grad_enabled() call"
-            )
-        message = (
-            f"grad mode leaked on the audit's thread {threading.current_thread().name!r}: "
-            f"{before} on entry, {after} on exit "
-            f"({cause}); every later step on this thread inherits it. Fix: {fix}."
-        )
-        detail: dict[str, object] = {
-            "grad_enabled": [self._grad, grad],
-            "inference_mode": [self._inference, inference],
-        }
-        return [Finding("GFR001", message, "", detail)]
+        place = f"on the audit's thread {threading.current_thread().name!r}"
+        finding = mode_leak((self._grad, self._inference), current_modes(), place)
+        return [] if finding is None else [finding]
 
     # GFR002 -------------------------------------------------------------------------
 
