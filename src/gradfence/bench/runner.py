@@ -133,7 +133,8 @@ def run_bench(
     largest_input: Any = None
     for batch_size in settings.batch_sizes:
         model_input = measure.to_device(settings.workload.make_input(batch_size), settings.device)
-        largest_input = model_input
+        if batch_size == max(settings.batch_sizes):
+            largest_input = model_input  # train vs eval is compared on the largest batch
         label = f"batch {batch_size}"
         latencies = measure.time_modes(
             model,
