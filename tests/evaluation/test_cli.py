@@ -106,7 +106,9 @@ def test_a_dataloader_factory_and_given_num_classes(
 ) -> None:
     argv = ["eval", "--model", "my_factories:model", "--data", "my_factories:loader"]
     assert main([*argv, "--metric", "macro-acc", "--num-classes", "2"]) == 0
-    assert table_rows(capsys.readouterr().out) == {"macro-acc": "0.833333"}  # (1 + 2/3) / 2
+    out = capsys.readouterr().out
+    assert "(4 samples, batch size 3)" in out  # the loader's own batch size
+    assert table_rows(out) == {"macro-acc": "0.833333"}  # (1 + 2/3) / 2
 
 
 def test_registry_names_resolve(

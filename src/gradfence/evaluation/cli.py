@@ -108,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
     )
     plain = {name: _plain(value) for name, value in results.items()}
     size = f"{samples} samples, " if samples is not None else ""
-    print(f"model {args.model}, data {args.data} ({size}batch size {args.batch_size})")
+    batch_size = getattr(loader, "batch_size", None) or args.batch_size
+    print(f"model {args.model}, data {args.data} ({size}batch size {batch_size})")
     print(_table(plain))
     if args.json is not None:
         record = {
             "model": args.model,
             "data": args.data,
             "samples": samples,
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
             "mode": args.mode,
             "results": plain,
         }

@@ -128,6 +128,8 @@ class TorchmetricSlot(MetricSlot):
         metric._to_sync = False
         try:
             value = metric.compute()
+        except Exception:  # a display aid: a metric that cannot compute yet shows nothing
+            return None
         finally:
             metric._to_sync = to_sync
             metric._computed = None
