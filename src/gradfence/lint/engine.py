@@ -52,13 +52,21 @@ def check_source(source: str, path: str = "<string>", settings: Settings | None 
     settings = settings or Settings()
     if "torch" not in source:
         return []
-    selection = settings.selection
     try:
         tree = ast.parse(source, filename=path)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        if not selection.enabled(SYNTAX_ERROR, path):
+        if not settings.selection.enabled(SYNTAX_ERROR, path):
             return []
         return [_syntax_error(exc, path)]
+    return check_tree(tree, source, path, settings)
+
+
+def check_tree(
+    tree: ast.Module, source: str, path: str = "<string>", settings: Settings | None = None
+) -> list[Diagnostic]:
+    """Lint an already parsed module (the flake8 plugin hands over its tree)."""
+    settings = settings or Settings()
+    selection = settings.selection
     model = build_model(path, source, tree, settings.target_torch)
     text = SourceText(model.lines)
     found: list[Diagnostic] = []
@@ -167,6 +175,7 @@ __all__ = [
     "Fix",
     "Settings",
     "check_source",
+    "check_tree",
     "default_jobs",
     "lint_file",
     "lint_paths",

@@ -210,9 +210,10 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
                 continue
             if _gets_requires_grad(function, target.id, pos(last.node), here):
                 continue
+            mode = "inference_mode" if last.mode is GradMode.INFERENCE else "no_grad"
             yield (
                 call.node,
-                f"`{target.id}` was computed under no_grad (line {last.node.lineno}): "
+                f"`{target.id}` was computed under {mode} (line {last.node.lineno}): "
                 "it has no grad_fn to backpropagate through",
                 None,
             )
@@ -440,11 +441,12 @@ def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
     the assignment rebinds the name to it. The original parameter is never changed, and
     the new `w` is no longer a leaf that receives gradients.
 
-    **Hidden detail.** The first step appears to work. From the next iteration on, `w.grad`
-    is `None` and the update fails with `TypeError: unsupported operand type(s) for *:
-    'float' and 'NoneType'`, or, if the graph is rebuilt from the old parameter, training
-    silently stops moving `w`. With a loop variable (`for p in params: p = p - ...`) the
-    update is lost entirely, with no error at all.
+    **Hidden detail.** The first step appears to work. The next forward through the new
+    `w` records nothing, and the next `backward()` fails with `RuntimeError: element 0 of
+    tensors does not require grad and does not have a grad_fn` (checked on torch 2.13);
+    where other parameters keep the loss differentiable, `w` silently stops training.
+    With a loop variable (`for p in params: p = p - ...`) the update is lost entirely,
+    with no error at all.
 
     ## Example
     ```python

@@ -71,7 +71,9 @@ _MODULE_METHODS = frozenset(
     }
 )
 _GRADIENT_USES = frozenset({"backward", "grad", "requires_grad_", "retain_grad", "register_hook"})
-_MC_DROPOUT = re.compile(r"dropout|monte|mc_|_mc|bayes|uncertain", re.IGNORECASE)
+_MC_DROPOUT = re.compile(
+    r"isinstance\([^)]*dropout|monte|\bmc_|_mc\b|mc_?dropout|bayes|uncertain", re.IGNORECASE
+)
 
 
 def tokens(name: str) -> set[str]:
@@ -109,10 +111,20 @@ def is_framework_hook(function: FunctionModel) -> bool:
     return function.cls is not None and function.name in FRAMEWORK_EVAL_HOOKS
 
 
+_VERB_PREFIXES = frozenset(
+    {"load", "build", "get", "create", "make", "init", "from", "to", "set", "compute", "run", "new"}
+)
+
+
 def looks_like_module_name(text: str) -> bool:
-    """``model``, ``self.encoder``, ``net2``: a name that conventionally holds a module."""
-    last = text.rsplit(".", 1)[-1]
-    return bool(_MODULE_NAME.search(last.lower()))
+    """``model``, ``self.encoder``, ``net2``: a name that conventionally holds a module.
+
+    Factory functions (``load_model``, ``build_encoder``) are not.
+    """
+    last = text.rsplit(".", 1)[-1].lower()
+    if last.split("_", 1)[0] in _VERB_PREFIXES and "_" in last:
+        return False
+    return bool(_MODULE_NAME.search(last))
 
 
 def is_module_ctor(model: FileModel, call: ast.expr) -> bool:

@@ -264,11 +264,12 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                 following = next((kind for _, kind, c in rotated if kind in (0, 1)), None)
                 if following == 1:
                     reported.add(id(call.node))
-                    what = (
-                        f"`{dotted(call.node.func)}()`"
-                        if not is_eval_call(call)
-                        else f"`{call.receiver}.{call.attr}(...)`"
-                    )
+                    if not is_eval_call(call):
+                        what = f"`{dotted(call.node.func)}()`"
+                    elif call.attr == "eval":
+                        what = f"`{call.receiver}.eval()`"
+                    else:
+                        what = f"`{call.receiver}.train(False)`"
                     yield (
                         call.node,
                         f"{what} leaves the model in eval mode and the loop trains again "
@@ -293,6 +294,8 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         "forward",
     }:
         return None
+    if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
+        return None  # a function of this file, not a module
     if callee in modules or looks_like_module_name(callee):
         return callee
     return None

@@ -122,18 +122,23 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
             assigns = sorted(
                 (a for a in function.assigns if _in_loop(loop, a.loop)), key=lambda a: pos(a.node)
             )
+            # names given a fresh value every iteration (not ``x = x + ...``)
             rebound = {
                 name
                 for a in assigns
                 if isinstance(a.node, ast.Assign | ast.AnnAssign)
                 for name in a.target_names()
+                if a.value is None or name not in names_in(a.value)
             }
             tainted = set(roots)
             for assign in assigns:
                 if isinstance(assign.node, ast.AugAssign) or assign.value is None:
                     continue
                 if graph_refs(assign.value, tainted):
-                    tainted.update(n for n in assign.target_names() if "." not in n)
+                    reads = names_in(assign.value)  # ``x = x + loss`` accumulates, see below
+                    tainted.update(
+                        n for n in assign.target_names() if "." not in n and n not in reads
+                    )
             for assign in assigns:
                 hit = _accumulation(assign, tainted, roots, rebound, text)
                 if hit is not None and id(assign.node) not in reported:
@@ -260,9 +265,10 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
 
     **Hidden detail.** Outside inference mode an inference tensor cannot be saved for
     backward, modified in place or given `requires_grad`. The training step fails with
-    `RuntimeError: Inference tensors cannot be saved for backward. To work around you can
-    make a clone to get a normal tensor and use it in autograd.` — from code that only
-    ever *reads* the cache, often many steps after the evaluation that filled it.
+    `RuntimeError: Inference tensors cannot be saved for backward. Please do not use
+    Tensors created in inference mode in computation tracked by autograd.` (checked on
+    torch 2.13) — from code that only ever *reads* the cache, often many steps after the
+    evaluation that filled it.
 
     ## Example
     ```python
@@ -347,7 +353,7 @@ def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
     inside the block turns the Python number `test_loss` into an inference tensor, and the
     averaging `test_loss /= len(loader)` after the block fails with `RuntimeError:
     Inplace update to inference tensor outside InferenceMode is not allowed.You can make a
-    clone to get a normal tensor before doing inplace update.`
+    clone to get a normal tensor before doing inplace update.` (verbatim, torch 2.13)
 
     ## Example
     ```python
