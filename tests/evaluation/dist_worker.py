@@ -121,6 +121,7 @@ def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         model, dataset = build()
         results["failed_sync"] = check_failed_sync_is_undone(model, dataset)
         results["padding_warned"] = check_padding_warning(dataset, model)
+        results["rank"] = rank
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -71,7 +71,8 @@ def evaluate(
     global result; with :class:`gf.ShardedSampler <gradfence.ShardedSampler>` in the
     loader that equals the single-process result. Collectives run after the grad scope
     is left, never inside ``inference_mode``; a failing metric is put back to its local,
-    unsynchronised state.
+    unsynchronised state. A loader whose ``DistributedSampler`` pads (or drops) samples
+    gets one :class:`~gradfence.DuplicateSamplesWarning`, from rank 0.
 
     >>> import torch, torchmetrics, gradfence as gf
     >>> model = torch.nn.Linear(4, 3)
@@ -84,9 +85,10 @@ def evaluate(
     scope = inference(model, mode=mode)  # validates model and mode before anything runs
     target_device = resolve_device(model, device)
     slots = _build_slots(metrics, loss, target_device)
-    _warn_if_padded(loader)
     run_step = _default_step if step is None else step
     rank = _rank()
+    if rank == 0:  # once for the whole job, not once per rank
+        _warn_if_padded(loader)
 
     for slot in slots:
         slot.reset()
