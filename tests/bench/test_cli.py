@@ -173,7 +173,8 @@ def test_builtin_mlp_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert f"| {row['mode']} | 2 | {median} |" in markdown
         assert any(line.startswith(row["mode"]) and median in line for line in out.splitlines())
     assert "16.0 KiB" in out and "16.0 KiB" in markdown
-    assert f"torch {torch.__version__}, {torch.get_num_threads()} threads" in out
+    count = torch.get_num_threads()
+    assert f"torch {torch.__version__}, {count} thread{'s' if count > 1 else ''}, " in out
     assert "note: outputs differ between train and eval mode" in out
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 

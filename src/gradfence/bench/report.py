@@ -84,13 +84,19 @@ def table(run: BenchRun) -> list[tuple[str, ...]]:
     return rows
 
 
+def threads(env: dict[str, Any]) -> str:
+    """``'2 threads'`` / ``'1 thread'``: torch's intra-op thread count of the run."""
+    count = env["torch_threads"]
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
 def headline(run: BenchRun) -> str:
     """Model, module mode, device, machine, versions and threads in one line."""
     env = run.environment
     return (
         f"model {run.settings.workload.label} ({run.settings.module_mode} mode) on "
         f"{env['device']} ({env['device_name']}), {env['cpu_count']} CPUs, "
-        f"torch {env['torch']}, {env['torch_threads']} threads, python {env['python']}, "
+        f"torch {env['torch']}, {threads(env)}, python {env['python']}, "
         f"{env['platform']}"
     )
 
@@ -237,7 +243,7 @@ def plot(run: BenchRun, path: Path) -> None:
     figure.suptitle(
         f"gradfence bench: {settings.workload.label} ({settings.module_mode} mode), "
         f"{env['device']} ({env['device_name']}), torch {env['torch']}, "
-        f"{env['torch_threads']} threads",
+        f"{threads(env)}",
         fontsize=10,
     )
     figure.savefig(path, dpi=110)
