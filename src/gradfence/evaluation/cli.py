@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
         action="append",
         metavar="NAME",
         help=(
-            f"repeat for several (default: {' '.join(DEFAULT_METRICS)}). {metric_help}. "
+            "repeat or comma-separate for several "
+            f"(default: {' '.join(DEFAULT_METRICS)}). {metric_help}. "
             "Classification metrics take the model output as logits of shape (N, classes)."
         ),
     )

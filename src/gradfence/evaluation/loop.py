@@ -209,9 +209,13 @@ def _default_step(model: nn.Module, batch: Any) -> tuple[Any, Any]:
 
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
+        if batch.device == device:  # the common case, checked first: it runs per batch
+            return batch
         # non_blocking only towards an accelerator: a non-blocking copy *to* the CPU may
         # be read before it has landed.
         return batch.to(device, non_blocking=device.type != "cpu")
+    if type(batch) is tuple:
+        return tuple([to_device(item, device) for item in batch])
     if isinstance(batch, tuple):
         items = [to_device(item, device) for item in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)

@@ -217,11 +217,14 @@ class MeanSlot(MetricSlot):
         if not isinstance(value, Tensor):
             value = torch.as_tensor(value)
         value = value.detach()
+        if value.device != self.total.device:
+            value = value.to(self.total.device)
+        # add_ promotes into the float64 total; alpha weights the batch mean in the same op
         if value.dim() == 0:
-            self.total.add_(value.to(self.total.device, self.dtype) * batch_size)
+            self.total.add_(value, alpha=batch_size)
             self.count += batch_size
         elif value.dim() == 1 and value.numel() == batch_size:
-            self.total.add_(value.to(self.total.device, self.dtype).sum())
+            self.total.add_(value.sum(dtype=self.dtype))
             self.count += batch_size
         else:
             raise EvaluationError(
