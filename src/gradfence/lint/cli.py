@@ -23,16 +23,27 @@ def register(subparsers: Any) -> None:
             "Exit status: 0 clean, 1 findings, 2 usage or internal error."
         ),
     )
-    lint.add_argument("paths", nargs="*", default=["."], metavar="PATH", help="files or directories")
-    lint.add_argument("--select", metavar="CODES", help="comma-separated codes or prefixes to check")
+    lint.add_argument(
+        "paths", nargs="*", default=["."], metavar="PATH", help="files or directories"
+    )
+    lint.add_argument(
+        "--select", metavar="CODES", help="comma-separated codes or prefixes to check"
+    )
     lint.add_argument("--ignore", metavar="CODES", help="comma-separated codes or prefixes to skip")
     lint.add_argument(
-        "--format", choices=("text", "json", "sarif", "github"), default="text", help="report format"
+        "--format",
+        choices=("text", "json", "sarif", "github"),
+        default="text",
+        help="report format",
     )
     lint.add_argument("--fix", action="store_true", help="apply safe fixes in place")
-    lint.add_argument("--diff", action="store_true", help="print the fixes as a diff, change nothing")
+    lint.add_argument(
+        "--diff", action="store_true", help="print the fixes as a diff, change nothing"
+    )
     lint.add_argument("--target-torch", metavar="X.Y", help="oldest torch version to support")
-    lint.add_argument("--jobs", "-j", type=int, metavar="N", help="worker processes (default: all cores)")
+    lint.add_argument(
+        "--jobs", "-j", type=int, metavar="N", help="worker processes (default: all cores)"
+    )
     lint.add_argument("--exit-zero", action="store_true", help="exit 0 even when findings remain")
     lint.add_argument("--statistics", action="store_true", help="count findings per rule instead")
     lint.set_defaults(handler=run_lint)
@@ -111,7 +122,7 @@ def run_lint(args: argparse.Namespace) -> int:
     files = list(discover(args.paths, config.exclude, base=base))
     results = lint_paths(files, settings, jobs=args.jobs, keep_source=args.fix or args.diff)
 
-    errors = [r.error for r in results if r.error]
+    errors = [r.error for r in results if r.error is not None]
     if args.fix or args.diff:
         return _fix(results, settings, args, errors)
     diagnostics = [d for r in results for d in r.diagnostics]
@@ -136,7 +147,7 @@ def _report(diagnostics: list[Any], args: argparse.Namespace, version: str) -> N
         print(f"Found {len(diagnostics)} {noun}{extra}.")
 
 
-def _status(diagnostics: list[Any], errors: list[str | None], args: argparse.Namespace) -> int:
+def _status(diagnostics: list[Any], errors: list[str], args: argparse.Namespace) -> int:
     for error in errors:
         print(f"gradfence: error: {error}", file=sys.stderr)
     if errors:
@@ -146,7 +157,7 @@ def _status(diagnostics: list[Any], errors: list[str | None], args: argparse.Nam
     return EXIT_CLEAN
 
 
-def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: list[str | None]) -> int:
+def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: list[str]) -> int:
     from gradfence import __version__
     from gradfence.lint.engine import check_source
     from gradfence.lint.fix import apply_fixes, unified_diff

@@ -69,10 +69,11 @@ class SourceText:
 
     def end(self, node: ast.AST) -> tuple[int, int]:
         """1-based line and 0-based character column where ``node`` ends."""
-        line = getattr(node, "end_lineno", None) or getattr(node, "lineno", 1)
-        col = getattr(node, "end_col_offset", None)
+        end_line: int | None = getattr(node, "end_lineno", None)
+        line = end_line if end_line is not None else int(getattr(node, "lineno", 1))
+        col: int | None = getattr(node, "end_col_offset", None)
         if col is None:
-            col = getattr(node, "col_offset", 0)
+            col = int(getattr(node, "col_offset", 0))
         return line, self.char_col(line, col)
 
     def segment(self, node: ast.AST) -> str:

@@ -27,7 +27,10 @@ def render_page(rule: Rule) -> str:
 def render_table() -> str:
     """A plain-text table of every rule: code, name, fixable, summary."""
     rows = [("CODE", "NAME", "FIX", "SUMMARY")]
-    rows += [(r.code, r.name, "[*]" if r.fixable else "-", r.summary) for r in sorted(RULES.values(), key=lambda r: r.code)]
+    rows += [
+        (r.code, r.name, "[*]" if r.fixable else "-", r.summary)
+        for r in sorted(RULES.values(), key=lambda r: r.code)
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         f"{code:<{widths[0]}}  {name:<{widths[1]}}  {fix:<{widths[2]}}  {summary}"

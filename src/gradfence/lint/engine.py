@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 
 from gradfence.lint.diagnostics import Diagnostic, Fix, SourceText
 from gradfence.lint.model import build_model, split_lines
@@ -43,7 +45,9 @@ class FileResult:
     source: str | None = None
 
 
-def check_source(source: str, path: str = "<string>", settings: Settings | None = None) -> list[Diagnostic]:
+def check_source(
+    source: str, path: str = "<string>", settings: Settings | None = None
+) -> list[Diagnostic]:
     """Lint Python source text and return the findings, sorted by position.
 
     >>> [d.code for d in check_source("import torch\\nwith torch.no_grad:\\n    pass\\n")]
@@ -53,7 +57,7 @@ def check_source(source: str, path: str = "<string>", settings: Settings | None 
     if "torch" not in source:
         return []
     try:
-        tree = ast.parse(source, filename=path)
+        tree = parse(source, path)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         if not settings.selection.enabled(SYNTAX_ERROR, path):
             return []
@@ -76,9 +80,18 @@ def check_tree(
         for node, message, fix in rule.check(model):
             (line, col), (end_line, end_col) = text.start(node), text.end(node)
             found.append(
-                Diagnostic(code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix)
+                Diagnostic(
+                    code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix
+                )
             )
     return sorted(_without_noqa(found, model.lines), key=lambda d: d.sort_key)
+
+
+def parse(source: str, path: str = "<string>") -> ast.Module:
+    """``ast.parse`` without the SyntaxWarnings the compiler prints for odd literals."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source, filename=path)
 
 
 def _syntax_error(exc: BaseException, path: str) -> Diagnostic:
@@ -153,14 +166,16 @@ def lint_paths(
     chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
     results: list[FileResult] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
-        for chunk in pool.map(_lint_chunk, chunks, [settings] * len(chunks), [keep_source] * len(chunks)):
+        for chunk in pool.map(
+            _lint_chunk, chunks, [settings] * len(chunks), [keep_source] * len(chunks)
+        ):
             results.extend(chunk)
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order.get(r.path, 0))
     return results
 
 
-def _context() -> object:
+def _context() -> BaseContext:
     import multiprocessing
 
     # fork is cheapest where it is safe; elsewhere the platform default

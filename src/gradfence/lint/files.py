@@ -96,7 +96,7 @@ def _walk(root: str, fixed: list[Pattern], seen: set[str]) -> Iterator[str]:
             continue
         subdirs: list[str] = []
         for entry in entries:
-            full = os.path.join(directory, entry.name)
+            full = entry.name if directory in {".", "./"} else os.path.join(directory, entry.name)
             is_dir = entry.is_dir(follow_symlinks=False)
             absolute = os.path.abspath(full)
             if any(p.matches(absolute, is_dir) for p in patterns):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 from collections.abc import Sequence
@@ -21,8 +20,10 @@ def _offset(starts: list[int], line: int, col: int) -> int:
 
 
 def _parses(source: str) -> bool:
+    from gradfence.lint.engine import parse
+
     try:
-        ast.parse(source)
+        parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return True
@@ -41,7 +42,10 @@ def apply_fixes(source: str, diagnostics: Sequence[Diagnostic]) -> tuple[str, li
         fix = diagnostic.fix
         if fix is None or not fix.edits:
             continue
-        offsets = [(_offset(starts, e.line, e.col), _offset(starts, e.end_line, e.end_col)) for e in fix.edits]
+        offsets = [
+            (_offset(starts, e.line, e.col), _offset(starts, e.end_line, e.end_col))
+            for e in fix.edits
+        ]
         spans.append((min(o[0] for o in offsets), max(o[1] for o in offsets), diagnostic, fix))
     spans.sort(key=lambda s: (s[0], s[1]), reverse=True)
     applied: list[Diagnostic] = []
@@ -61,7 +65,9 @@ def apply_fixes(source: str, diagnostics: Sequence[Diagnostic]) -> tuple[str, li
 
 def _apply_edits(source: str, starts: list[int], edits: Sequence[Edit]) -> str:
     ordered = sorted(
-        edits, key=lambda e: (_offset(starts, e.line, e.col), _offset(starts, e.end_line, e.end_col)), reverse=True
+        edits,
+        key=lambda e: (_offset(starts, e.line, e.col), _offset(starts, e.end_line, e.end_col)),
+        reverse=True,
     )
     for edit in ordered:
         begin = _offset(starts, edit.line, edit.col)

@@ -17,7 +17,7 @@ _GRAD_MODE_PREFIXES = ("torch.autograd.grad_mode.", "torch.autograd.")
 
 
 def canonical(qualname: str) -> str:
-    """Map re-export paths onto the public spelling (``torch.autograd.no_grad`` -> ``torch.no_grad``)."""
+    """Map re-export paths onto one spelling: ``torch.autograd.no_grad`` -> ``torch.no_grad``."""
     for prefix in _GRAD_MODE_PREFIXES:
         if qualname.startswith(prefix):
             rest = qualname[len(prefix) :]

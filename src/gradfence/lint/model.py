@@ -230,7 +230,7 @@ class FunctionModel:
 
     def __init__(
         self,
-        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module,
+        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module | ast.ClassDef,
         cls: ClassModel | None,
         parent: FunctionModel | None,
         entry_mode: GradMode,
@@ -379,12 +379,15 @@ class Walker:
         self.function.assigns.append(AssignEvent(node, self.function, self.mode, self.loop))
         if node.value is not None:
             self.expr(node.value)
-            if isinstance(node.value, ast.Call) and isinstance(node, ast.Assign):
-                if self.imports.resolve(node.value.func) in _EXECUTOR_CTORS:
-                    for target in node.targets:
-                        text = dotted(target)
-                        if text is not None:
-                            self.model.executor_names.add(text)
+            if (
+                isinstance(node.value, ast.Call)
+                and isinstance(node, ast.Assign)
+                and self.imports.resolve(node.value.func) in _EXECUTOR_CTORS
+            ):
+                for target in node.targets:
+                    text = dotted(target)
+                    if text is not None:
+                        self.model.executor_names.add(text)
         for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
             if not isinstance(target, ast.Name):
                 self.expr(target)
@@ -410,9 +413,7 @@ class Walker:
         self.function, self.mode, self.loop = function, entry, None
         self.training_guard = self.grad_with = 0
         self.block(node.body)
-        (self.function, self.cls, self.mode, self.loop, self.training_guard, self.grad_with) = (
-            saved
-        )
+        (self.function, self.cls, self.mode, self.loop, self.training_guard, self.grad_with) = saved
 
     def class_def(self, node: ast.ClassDef) -> None:
         quals: list[str] = []
@@ -432,9 +433,8 @@ class Walker:
         cls.base_quals = quals
         self.model.classes.setdefault(node.name, cls)
         # the class body runs in the enclosing function's frame; methods get their own
-        pseudo = FunctionModel(self.model.tree, cls, self.function, self.mode)
+        pseudo = FunctionModel(node, cls, self.function, self.mode)
         pseudo.name = f"<class {node.name}>"
-        pseudo.node = node  # type: ignore[assignment]
         self.model.functions.append(pseudo)
         saved = (self.function, self.cls, self.loop)
         self.function, self.cls, self.loop = pseudo, cls, None
@@ -454,11 +454,14 @@ class Walker:
                         inner = mode
                 else:
                     self.model.bare_with_items.append((item.context_expr, self.function))
-            elif isinstance(item.context_expr, ast.Call) and item.optional_vars is not None:
-                if self.imports.resolve(item.context_expr.func) in _EXECUTOR_CTORS:
-                    text = dotted(item.optional_vars)
-                    if text is not None:
-                        self.model.executor_names.add(text)
+            elif (
+                isinstance(item.context_expr, ast.Call)
+                and item.optional_vars is not None
+                and self.imports.resolve(item.context_expr.func) in _EXECUTOR_CTORS
+            ):
+                text = dotted(item.optional_vars)
+                if text is not None:
+                    self.model.executor_names.add(text)
             if item.optional_vars is not None and not isinstance(item.optional_vars, ast.Name):
                 self.expr(item.optional_vars)
         is_async = isinstance(node, ast.AsyncWith)
@@ -514,9 +517,8 @@ class Walker:
                         self.grad_with > 0,
                     )
                 )
-            elif kind is ast.Await:
-                if self.grad_with and self.function.is_async:
-                    self.function.awaits.append(sub)
+            elif kind is ast.Await and self.grad_with and self.function.is_async:
+                self.function.awaits.append(sub)
 
 
 def build_model(

@@ -52,13 +52,19 @@ _PARAMETRIC_LAYERS = frozenset(
 )
 
 
-def _last_assignment(function: FunctionModel, name: str, before: tuple[int, int]) -> AssignEvent | None:
+def _last_assignment(
+    function: FunctionModel, name: str, before: tuple[int, int]
+) -> AssignEvent | None:
     """The last assignment to ``name`` that starts before ``before`` in the function."""
     last: AssignEvent | None = None
     for assign in function.assigns:
-        if pos(assign.node) < before and name in assign.target_names():
-            if last is None or pos(assign.node) > pos(last.node):
-                last = assign
+        here = pos(assign.node)
+        if (
+            here < before
+            and name in assign.target_names()
+            and (last is None or here > pos(last.node))
+        ):
+            last = assign
     return last
 
 
@@ -76,12 +82,13 @@ def _differentiated(call: CallEvent) -> ast.expr | None:
     return None
 
 
-def _gets_requires_grad(function: FunctionModel, name: str, start: tuple[int, int], end: tuple[int, int]) -> bool:
+def _gets_requires_grad(
+    function: FunctionModel, name: str, start: tuple[int, int], end: tuple[int, int]
+) -> bool:
     """``name.requires_grad_()`` or ``name.requires_grad = True`` between two positions."""
     for call in function.calls:
-        if call.attr == "requires_grad_" and call.receiver == name:
-            if start < pos(call.node) < end:
-                return True
+        if call.attr == "requires_grad_" and call.receiver == name and start < pos(call.node) < end:
+            return True
     for assign in function.assigns:
         if start < pos(assign.node) < end and f"{name}.requires_grad" in assign.target_names():
             return True
@@ -325,9 +332,8 @@ def _reaches_return(forward: FunctionModel, block: ast.With | ast.AsyncWith) -> 
     tainted: set[str] = set()
     for assign in sorted(forward.assigns, key=lambda a: pos(a.node)):
         here = pos(assign.node)
-        if inside_start <= here <= inside_end:
-            tainted.update(t for t in assign.target_names() if "." not in t)
-        elif here > inside_end and assign.value is not None and names_in(assign.value) & tainted:
+        flows = here > inside_end and assign.value is not None and names_in(assign.value) & tainted
+        if inside_start <= here <= inside_end or flows:
             tainted.update(t for t in assign.target_names() if "." not in t)
     for ret in forward.returns:
         if ret.value is None:
@@ -404,8 +410,14 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
             if target is None or target.endswith((".data", ".grad")):
                 continue
             if _grad_of(node.value, target):
-                hits.append((node, f"in-place update of `{target}` from `{target}.grad` "
-                             "with grad enabled: wrap it in `torch.no_grad()`", None))
+                hits.append(
+                    (
+                        node,
+                        f"in-place update of `{target}` from `{target}.grad` "
+                        "with grad enabled: wrap it in `torch.no_grad()`",
+                        None,
+                    )
+                )
         for call in function.calls:
             if call.attr not in _INPLACE_UPDATES or call.mode not in _GRAD_ON:
                 continue
@@ -413,8 +425,14 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
             if target is None or target.endswith((".data", ".grad")):
                 continue
             if any(_grad_of(arg, target) for arg in (*call.node.args, *call.node.keywords)):
-                hits.append((call.node, f"`{target}.{call.attr}(...)` from `{target}.grad` "
-                             "with grad enabled: wrap it in `torch.no_grad()`", None))
+                hits.append(
+                    (
+                        call.node,
+                        f"`{target}.{call.attr}(...)` from `{target}.grad` "
+                        "with grad enabled: wrap it in `torch.no_grad()`",
+                        None,
+                    )
+                )
         if hits and not _called_without_grad(model, function):
             yield from hits
 

@@ -280,10 +280,12 @@ def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
     """
     for function in model.functions:
         for node in function.awaits:
-            what = {ast.AsyncFor: "async for", ast.AsyncWith: "async with"}.get(
-                type(node), "await"
+            what = {ast.AsyncFor: "async for", ast.AsyncWith: "async with"}.get(type(node), "await")
+            yield (
+                node,
+                f"`{what}` inside a grad-mode `with` block leaks the mode to other tasks",
+                None,
             )
-            yield node, f"`{what}` inside a grad-mode `with` block leaks the mode to other tasks", None
 
 
 @rule(

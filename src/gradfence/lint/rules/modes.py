@@ -135,12 +135,16 @@ class _ModeFlow:
             ]
         self.leaks = self._fixpoint(self._leaks)
         self.trains = self._fixpoint(
-            lambda f, known: any(is_training_step(c) for c in f.calls)
-            or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+            lambda f, known: (
+                any(is_training_step(c) for c in f.calls)
+                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+            )
         )
         self.sets_train = self._fixpoint(
-            lambda f, known: any(_plain_train_call(c) for c in f.calls)
-            or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+            lambda f, known: (
+                any(_plain_train_call(c) for c in f.calls)
+                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
+            )
         )
 
     def _fixpoint(self, test: object) -> set[int]:
@@ -170,7 +174,9 @@ class _ModeFlow:
         return not any(r > last for r in restores)
 
 
-def _events_in(loop: LoopModel, function: FunctionModel, flow: _ModeFlow) -> list[tuple[Pos, int, CallEvent]]:
+def _events_in(
+    loop: LoopModel, function: FunctionModel, flow: _ModeFlow
+) -> list[tuple[Pos, int, CallEvent]]:
     """(position, kind, call) in the loop: kind 0 = back to train, 1 = training step, 2 = leak."""
     events: list[tuple[Pos, int, CallEvent]] = []
     callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
@@ -282,17 +288,27 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
 def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
     if is_eval_function(function):
         return True
-    return call.loop is not None and any(is_eval_loader(loop.iter_text) for loop in call.loop.chain())
+    return call.loop is not None and any(
+        is_eval_loader(loop.iter_text) for loop in call.loop.chain()
+    )
 
 
 def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str | None:
     """``R`` when the call is ``R(...)`` on something that is a module."""
     callee = dotted(call.node.func)
-    if callee is None or callee in {"self", "super"} or call.attr is not None and call.attr in {
-        "eval",
-        "train",
-        "forward",
-    }:
+    if (
+        callee is None
+        or callee in {"self", "super"}
+        or (
+            call.attr is not None
+            and call.attr
+            in {
+                "eval",
+                "train",
+                "forward",
+            }
+        )
+    ):
         return None
     if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
         return None  # a function of this file, not a module
@@ -304,7 +320,9 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
 def _related(receiver: str | None, target: str) -> bool:
     if receiver is None:
         return False
-    return receiver == target or target.startswith(receiver + ".") or receiver.startswith(target + ".")
+    return (
+        receiver == target or target.startswith(receiver + ".") or receiver.startswith(target + ".")
+    )
 
 
 def _switched_before(function: FunctionModel, target: str, limit: Pos, *, to_eval: bool) -> bool:
@@ -628,7 +646,13 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     continue
                 fix = None
                 if has_self:
-                    last = max([*node.args, *node.keywords], key=lambda n: (n.end_lineno, n.end_col_offset))
+                    last = max(
+                        [*node.args, *node.keywords],
+                        key=lambda n: (
+                            getattr(n, "end_lineno", 0),
+                            getattr(n, "end_col_offset", 0),
+                        ),
+                    )
                     fix = Fix(
                         "Add `training=self.training`",
                         (text.insert_after(last, ", training=self.training"),),
@@ -834,9 +858,7 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
                 if target.attr == "requires_grad":
                     if modules is None:
                         modules = module_names(model)
-                    if owner == "self" or not (
-                        owner in modules or looks_like_module_name(owner)
-                    ):
+                    if owner == "self" or not (owner in modules or looks_like_module_name(owner)):
                         continue
                     message = f"`{owner}.requires_grad = ...` sets a plain attribute on a module"
                 elif target.attr == "require_grad":
@@ -845,6 +867,8 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
                     continue
                 fix = None
                 if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                    content = f"{text.segment(target.value)}.requires_grad_({text.segment(node.value)})"
+                    content = (
+                        f"{text.segment(target.value)}.requires_grad_({text.segment(node.value)})"
+                    )
                     fix = Fix("Use `.requires_grad_(...)`", (text.replace(node, content),))
                 yield target, message + f": use `{owner}.requires_grad_(...)`", fix

@@ -37,15 +37,15 @@ def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
             return False
         if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
             return False
-    elif isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}:
-        return False
-    elif isinstance(node, ast.Compare | ast.Lambda):
+    elif isinstance(node, ast.Compare | ast.Lambda) or (
+        isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}
+    ):
         return False
     return any(graph_refs(child, tainted) for child in ast.iter_child_nodes(node))
 
 
 def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
-    return event_loop is not None and any(l is loop for l in event_loop.chain())
+    return event_loop is not None and any(outer is loop for outer in event_loop.chain())
 
 
 def _backward_roots(call: CallEvent) -> set[str]:
@@ -310,7 +310,9 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
                     )
 
 
-def _mutations(function: FunctionModel, name: str) -> Iterator[tuple[tuple[int, int], ast.AST, str]]:
+def _mutations(
+    function: FunctionModel, name: str
+) -> Iterator[tuple[tuple[int, int], ast.AST, str]]:
     for assign in function.assigns:
         node = assign.node
         if assign.mode is GradMode.INFERENCE:

@@ -1,0 +1,254 @@
+"""The engine's parts: import aliases, the grad-scope model, selection, noqa, robustness."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradfence.lint import Selection, Settings, check_source, lint_file, lint_paths
+from gradfence.lint.imports import ImportMap
+from gradfence.lint.model import build_model
+from gradfence.lint.rules import RULES
+from gradfence.lint.rules.registry import Rule
+from gradfence.lint.scopes import GradMode
+
+
+def _imports(source: str) -> ImportMap:
+    imports = ImportMap()
+    for node in ast.parse(source).body:
+        assert isinstance(node, ast.Import | ast.ImportFrom)
+        imports.add(node)
+    return imports
+
+
+def _resolve(imports: ImportMap, expr: str) -> str | None:
+    node = ast.parse(expr, mode="eval").body
+    return imports.resolve(node)
+
+
+@pytest.mark.parametrize(
+    ("source", "expr", "expected"),
+    [
+        ("import torch as T", "T.no_grad", "torch.no_grad"),
+        ("from torch import no_grad", "no_grad", "torch.no_grad"),
+        ("import torch", "torch.autograd.no_grad", "torch.no_grad"),
+        ("import torch", "torch.autograd.grad_mode.inference_mode", "torch.inference_mode"),
+        (
+            "from torch.autograd import grad_mode as gm",
+            "gm.set_grad_enabled",
+            "torch.set_grad_enabled",
+        ),
+        ("from torch.nn import functional as F", "F.dropout", "torch.nn.functional.dropout"),
+        ("import torch.nn.functional as F", "F.dropout", "torch.nn.functional.dropout"),
+        ("import torch.nn", "torch.nn.Linear", "torch.nn.Linear"),
+        ("from torch import nn", "nn.modules.linear.Linear", "torch.nn.Linear"),
+        ("from torch.autograd import grad", "grad", "torch.autograd.grad"),
+        ("import torch", "no_grad", None),
+        ("from . import torch", "torch.no_grad", None),
+        ("import numpy as np", "np.mean", "numpy.mean"),
+    ],
+)
+def test_import_alias_resolution(source: str, expr: str, expected: str | None) -> None:
+    assert _resolve(_imports(source), expr) == expected
+
+
+def test_local_name_for_fixes() -> None:
+    assert _imports("import torch.nn as nn").local_name("torch.nn.ModuleList") == "nn.ModuleList"
+    assert _imports("import torch as T").local_name("torch.nn.ModuleList") == "T.nn.ModuleList"
+    assert _imports("import numpy").local_name("torch.nn.ModuleList") is None
+
+
+SCOPES = """
+import torch
+from torch import no_grad, enable_grad, inference_mode, set_grad_enabled
+
+def f(flag):
+    probe_default()
+    with no_grad():
+        probe_disabled()
+        with enable_grad():
+            probe_enabled()
+        probe_disabled()
+    with inference_mode():
+        probe_inference()
+        with enable_grad():
+            probe_inference()
+    with set_grad_enabled(False):
+        probe_disabled()
+    with set_grad_enabled(flag):
+        probe_unknown()
+    with inference_mode(False):
+        probe_enabled()
+    with torch.inference_mode(mode=flag):
+        probe_unknown()
+    set_grad_enabled(False)
+    probe_disabled()
+    if flag:
+        torch.set_grad_enabled(True)
+    probe_unknown()
+
+@torch.no_grad()
+def g():
+    probe_disabled()
+    def inner():
+        probe_default()
+    return inner
+
+@torch.inference_mode
+def h():
+    probe_inference()
+
+class C:
+    @no_grad()
+    def m(self):
+        probe_disabled()
+"""
+
+
+def test_grad_scope_model() -> None:
+    model = build_model("s.py", SCOPES, ast.parse(SCOPES))
+    seen = 0
+    for function in model.functions:
+        for call in function.calls:
+            name = getattr(call.node.func, "id", "")
+            if name.startswith("probe_"):
+                seen += 1
+                assert call.mode is GradMode(name[len("probe_") :]), ast.unparse(call.node)
+    assert seen == 16
+
+
+def _codes(source: str, **kwargs: object) -> list[str]:
+    return [d.code for d in check_source(textwrap.dedent(source), "t.py", Settings(**kwargs))]  # type: ignore[arg-type]
+
+
+def test_noqa_bare_and_with_codes() -> None:
+    source = """
+    import torch
+    model.eval  # noqa
+    model.eval  # noqa: GF301
+    model.eval  # noqa:GF101,GF301
+    model.eval  # noqa: GF101
+    model.eval  # NOQA
+    """
+    found = check_source(textwrap.dedent(source), "t.py")
+    assert [(d.code, d.line) for d in found] == [("GF301", 6)]
+
+
+def test_select_and_ignore_prefixes() -> None:
+    source = "import torch\nmodel.eval\ntorch.no_grad()\n"
+    assert _codes(source) == ["GF301", "GF102"]
+    assert _codes(source, selection=Selection(select=("GF3",))) == ["GF301"]
+    assert _codes(source, selection=Selection(ignore=("GF30",))) == ["GF102"]
+    # the more specific prefix wins
+    assert _codes(source, selection=Selection(select=("GF301",), ignore=("GF3",))) == ["GF301"]
+
+
+def test_per_file_ignores() -> None:
+    selection = Selection(per_file_ignores=(("tests/*", ("GF301",)), ("conf*.py", ("GF1",))))
+    assert not selection.enabled("GF301", "tests/test_a.py")
+    assert selection.enabled("GF301", "src/a.py")
+    assert not selection.enabled("GF102", "pkg/conftest.py")
+
+
+def test_realistic_correct_training_script_is_clean() -> None:
+    source = """
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import gradfence as gf
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 2)])
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = self.drop(F.relu(layer(x)))
+            return F.dropout(x, 0.1, training=self.training)
+
+    @torch.no_grad()
+    def evaluate(model, loader):
+        model.eval()
+        total = 0.0
+        for x, y in loader:
+            total += F.cross_entropy(model(x), y).item()
+        model.train()
+        return total / len(loader)
+
+    def fit(model, optimizer, train_loader, val_loader, epochs):
+        history = []
+        for epoch in range(epochs):
+            model.train()
+            running = 0.0
+            for x, y in train_loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                running += loss.item()
+                history.append(loss.detach())
+            with gf.inference(model):
+                val = [model(x) for x, _ in val_loader]
+            history.append(evaluate(model, val_loader))
+        return history
+    """
+    assert _codes(source) == []
+
+
+def test_lint_package_does_not_import_torch(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from gradfence.cli import main\n"
+        "from gradfence.lint.flake8_plugin import Flake8Plugin\n"
+        f"status = main(['lint', {str(tmp_path)!r}])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(status)\n"
+    )
+    (tmp_path / "a.py").write_text("import torch\nmodel.eval\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    assert "GF301" in result.stdout
+
+
+def test_internal_error_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(model: object) -> object:
+        raise ValueError("boom")
+
+    original = RULES["GF301"]
+    monkeypatch.setitem(
+        RULES, "GF301", Rule(original.code, original.name, original.summary, False, explode)
+    )  # type: ignore[arg-type]
+    path = tmp_path / "a.py"
+    path.write_text("import torch\n")
+    result = lint_file(str(path), Settings())
+    assert result.diagnostics == []
+    assert result.error is not None and "boom" in result.error and "\n" not in result.error
+
+
+def test_deeply_nested_source_does_not_crash(tmp_path: Path) -> None:
+    path = tmp_path / "deep.py"
+    path.write_text("import torch\nx = " + "(" * 300 + "1" + ")" * 300 + "\n")
+    result = lint_file(str(path), Settings())
+    assert result.error is None
+    assert [d.code for d in result.diagnostics] == ["GF000"]
+
+
+def test_parallel_and_sequential_agree(tmp_path: Path) -> None:
+    fixtures = Path(__file__).parent / "fixtures" / "rules"
+    paths = sorted(str(p) for p in fixtures.glob("GF*.py"))
+    sequential = lint_paths(paths, Settings(), jobs=1)
+    parallel = lint_paths(paths, Settings(), jobs=2)
+    assert [r.path for r in parallel] == paths
+    assert [r.diagnostics for r in parallel] == [r.diagnostics for r in sequential]
+    assert sum(len(r.diagnostics) for r in sequential) > 50
