@@ -1,17 +1,28 @@
-"""Overhead of ``gf.audit`` on the forward of a small model, measured side by side.
+"""Overhead of ``gf.audit`` on the forward of small models, measured side by side.
 
-Run: ``.venv/bin/python benchmarks/audit_overhead.py [--rounds 15] [--iters 200]``
+Run: ``.venv/bin/python benchmarks/audit_overhead.py [--rounds 11] [--iters 100]``
 
-Variants, interleaved round by round so that machine noise hits all of them alike:
+For each model, these variants are timed in turn within every round (so that machine
+noise hits all of them alike), and the median over rounds is reported:
 
-* ``plain``        forward under ``torch.no_grad()`` in eval mode, no audit;
-* ``audit``        the same forward inside an open ``gf.audit(model)`` (hooks + op watch);
-* ``audit-strict`` the same inside ``gf.audit(model, strict=True)`` (same hooks: strict
-  only adds work at entry and exit);
-* ``enter+exit``   one whole ``with gf.audit(model):`` block around a single forward
-  (default and strict), i.e. what a per-batch audit costs.
+* ``plain``              forward in eval mode under ``torch.no_grad()``, no audit;
+* ``audit``              the same forward inside an open ``gf.audit(model)``;
+* ``audit strict``       inside ``gf.audit(model, strict=True)`` (same hooks: strict
+                         only adds work at entry and exit);
+* ``audit no GFR005``    inside ``gf.audit(model, ignore=["GFR005"])`` (no op watch);
+* ``enter+exit``         a whole ``with gf.audit(model):`` around one forward, i.e. what
+                         auditing every batch separately costs (default, then strict).
 
-Prints the median time per forward (microseconds) and the ratio to ``plain``.
+Models (batch sizes in brackets):
+
+* ``mlp-sequential`` [32]  ``nn.Sequential`` of Linear/BatchNorm/ReLU/Dropout (26k
+  parameters): torch's own modules only, so the op watch never switches on;
+* ``mlp-custom`` [32]      the same layers in a user-defined module whose ``forward``
+  calls them: the op watch is on for the whole forward (the worst case: tiny ops);
+* ``cnn-custom`` [16]      a small user-defined CNN on 3x32x32 images (conv, BatchNorm,
+  dropout; 0.1M parameters).
+
+Prints, per model, the median microseconds per forward and the ratio to ``plain``.
 """
 
 from __future__ import annotations
@@ -22,13 +33,14 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradfence as gf
 
 
-def small_model() -> nn.Module:
-    return nn.Sequential(
+def mlp_layers() -> list[nn.Module]:
+    return [
         nn.Linear(64, 128),
         nn.BatchNorm1d(128),
         nn.ReLU(),
@@ -37,7 +49,40 @@ def small_model() -> nn.Module:
         nn.ReLU(),
         nn.Dropout(0.1),
         nn.Linear(128, 10),
-    ).eval()
+    ]
+
+
+class CustomMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, _, self.drop1, self.fc2, _, self.drop2, self.fc3 = mlp_layers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(F.relu(self.bn(self.fc1(x))))
+        return self.fc3(self.drop2(F.relu(self.fc2(x))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(64 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.head(self.drop(x.flatten(1)))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp-sequential": (lambda: nn.Sequential(*mlp_layers()), (32, 64)),
+    "mlp-custom": (CustomMLP, (32, 64)),
+    "cnn-custom": (SmallCNN, (16, 3, 32, 32)),
+}
 
 
 def time_per_call(fn: Callable[[], object], iters: int) -> float:
@@ -47,16 +92,7 @@ def time_per_call(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=200)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = small_model()
-    x = torch.randn(32, 64)
-
+def measure(model: nn.Module, x: torch.Tensor, rounds: int, iters: int) -> dict[str, float]:
     def forward() -> object:
         return model(x)
 
@@ -67,31 +103,44 @@ def main() -> None:
 
         return run
 
-    samples: dict[str, list[float]] = {
-        name: []
-        for name in ("plain", "audit", "audit-strict", "enter+exit", "enter+exit strict")
-    }
+    names = ("plain", "audit", "audit strict", "audit no GFR005", "enter+exit", "enter+exit strict")
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
-        for _ in range(3):  # warm-up
+        for _ in range(5):  # warm-up
             forward()
-        for _ in range(args.rounds):
-            samples["plain"].append(time_per_call(forward, args.iters))
+        for _ in range(rounds):
+            samples["plain"].append(time_per_call(forward, iters))
             with gf.audit(model):
-                samples["audit"].append(time_per_call(forward, args.iters))
+                samples["audit"].append(time_per_call(forward, iters))
             with gf.audit(model, strict=True):
-                samples["audit-strict"].append(time_per_call(forward, args.iters))
-            samples["enter+exit"].append(time_per_call(audited(False), args.iters))
-            samples["enter+exit strict"].append(time_per_call(audited(True), args.iters))
+                samples["audit strict"].append(time_per_call(forward, iters))
+            with gf.audit(model, ignore=["GFR005"]):
+                samples["audit no GFR005"].append(time_per_call(forward, iters))
+            samples["enter+exit"].append(time_per_call(audited(False), iters))
+            samples["enter+exit strict"].append(time_per_call(audited(True), iters))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
-    base = statistics.median(samples["plain"])
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--iters", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
     print(
-        f"torch {torch.__version__}, 1 intra-op thread, batch 32, {args.rounds} rounds x "
-        f"{args.iters} forwards, {sum(p.numel() for p in model.parameters())} parameters"
+        f"torch {torch.__version__}, 1 intra-op thread, "
+        f"{args.rounds} rounds x {args.iters} forwards, median per forward"
     )
-    print(f"{'variant':<20}{'median us/forward':>20}{'ratio':>8}")
-    for name, values in samples.items():
-        median = statistics.median(values)
-        print(f"{name:<20}{median:>20.1f}{median / base:>8.2f}")
+    for label, (build, shape) in MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        x = torch.randn(*shape)
+        medians = measure(model, x, args.rounds, args.iters)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"\n{label}: {params} parameters, input {tuple(shape)}")
+        print(f"  {'variant':<20}{'us/forward':>12}{'ratio':>8}")
+        for name, median in medians.items():
+            print(f"  {name:<20}{median:>12.1f}{median / medians['plain']:>8.2f}")
 
 
 if __name__ == "__main__":

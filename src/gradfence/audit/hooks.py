@@ -49,9 +49,17 @@ class _ThreadState(threading.local):
         self.watching = False  # is our mode on this thread's torch-function stack?
 
 
-def _defined_in_torch(module: nn.Module) -> bool:
-    forward = getattr(type(module), "forward", None)
-    return str(getattr(forward, "__module__", "")).startswith("torch.")
+_torch_forward_cache: dict[type, bool] = {}
+
+
+def _defined_in_torch(cls: type) -> bool:
+    """True when ``cls.forward`` is torch's own code (only user code is watched for ops)."""
+    result = _torch_forward_cache.get(cls)
+    if result is None:
+        forward = getattr(cls, "forward", None)
+        result = str(getattr(forward, "__module__", "")).startswith("torch.")
+        _torch_forward_cache[cls] = result
+    return result
 
 
 def _mode_on_top(mode: DropoutWatch) -> bool:
@@ -114,7 +122,7 @@ class Probe:
             for name, module in self._named:
                 check = self._module_check(name, module)
                 fast = isinstance(module, _FAST_PATH)
-                user = not _defined_in_torch(module)
+                user = not _defined_in_torch(type(module))
                 entry = id(module) in roots or bool(module._modules) or user
                 if entry or fast:
                     pre = self._pre(check, fast, user)

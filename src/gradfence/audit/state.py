@@ -17,9 +17,9 @@ from gradfence.audit.collector import module_label
 from gradfence.audit.findings import Finding
 from gradfence.scope import ModeSnapshot
 
-# nn.Module's own bookkeeping in __dict__: tensors in there are checked as
-# parameters/buffers, or are not model state at all.
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+# nn.Module's own bookkeeping in __dict__ (hook tables, _parameters, _buffers, ...):
+# tensors in there are checked as parameters/buffers, or are not model state at all.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _mode_name(grad: bool, inference: bool) -> str:
@@ -160,11 +160,13 @@ class StateSnapshot:
         self._grad = torch.is_grad_enabled()
         self._inference = torch.is_inference_mode_enabled()
         self._modes = ModeSnapshot(roots) if "GFR002" in checks else None
-        self._tensors: dict[tuple[int, str], tuple[str, _Fingerprint]] = {}
+        self._tensors: dict[int, dict[str, tuple[str, _Fingerprint]]] = {}
         if "GFR004" in checks:
             for _, module in named:
-                for kind, attr, tensor in _state_tensors(module):
-                    self._tensors[id(module), attr] = (kind, _Fingerprint(tensor, strict))
+                self._tensors[id(module)] = {
+                    attr: (kind, _Fingerprint(tensor, strict))
+                    for kind, attr, tensor in _state_tensors(module)
+                }
         self._inference_at_entry: set[int] = set()
         if "GFR007" in checks:
             for _, module in named:
@@ -233,9 +235,7 @@ class StateSnapshot:
         for name, module in self._named:
             changes: list[str] = []
             now = {attr: (kind, tensor) for kind, attr, tensor in _state_tensors(module)}
-            for (key, attr), (kind, fingerprint) in self._tensors.items():
-                if key != id(module):
-                    continue
+            for attr, (kind, fingerprint) in self._tensors.get(id(module), {}).items():
                 current = now.pop(attr, None)
                 if current is None:
                     changes.append(f"{kind} {attr} was removed")
