@@ -162,3 +162,8 @@ def serve_model() -> Iterator[ServerFactory]:
     yield start
     for server in servers:
         server.__exit__()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Ray test (slow start on 2 cores) after every other test."""
+    items.sort(key=lambda item: item.path.name == "test_ray.py")

@@ -1,0 +1,57 @@
+"""The Ray Serve backend on a local Ray instance: same answers as the uvicorn backend.
+
+Starting Ray is slow on 2 cores, so conftest runs this module after every other test.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gradfence.serve.app import ServeSettings, create_app
+from gradfence.serve.model import load_model_dir
+
+from .conftest import ThreadedServer, free_port
+
+TEXTS = ["the movie was very good", "awful day", "bad", "the the the", "great", "not good"]
+
+
+def test_ray_backend_predictions_equal_uvicorn(tiny_model_dir: Path) -> None:
+    import ray
+    from ray import serve
+
+    from gradfence.serve.ray import deployment
+
+    settings = ServeSettings(max_batch_size=4, max_wait_ms=5)
+    load = functools.partial(load_model_dir, tiny_model_dir)
+    with ThreadedServer(create_app(load, settings)) as server:
+        server.wait_ready()
+        expected = httpx.post(f"{server.url}/v1/predict", json={"texts": TEXTS}).json()
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(load, settings, replicas=1), name="gradfence-test", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=120) as client:
+            got = client.post("/v1/predict", json={"texts": TEXTS})
+            assert got.status_code == 200
+            body = got.json()
+            assert body["model"] == expected["model"]
+            for mine, theirs in zip(body["predictions"], expected["predictions"], strict=True):
+                assert mine["label"] == theirs["label"]
+                assert mine["scores"] == pytest.approx(theirs["scores"], abs=1e-5)
+            info = client.get("/v1/model").json()
+            assert info["backend"] == "ray"
+            state = info["inference_thread"]
+            assert state["eval_mode"] is True and state["grad_enabled"] is False
+            bad = client.post("/v1/predict", json={"texts": []})
+            assert bad.status_code == 422 and bad.json()["field"] == "texts"
+            assert client.get("/health/ready").status_code == 200
+    finally:
+        serve.shutdown()
+        ray.shutdown()
