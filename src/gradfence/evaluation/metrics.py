@@ -113,7 +113,8 @@ class TorchmetricSlot(MetricSlot):
         self.device = device
 
     def reset(self) -> None:
-        self.metric.to(self.device)
+        if self.metric.device != self.device:  # .to() walks every state: skip the no-op
+            self.metric.to(self.device)
         self.metric.reset()
 
     def update(self, preds: Any, target: Any, batch_size: int) -> None:
