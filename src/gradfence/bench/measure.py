@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gradfence.errors import GradfenceError
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from gradfence.bench.factories import Workload
+    from gradfence.scope import GradMode
 
 MODES: tuple[str, ...] = ("grad", "no_grad", "inference_mode")
 WARMUP = 5
@@ -119,12 +120,12 @@ def scope(model: nn.Module, mode: str, training: bool) -> contextlib.ExitStack:
     if training:
         stack.enter_context(gf.training(model))
         if mode != "grad":
-            stack.enter_context(gf.inference(mode=mode))  # type: ignore[arg-type]
+            stack.enter_context(gf.inference(mode=cast("GradMode", mode)))
     elif mode == "grad":
         stack.enter_context(gf.inference(model))
         stack.enter_context(torch.enable_grad())
     else:
-        stack.enter_context(gf.inference(model, mode=mode))  # type: ignore[arg-type]
+        stack.enter_context(gf.inference(model, mode=cast("GradMode", mode)))
     return stack
 
 
