@@ -1,9 +1,10 @@
 """Overhead of ``gf.audit`` on the forward of small models, measured side by side.
 
-Run: ``.venv/bin/python benchmarks/audit_overhead.py [--rounds 11] [--iters 100]``
+Run: ``.venv/bin/python benchmarks/audit_overhead.py [--rounds 41] [--iters 40]``
 
-For each model, these variants are timed in turn within every round (so that machine
-noise hits all of them alike), and the median over rounds is reported:
+For each model, these variants are timed in turn within every round, in an order that
+rotates from round to round (so that machine noise hits all of them alike), and the
+median over rounds is reported:
 
 * ``plain``              forward in eval mode under ``torch.no_grad()``, no audit;
 * ``audit``              the same forward inside an open ``gf.audit(model)``;
@@ -20,9 +21,11 @@ Models (batch sizes in brackets):
 * ``mlp-custom`` [32]      the same layers in a user-defined module whose ``forward``
   calls them: the op watch is on for the whole forward (the worst case: tiny ops);
 * ``cnn-custom`` [16]      a small user-defined CNN on 3x32x32 images (conv, BatchNorm,
-  dropout; 0.1M parameters).
+  dropout; 61k parameters), timed with a tenth of the iterations.
 
-Prints, per model, the median microseconds per forward and the ratio to ``plain``.
+Prints, per model, the median microseconds of CPU time per forward (the process's CPU
+time, one intra-op thread) and the ratio to ``plain``, and whether the audited forward
+gives bit-identical outputs.
 """
 
 from __future__ import annotations
@@ -78,66 +81,95 @@ class SmallCNN(nn.Module):
         return self.head(self.drop(x.flatten(1)))
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp-sequential": (lambda: nn.Sequential(*mlp_layers()), (32, 64)),
-    "mlp-custom": (CustomMLP, (32, 64)),
-    "cnn-custom": (SmallCNN, (16, 3, 32, 32)),
+# name -> (builder, input shape, fraction of --iters)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], float]] = {
+    "mlp-sequential": (lambda: nn.Sequential(*mlp_layers()), (32, 64), 1.0),
+    "mlp-custom": (CustomMLP, (32, 64), 1.0),
+    "cnn-custom": (SmallCNN, (16, 3, 32, 32), 0.1),
 }
 
 
 def time_per_call(fn: Callable[[], object], iters: int) -> float:
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: on a shared machine, time spent
+    # descheduled would otherwise land on whichever variant happened to be running.
+    start = time.process_time()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - start) / iters * 1e6
+    return (time.process_time() - start) / iters * 1e6
 
 
 def measure(model: nn.Module, x: torch.Tensor, rounds: int, iters: int) -> dict[str, float]:
     def forward() -> object:
         return model(x)
 
-    def audited(strict: bool) -> Callable[[], object]:
-        def run() -> object:
-            with gf.audit(model, strict=strict):
-                return model(x)
+    def inside(**options: object) -> Callable[[], float]:
+        def run() -> float:
+            with gf.audit(model, **options):  # type: ignore[arg-type]
+                return time_per_call(forward, iters)
 
         return run
 
-    names = ("plain", "audit", "audit strict", "audit no GFR005", "enter+exit", "enter+exit strict")
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    def per_batch(strict: bool) -> Callable[[], float]:
+        def one() -> object:
+            with gf.audit(model, strict=strict):
+                return model(x)
+
+        return lambda: time_per_call(one, iters)
+
+    variants: dict[str, Callable[[], float]] = {
+        "plain": lambda: time_per_call(forward, iters),
+        "audit": inside(),
+        "audit strict": inside(strict=True),
+        "audit no GFR005": inside(ignore=["GFR005"]),
+        "enter+exit": per_batch(False),
+        "enter+exit strict": per_batch(True),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
     with torch.no_grad():
         for _ in range(5):  # warm-up
             forward()
-        for _ in range(rounds):
-            samples["plain"].append(time_per_call(forward, iters))
-            with gf.audit(model):
-                samples["audit"].append(time_per_call(forward, iters))
-            with gf.audit(model, strict=True):
-                samples["audit strict"].append(time_per_call(forward, iters))
-            with gf.audit(model, ignore=["GFR005"]):
-                samples["audit no GFR005"].append(time_per_call(forward, iters))
-            samples["enter+exit"].append(time_per_call(audited(False), iters))
-            samples["enter+exit strict"].append(time_per_call(audited(True), iters))
+        for round_ in range(rounds):
+            # rotate the order so that no variant always runs right after another
+            shift = round_ % len(order)
+            for name in order[shift:] + order[:shift]:
+                samples[name].append(variants[name]())
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def identical_outputs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Does the audited forward give bit-identical results (eval, and train with a seed)?"""
+    same = True
+    for train in (False, True):
+        model.train(train)
+        torch.manual_seed(1)
+        plain = model(x)
+        torch.manual_seed(1)
+        with gf.audit(model):
+            audited = model(x)
+        same = same and torch.equal(plain, audited)
+    model.eval()
+    return same
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--iters", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
         f"torch {torch.__version__}, 1 intra-op thread, "
-        f"{args.rounds} rounds x {args.iters} forwards, median per forward"
+        f"{args.rounds} rounds x {args.iters} forwards, median CPU time per forward"
     )
-    for label, (build, shape) in MODELS.items():
+    for label, (build, shape, share) in MODELS.items():
         torch.manual_seed(0)
         model = build().eval()
         x = torch.randn(*shape)
-        medians = measure(model, x, args.rounds, args.iters)
+        medians = measure(model, x, args.rounds, max(4, int(args.iters * share)))
         params = sum(p.numel() for p in model.parameters())
-        print(f"\n{label}: {params} parameters, input {tuple(shape)}")
+        same = "yes" if identical_outputs(model, x) else "NO"
+        print(f"\n{label}: {params} parameters, input {tuple(shape)}, identical outputs: {same}")
         print(f"  {'variant':<20}{'us/forward':>12}{'ratio':>8}")
         for name, median in medians.items():
             print(f"  {name:<20}{median:>12.1f}{median / medians['plain']:>8.2f}")

@@ -16,9 +16,11 @@ markers, so that
 * only the outermost audited forward of each thread checks GFR003 (did its output come
   back carrying an autograd graph?).
 
-Modules with a fused fast path (``TransformerEncoder(Layer)``, ``MultiheadAttention``)
-run with the mode popped: an active torch-function mode disables that path and would
-change the results in the last bits.
+Torch's own modules whose behaviour follows their ``training`` flag (Dropout, BatchNorm,
+RNN families) and those with a fused fast path (``TransformerEncoder(Layer)``,
+``MultiheadAttention``) run with the mode popped: the first only pay for it (every op
+through ``__torch_function__`` costs microseconds), and for the second an active
+torch-function mode disables the fused path, which changes the results in the last bits.
 """
 
 from __future__ import annotations
@@ -111,9 +113,11 @@ class Probe:
           whose forward is user code): a pre-hook and an ``always_call`` post-hook that
           push/pop the op watch and check GFR003 for the outermost audited forward of
           each thread;
-        * fast-path modules: the same pair, which suspends the op watch around them;
-        * mode-governed leaves (Dropout family, BatchNorm family, RNNs): one pre-hook
-          that reads the ``training`` flag.
+        * torch's fast-path and mode-governed modules (Dropout, BatchNorm and RNN
+          families): the same pair, which suspends the op watch around them and reads
+          the ``training`` flag;
+        * with the op watch off (``ignore=["GFR005"]``), mode-governed leaves get just
+          one pre-hook that reads the flag.
         """
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
@@ -121,11 +125,18 @@ class Probe:
         try:
             for name, module in self._named:
                 check = self._module_check(name, module)
-                fast = isinstance(module, _FAST_PATH)
                 user = not _defined_in_torch(type(module))
+                # torch's own mode-governed modules run with the watch off: their
+                # dropout follows their flag, which `check` reads, and the watch would
+                # only slow down (fast-path modules: change) what they compute.
+                suspend = (
+                    self._mode is not None
+                    and not user
+                    and (isinstance(module, _FAST_PATH) or check is not None)
+                )
                 entry = id(module) in roots or bool(module._modules) or user
-                if entry or fast:
-                    pre = self._pre(check, fast, user)
+                if entry or suspend:
+                    pre = self._pre(check, suspend, user)
                     self._handles.append(module.register_forward_pre_hook(pre))
                     post = self._post(name, module)
                     self._handles.append(module.register_forward_hook(post, always_call=True))
@@ -149,14 +160,14 @@ class Probe:
     # the hooks ----------------------------------------------------------------------
 
     def _pre(
-        self, check: Callable[[nn.Module], None] | None, fast: bool, user: bool
+        self, check: Callable[[nn.Module], None] | None, suspend: bool, user: bool
     ) -> Callable[[nn.Module, Any], None]:
         state, mode = self._state, self._mode
         push = user and mode is not None
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             marker = _NOTHING
-            if fast:
+            if suspend:
                 if state.watching and _mode_on_top(mode):  # type: ignore[arg-type]
                     torch._C._pop_torch_function_stack()
                     state.watching = False
