@@ -82,9 +82,25 @@ def bench(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return status, out, err
 
 
+def unitless_numbers(node: Any, key: str, units: dict[str, str]) -> list[str]:
+    """Keys of numbers (or lists / maps of numbers) below ``node`` that have no unit."""
+    if key in units:
+        return []
+    if isinstance(node, dict):
+        return [bad for sub, value in node.items() for bad in unitless_numbers(value, sub, units)]
+    if isinstance(node, list):
+        return [bad for value in node for bad in unitless_numbers(value, key, units)]
+    if isinstance(node, int | float) and not isinstance(node, bool):
+        return [key]
+    return []
+
+
 def check_schema(doc: dict[str, Any], modes: list[str], batch_sizes: list[int]) -> None:
     """Keys, types and units of a ``gradfence.bench/1`` document."""
     assert doc["schema"] == SCHEMA
+    assert doc["units"] == UNITS
+    body = {key: value for key, value in doc.items() if key != "units"}
+    assert unitless_numbers(body, "", UNITS) == []
     assert set(doc) == {
         "schema", "created_utc", "command", "units", "environment", "settings",
         "train_vs_eval", "notes", "results",
@@ -129,12 +145,12 @@ def check_schema(doc: dict[str, Any], modes: list[str], batch_sizes: list[int]) 
         assert set(row) == set(types)
         for key, kind in types.items():
             assert isinstance(row[key], kind), key
-        # every number has its unit: in the units map and, as a suffix, in the key
-        for key, value in row.items():
-            if isinstance(value, int | float | list) and not isinstance(value, bool):
-                assert key in doc["units"], key
-        assert UNITS["latency_median_ms"] == "milliseconds"
-        assert all(key.endswith(("_ms", "_bytes", "_per_s")) for key in row if "latency" in key)
+        # measured quantities carry their unit in the key too
+        suffixes = {"_ms": "milliseconds", "_bytes": "bytes", "_per_s": "samples per second"}
+        for key in row:
+            for suffix, unit in suffixes.items():
+                if key.endswith(suffix):
+                    assert UNITS[key] == unit, key
         assert len(row["latency_samples_ms"]) == settings["repeats"]
         assert row["latency_median_ms"] <= max(row["latency_samples_ms"])
         assert row["latency_p95_ms"] >= row["latency_median_ms"]

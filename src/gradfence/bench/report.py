@@ -14,9 +14,10 @@ from gradfence.bench.runner import BenchRun, ConfigResult
 
 SCHEMA = "gradfence.bench/1"
 
-# unit of every number in a JSON result row (also the key suffixes)
+# unit of every number in the JSON document, by key (also the key suffixes)
 UNITS: dict[str, str] = {
     "batch_size": "samples",
+    "batch_sizes": "samples",
     "repeats": "calls",
     "warmup": "calls",
     "latency_median_ms": "milliseconds",
@@ -30,6 +31,7 @@ UNITS: dict[str, str] = {
     "peak_memory_delta_bytes": "bytes",
     "speedup_vs_grad": "ratio (grad median latency / this median latency)",
     "max_abs_diff": "output units (absolute difference)",
+    "mode_dependent_modules": "modules (count per class name)",
     "cpu_count": "logical CPUs",
     "torch_threads": "threads",
 }
