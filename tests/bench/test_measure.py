@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from gradfence.bench.factories import Workload
 from gradfence.bench.measure import (
     MODES,
     Latency,
+    MeasurementError,
     call,
     compare_train_eval,
+    peak_cpu_in_child,
     peak_rss,
     scope,
     tensors_in,
@@ -147,3 +151,15 @@ def test_train_eval_reports_a_failing_train_forward() -> None:
     assert comparison.outputs_differ is None
     assert comparison.note().startswith("train-mode forward failed, outputs not compared: ")
     assert "Expected more than 1 value per channel" in comparison.note()
+
+
+def test_a_failing_probe_child_is_one_measurement_error(tmp_path: Path) -> None:
+    models = tmp_path / "models.py"
+    models.write_text("def build():\n    raise OSError('no weights here')\n")
+    workload = Workload("bad", f"{models}:build", "gradfence.bench.builtins:mlp_input")
+    with pytest.raises(MeasurementError) as caught:
+        peak_cpu_in_child(workload, 2, "grad", training=False, threads=1)
+    assert str(caught.value) == (
+        "peak-memory probe for mode grad, batch size 2 failed: gradfence bench probe: "
+        f"factory {models}:build raised OSError: no weights here"
+    )
