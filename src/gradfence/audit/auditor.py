@@ -104,6 +104,7 @@ class Audit:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        __tracebackhide__ = True  # pytest: show the user's block, not this method
         assert self._report is not None and self._probe is not None and self._state is not None
         try:
             self._probe.remove()

@@ -58,7 +58,8 @@ class Collector:
             detail["threads"] = list(entry.threads)
             message = entry.message
             if entry.count > 1:
-                message = f"{message} [seen {entry.count} times]"
+                threads = f" on {len(entry.threads)} threads" if len(entry.threads) > 1 else ""
+                message = f"{message} [seen {entry.count} times{threads}]"
             result.append(Finding(entry.code, message, entry.module, detail))
         return result
 

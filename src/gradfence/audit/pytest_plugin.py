@@ -95,10 +95,18 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
             result = yield
         else:
             from gradfence.audit.auditor import audit
+            from gradfence.errors import AuditError
 
             module, options = target
-            with audit(module, raise_on_exit=True, **options):
-                result = yield
+            failure = ""
+            try:
+                with audit(module, raise_on_exit=True, **options):
+                    result = yield
+            except AuditError as error:
+                name = item.get_closest_marker(MARKER).args[0]  # type: ignore[union-attr]
+                failure = f"@{MARKER}({name!r}): {error}"
+            if failure:
+                pytest.fail(failure, pytrace=False)
     except BaseException:
         if before is not None:
             _restore_grad(before)  # the test failed anyway: just keep the next one clean
