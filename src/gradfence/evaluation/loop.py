@@ -21,7 +21,6 @@ from gradfence.evaluation.metrics import (
     outside_inference_mode,
 )
 from gradfence.evaluation.progress import Progress, wants_progress
-from gradfence.evaluation.sampler import ShardedSampler
 from gradfence.scope import GradMode, inference
 
 Step = Callable[[nn.Module, Any], tuple[Any, Any]]
@@ -169,7 +168,7 @@ def _warn_if_padded(loader: Iterable[Any]) -> None:
         getattr(getattr(loader, "batch_sampler", None), "sampler", None),
     )
     for sampler in candidates:
-        if not isinstance(sampler, DistributedSampler) or isinstance(sampler, ShardedSampler):
+        if not isinstance(sampler, DistributedSampler):
             continue
         size = len(sampler.dataset)  # type: ignore[arg-type]
         if sampler.total_size > size:
