@@ -416,3 +416,31 @@ def test_gfr007_buffer_registered_in_inference_mode(model: Classifier) -> None:
     assert report.codes() == ["GFR007"]
     assert report.findings[0].module == "head"
     assert report.findings[0].detail["tensor"] == "buffer mask"
+
+
+class NoisyFeatures(nn.Module):
+    """A parameter-free user layer inside torch containers (a leaf with no children)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout1d(x, 0.5)
+
+
+def test_gfr005_user_leaf_inside_sequential() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Sequential(NoisyFeatures()))
+    with gf.audit(model) as report, gf.inference(model):
+        model(torch.randn(2, 3, 6))
+    assert report.codes() == ["GFR005"]
+    assert report.findings[0].module == "1.0"
+    assert report.findings[0].detail["function"] == "F.dropout1d"
+
+
+def test_gfr005_recurrent_dropout_in_train_mode() -> None:
+    lstm = nn.LSTM(4, 4, num_layers=2, dropout=0.3, batch_first=True)
+    with gf.audit(lstm) as report, torch.no_grad():
+        lstm(torch.randn(2, 3, 4))
+    assert report.codes() == ["GFR005"]
+    assert "dropout=0.3" in report.findings[0].message
+    lstm.eval()
+    with gf.audit(lstm) as report, torch.no_grad():
+        lstm(torch.randn(2, 3, 4))
+    assert report.ok, report.format()

@@ -99,7 +99,12 @@ class Probe:
         self._state = _ThreadState()
         self._handles: list[RemovableHandle] = []
         names = {id(module): (name, type(module).__name__) for name, module in named}
-        self._mode = DropoutWatch(collector, names) if "GFR005" in checks else None
+        # The watch is switched on only in forwards of user-defined modules: without
+        # any, it would never run, and the hooks that switch it off can be skipped.
+        watch = "GFR005" in checks and any(
+            not _defined_in_torch(type(module)) for _, module in named
+        )
+        self._mode = DropoutWatch(collector, names) if watch else None
 
     # installing ---------------------------------------------------------------------
 
