@@ -326,3 +326,19 @@ def test_bad_inputs_are_reported() -> None:
 def test_empty_loader_gives_nan_means() -> None:
     results = gf.evaluate(nn.Identity(), [], loss=F.cross_entropy)
     assert math.isnan(results["loss"])  # type: ignore[arg-type]
+
+
+def test_one_metric_object_under_two_names_is_refused() -> None:
+    metric = MulticlassAccuracy(num_classes=3)
+    with pytest.raises(EvaluationError, match="same Metric object"):
+        gf.evaluate(nn.Identity(), identity_loader(), {"a": metric, "b": metric})
+
+
+def test_a_metric_collection_as_the_metrics_mapping() -> None:
+    from torchmetrics import MetricCollection
+
+    collection = MetricCollection({"acc": MulticlassAccuracy(num_classes=3, average="micro")})
+    with pytest.raises(EvaluationError, match="MetricCollection"):
+        gf.evaluate(nn.Identity(), identity_loader(), {"all": collection})
+    results = gf.evaluate(nn.Identity(), identity_loader(), collection)  # type: ignore[arg-type]
+    assert results == {"acc": pytest.approx(HAND_ACCURACY, abs=1e-7)}

@@ -124,10 +124,25 @@ def _build_slots(
     loss: MetricFn | None,
     device: torch.device,
 ) -> list[MetricSlot]:
+    from torchmetrics import MetricCollection
+
     slots: list[MetricSlot] = []
+    seen: dict[int, str] = {}
     for name, metric in (metrics or {}).items():
         if isinstance(metric, Metric):
+            if id(metric) in seen:  # it would be reset once and updated twice per batch
+                raise EvaluationError(
+                    f"metrics {seen[id(metric)]!r} and {name!r} are the same Metric object: "
+                    "give each name its own instance"
+                )
+            seen[id(metric)] = name
             slots.append(TorchmetricSlot(name, metric, device))
+        elif isinstance(metric, MetricCollection):
+            raise EvaluationError(
+                f"metric {name!r} is a MetricCollection: pass its metrics as separate "
+                "entries, metrics=dict(collection.items()), or the collection itself as "
+                "metrics="
+            )
         elif callable(metric):
             slots.append(MeanSlot(name, metric, device))
         else:
