@@ -163,3 +163,16 @@ def test_a_failing_probe_child_is_one_measurement_error(tmp_path: Path) -> None:
         "peak-memory probe for mode grad, batch size 2 failed: gradfence bench probe: "
         f"factory {models}:build raised OSError: no weights here"
     )
+
+
+def test_peak_rss_falls_back_to_getrusage_when_the_reset_does_not_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradfence.bench import measure
+
+    # a high-water mark far above the current RSS right after the reset: it did not take
+    fake = {"VmRSS": 100 * 2**20, "VmHWM": 900 * 2**20}
+    monkeypatch.setattr(measure, "_proc_status", fake.__getitem__)
+    peak = peak_rss(lambda: None)
+    assert peak.method == "cpu_rss_child_ru_maxrss"
+    assert peak.peak_bytes >= peak.baseline_bytes > 0

@@ -286,6 +286,10 @@ def peak_cuda(model: nn.Module, model_input: Any, mode: str, *, training: bool) 
     return PeakMemory("cuda_max_memory_allocated", baseline, peak)
 
 
+# how far VmHWM may exceed VmRSS right after a reset (pages touched in between)
+_PAGE_SLACK = 1024 * 1024
+
+
 def _proc_status(field_name: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -298,16 +302,19 @@ def peak_rss(run: Callable[[], Any]) -> PeakMemory:
     """Peak resident set size of this process while ``run()`` executes (its result held).
 
     On Linux the kernel's high-water mark is reset first (``/proc/self/clear_refs``), so
-    baseline is the RSS right before ``run`` and peak is ``VmHWM`` right after. Elsewhere
-    ``getrusage`` gives the peak so far before and after, which is only a lower bound
-    on the increase when an earlier phase of the process peaked higher.
+    baseline is the RSS right before ``run`` and peak is ``VmHWM`` right after. Elsewhere,
+    or where the reset did not take, ``getrusage`` gives the peak so far before and after,
+    which is only a lower bound on the increase when an earlier phase peaked higher.
     """
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
         baseline = _proc_status("VmRSS")
+        reset = _proc_status("VmHWM") <= baseline + _PAGE_SLACK
     except OSError:
+        reset = False
+    if not reset:
         return _peak_rusage(run)
     result = run()
     peak = _proc_status("VmHWM")
