@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ def test_inputs_tuple_is_positional_mapping_is_keywords() -> None:
     assert tensors_in(nested) == [one, two]
     moved = to_device(nested, "cpu")
     assert moved["x"][1][1] == "text" and moved["y"] == 3
+    pair = collections.namedtuple("pair", "a b")
+    moved_pair = to_device(pair(one, two), "cpu")
+    assert type(moved_pair) is pair and moved_pair.b is two
 
 
 def test_latency_median_and_p95() -> None:

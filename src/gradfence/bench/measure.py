@@ -89,7 +89,10 @@ def to_device(value: Any, device: str) -> Any:
     if isinstance(value, Mapping):
         return {key: to_device(sub, device) for key, sub in value.items()}
     if isinstance(value, tuple | list):
-        return type(value)(to_device(sub, device) for sub in value)
+        moved = [to_device(sub, device) for sub in value]
+        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
+            return type(value)(*moved)
+        return type(value)(moved)
     return value
 
 
