@@ -132,6 +132,7 @@ def test_registry_names_resolve(
         (["--model", "my_factories:not_a_model", "--data", "toy"], "not an nn.Module"),
         (["--model", "toy", "--data", "my_factories:model"], "return a torch.utils.data.Dataset"),
         (["--model", "toy", "--data", "toy", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--model", "toy", "--data", "toy", "--device", "gpu0"], "--device 'gpu0'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -141,6 +142,12 @@ def test_bad_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("gradfence: error: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_device_option_moves_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--model", "toy", "--data", "toy", "--device", "cpu"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert float(rows["acc"]) == pytest.approx(toy_reference()["acc"], rel=1e-5)
 
 
 def test_the_cli_module_imports_without_torch() -> None:

@@ -60,7 +60,10 @@ def register(subparsers: Any) -> None:
         default="no_grad",
         help="grad mode of the evaluation (default: no_grad)",
     )
-    parser.add_argument("--device", help="default: the device of the model's parameters")
+    parser.add_argument(
+        "--device",
+        help="move the model there and evaluate there (default: where the factory put it)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar, even on a terminal"
@@ -82,13 +85,16 @@ def run(args: argparse.Namespace) -> int:
     if args.num_classes is not None and args.num_classes < 2:
         raise UsageError(f"--num-classes must be >= 2, got {args.num_classes}")
 
+    device = _device(args.device)
     model, loader, samples = _build_targets(args)
+    if device is not None:
+        model.to(device)
 
     import gradfence as gf
 
     num_classes = args.num_classes
     if num_classes is None and any(METRICS[name].needs_classes for name in names):
-        num_classes = _output_width(model, loader, args.device)
+        num_classes = _output_width(model, loader, device)
     metrics: dict[str, Any] = {}
     loss = None
     for name in dict.fromkeys(names):  # in order, once each
@@ -102,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         loader,
         metrics,
-        device=args.device,
+        device=device,
         mode=args.mode,
         loss=loss,
         progress=False if args.no_progress else None,
@@ -123,6 +129,25 @@ def run(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
+
+
+def _device(name: str | None) -> Any:
+    """``--device`` as a torch.device, checked to exist here; None when not given."""
+    if name is None:
+        return None
+    import torch
+
+    from gradfence.cli import UsageError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: {str(exc).splitlines()[0]}") from None
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if device.type != "cpu" and callable(is_available) and not is_available():
+        raise UsageError(f"--device {name!r}: no {device.type} device is available here")
+    return device
 
 
 def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
@@ -166,7 +191,7 @@ def _length(dataset: Any) -> int | None:
         return None
 
 
-def _output_width(model: Any, loader: Any, device: str | None) -> int:
+def _output_width(model: Any, loader: Any, device: Any) -> int:
     """The number of classes, read off the model's output on the first batch."""
     import gradfence as gf
     from gradfence.cli import UsageError
