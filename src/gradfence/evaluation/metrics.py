@@ -125,6 +125,8 @@ class TorchmetricSlot(MetricSlot):
         # compute() would sync across ranks at a moment the other ranks do not share
         # (and inside inference_mode): switch the sync off for this local peek, and drop
         # the cached value so the final compute() syncs for real.
+        if not hasattr(metric, "_to_sync"):  # a torchmetrics without that switch: no peek
+            return None
         to_sync = metric._to_sync
         metric._to_sync = False
         try:

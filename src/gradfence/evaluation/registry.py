@@ -4,10 +4,15 @@ Models and datasets are *factories*: callables taking no argument that return an
 ``nn.Module`` or a dataset. ``--model``/``--data`` take a built-in name from
 :data:`MODELS`/:data:`DATASETS`, or ``module.path:callable``, or
 ``path/to/file.py:callable``. A built-in is registered by adding its
-``"module:callable"`` string here, so nothing is imported until it is used::
+``"module:callable"`` string here, so nothing is imported until it is used, e.g.
+(the names on the right are illustrative)::
 
-    MODELS["sentiment"] = "gradfence.serve.model:load_sentiment_model"
-    DATASETS["sentiment-heldout"] = "gradfence.serve.data:heldout_tweets"
+    MODELS["sentiment"] = "gradfence.serve.eval_targets:sentiment_model"
+    DATASETS["sentiment-heldout"] = "gradfence.serve.eval_targets:heldout_tweets"
+
+Batches are collated by the default ``DataLoader``: a dataset of ``(text, label)`` pairs
+gives ``(list_of_texts, label_tensor)``, so such a model must take a list of strings and
+return logits of shape ``(N, classes)``.
 """
 
 from __future__ import annotations
