@@ -186,3 +186,33 @@ def test_finding_is_data() -> None:
     )
     assert str(finding) == "GFR001 msg"
     assert "no findings" in gf.AuditReport().format()
+
+
+class Wrapper(nn.Module):
+    """User code around a fast-path encoder, with an unguarded functional dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.encoder(x), 0.1)
+
+
+def test_nested_audits_both_see_findings_and_clean_up() -> None:
+    torch.manual_seed(0)
+    model = Wrapper().eval()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = model(x)
+        with gf.audit(model) as outer:
+            with gf.audit(model.encoder, model) as inner:
+                torch.manual_seed(3)
+                audited = model(x)
+            assert torch._C._len_torch_function_stack() == 0
+    assert torch.equal(plain, audited)  # the fast path ran in both
+    assert outer.codes() == inner.codes() == ["GFR005"]
+    assert _hooks_left(model) == 0
+    assert torch._C._len_torch_function_stack() == 0

@@ -64,9 +64,25 @@ def _defined_in_torch(cls: type) -> bool:
     return result
 
 
-def _mode_on_top(mode: DropoutWatch) -> bool:
-    depth = torch._C._len_torch_function_stack()
-    return depth > 0 and torch._C._get_function_stack_at(depth - 1) is mode
+def _take_off_stack(mode: DropoutWatch | None) -> bool:
+    """Remove ``mode`` from this thread's torch-function mode stack, wherever it is.
+
+    Modes pushed above it (a nested audit's, the user's) are put back in their order.
+    Returns whether it was found.
+    """
+    if mode is None:
+        return False
+    above: list[Any] = []
+    found = False
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            found = True
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+    return found
 
 
 def _carries_graph(output: Any, depth: int = 0) -> bool:
@@ -158,8 +174,8 @@ class Probe:
             handle.remove()
         state, mode = self._state, self._mode
         state.markers.clear()
-        if state.watching and mode is not None and _mode_on_top(mode):
-            torch._C._pop_torch_function_stack()
+        if state.watching:
+            _take_off_stack(mode)
         state.watching = False
 
     # the hooks ----------------------------------------------------------------------
@@ -173,8 +189,7 @@ class Probe:
         def pre_hook(module: nn.Module, args: Any) -> None:
             marker = _NOTHING
             if suspend:
-                if state.watching and _mode_on_top(mode):  # type: ignore[arg-type]
-                    torch._C._pop_torch_function_stack()
+                if state.watching and _take_off_stack(mode):
                     state.watching = False
                     marker = _SUSPENDED
             elif push and not state.watching:
@@ -199,8 +214,7 @@ class Probe:
                 return  # the forward began before the audit did
             marker = markers.pop()
             if marker == _PUSHED:
-                if _mode_on_top(mode):  # type: ignore[arg-type]
-                    torch._C._pop_torch_function_stack()
+                _take_off_stack(mode)
                 state.watching = False
             elif marker == _SUSPENDED:
                 torch._C._push_on_torch_function_stack(mode)
