@@ -81,6 +81,19 @@ FACTORIES = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    class ByLength(nn.Module):
+        # a 'text model': class 1 when the text has more than 3 characters
+
+        def forward(self, texts):
+            long = torch.tensor([float(len(t) > 3) for t in texts])
+            return torch.stack([1 - long, long], dim=1)
+
+    def text_model():
+        return ByLength()
+
+    def texts():
+        return [("good", 1), ("bad", 0), ("fine", 0), ("awesome", 1), ("meh", 0)]
     """
 )
 
@@ -109,6 +122,13 @@ def test_a_dataloader_factory_and_given_num_classes(
     out = capsys.readouterr().out
     assert "(4 samples, batch size 3)" in out  # the loader's own batch size
     assert table_rows(out) == {"macro-acc": "0.833333"}  # (1 + 2/3) / 2
+
+
+def test_text_batches(factories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a list of (text, label) is a Dataset to DataLoader: batches of (list[str], tensor)
+    argv = ["eval", "--model", "my_factories:text_model", "--data", "my_factories:texts"]
+    assert main([*argv, "--metric", "acc", "--batch-size", "2"]) == 0
+    assert table_rows(capsys.readouterr().out) == {"acc": "0.8"}  # "fine" is wrong
 
 
 def test_registry_names_resolve(

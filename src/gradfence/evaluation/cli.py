@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
         "--data",
         required=True,
         metavar="FACTORY",
-        help=f"returns a Dataset or DataLoader of (inputs, target) (built-in: {builtin_data})",
+        help=f"returns a Dataset, list or DataLoader of (x, target) (built-in: {builtin_data})",
     )
     parser.add_argument(
         "--metric",
@@ -169,16 +169,17 @@ def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
             f"--model {args.model!r} returned a {type(model).__name__}, not an nn.Module"
         )
     data = data_factory()
+    dataset: Any
     if isinstance(data, DataLoader):
         loader = data
         dataset = data.dataset
-    elif isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=args.batch_size)
+    elif isinstance(data, Dataset | list | tuple):  # a list of pairs is a dataset too
+        loader = DataLoader(data, batch_size=args.batch_size)  # type: ignore[arg-type]
         dataset = data
     else:
         raise UsageError(
             f"--data {args.data!r} returned a {type(data).__name__}: return a "
-            "torch.utils.data.Dataset (or DataLoader) of (inputs, target) pairs"
+            "torch.utils.data.Dataset (or DataLoader, or list) of (inputs, target) pairs"
         )
     samples = None if isinstance(dataset, IterableDataset) else _length(dataset)
     return model, loader, samples
