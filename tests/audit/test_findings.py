@@ -306,6 +306,9 @@ def test_gfr005_functional_dropout_in_eval(attention: type[nn.Module]) -> None:
     assert "test_findings.py:" in finding.message
     function = "F.dropout" if attention is Attention else "F.scaled_dot_product_attention"
     assert finding.detail["function"] == function
+    if attention is Attention:
+        assert "training= left at its default, True" in finding.message
+        assert "Fix: pass training=self.training" in finding.message
 
 
 @pytest.mark.parametrize("attention", [Attention, FusedAttention])

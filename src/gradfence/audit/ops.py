@@ -99,13 +99,13 @@ _TORCH_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules") + os.sep
 _THIS_FILE = __file__
 
 
+_MISSING = object()
+
+
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
     if len(args) > index:
         return args[index]
     return kwargs.get(name, _MISSING)
-
-
-_MISSING = object()
 
 
 class DropoutWatch(TorchFunctionMode):
@@ -141,10 +141,11 @@ class DropoutWatch(TorchFunctionMode):
         p = _argument(args, kwargs, spec.p_index, spec.p_name)
         if p is _MISSING:
             p = spec.p_default
+        explicit = True
         if spec.train_index >= 0:
             training = _argument(args, kwargs, spec.train_index, spec.train_name)
             if training is _MISSING:
-                training = spec.train_default
+                training, explicit = spec.train_default, False
             elif training is None:
                 training = True
         else:
@@ -154,7 +155,7 @@ class DropoutWatch(TorchFunctionMode):
         except (TypeError, ValueError, RuntimeError):
             active = bool(training)
         if active:
-            self._record(spec, p, "training" in kwargs or "train" in kwargs)
+            self._record(spec, p, explicit)
 
     def _record(self, spec: _Spec, p: object, explicit: bool) -> None:
         frame = _user_frame(sys._getframe(2))
