@@ -307,7 +307,7 @@ def test_gfr005_functional_dropout_in_eval(attention: type[nn.Module]) -> None:
     function = "F.dropout" if attention is Attention else "F.scaled_dot_product_attention"
     assert finding.detail["function"] == function
     if attention is Attention:
-        assert "training= left at its default, True" in finding.message
+        assert "p=0.2 with training=True (F.dropout defaults to training=True)" in finding.message
         assert "Fix: pass training=self.training" in finding.message
 
 

@@ -70,7 +70,7 @@ def _watched() -> dict[Any, _Spec]:
     specs[F.multi_head_attention_forward] = _python_spec(
         F.multi_head_attention_forward, "F.multi_head_attention_forward", "dropout_p", "training"
     )
-    # The ops: (input, p, train), train required (native_dropout's train=None means on).
+    # The ops: (input, p, train), train required (no default; native_dropout: None is on).
     for name in (
         "dropout",
         "dropout_",
@@ -82,7 +82,7 @@ def _watched() -> dict[Any, _Spec]:
         "feature_alpha_dropout_",
         "native_dropout",
     ):
-        specs[getattr(torch, name)] = _Spec(f"torch.{name}", 1, "p", 0.0, 2, "train", True)
+        specs[getattr(torch, name)] = _Spec(f"torch.{name}", 1, "p", 0.0, 2, "train", False)
     # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, ...)
     specs[F.scaled_dot_product_attention] = _Spec(
         "F.scaled_dot_product_attention", 4, "dropout_p", 0.0, -1, "", True
@@ -141,11 +141,10 @@ class DropoutWatch(TorchFunctionMode):
         p = _argument(args, kwargs, spec.p_index, spec.p_name)
         if p is _MISSING:
             p = spec.p_default
-        explicit = True
         if spec.train_index >= 0:
             training = _argument(args, kwargs, spec.train_index, spec.train_name)
             if training is _MISSING:
-                training, explicit = spec.train_default, False
+                training = spec.train_default
             elif training is None:
                 training = True
         else:
@@ -155,9 +154,9 @@ class DropoutWatch(TorchFunctionMode):
         except (TypeError, ValueError, RuntimeError):
             active = bool(training)
         if active:
-            self._record(spec, p, explicit)
+            self._record(spec, p)
 
-    def _record(self, spec: _Spec, p: object, explicit: bool) -> None:
+    def _record(self, spec: _Spec, p: object) -> None:
         frame = _user_frame(sys._getframe(2))
         if frame is None:
             return  # nn.Dropout & co.: reported by the module hooks, with the module's name
@@ -173,12 +172,14 @@ class DropoutWatch(TorchFunctionMode):
         if spec.train_index < 0:
             why = f"dropout_p={p} applies dropout whatever the module's mode"
             fix = "pass dropout_p=self.p if self.training else 0.0"
-        elif not explicit:
-            why = f"p={p} and {spec.train_name}= left at its default, True"
-            fix = f"pass {spec.train_name}=self.training (or use an nn.Dropout submodule)"
         else:
-            why = f"p={p} with {spec.train_name} on"
-            fix = f"pass {spec.train_name}=self.training"
+            # The F.* wrappers hand their defaults on as keywords: whether the caller
+            # wrote training= cannot be told apart here, so say what the default is.
+            default = (
+                f" ({spec.label} defaults to {spec.train_name}=True)" if spec.train_default else ""
+            )
+            why = f"p={p} with {spec.train_name}=True{default}"
+            fix = f"pass {spec.train_name}=self.training (or use an nn.Dropout submodule)"
         other = threading.get_ident() != self._collector.owner
         self._collector.add(
             ("GFR005", "op", site, spec.label, other),
