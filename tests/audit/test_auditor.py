@@ -216,3 +216,10 @@ def test_nested_audits_both_see_findings_and_clean_up() -> None:
     assert outer.codes() == inner.codes() == ["GFR005"]
     assert _hooks_left(model) == 0
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_lazy_modules_materialised_in_the_block() -> None:
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    with gf.audit(model, strict=True) as report, gf.inference(model):
+        model(torch.ones(2, 4))
+    assert report.ok, report.format()

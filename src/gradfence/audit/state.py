@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from gradfence.audit.collector import module_label
 from gradfence.audit.findings import Finding
@@ -73,19 +74,27 @@ def mode_leak(before: tuple[bool, bool], after: tuple[bool, bool], place: str) -
 class _Fingerprint:
     """What a tensor looked like at entry."""
 
-    __slots__ = ("data_ptr", "tensor", "value", "version")
+    __slots__ = ("data_ptr", "lazy", "tensor", "value", "version")
 
     def __init__(self, tensor: torch.Tensor, strict: bool) -> None:
         self.tensor = tensor
+        self.version: int | None = None
+        self.data_ptr = 0
+        self.value: torch.Tensor | None = None
+        self.lazy = _lazy(tensor)
+        if self.lazy:
+            return  # materialised by the first forward: only its identity can be compared
         # Inference tensors have no version counter; strict mode's values cover them.
-        self.version: int | None = None if tensor.is_inference() else tensor._version
+        self.version = None if tensor.is_inference() else tensor._version
         self.data_ptr = _data_ptr(tensor)
-        self.value: torch.Tensor | None = _copy(tensor) if strict else None
+        self.value = _copy(tensor) if strict else None
 
     def change(self, now: torch.Tensor) -> str | None:
         """How ``now`` (the tensor under the same name at exit) differs, or None."""
         if now is not self.tensor:
             return "was replaced by another tensor"
+        if self.lazy:
+            return None
         if self.version is not None and not now.is_inference() and now._version != self.version:
             return f"was modified in place (version {self.version} -> {now._version})"
         if _data_ptr(now) != self.data_ptr:
@@ -93,6 +102,11 @@ class _Fingerprint:
         if self.value is not None and not _same_values(self.value, now):
             return "changed value without a version bump (a .data write or an inference tensor)"
         return None
+
+
+def _lazy(tensor: torch.Tensor) -> bool:
+    """An uninitialised parameter/buffer of a Lazy module (most tensor methods raise on it)."""
+    return bool(is_lazy(tensor))
 
 
 def _data_ptr(tensor: torch.Tensor) -> int:
@@ -171,7 +185,7 @@ class StateSnapshot:
         if "GFR007" in checks:
             for _, module in named:
                 for _, tensor in self._all_tensors(module):
-                    if tensor.is_inference():
+                    if not _lazy(tensor) and tensor.is_inference():
                         self._inference_at_entry.add(id(tensor))
 
     def findings(self) -> list[Finding]:
@@ -267,7 +281,7 @@ class StateSnapshot:
         found: list[Finding] = []
         for name, module in self._named:
             for what, tensor in self._all_tensors(module):
-                if not tensor.is_inference():
+                if _lazy(tensor) or not tensor.is_inference():
                     continue
                 label = module_label(name, type(module).__name__)
                 already = (
