@@ -127,7 +127,10 @@ def _same_values(before: torch.Tensor, now: torch.Tensor) -> bool:
         return False
     current = now.detach()
     if before.is_floating_point() or before.is_complex():
-        return bool(torch.allclose(before, current, rtol=0.0, atol=0.0, equal_nan=True))
+        try:  # NaN == NaN for this purpose; exact otherwise
+            return bool(torch.allclose(before, current, rtol=0.0, atol=0.0, equal_nan=True))
+        except (RuntimeError, NotImplementedError):  # dtypes without allclose (float8)
+            pass
     return torch.equal(before, current)
 
 
