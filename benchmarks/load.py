@@ -197,7 +197,11 @@ def run_config(name: str, args: argparse.Namespace, texts: list[str]) -> Result:
 
 
 def plain_server(port: int, model_dir: Path | None) -> None:
-    """The baseline: FastAPI, a sync endpoint, the model called once per request."""
+    """The baseline: FastAPI, a sync endpoint, the model called once per request.
+
+    Gets the same OpenMP setting as ``gradfence serve`` (set before torch loads).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
     from fastapi import FastAPI
 

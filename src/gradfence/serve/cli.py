@@ -104,7 +104,15 @@ def _settings_from(args: argparse.Namespace) -> Any:
     )
 
 
+# GNU OpenMP's worker threads spin after every parallel region by default; on a small
+# machine they starve the event-loop thread (measured here on 2 cores: 12 vs 52 texts/s
+# under load). Must be set before torch loads; an explicit setting wins.
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def _handle(args: argparse.Namespace) -> int:
+    for name, value in OPENMP_ENV.items():
+        os.environ.setdefault(name, value)
     settings = _settings_from(args)
     logging.basicConfig(
         level=args.log_level.upper(),

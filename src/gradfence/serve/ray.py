@@ -124,7 +124,10 @@ def deployment(
         num_replicas=replicas,
         max_ongoing_requests=max(2 * settings.max_batch_size, 64),
         max_queued_requests=settings.max_queue,
-        ray_actor_options={"num_cpus": 1},
+        ray_actor_options={
+            "num_cpus": 1,
+            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+        },
     )
     return options.bind(load, settings)
 
