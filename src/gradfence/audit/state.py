@@ -214,15 +214,14 @@ class StateSnapshot:
     # GFR002 -------------------------------------------------------------------------
 
     def _module_modes(self, entry: ModeSnapshot) -> list[Finding]:
-        names = {id(module): name for name, module in self._named}
         changed: dict[str, tuple[str, bool, bool]] = {}  # name -> (class, before, after)
-        for module in ModeSnapshot(self._roots).modules:
+        for name, module in self._named:  # pre-order: parents before their children
             position = entry.index.get(id(module))
-            if position is None or id(module) not in names:
+            if position is None:
                 continue
             before = entry.flags[position]
             if module.training is not before:
-                changed[names[id(module)]] = (type(module).__name__, before, module.training)
+                changed[name] = (type(module).__name__, before, module.training)
         found: list[Finding] = []
         heads: dict[str, list[str]] = {}  # reported name -> names it stands for
         for name, (_, before, _) in changed.items():
