@@ -197,7 +197,10 @@ def test_leaks_option_fails_the_leaking_test(pytester: pytest.Pytester) -> None:
 
 def test_without_the_option_the_leak_reaches_the_next_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(LEAKY_TESTS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    try:
+        result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    finally:
+        torch.set_grad_enabled(True)  # the in-process run leaked into this thread
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*test_next_test_needs_gradients FAILED*"])
 
