@@ -539,9 +539,38 @@ def test_out_of_order_exits_never_leave_the_model_stuck() -> None:
     first.__enter__()
     second.__enter__()  # records the in-scope (eval) flags as its "before"
     first.__exit__(None, None, None)  # closes first: must not yank eval from under second
-    assert not model.training
+    assert not model.training and not torch.is_grad_enabled()
     second.__exit__(None, None, None)
     assert flags(model) == before, "the model stayed in eval after both scopes closed"
+    assert torch.is_grad_enabled(), "grad mode leaked from the out-of-order exits"
+
+
+def test_out_of_order_inference_mode_exits_unwind_in_order() -> None:
+    with torch.no_grad():
+        first = gf.inference(mode="inference_mode")
+        second = gf.inference()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert grad_state() == (False, True), "second is still open"
+        second.__exit__(None, None, None)
+        assert grad_state() == (False, False)
+    assert grad_state() == (True, False)
+
+
+def test_with_spanning_await_in_two_tasks_restores_grad() -> None:
+    """The GF105 misuse: entries close out of order on one thread; grad still ends right."""
+    scope = gf.inference()
+
+    async def task(delay: float) -> None:
+        with scope:
+            await asyncio.sleep(delay)
+
+    async def main() -> None:
+        await asyncio.gather(task(0.01), task(0.02))
+
+    asyncio.run(main())
+    assert torch.is_grad_enabled()
 
 
 def test_overlapping_scopes_in_two_threads_restore_the_original() -> None:

@@ -205,11 +205,22 @@ _sequence = itertools.count()
 class _Entry:
     """The state one entry into a scope must put back on exit."""
 
-    __slots__ = ("grad_before", "guard", "owner", "sequence", "snapshot", "training")
+    __slots__ = (
+        "closed",
+        "grad_before",
+        "guard",
+        "owner",
+        "sequence",
+        "snapshot",
+        "thread_entries",
+        "training",
+    )
 
     def __init__(self) -> None:
         self.grad_before: bool | None = None
         self.guard: Any = None  # the C++ inference-mode guard, exited on restore
+        self.thread_entries: list[_Entry] = []  # the grad-mode stack of the entering thread
+        self.closed = False
         self.snapshot: ModeSnapshot | None = None
         self.sequence = -1
         self.owner = 0
@@ -281,6 +292,18 @@ def _unregister(entry: _Entry) -> None:
 # --- grad mode ---------------------------------------------------------------------
 
 
+_thread_state = threading.local()
+
+
+def _thread_entries() -> list[_Entry]:
+    """The calling thread's active entries, oldest first (grad mode is per thread)."""
+    try:
+        entries: list[_Entry] = _thread_state.entries
+    except AttributeError:
+        entries = _thread_state.entries = []
+    return entries
+
+
 def _enter_grad(entry: _Entry, grad: str) -> None:
     if grad == "inference_mode":
         guard = torch._C._InferenceMode(True)
@@ -289,9 +312,11 @@ def _enter_grad(entry: _Entry, grad: str) -> None:
     else:
         entry.grad_before = torch.is_grad_enabled()
         torch._C._set_grad_enabled(grad == "enable_grad")
+    entry.thread_entries = _thread_entries()
+    entry.thread_entries.append(entry)
 
 
-def _exit_grad(entry: _Entry) -> None:
+def _undo_grad(entry: _Entry) -> None:
     # Leave inference mode by exiting its guard: entering inference_mode(False)
     # instead would force grad mode ON whatever it was before.
     if entry.guard is not None:
@@ -299,6 +324,33 @@ def _exit_grad(entry: _Entry) -> None:
         guard.__exit__(None, None, None)
     elif entry.grad_before is not None:
         torch._C._set_grad_enabled(entry.grad_before)
+
+
+def _exit_grad(entry: _Entry) -> None:
+    """Restore the grad mode an entry changed, keeping each thread's changes LIFO.
+
+    An entry closed while a newer one of the same thread is still open (two ``with``
+    blocks exited out of order, or spanning an ``await`` in two tasks) is only marked
+    closed: the newer one still owns the thread's grad mode. It is undone, in LIFO
+    order, when the entries above it have closed, so the thread ends with the grad
+    mode and inference mode it had before the oldest of them.
+    """
+    entries = entry.thread_entries
+    if entries is not _thread_entries():
+        # Closed from another thread (e.g. a finaliser): that thread's grad mode is not
+        # ours to change; just forget the entry.
+        if entry in entries:
+            entries.remove(entry)
+        return
+    if entries and entries[-1] is entry:
+        entries.pop()
+        _undo_grad(entry)
+        while entries and entries[-1].closed:
+            _undo_grad(entries.pop())
+    elif entry in entries:
+        entry.closed = True
+    else:
+        _undo_grad(entry)
 
 
 # --- the scope ---------------------------------------------------------------------
