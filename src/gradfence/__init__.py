@@ -28,9 +28,9 @@ from gradfence.errors import (
 )
 
 if TYPE_CHECKING:
-    from gradfence.audit.auditor import audit
-    from gradfence.audit.findings import Finding
-    from gradfence.audit.report import AuditReport
+    from gradfence.auditing.auditor import audit
+    from gradfence.auditing.findings import Finding
+    from gradfence.auditing.report import AuditReport
     from gradfence.evaluation.loop import evaluate
     from gradfence.evaluation.sampler import ShardedSampler
     from gradfence.scope import Scope, inference, training
@@ -39,9 +39,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, see module docstring)
 _LAZY: dict[str, str] = {
-    "audit": "gradfence.audit.auditor",
-    "Finding": "gradfence.audit.findings",
-    "AuditReport": "gradfence.audit.report",
+    "audit": "gradfence.auditing.auditor",
+    "Finding": "gradfence.auditing.findings",
+    "AuditReport": "gradfence.auditing.report",
     "inference": "gradfence.scope",
     "training": "gradfence.scope",
     "Scope": "gradfence.scope",

@@ -9,7 +9,7 @@ whose class defines ``forward`` outside torch) get a pre-hook and an ``always_ca
 post-hook (which runs even when the forward raises). Per thread, they keep a stack of
 markers, so that
 
-* the :class:`~gradfence.audit.ops.DropoutWatch` mode is on exactly while the forward
+* the :class:`~gradfence.auditing.ops.DropoutWatch` mode is on exactly while the forward
   of a module defined *outside* torch runs (only user code can call functional dropout
   unguarded: torch's own modules gate it on their ``training`` flag, which the hooks
   read, so the mode would only slow them down), and
@@ -36,8 +36,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.hooks import RemovableHandle
 
-from gradfence.audit.collector import Collector, module_label
-from gradfence.audit.ops import DropoutWatch
+from gradfence.auditing.collector import Collector, module_label
+from gradfence.auditing.ops import DropoutWatch
 
 _FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
 

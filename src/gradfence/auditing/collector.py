@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from gradfence.audit.findings import Finding
+from gradfence.auditing.findings import Finding
 
 MessageFn = Callable[[str], str]
 

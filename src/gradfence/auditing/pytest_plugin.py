@@ -22,7 +22,7 @@ import pytest
 if TYPE_CHECKING:
     from torch import nn
 
-    from gradfence.audit.auditor import Audit
+    from gradfence.auditing.auditor import Audit
 
 MARKER = "gradfence_eval"
 _EVAL_TARGET = pytest.StashKey[tuple[Any, dict[str, Any]]]()
@@ -58,7 +58,7 @@ def gradfence_audit() -> Callable[..., Audit]:
     """
 
     def factory(*modules: nn.Module, ignore: Iterable[str] = (), strict: bool = False) -> Audit:
-        from gradfence.audit.auditor import audit
+        from gradfence.auditing.auditor import audit
 
         return audit(*modules, raise_on_exit=True, ignore=ignore, strict=strict)
 
@@ -94,7 +94,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         if target is None:
             result = yield
         else:
-            from gradfence.audit.auditor import audit
+            from gradfence.auditing.auditor import audit
             from gradfence.errors import AuditError
 
             module, options = target
@@ -120,7 +120,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
 
 
 def _modes() -> tuple[bool, bool]:
-    from gradfence.audit.state import current_modes
+    from gradfence.auditing.state import current_modes
 
     return current_modes()
 
@@ -137,7 +137,7 @@ def _restore_grad(before: tuple[bool, bool]) -> bool:
 
 def _check_leak(item: pytest.Item, before: tuple[bool, bool], who: str) -> None:
     """Fail when the modes now differ from ``before``; put grad mode back where possible."""
-    from gradfence.audit.state import mode_leak
+    from gradfence.auditing.state import mode_leak
 
     after = _modes()
     finding = mode_leak(before, after, f"by {who} {item.nodeid}")

@@ -8,7 +8,7 @@ themselves (the inner ``torch.dropout`` call runs with the mode switched off), a
 the ``torch.*`` ops when called directly.
 
 Torch-function modes are per thread: the auditor pushes this mode in whichever thread
-runs an audited module's forward (see :mod:`gradfence.audit.hooks`), so it covers worker
+runs an audited module's forward (see :mod:`gradfence.auditing.hooks`), so it covers worker
 threads too. It is *not* pushed around the rest of the block, because an active mode
 makes ``has_torch_function`` true, which turns off the fused fast path of
 ``TransformerEncoder`` and changes its results in the last bits.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from gradfence.audit.collector import Collector, module_label
+from gradfence.auditing.collector import Collector, module_label
 
 
 class _Spec(NamedTuple):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradfence.audit.findings import Finding
+from gradfence.auditing.findings import Finding
 from gradfence.errors import AuditError
 
 
@@ -12,7 +12,7 @@ class AuditReport:
     The findings are filled in when the ``with`` block exits (runtime findings from
     hooks are collected while it runs and merged then), so read them after the block.
 
-    >>> from gradfence.audit.findings import Finding
+    >>> from gradfence.auditing.findings import Finding
     >>> report = AuditReport([Finding("GFR001", "grad mode leaked ...")])
     >>> report.ok
     False

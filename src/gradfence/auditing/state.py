@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from gradfence.audit.collector import module_label
-from gradfence.audit.findings import Finding
+from gradfence.auditing.collector import module_label
+from gradfence.auditing.findings import Finding
 from gradfence.scope import ModeSnapshot
 
 # nn.Module's own bookkeeping in __dict__ (hook tables, _parameters, _buffers, ...):

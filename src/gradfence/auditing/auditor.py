@@ -20,11 +20,11 @@ from types import TracebackType
 
 from torch import nn
 
-from gradfence.audit.collector import Collector
-from gradfence.audit.findings import CODES, check_codes
-from gradfence.audit.hooks import Probe
-from gradfence.audit.report import AuditReport
-from gradfence.audit.state import StateSnapshot
+from gradfence.auditing.collector import Collector
+from gradfence.auditing.findings import CODES, check_codes
+from gradfence.auditing.hooks import Probe
+from gradfence.auditing.report import AuditReport
+from gradfence.auditing.state import StateSnapshot
 from gradfence.errors import AuditError, ScopeError
 
 
