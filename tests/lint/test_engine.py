@@ -68,45 +68,45 @@ import torch
 from torch import no_grad, enable_grad, inference_mode, set_grad_enabled
 
 def f(flag):
-    probe_default()
+    grad_probe_default()
     with no_grad():
-        probe_disabled()
+        grad_probe_disabled()
         with enable_grad():
-            probe_enabled()
-        probe_disabled()
+            grad_probe_enabled()
+        grad_probe_disabled()
     with inference_mode():
-        probe_inference()
+        grad_probe_inference()
         with enable_grad():
-            probe_inference()
+            grad_probe_inference()
     with set_grad_enabled(False):
-        probe_disabled()
+        grad_probe_disabled()
     with set_grad_enabled(flag):
-        probe_unknown()
+        grad_probe_unknown()
     with inference_mode(False):
-        probe_enabled()
+        grad_probe_enabled()
     with torch.inference_mode(mode=flag):
-        probe_unknown()
+        grad_probe_unknown()
     set_grad_enabled(False)
-    probe_disabled()
+    grad_probe_disabled()
     if flag:
         torch.set_grad_enabled(True)
-    probe_unknown()
+    grad_probe_unknown()
 
 @torch.no_grad()
 def g():
-    probe_disabled()
+    grad_probe_disabled()
     def inner():
-        probe_default()
+        grad_probe_default()
     return inner
 
 @torch.inference_mode
 def h():
-    probe_inference()
+    grad_probe_inference()
 
 class C:
     @no_grad()
     def m(self):
-        probe_disabled()
+        grad_probe_disabled()
 """
 
 
@@ -116,9 +116,9 @@ def test_grad_scope_model() -> None:
     for function in model.functions:
         for call in function.calls:
             name = getattr(call.node.func, "id", "")
-            if name.startswith("probe_"):
+            if name.startswith("grad_probe_"):
                 seen += 1
-                assert call.mode is GradMode(name[len("probe_") :]), ast.unparse(call.node)
+                assert call.mode is GradMode(name[len("grad_probe_") :]), ast.unparse(call.node)
     assert seen == 16
 
 

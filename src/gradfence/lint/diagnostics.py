@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 
 
@@ -45,13 +46,32 @@ class Diagnostic:
         return (self.path, self.line, self.col, self.code)
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(source: str) -> list[str]:
+    """Split on the line ends the tokenizer recognises (not on form feeds and friends)."""
+    return _NEWLINE.split(source)
+
+
 class SourceText:
-    """Converts AST positions (UTF-8 byte columns) into character columns."""
+    """Converts AST positions (UTF-8 byte columns) into character columns.
 
-    __slots__ = ("lines",)
+    The source is split into lines only when a position is first converted.
+    """
 
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
+    __slots__ = ("_lines", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._lines: list[str] | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        """Source lines without line ends, numbered like the parser numbers them."""
+        if self._lines is None:
+            self._lines = split_lines(self.source)
+        return self._lines
 
     def char_col(self, line: int, byte_col: int) -> int:
         """Character column of a byte offset on a 1-based line."""

@@ -17,8 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 
-from gradfence.lint.diagnostics import Diagnostic, Fix, SourceText
-from gradfence.lint.model import build_model, split_lines
+from gradfence.lint.diagnostics import Diagnostic, Fix, split_lines
+from gradfence.lint.model import build_model
 from gradfence.lint.rules import RULES
 from gradfence.lint.rules.syntax import SYNTAX_ERROR
 from gradfence.lint.selection import Selection, noqa_codes
@@ -72,18 +72,23 @@ def check_tree(
     settings = settings or Settings()
     selection = settings.selection
     model = build_model(path, source, tree, settings.target_torch)
-    text = SourceText(model.lines)
     found: list[Diagnostic] = []
-    for code, rule in RULES.items():
-        if code == SYNTAX_ERROR or not selection.enabled(code, path):
-            continue
-        for node, message, fix in rule.check(model):
-            (line, col), (end_line, end_col) = text.start(node), text.end(node)
-            found.append(
-                Diagnostic(
-                    code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix
+    try:
+        for code, rule in RULES.items():
+            if code == SYNTAX_ERROR or not selection.enabled(code, path):
+                continue
+            for node, message, fix in rule.check(model):
+                text = model.text
+                (line, col), (end_line, end_col) = text.start(node), text.end(node)
+                found.append(
+                    Diagnostic(
+                        code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix
+                    )
                 )
-            )
+    finally:
+        model.release()
+    if not found:
+        return found
     return sorted(_without_noqa(found, model.lines), key=lambda d: d.sort_key)
 
 

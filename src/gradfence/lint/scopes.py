@@ -30,6 +30,7 @@ class GradMode(enum.Enum):
         return self is GradMode.DISABLED or self is GradMode.INFERENCE
 
 
+GRAD_NAMES = frozenset({"no_grad", "enable_grad", "set_grad_enabled", "inference_mode"})
 GRAD_CONTEXTS = frozenset(
     {"torch.no_grad", "torch.enable_grad", "torch.set_grad_enabled", "torch.inference_mode"}
 )
@@ -50,8 +51,21 @@ def _literal_bool(call: ast.Call, keyword: str) -> bool | None:
     return None
 
 
+def last_name(expr: ast.expr) -> str | None:
+    """``f`` for ``f``, ``a.b.f``, ``f(...)``, ``a.f(...)``: a cheap check before resolving."""
+    if isinstance(expr, ast.Call):
+        expr = expr.func
+    if isinstance(expr, ast.Attribute):
+        return expr.attr
+    if isinstance(expr, ast.Name):
+        return expr.id
+    return None
+
+
 def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
     """The grad mode a ``with`` item or decorator puts its body in; None if not a grad context."""
+    if imports.aliases.get(last_name(expr) or "") is None and last_name(expr) not in GRAD_NAMES:
+        return None
     if isinstance(expr, ast.Call):
         qual = imports.resolve(expr.func)
         if qual not in GRAD_CONTEXTS:
@@ -84,6 +98,9 @@ def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
 
 def mode_of_set_call(call: ast.Call, imports: ImportMap) -> GradMode | None:
     """Mode set by a statement-level ``set_grad_enabled(...)`` call; None if not one."""
+    name = last_name(call)
+    if name != "set_grad_enabled" and name not in imports.aliases:
+        return None
     if imports.resolve(call.func) != "torch.set_grad_enabled":
         return None
     value = _literal_bool(call, "mode")

@@ -11,46 +11,9 @@ import re
 from collections.abc import Iterable, Iterator
 
 from gradfence.lint.imports import dotted
-from gradfence.lint.model import CallEvent, FileModel, FunctionModel, Pos, pos
+from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel, Pos, pos
+from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, is_eval_loader
 
-_TOKEN = re.compile(r"[a-z0-9]+")
-EVAL_TOKENS = frozenset(
-    {
-        "validate",
-        "validation",
-        "valid",
-        "val",
-        "evaluate",
-        "evaluation",
-        "eval",
-        "evaluator",
-        "test",
-        "testing",
-        "predict",
-        "prediction",
-        "predictions",
-        "infer",
-        "inference",
-    }
-)
-_TRAIN_TOKENS = frozenset({"train", "training", "fit", "step", "update", "backward"})
-# framework hooks that the framework already runs under eval() and no_grad()
-FRAMEWORK_EVAL_HOOKS = frozenset(
-    {
-        "validation_step",
-        "test_step",
-        "predict_step",
-        "on_validation_epoch_end",
-        "on_test_epoch_end",
-        "on_predict_epoch_end",
-        "validation_epoch_end",
-        "test_epoch_end",
-        "on_validation_batch_end",
-        "on_test_batch_end",
-        "on_predict_batch_end",
-        "generate",
-    }
-)
 _MODULE_NAME = re.compile(
     r"(^|_)(model|net|network|module|encoder|decoder|classifier|backbone|generator|"
     r"discriminator|critic|actor|policy|teacher|student|head)s?\d*$"
@@ -76,34 +39,14 @@ _MC_DROPOUT = re.compile(
 )
 
 
-def tokens(name: str) -> set[str]:
-    """Lower-case word tokens of an identifier (``validate_epoch`` -> {validate, epoch})."""
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return set(_TOKEN.findall(spaced.lower()))
-
-
 def is_eval_function(function: FunctionModel) -> bool:
-    """A function whose name says it evaluates (validate, evaluate, test, predict, infer...).
-
-    Pytest tests (``test_*``) and functions that also train (``train_and_validate``) are not.
-    """
-    name = function.name
-    if name.startswith("<") or name in FRAMEWORK_EVAL_HOOKS:
-        return False
-    if name.startswith("test_") and name not in {"test_step", "test_epoch", "test_loop"}:
-        return False
-    words = tokens(name)
-    return bool(words & EVAL_TOKENS) and not words & _TRAIN_TOKENS
+    """A function whose name says it evaluates (see :func:`gradfence.lint.names.is_eval_name`)."""
+    return function.evaluates
 
 
-def is_eval_loader(text: str) -> bool:
-    """A loop iterable whose text names validation or test data (``val_loader``...)."""
-    if not text:
-        return False
-    words = tokens(text)
-    return bool(words & {"val", "valid", "validation", "test", "eval", "evaluation", "dev"}) and (
-        "train" not in words
-    )
+def is_eval_loop(loop: LoopModel) -> bool:
+    """A loop over validation or test data."""
+    return is_eval_loader(loop.words)
 
 
 def is_framework_hook(function: FunctionModel) -> bool:

@@ -11,7 +11,7 @@ from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel,
 from gradfence.lint.rules.evidence import (
     callers,
     is_eval_function,
-    is_eval_loader,
+    is_eval_loop,
     is_framework_hook,
     is_module_ctor,
     is_training_step,
@@ -248,6 +248,8 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.train`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
     """
+    if not any(is_training_step(c) for f in model.functions for c in f.calls):
+        return
     flow = _ModeFlow(model)
     reported: set[int] = set()
     for function in model.functions:
@@ -288,9 +290,7 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
 def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
     if is_eval_function(function):
         return True
-    return call.loop is not None and any(
-        is_eval_loader(loop.iter_text) for loop in call.loop.chain()
-    )
+    return call.loop is not None and any(is_eval_loop(loop) for loop in call.loop.chain())
 
 
 def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str | None:
@@ -365,16 +365,31 @@ def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limi
     return False
 
 
-def _evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
-    """First forward of each module in an evaluation context, per function."""
-    modules = module_names(model)
+def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
+    """First forward of each module in an evaluation context, per function (cached)."""
+    cached: list[tuple[FunctionModel, CallEvent, str]] | None = getattr(model, "_forwards", None)
+    if cached is None:
+        cached = list(_find_evaluation_forwards(model))
+        model._forwards = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
+    modules: set[str] | None = None
     for function in model.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
         seen: set[str] = set()
+        evaluating = is_eval_function(function)
+        if not evaluating and not any(is_eval_loop(loop) for loop in function.loops):
+            continue
+        if modules is None:
+            modules = module_names(model)
         for call in function.calls:
+            if not evaluating and not _is_eval_context(function, call):
+                continue
             target = _forward_target(model, call, modules)
-            if target is None or target in seen or not _is_eval_context(function, call):
+            if target is None or target in seen:
                 continue
             seen.add(target)
             yield function, call, target
@@ -423,7 +438,7 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     - pliang279/MultiBench#26
     - PyTorch source, `torch/nn/modules/batchnorm.py`
     """
-    modules = module_names(model)
+    modules: set[str] | None = None
     for function in model.functions:
         candidates = [
             c
@@ -432,6 +447,8 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
         ]
         if not candidates or mentions_mc_dropout(model, function) or uses_gradients(function):
             continue
+        if modules is None:
+            modules = module_names(model)
         for call in candidates:
             receiver = call.receiver or ""
             later = [

@@ -1,0 +1,171 @@
+"""How fast is ``gradfence lint`` compared with a bare ``ast.parse`` of the same files?
+
+Lints a large tree — by default the installed torch package's own ``.py`` files plus
+generated training scripts — and prints files/s, lines/s, and the lint time relative to a
+single-process bare parse (read + ``ast.parse``) of the same files, for ``--jobs 1`` and
+``--jobs 2``. Target: ratio <= 1.3 for ``--jobs 1``.
+
+    python benchmarks/lint_speed.py                 # torch tree + 300 generated files
+    python benchmarks/lint_speed.py --limit 800     # a subset of the torch tree
+    python benchmarks/lint_speed.py PATH...         # your own tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import gc
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from gradfence.lint import Settings, lint_paths
+from gradfence.lint.engine import read_source
+from gradfence.lint.files import discover
+
+TRAINING_SCRIPT = """\
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net{i}(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 32) for _ in range({depth})])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.dropout(F.relu(layer(x)), 0.1, training=self.training)
+        return self.head(x)
+
+
+@torch.no_grad()
+def evaluate(model, loader):
+    model.eval()
+    correct = 0
+    for x, y in loader:
+        correct += (model(x).argmax(-1) == y).sum().item()
+    model.train()
+    return correct / len(loader)
+
+
+def fit(model, optimizer, train_loader, val_loader, epochs={depth}):
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        total = 0.0
+        for step, (x, y) in enumerate(train_loader):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        history.append((total, evaluate(model, val_loader)))
+    return history
+"""
+
+
+def torch_tree() -> Path | None:
+    """The installed torch package directory, found without importing torch."""
+    for entry in sys.path:
+        candidate = Path(entry) / "torch"
+        if (candidate / "__init__.py").is_file():
+            return candidate
+    return None
+
+
+def generated_tree(directory: Path, count: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = directory / f"train_{i:04d}.py"
+        path.write_text(TRAINING_SCRIPT.format(i=i, depth=2 + i % 7))
+        paths.append(str(path))
+    return paths
+
+
+class Timing:
+    """Wall-clock and CPU seconds of one run (CPU time of this process only)."""
+
+    def __init__(self, wall: float, cpu: float, findings: int = 0) -> None:
+        self.wall, self.cpu, self.findings = wall, cpu, findings
+
+
+def timed(fn: Callable[[], int]) -> Timing:
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    findings = fn()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu, findings)
+
+
+def bare_parse(paths: list[str]) -> int:
+    """Read + ``ast.parse`` every file, one process (the baseline)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in paths:
+            with contextlib.suppress(SyntaxError, ValueError, RecursionError):
+                ast.parse(read_source(path), filename=path)
+    return 0
+
+
+def lint(paths: list[str], jobs: int) -> int:
+    results = lint_paths(paths, Settings(), jobs=jobs)
+    return sum(len(r.diagnostics) for r in results)
+
+
+def best_of(repeat: int, fn: Callable[[], int]) -> Timing:
+    runs = [timed(fn) for _ in range(repeat)]
+    return Timing(min(r.wall for r in runs), min(r.cpu for r in runs), runs[0].findings)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", help="trees to lint (default: the torch package)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N files")
+    parser.add_argument("--generated", type=int, default=300, help="generated training scripts")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs for each timing")
+    args = parser.parse_args()
+
+    roots = args.paths or [str(p) for p in [torch_tree()] if p is not None]
+    files: list[str] = []
+    for root in roots:
+        # the torch package lives in site-packages, which directory walks skip by default
+        files.extend(sorted(discover([root], base=root)) if os.path.isdir(root) else [root])
+    if args.limit:
+        files = files[: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        files += generated_tree(Path(tmp), args.generated)
+        lines = sum(read_source(p).count("\n") for p in files)
+        with_torch = sum("torch" in read_source(p) for p in files)
+        print(f"corpus: {len(files)} files ({with_torch} mention torch), {lines:,} lines")
+        print(f"roots: {', '.join(roots) or '-'} + {args.generated} generated training scripts")
+        print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+        base = best_of(args.repeat, lambda: bare_parse(files))
+        runs = {jobs: best_of(args.repeat, lambda jobs=jobs: lint(files, jobs)) for jobs in (1, 2)}
+
+    def row(label: str, t: Timing, cpu: bool) -> str:
+        seconds = t.cpu if cpu else t.wall
+        ratio = seconds / (base.cpu if cpu else base.wall)
+        return (
+            f"{label:<28} {seconds:7.2f} s  {len(files) / seconds:7.0f} files/s"
+            f"  {lines / seconds:9.0f} lines/s  ratio {ratio:.2f}"
+        )
+
+    print("single process, CPU time (robust to other load on the machine):")
+    print(row("  bare ast.parse", base, cpu=True))
+    print(row("  gradfence lint --jobs 1", runs[1], cpu=True) + f"  ({runs[1].findings} findings)")
+    print("wall clock:")
+    print(row("  bare ast.parse", base, cpu=False))
+    for jobs, timing in runs.items():
+        print(row(f"  gradfence lint --jobs {jobs}", timing, cpu=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
