@@ -6,6 +6,9 @@ Starting Ray is slow on 2 cores, so conftest runs this module after every other 
 from __future__ import annotations
 
 import functools
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,9 @@ import pytest
 from gradfence.serve.app import ServeSettings, create_app
 from gradfence.serve.model import load_model_dir
 
-from .conftest import ThreadedServer, free_port
+from .conftest import ThreadedServer, free_port, wait_process_ready
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TEXTS = ["the movie was very good", "awful day", "bad", "the the the", "great", "not good"]
 
@@ -55,3 +60,26 @@ def test_ray_backend_predictions_equal_uvicorn(tiny_model_dir: Path) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_cli_ray_backend_serves_and_exits_0_on_sigterm(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gradfence", "serve", "--backend", "ray", "--replicas", "1"]
+    command += ["--model-dir", str(tiny_model_dir), "--port", str(port)]
+    log = (tmp_path / "serve.log").open("wb")  # Ray logs a lot: a pipe could fill up
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_process_ready(url, process)
+        response = httpx.post(f"{url}/v1/predict", json={"texts": TEXTS}, timeout=60)
+        assert response.status_code == 200
+        assert len(response.json()["predictions"]) == len(TEXTS)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()

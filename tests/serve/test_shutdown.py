@@ -16,20 +16,7 @@ import pytest
 
 from gradfence.cli import main
 
-from .conftest import free_port
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not get ready")
+from .conftest import free_port, wait_process_ready
 
 
 def queue_depth(url: str) -> float:
@@ -39,15 +26,18 @@ def queue_depth(url: str) -> float:
     return float(match.group(1))
 
 
-def test_sigterm_answers_every_accepted_request_and_exits_0(tiny_model_dir: Path) -> None:
+def test_sigterm_answers_every_accepted_request_and_exits_0(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # a long batch wait keeps accepted requests queued when the signal arrives
     command = [sys.executable, "-m", "gradfence", "serve", "--model-dir", str(tiny_model_dir)]
     command += ["--port", str(port), "--max-wait-ms", "1500", "--max-batch-size", "64"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, process)
+        wait_process_ready(url, process)
         texts = [f"the movie was good {i}" for i in range(12)]
 
         async def in_flight() -> list[httpx.Response]:
@@ -71,8 +61,9 @@ def test_sigterm_answers_every_accepted_request_and_exits_0(tiny_model_dir: Path
         if process.poll() is None:
             process.kill()
             process.wait()
-    stderr = process.communicate()[1].decode()
-    assert "Traceback" not in stderr
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in output and "shut down after SIGTERM" in output
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health/live", timeout=2)
 

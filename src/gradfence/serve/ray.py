@@ -150,9 +150,11 @@ def serve_ray(
         log.info("%s: shutting down Ray Serve", signal.Signals(signum).name)
         stop.set()
 
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    # after ray.init, which installs handlers of its own; a signal that arrives while
+    # the replicas start is acted on once serve.run returns
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(load, settings, replicas), name=APP_NAME, route_prefix="/")
