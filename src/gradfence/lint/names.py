@@ -25,6 +25,9 @@ EVAL_TOKENS = frozenset(
         "inference",
     }
 )
+_TEST_FUNCTIONS = frozenset(
+    {"test", "test_epoch", "test_loop", "test_one_epoch", "run_test", "do_test", "eval_test"}
+)
 _TRAIN_TOKENS = frozenset({"train", "training", "fit", "step", "update", "backward"})
 _LOADER_TOKENS = frozenset({"val", "valid", "validation", "test", "eval", "evaluation", "dev"})
 # framework hooks that the framework already runs under eval() and no_grad()
@@ -69,9 +72,10 @@ def is_eval_name(name: str) -> bool:
     """
     if not might_evaluate(name) or name.startswith("<") or name in FRAMEWORK_EVAL_HOOKS:
         return False
-    if name.startswith("test_") and name not in {"test_step", "test_epoch", "test_loop"}:
-        return False
     words = tokens(name)
+    if "test" in words and name not in _TEST_FUNCTIONS:
+        # ``test_*`` and ``*_test`` are test-suite functions far more often than evaluations
+        words = words - {"test", "testing"}
     return bool(words & EVAL_TOKENS) and not words & _TRAIN_TOKENS
 
 

@@ -6,7 +6,7 @@ import ast
 from collections.abc import Iterator
 
 from gradfence.lint.diagnostics import Fix
-from gradfence.lint.model import FileModel, pos
+from gradfence.lint.model import FileModel, FunctionModel, pos
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import NULLARY_GRAD_CONTEXTS, GradMode, mode_of_set_call
 
@@ -165,6 +165,9 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
                 continue
             here = pos(value)
             restored = any(p > here and m is not GradMode.DISABLED for p, m in sets)
+            if function.cls is not None and function.name not in {"__init__", "<module>"}:
+                # a context-manager-like class: __enter__ disables, __exit__ restores
+                restored = restored or _restored_by_sibling(model, function)
             where = function.name
             if where.startswith("<"):
                 yield value, "`set_grad_enabled(False)` at import time disables gradients", None
@@ -176,6 +179,20 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
                     f"`set_grad_enabled(False)` in `{where}()` is never switched back",
                     None,
                 )
+
+
+def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:
+    cls = function.cls
+    assert cls is not None
+    for method in cls.methods.values():
+        if method is function:
+            continue
+        for call in method.calls:
+            if call.qual == "torch.set_grad_enabled":
+                mode = mode_of_set_call(call.node, model.imports)
+                if mode is not GradMode.DISABLED:
+                    return True
+    return False
 
 
 @rule(

@@ -16,7 +16,7 @@ from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, is_eval_loader
 
 _MODULE_NAME = re.compile(
     r"(^|_)(model|net|network|module|encoder|decoder|classifier|backbone|generator|"
-    r"discriminator|critic|actor|policy|teacher|student|head)s?\d*$"
+    r"discriminator|critic|actor|policy|teacher|student|head)\d*$"
 )
 _MODULE_METHODS = frozenset(
     {
@@ -30,7 +30,6 @@ _MODULE_METHODS = frozenset(
         "named_modules",
         "children",
         "named_children",
-        "requires_grad_",
     }
 )
 _GRADIENT_USES = frozenset({"backward", "grad", "requires_grad_", "retain_grad", "register_hook"})
@@ -55,7 +54,28 @@ def is_framework_hook(function: FunctionModel) -> bool:
 
 
 _VERB_PREFIXES = frozenset(
-    {"load", "build", "get", "create", "make", "init", "from", "to", "set", "compute", "run", "new"}
+    {
+        "load",
+        "build",
+        "get",
+        "create",
+        "make",
+        "init",
+        "from",
+        "to",
+        "set",
+        "compute",
+        "run",
+        "new",
+        "add",
+        "register",
+        "named",
+        "prepare",
+        "wrap",
+        "apply",
+        "find",
+        "iter",
+    }
 )
 
 
@@ -64,7 +84,10 @@ def looks_like_module_name(text: str) -> bool:
 
     Factory functions (``load_model``, ``build_encoder``) are not.
     """
-    last = text.rsplit(".", 1)[-1].lower()
+    last = text.rsplit(".", 1)[-1]
+    if last[:1].isupper():
+        return False  # a class: calling it builds a module, it does not run one
+    last = last.lower().lstrip("_")
     if last.split("_", 1)[0] in _VERB_PREFIXES and "_" in last:
         return False
     return bool(_MODULE_NAME.search(last))
@@ -84,32 +107,42 @@ def is_module_ctor(model: FileModel, call: ast.expr) -> bool:
     return False
 
 
-def module_names(model: FileModel) -> set[str]:
-    """Dotted names the file shows to be modules (constructed, or used through Module methods)."""
-    cached: set[str] | None = getattr(model, "_module_names", None)
-    if cached is not None:
-        return cached
+def _module_evidence(model: FileModel, function: FunctionModel) -> set[str]:
     names: set[str] = set()
-    for function in model.functions:
-        for call in function.calls:
-            if call.attr in _MODULE_METHODS and call.receiver:
-                names.add(call.receiver)
-        for assign in function.assigns:
-            if assign.value is not None and is_module_ctor(model, assign.value):
-                names.update(assign.target_names())
-        for loop in function.loops:
-            node = loop.node
-            if (
-                isinstance(node, ast.For)
-                and isinstance(node.iter, ast.Call)
-                and isinstance(node.iter.func, ast.Attribute)
-                and node.iter.func.attr in {"modules", "children"}
-            ):
-                text = dotted(node.target)
-                if text is not None:
-                    names.add(text)
-    model._module_names = names  # type: ignore[attr-defined]
+    for call in function.calls:
+        if call.attr in _MODULE_METHODS and call.receiver:
+            names.add(call.receiver)
+    for assign in function.assigns:
+        if assign.value is not None and is_module_ctor(model, assign.value):
+            names.update(assign.target_names())
+    for loop in function.loops:
+        node = loop.node
+        if (
+            isinstance(node, ast.For)
+            and isinstance(node.iter, ast.Call)
+            and isinstance(node.iter.func, ast.Attribute)
+            and node.iter.func.attr in {"modules", "children"}
+        ):
+            text = dotted(node.target)
+            if text is not None:
+                names.add(text)
     return names
+
+
+def module_names(model: FileModel, function: FunctionModel) -> set[str]:
+    """Names shown to be modules in ``function`` (built from ``torch.nn``, iterated from
+    ``.modules()``, used through Module-only methods), plus ``self.x`` shown anywhere."""
+    cache: dict[int, set[str]] | None = getattr(model, "_module_names", None)
+    if cache is None:
+        cache = {}
+        attributes: set[str] = set()
+        for other in model.functions:
+            found = _module_evidence(model, other)
+            cache[id(other)] = found
+            attributes |= {n for n in found if n.startswith("self.")}
+        cache[0] = attributes
+        model._module_names = cache  # type: ignore[attr-defined]
+    return cache.get(id(function), set()) | cache[0]
 
 
 def is_training_step(call: CallEvent) -> bool:

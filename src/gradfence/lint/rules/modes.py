@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel, Pos, pos
+from gradfence.lint.names import tokens
 from gradfence.lint.rules.evidence import (
     callers,
     is_eval_function,
@@ -312,7 +313,12 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         return None
     if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
         return None  # a function of this file, not a module
-    if callee in modules or looks_like_module_name(callee):
+    if callee in modules:
+        return callee
+    root = callee.split(".", 1)[0]
+    if "." in callee and root != "self" and not looks_like_module_name(root):
+        return None  # ``solver.model()``: a method of something that is not a module
+    if looks_like_module_name(callee):
         return callee
     return None
 
@@ -375,7 +381,6 @@ def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEven
 
 
 def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
-    modules: set[str] | None = None
     for function in model.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
@@ -383,14 +388,19 @@ def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel,
         evaluating = is_eval_function(function)
         if not evaluating and not any(is_eval_loop(loop) for loop in function.loops):
             continue
-        if modules is None:
-            modules = module_names(model)
+        modules = module_names(model, function)
+        # a method of a Module (or of a class derived from something we cannot resolve)
+        in_module_class = function.cls is not None and (
+            function.cls.is_module or bool(function.cls.node.bases)
+        )
         for call in function.calls:
             if not evaluating and not _is_eval_context(function, call):
                 continue
             target = _forward_target(model, call, modules)
             if target is None or target in seen:
                 continue
+            if in_module_class and target.startswith("self."):
+                continue  # a Module's own method: its caller owns the mode
             seen.add(target)
             yield function, call, target
 
@@ -438,7 +448,6 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     - pliang279/MultiBench#26
     - PyTorch source, `torch/nn/modules/batchnorm.py`
     """
-    modules: set[str] | None = None
     for function in model.functions:
         candidates = [
             c
@@ -447,8 +456,9 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
         ]
         if not candidates or mentions_mc_dropout(model, function) or uses_gradients(function):
             continue
-        if modules is None:
-            modules = module_names(model)
+        if _recalibrates(function):
+            continue
+        modules = module_names(model, function)
         for call in candidates:
             receiver = call.receiver or ""
             later = [
@@ -467,6 +477,27 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
                     "is active and BatchNorm statistics are overwritten",
                     None,
                 )
+
+
+_RECALIBRATION = frozenset(
+    {
+        "bn",
+        "batchnorm",
+        "norm",
+        "stats",
+        "statistics",
+        "calibrate",
+        "calibration",
+        "running",
+        "update",
+        "recalibrate",
+    }
+)
+
+
+def _recalibrates(function: FunctionModel) -> bool:
+    """``update_bn``, ``recalibrate_stats``: train mode under no_grad on purpose."""
+    return bool(tokens(function.name) & _RECALIBRATION)
 
 
 @rule(
@@ -862,8 +893,8 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
     - pytorch/test-infra#4687 (TorchFix TOR002, the typo)
     """
     text = model.text
-    modules: set[str] | None = None
     for function in model.functions:
+        modules: set[str] | None = None
         for assign in function.assigns:
             node = assign.node
             for target in assign.targets:
@@ -874,7 +905,7 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
                     continue
                 if target.attr == "requires_grad":
                     if modules is None:
-                        modules = module_names(model)
+                        modules = module_names(model, function)
                     if owner == "self" or not (owner in modules or looks_like_module_name(owner)):
                         continue
                     message = f"`{owner}.requires_grad = ...` sets a plain attribute on a module"

@@ -37,6 +37,8 @@ def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
             return False
         if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
             return False
+        if getattr(func, "attr", getattr(func, "id", None)) == "grad":
+            return False  # torch.autograd.grad(loss, ...) returns gradients, not the loss
     elif isinstance(node, ast.Compare | ast.Lambda) or (
         isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}
     ):
