@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import gradfence as gf
 
@@ -223,3 +226,46 @@ def test_lazy_modules_materialised_in_the_block() -> None:
     with gf.audit(model, strict=True) as report, gf.inference(model):
         model(torch.ones(2, 4))
     assert report.ok, report.format()
+
+
+class CountingMode(TorchFunctionMode):
+    """A user's own torch-function mode (a FLOP counter, a tracer), entered in a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Counted(nn.Module):
+    """Enters a mode of its own around torch submodules, then drops out unguarded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.1)
+        self.counter = CountingMode()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.counter:
+            h = self.drop(self.fc(x))  # the audit pops its op watch around nn.Dropout
+        return F.dropout(h, 0.2)
+
+
+def test_a_mode_entered_in_the_forward_keeps_its_place() -> None:
+    model = Counted().eval()
+    with gf.audit(model) as report, torch.no_grad():
+        model(torch.ones(2, 4))
+        assert torch._C._len_torch_function_stack() == 0  # the user's mode was popped
+    assert model.counter.calls > 0
+    assert report.codes() == ["GFR005"]  # the op watch was still on after the user's mode
+    assert report.findings[0].detail["function"] == "F.dropout"

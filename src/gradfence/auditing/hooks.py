@@ -41,8 +41,11 @@ from gradfence.auditing.ops import DropoutWatch
 
 _FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
-# Markers on a thread's stack: what the matching post-hook has to undo.
-_NOTHING, _PUSHED, _SUSPENDED = 0, 1, 2
+# Markers on a thread's stack: what the matching post-hook has to undo. A marker >= 0
+# means "suspended": the op watch was taken off at that depth of the mode stack and goes
+# back there (not on top: a mode the user entered inside the forward sits above it and
+# its own exit pops the top of the stack).
+_NOTHING, _PUSHED = -2, -1
 
 
 class _ThreadState(threading.local):
@@ -64,25 +67,36 @@ def _defined_in_torch(cls: type) -> bool:
     return result
 
 
-def _take_off_stack(mode: DropoutWatch | None) -> bool:
+def _take_off_stack(mode: DropoutWatch | None) -> int:
     """Remove ``mode`` from this thread's torch-function mode stack, wherever it is.
 
     Modes pushed above it (a nested audit's, the user's) are put back in their order.
-    Returns whether it was found.
+    Returns the depth it was at (the number of modes below it), or -1 when absent.
     """
     if mode is None:
-        return False
+        return -1
     above: list[Any] = []
-    found = False
+    depth = -1
     while torch._C._len_torch_function_stack() > 0:
         top = torch._C._pop_torch_function_stack()
         if top is mode:
-            found = True
+            depth = torch._C._len_torch_function_stack()
             break
         above.append(top)
     for other in reversed(above):
         torch._C._push_on_torch_function_stack(other)
-    return found
+    return depth
+
+
+def _put_back(mode: DropoutWatch | None, depth: int) -> None:
+    """Push ``mode`` at ``depth`` of this thread's mode stack, below the modes now above it."""
+    above = [
+        torch._C._pop_torch_function_stack()
+        for _ in range(max(0, torch._C._len_torch_function_stack() - depth))
+    ]
+    torch._C._push_on_torch_function_stack(mode)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
 
 
 def _carries_graph(output: Any, depth: int = 0) -> bool:
@@ -189,9 +203,11 @@ class Probe:
         def pre_hook(module: nn.Module, args: Any) -> None:
             marker = _NOTHING
             if suspend:
-                if state.watching and _take_off_stack(mode):
-                    state.watching = False
-                    marker = _SUSPENDED
+                if state.watching:
+                    depth = _take_off_stack(mode)
+                    if depth >= 0:
+                        state.watching = False
+                        marker = depth
             elif push and not state.watching:
                 torch._C._push_on_torch_function_stack(mode)
                 state.watching = True
@@ -216,8 +232,8 @@ class Probe:
             if marker == _PUSHED:
                 _take_off_stack(mode)
                 state.watching = False
-            elif marker == _SUSPENDED:
-                torch._C._push_on_torch_function_stack(mode)
+            elif marker >= 0:
+                _put_back(mode, marker)
                 state.watching = True
             if graph_check and not markers and torch.is_grad_enabled() and _carries_graph(output):
                 other = threading.get_ident() != collector.owner
