@@ -13,6 +13,16 @@ from gradfence.errors import GradfenceError
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
+def emit(text: str, end: str = "\n") -> None:
+    """Print to stdout; a reader that went away (``| head``) silences the rest, no traceback."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def register(subparsers: Any) -> None:
     """Add the ``lint`` and ``rules`` subcommands."""
     lint = subparsers.add_parser(
@@ -64,12 +74,12 @@ def run_rules(args: argparse.Namespace) -> int:
     from gradfence.lint.rules import RULES
 
     if args.code is None:
-        print(render_table())
+        emit(render_table())
         return EXIT_CLEAN
     rule = RULES.get(args.code.strip().upper())
     if rule is None:
         raise UsageError(f"unknown rule {args.code!r} (see `gradfence rules`)")
-    print(render_page(rule), end="")
+    emit(render_page(rule), end="")
     return EXIT_CLEAN
 
 
@@ -135,16 +145,16 @@ def _report(diagnostics: list[Any], args: argparse.Namespace, version: str) -> N
 
     if args.statistics:
         if diagnostics:
-            print(format_statistics(diagnostics))
+            emit(format_statistics(diagnostics))
         return
     text = render(diagnostics, args.format, version)
     if text or args.format in {"json", "sarif"}:
-        print(text)
+        emit(text)
     if args.format == "text" and diagnostics:
         fixable = sum(d.fix is not None for d in diagnostics)
         noun = "finding" if len(diagnostics) == 1 else "findings"
         extra = f" ({fixable} fixable with --fix)" if fixable else ""
-        print(f"Found {len(diagnostics)} {noun}{extra}.")
+        emit(f"Found {len(diagnostics)} {noun}{extra}.")
 
 
 def _status(diagnostics: list[Any], errors: list[str], args: argparse.Namespace) -> int:
@@ -177,7 +187,7 @@ def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: li
         fixed_count += len(applied)
         changed_files += 1
         if args.diff:
-            sys.stdout.write(unified_diff(result.path, source, new_source))
+            emit(unified_diff(result.path, source, new_source), end="")
             continue
         try:
             with open(result.path, "w", encoding="utf-8", newline="") as handle:
