@@ -371,6 +371,24 @@ def test_gfr006_look_alike_eval_mode(model: Classifier, batches: list[torch.Tens
     assert report.ok, report.format()
 
 
+def test_gfr006_look_alike_norm_without_running_stats() -> None:
+    # Batch statistics in train and in eval alike: train mode changes nothing here.
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False))
+    x = torch.randn(4, 6)
+    with gf.audit(model, strict=True) as report, torch.no_grad():
+        out = model(x)
+    assert report.ok, report.format()
+    with torch.no_grad():
+        assert torch.equal(out, model.eval()(x))
+
+
+def test_gfr006_instance_norm_with_running_stats() -> None:
+    norm = nn.InstanceNorm1d(3, track_running_stats=True)
+    with gf.audit(norm, ignore=["GFR004"]) as report, torch.no_grad():
+        norm(torch.randn(2, 3, 5))
+    assert report.codes() == ["GFR006"]
+
+
 # --- GFR007: inference tensor stored on the module -----------------------------------
 
 

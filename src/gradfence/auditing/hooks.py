@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.hooks import RemovableHandle
 
 from gradfence.auditing.collector import Collector, module_label
@@ -266,10 +265,10 @@ class Probe:
             rate_attr = _dropout_rate_attribute(module)
             if rate_attr is not None:
                 return self._dropout_check(name, label, rate_attr)
-        if "GFR006" in self._checks and (
-            isinstance(module, _BatchNorm)
-            or (isinstance(module, _InstanceNorm) and module.track_running_stats)
-        ):
+        # Without running statistics a norm layer computes the same in train and eval
+        # (batch statistics both ways): only a tracking one is hurt by train mode.
+        tracking = isinstance(module, _NormBase) and module.track_running_stats
+        if "GFR006" in self._checks and tracking:
             return self._norm_check(name, label)
         return None
 
@@ -304,22 +303,15 @@ class Probe:
         def check(module: nn.Module) -> None:
             if not module.training:
                 return
-            tracking = bool(getattr(module, "track_running_stats", False))
-            effect = (
-                "its running statistics were updated from evaluation data"
-                if tracking
-                else "it normalised with batch statistics"
-            )
             collector.add(
                 ("GFR006", name, threading.get_ident() != collector.owner),
                 "GFR006",
                 name,
                 lambda thread: (
-                    f"{label} ran in training mode {thread}: {effect} (BatchNorm ignores "
-                    "grad mode). Fix: evaluate under gf.inference(model) (or call "
-                    "model.eval() first)."
+                    f"{label} ran in training mode {thread}: its running statistics were "
+                    "updated from evaluation data (BatchNorm ignores grad mode). Fix: "
+                    "evaluate under gf.inference(model) (or call model.eval() first)."
                 ),
-                {"track_running_stats": tracking},
             )
 
         return check
