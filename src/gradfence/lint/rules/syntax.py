@@ -34,7 +34,7 @@ def syntax_error(model: FileModel) -> Iterator[Hit]:
     with torch.no_grad()
         y = model(x)
     ```
-    is reported as `1:21 GF000 expected ':'` (the message is the parser's).
+    is reported as `3:21 GF000 expected ':'` (the message is the parser's).
 
     ## Use instead
     ```python
