@@ -85,11 +85,14 @@ def free_port() -> int:
         return port
 
 
-def load_texts(n: int) -> list[str]:
-    """Held-out tweets of the default model (real text lengths)."""
+def load_texts(n: int, max_words: int | None = None) -> list[str]:
+    """Held-out tweets of the default model, optionally cut to their first words."""
     from gradfence.serve.data import load_tweets
 
-    return [t.text for t in load_tweets("heldout")[:n]]
+    texts = [t.text for t in load_tweets("heldout")[:n]]
+    if max_words is not None:
+        texts = [" ".join(t.split()[:max_words]) for t in texts]
+    return texts
 
 
 def batch_histogram(metrics_text: str) -> dict[float, float]:
@@ -263,6 +266,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds (3)")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--configs", default="batched,unbatched,plain")
+    parser.add_argument(
+        "--max-words", type=int, default=None, help="cut each tweet to its first N words"
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
@@ -273,10 +279,11 @@ def main() -> int:
         return 0
     if not 0 < args.duration <= 600 or args.clients < 1:
         parser.error("--duration must be in (0, 600] and --clients >= 1")
-    texts = load_texts(2000)
+    texts = load_texts(2000, args.max_words)
+    words = sum(len(t.split()) for t in texts) / len(texts)
     print(
         f"{args.clients} clients, {args.duration:g} s each, {args.texts_per_request} text(s) "
-        f"per request, {os.cpu_count()} CPUs",
+        f"per request ({words:.1f} words on average), {os.cpu_count()} CPUs",
         flush=True,
     )
     results = [run_config(name, args, texts) for name in args.configs.split(",")]

@@ -165,10 +165,17 @@ class HFSequenceClassifier(TextClassifier):
         return out
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the service's logs
+
+
 def load_encoder(directory: Path | None = None) -> SentenceEncoder:
     """The default encoder, after checking its weights against the pinned SHA-256."""
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     directory = directory or default_encoder_dir()
     verify_sha256(directory / "model.safetensors", DEFAULT_ENCODER_SHA256)
     bert = AutoModel.from_pretrained(
@@ -211,6 +218,7 @@ def load_model_dir(directory: Path) -> HFSequenceClassifier:
     """A local HF sequence-classification checkpoint: safetensors only, no remote code."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _quiet_transformers()
     if not directory.is_dir():
         raise FileNotFoundError(f"--model-dir {directory} is not a directory")
     model = AutoModelForSequenceClassification.from_pretrained(
