@@ -314,6 +314,19 @@ def test_gfr005_look_alike_gated_on_training(attention: type[nn.Module]) -> None
     assert report.ok, report.format()
 
 
+@pytest.mark.parametrize("attention", [Attention, FusedAttention])
+def test_gfr005_gated_dropout_in_a_model_left_in_train_mode(attention: type[nn.Module]) -> None:
+    # "no_grad is enough for validation": the call is gated, the model is not in eval.
+    model = Block(attention(guarded=True))
+    with gf.audit(model) as report, torch.no_grad():
+        model(torch.randn(2, 5, 8))
+    assert report.codes() == ["GFR005"]
+    message = report.findings[0].message
+    assert f"attn ({attention.__name__}) is in training mode" in message
+    assert "Fix: evaluate under gf.inference(model)" in message
+    assert report.findings[0].detail["module_training"] is True
+
+
 def test_gfr005_dropout_module_left_in_train_mode(model: Classifier) -> None:
     model.eval()
     model.drop.train()  # e.g. restored from a stale flag

@@ -120,7 +120,7 @@ class DropoutWatch(TorchFunctionMode):
         super().__init__()
         self._collector = collector
         self._names = names
-        self._sites: dict[tuple[str, int], tuple[str, str]] = {}
+        self._sites: dict[tuple[str, int], tuple[str, str, Any]] = {}
         self._lock = threading.Lock()
 
     def __torch_function__(
@@ -166,20 +166,32 @@ class DropoutWatch(TorchFunctionMode):
             module = self._sites.get(site)
             if module is None:
                 module = self._sites[site] = self._enclosing_module(frame)
-        name, label = module
+        name, label, owner = module
         where = f"{os.path.basename(filename)}:{line}"
         place = f"in the forward of {label}" if label else "outside any audited module's forward"
+        # In a module left in train mode, a call gated on self.training drops too: the
+        # first fix is the mode. The F.* wrappers hand their defaults on as keywords, so
+        # whether the caller wrote training= cannot be told apart here.
+        in_training = bool(getattr(owner, "training", False))
         if spec.train_index < 0:
+            gate = "pass dropout_p=self.p if self.training else 0.0"
             why = f"dropout_p={p} applies dropout whatever the module's mode"
-            fix = "pass dropout_p=self.p if self.training else 0.0"
         else:
-            # The F.* wrappers hand their defaults on as keywords: whether the caller
-            # wrote training= cannot be told apart here, so say what the default is.
+            gate = f"pass {spec.train_name}=self.training (or use an nn.Dropout submodule)"
             default = (
-                f" ({spec.label} defaults to {spec.train_name}=True)" if spec.train_default else ""
+                f" ({spec.label} defaults to {spec.train_name}=True)"
+                if spec.train_default and not in_training
+                else ""
             )
             why = f"p={p} with {spec.train_name}=True{default}"
-            fix = f"pass {spec.train_name}=self.training (or use an nn.Dropout submodule)"
+        if in_training:
+            why = f"{why}, and {label} is in training mode"
+            fix = (
+                "evaluate under gf.inference(model) (or call model.eval() first); "
+                f"if the call is not gated on self.training, also {gate}"
+            )
+        else:
+            fix = gate
         other = threading.get_ident() != self._collector.owner
         self._collector.add(
             ("GFR005", "op", site, spec.label, other),
@@ -188,20 +200,26 @@ class DropoutWatch(TorchFunctionMode):
             lambda thread: (
                 f"{spec.label} dropped activations at {where} {place} {thread}: {why}. Fix: {fix}."
             ),
-            {"function": spec.label, "site": f"{filename}:{line}", "p": p},
+            {
+                "function": spec.label,
+                "site": f"{filename}:{line}",
+                "p": p,
+                "module_training": in_training,
+            },
         )
 
-    def _enclosing_module(self, frame: FrameType | None) -> tuple[str, str]:
-        """Dotted name and label of the nearest audited module whose forward is running."""
+    def _enclosing_module(self, frame: FrameType | None) -> tuple[str, str, Any]:
+        """Dotted name, label and object of the nearest audited module whose forward runs."""
         while frame is not None:
             code = frame.f_code
             if code.co_name == "forward" and code.co_argcount > 0:
-                known = self._names.get(id(frame.f_locals.get(code.co_varnames[0])))
+                owner = frame.f_locals.get(code.co_varnames[0])
+                known = self._names.get(id(owner))
                 if known is not None:
                     name, cls = known
-                    return name, module_label(name, cls)
+                    return name, module_label(name, cls), owner
             frame = frame.f_back
-        return "", ""
+        return "", "", None
 
 
 def _user_frame(frame: FrameType | None) -> FrameType | None:
