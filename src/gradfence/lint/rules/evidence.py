@@ -32,6 +32,10 @@ _MODULE_METHODS = frozenset(
         "named_children",
     }
 )
+# classes of torch.nn that are not modules
+_NOT_MODULES = frozenset(
+    {"Parameter", "UninitializedParameter", "UninitializedBuffer", "Buffer", "ParameterList"}
+)
 _GRADIENT_USES = frozenset({"backward", "grad", "requires_grad_", "retain_grad", "register_hook"})
 _MC_DROPOUT = re.compile(
     r"isinstance\([^)]*dropout|monte|\bmc_|_mc\b|mc_?dropout|bayes|uncertain", re.IGNORECASE
@@ -100,7 +104,12 @@ def is_module_ctor(model: FileModel, call: ast.expr) -> bool:
     qual = model.imports.resolve(call.func)
     if qual is not None:
         last = qual.rsplit(".", 1)[-1]
-        return qual.startswith("torch.nn.") and qual.count(".") == 2 and last[:1].isupper()
+        return (
+            qual.startswith("torch.nn.")
+            and qual.count(".") == 2
+            and last[:1].isupper()
+            and last not in _NOT_MODULES
+        )
     if isinstance(call.func, ast.Name):
         cls = model.classes.get(call.func.id)
         return cls is not None and cls.is_module

@@ -797,7 +797,7 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
     text = model.text
     for cls in model.classes.values():
         init = cls.methods.get("__init__")
-        if not cls.is_module or init is None:
+        if not cls.is_module or init is None or _registers_explicitly(model, init):
             continue
         for assign in init.assigns:
             node = assign.node
@@ -825,6 +825,16 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
                 "`.eval()`, `.to()` and `.parameters()` skip them",
                 fix,
             )
+
+
+def _registers_explicitly(model: FileModel, init: FunctionModel) -> bool:
+    """``self.add_module(name, layer)`` for each element: the plain list is only a view."""
+    start = getattr(init.node, "lineno", 1)
+    end = getattr(init.node, "end_lineno", start) or start
+    return any(
+        "add_module(" in line or "register_module(" in line
+        for line in model.lines[start - 1 : end]
+    )
 
 
 def _module_container(value: ast.expr) -> tuple[str | None, str | None, list[ast.expr]]:
