@@ -143,8 +143,47 @@ def test_marker_needs_one_fixture_name(pytester: pytest.Pytester) -> None:
         """
     )
     result = pytester.runpytest("-p", "no:cacheprovider")
-    assert result.ret != 0
+    result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*gradfence_eval takes one fixture name*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_marker_misuse_is_one_line_at_setup(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(MODEL_FIXTURE)
+    pytester.makepyfile(
+        """
+        import pytest
+        from torch import nn
+
+        @pytest.fixture
+        def model_and_tokenizer(model):
+            return model, "tokenizer"
+
+        @pytest.mark.gradfence_eval("model_and_tokenizer")
+        def test_not_a_module():
+            pass
+
+        @pytest.mark.gradfence_eval("model", raise_on_exit=False)
+        def test_other_option():
+            pass
+
+        @pytest.mark.gradfence_eval("model", ignore=["GFR05"])
+        def test_unknown_code():
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*fixture 'model_and_tokenizer' returned tuple, not an nn.Module*",
+            "*unknown option(s) raise_on_exit; it takes ignore= and strict=*",
+            "*unknown finding code(s) GFR05 in ignore=*",
+        ],
+        consecutive=False,
+    )
+    assert "Traceback" not in result.stdout.str()
+    assert "auditor.py" not in result.stdout.str()
 
 
 LEAKY_TESTS = """

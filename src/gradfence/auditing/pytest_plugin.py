@@ -3,7 +3,7 @@
 * fixture ``gradfence_audit``: ``with gradfence_audit(model): ...`` fails the test with
   the findings of :func:`gradfence.audit` (it is ``gf.audit(..., raise_on_exit=True)``);
 * marker ``@pytest.mark.gradfence_eval("model")``: runs the test body under an audit of
-  the module the fixture ``model`` returns (keyword arguments go to ``gf.audit``);
+  the module the fixture ``model`` returns (``ignore=`` and ``strict=`` go to ``gf.audit``);
 * option ``--gradfence-leaks``: fails a test that leaves grad mode or inference mode
   changed (the test itself in its call phase, its fixtures at teardown), and puts grad
   mode back so that the next test does not inherit it.
@@ -15,7 +15,7 @@ nothing to the start-up of test runs that do not use it.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gradfence.auditing.auditor import Audit
 
 MARKER = "gradfence_eval"
-_EVAL_TARGET = pytest.StashKey[tuple[Any, dict[str, Any]]]()
+_EVAL_TARGET = pytest.StashKey["Audit"]()
 _BASELINE = pytest.StashKey[tuple[bool, bool]]()
 
 
@@ -68,19 +68,50 @@ def gradfence_audit() -> Callable[..., Audit]:
 # --- marker ----------------------------------------------------------------------------
 
 
+_MARKER_OPTIONS = ("ignore", "strict")
+
+
 @pytest.fixture(autouse=True)
 def _gradfence_eval_target(request: pytest.FixtureRequest) -> None:
-    """Resolve the fixture a ``gradfence_eval`` marker names (during setup, as fixtures are)."""
+    """Resolve the fixture a ``gradfence_eval`` marker names and build the audit (at setup).
+
+    A misused marker makes the test error at setup with one line saying what is wrong.
+    """
     marker = request.node.get_closest_marker(MARKER)
     if marker is None:
         return
+    where = f"@pytest.mark.{MARKER} on {request.node.nodeid}"
     if len(marker.args) != 1 or not isinstance(marker.args[0], str):
-        raise pytest.UsageError(
-            f"@pytest.mark.{MARKER} takes one fixture name, e.g. "
-            f'@pytest.mark.{MARKER}("model"); got {marker.args!r} on {request.node.nodeid}'
+        pytest.fail(
+            f'@pytest.mark.{MARKER} takes one fixture name, e.g. @pytest.mark.{MARKER}("model"); '
+            f"got {marker.args!r} on {request.node.nodeid}",
+            pytrace=False,
         )
-    module = request.getfixturevalue(marker.args[0])
-    request.node.stash[_EVAL_TARGET] = (module, dict(marker.kwargs))
+    unknown = sorted(set(marker.kwargs) - set(_MARKER_OPTIONS))
+    if unknown:
+        pytest.fail(
+            f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
+            f"{' and '.join(f'{name}=' for name in _MARKER_OPTIONS)} (the test fails on "
+            "findings)",
+            pytrace=False,
+        )
+    from torch import nn
+
+    from gradfence.auditing.auditor import audit
+
+    name = marker.args[0]
+    module = request.getfixturevalue(name)
+    if not isinstance(module, nn.Module):
+        pytest.fail(
+            f"{where}: fixture {name!r} returned {type(module).__name__}, not an nn.Module "
+            "(name a fixture that returns the model, or use the gradfence_audit fixture)",
+            pytrace=False,
+        )
+    try:
+        checker = audit(module, raise_on_exit=True, **marker.kwargs)
+    except ValueError as error:  # an unknown code in ignore=
+        pytest.fail(f"{where}: {error}", pytrace=False)
+    request.node.stash[_EVAL_TARGET] = checker
 
 
 @pytest.hookimpl(wrapper=True)
@@ -94,13 +125,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         if target is None:
             result = yield
         else:
-            from gradfence.auditing.auditor import audit
             from gradfence.errors import AuditError
 
-            module, options = target
             failure = ""
             try:
-                with audit(module, raise_on_exit=True, **options):
+                with target:
                     result = yield
             except AuditError as error:
                 name = item.get_closest_marker(MARKER).args[0]  # type: ignore[union-attr]
