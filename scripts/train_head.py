@@ -82,7 +82,7 @@ def fit(x: Tensor, y: Tensor, weight_decay: float, seed: int) -> SentimentHead:
     generator = torch.Generator().manual_seed(seed)
     with gf.training(head):
         for _ in range(EPOCHS):
-            for idx in torch.randperm(len(x), generator=generator).split(BATCH):
+            for idx in torch.split(torch.randperm(len(x), generator=generator), BATCH):
                 optimiser.zero_grad()
                 loss = loss_fn(head(x[idx]), y[idx])
                 loss.backward()

@@ -168,7 +168,7 @@ class HFSequenceClassifier(TextClassifier):
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the service's logs
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bar
 
 
 def load_encoder(directory: Path | None = None) -> SentenceEncoder:
