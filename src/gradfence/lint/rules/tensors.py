@@ -35,11 +35,15 @@ def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
             return False
-        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
-            return False
         if getattr(func, "attr", getattr(func, "id", None)) == "grad":
             return False  # torch.autograd.grad(loss, ...) returns gradients, not the loss
-    elif isinstance(node, ast.Compare | ast.Lambda) or (
+        if isinstance(func, ast.Attribute) and graph_refs(func.value, tainted):
+            return True  # a method of the loss itself: loss.mean(), loss.float()...
+        callee = dotted(func) or ""
+        if callee.split(".", 1)[0] != "torch":
+            return False  # f(loss): what an arbitrary function returns is unknown
+        return any(graph_refs(arg, tainted) for arg in (*node.args, *node.keywords))
+    if isinstance(node, ast.Compare | ast.Lambda) or (
         isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}
     ):
         return False
@@ -51,10 +55,25 @@ def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
 
 
 def _backward_roots(call: CallEvent) -> set[str]:
+    """Names holding the differentiated loss: ``loss`` in ``(loss / k).backward()`` and
+    ``losses`` in ``losses[i].backward()`` (not the index ``i``)."""
     func = call.node.func
-    if call.attr == "backward" and isinstance(func, ast.Attribute):
-        return names_in(func.value)
-    return set()
+    if call.attr != "backward" or not isinstance(func, ast.Attribute):
+        return set()
+    roots: set[str] = set()
+    stack: list[ast.AST] = [func.value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Name):
+            roots.add(node.id)
+        elif isinstance(node, ast.Subscript):
+            stack.append(node.value)
+        elif isinstance(node, ast.Call):
+            stack.append(node.func)
+            stack.extend(node.args)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+    return roots
 
 
 @rule(
