@@ -94,6 +94,12 @@ FACTORIES = textwrap.dedent(
 
     def texts():
         return [("good", 1), ("bad", 0), ("fine", 0), ("awesome", 1), ("meh", 0)]
+
+    def broken():
+        raise RuntimeError("weights not found\\nsecond line")
+
+    def five_features():
+        return TensorDataset(torch.ones(4, 5), torch.zeros(4, dtype=torch.long))
     """
 )
 
@@ -151,16 +157,41 @@ def test_registry_names_resolve(
         (["--model", "missing_file.py:f", "--data", "toy"], "no such file"),
         (["--model", "my_factories:not_a_model", "--data", "toy"], "not an nn.Module"),
         (["--model", "toy", "--data", "my_factories:model"], "return a torch.utils.data.Dataset"),
-        (["--model", "toy", "--data", "toy", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--model", "toy", "--data", "toy", "--batch-size", "0"], "--batch-size: '0' is not a"),
         (["--model", "toy", "--data", "toy", "--device", "gpu0"], "--device 'gpu0'"),
+        (["--model", "toy", "--data", "toy", "--batch-size", "a,b"], "--batch-size: 'a,b' is not"),
+        (["--model", "toy", "--data", "toy", "--mode", "eval"], "--mode: unknown mode 'eval'"),
+        (["--model", "toy", "--data", "toy", "--metric", ","], "--metric is empty"),
+        (["--model", "my_factories:broken", "--data", "toy"],
+         "--model 'my_factories:broken' raised RuntimeError: weights not found"),
+        (["--model", "toy", "--data", "my_factories:broken"],
+         "--data 'my_factories:broken' raised RuntimeError: weights not found"),
+        # the model does not fit the data: while reading the number of classes ...
+        (["--model", "toy", "--data", "my_factories:five_features"],
+         "failed: RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+        # ... or inside gf.evaluate (a target of class 2 with --num-classes 2)
+        (["--model", "toy", "--data", "toy", "--num-classes", "2"],
+         "evaluating --model 'toy' on --data 'toy' failed: ValueError: "),
+        (["--model", "toy", "--data", "toy", "--json", "no/such/dir/r.json"],
+         "--json 'no/such/dir/r.json': no such directory no/such/dir"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(
     factories: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gradfence: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_json_that_cannot_be_written_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a directory in place of the file: only found out when writing, after the table
+    assert main(["eval", "--model", "toy", "--data", "toy", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gradfence: error: --json '{tmp_path}': cannot write: ")
     assert err.count("\n") == 1
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gradfence.errors import GradfenceError
 from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
 
 
@@ -47,7 +50,8 @@ def register(subparsers: Any) -> None:
             "Classification metrics take the model output as logits of shape (N, classes)."
         ),
     )
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="default: 64")
+    # --batch-size and --mode are checked in run(), so bad values are one line, not a usage dump
+    parser.add_argument("--batch-size", default="64", metavar="N", help="default: 64")
     parser.add_argument(
         "--num-classes",
         type=int,
@@ -56,8 +60,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=("no_grad", "inference_mode"),
         default="no_grad",
+        metavar="{no_grad,inference_mode}",
         help="grad mode of the evaluation (default: no_grad)",
     )
     parser.add_argument(
@@ -76,17 +80,21 @@ def run(args: argparse.Namespace) -> int:
 
     names: list[str] = []
     for entry in args.metric or DEFAULT_METRICS:
-        names.extend(name for name in entry.split(",") if name)
+        names.extend(name.strip() for name in entry.split(",") if name.strip())
+    if not names:
+        raise UsageError(f"--metric is empty (known: {', '.join(sorted(METRICS))})")
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise UsageError(f"unknown metric {unknown[0]!r} (known: {', '.join(sorted(METRICS))})")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    batch_size = _batch_size(args.batch_size)
+    if args.mode not in MODES:
+        raise UsageError(f"--mode: unknown mode {args.mode!r}, use {' or '.join(MODES)}")
     if args.num_classes is not None and args.num_classes < 2:
         raise UsageError(f"--num-classes must be >= 2, got {args.num_classes}")
+    json_path = _json_path(args.json)
 
     device = _device(args.device)
-    model, loader, samples = _build_targets(args)
+    model, loader, samples = _build_targets(args, batch_size)
     if device is not None:
         model.to(device)
 
@@ -94,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     num_classes = args.num_classes
     if num_classes is None and any(METRICS[name].needs_classes for name in names):
-        num_classes = _output_width(model, loader, device)
+        with _failures_as_usage_errors(args):
+            num_classes = _output_width(model, loader, device)
     metrics: dict[str, Any] = {}
     loss = None
     for name in dict.fromkeys(names):  # in order, once each
@@ -104,21 +113,22 @@ def run(args: argparse.Namespace) -> int:
         else:
             metrics[name] = built
 
-    results = gf.evaluate(
-        model,
-        loader,
-        metrics,
-        device=device,
-        mode=args.mode,
-        loss=loss,
-        progress=False if args.no_progress else None,
-    )
+    with _failures_as_usage_errors(args):
+        results = gf.evaluate(
+            model,
+            loader,
+            metrics,
+            device=device,
+            mode=args.mode,
+            loss=loss,
+            progress=False if args.no_progress else None,
+        )
     plain = {name: _plain(value) for name, value in results.items()}
     size = f"{samples} samples, " if samples is not None else ""
-    batch_size = getattr(loader, "batch_size", None) or args.batch_size
+    batch_size = getattr(loader, "batch_size", None) or batch_size
     print(f"model {args.model}, data {args.data} ({size}batch size {batch_size})")
     print(_table(plain))
-    if args.json is not None:
+    if json_path is not None:
         record = {
             "model": args.model,
             "data": args.data,
@@ -127,8 +137,52 @@ def run(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "results": plain,
         }
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            json_path.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"--json '{json_path}': cannot write: {_one_line(exc)}") from None
     return 0
+
+
+MODES = ("no_grad", "inference_mode")
+
+
+def _batch_size(text: str) -> int:
+    from gradfence.cli import UsageError
+
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size: {text!r} is not a positive integer")
+    return int(text)
+
+
+def _json_path(path: Path | None) -> Path | None:
+    """``--json``, checked before anything is evaluated: its folder must exist."""
+    from gradfence.cli import UsageError
+
+    if path is not None and not path.parent.is_dir():
+        raise UsageError(f"--json '{path}': no such directory {path.parent}")
+    return path
+
+
+@contextlib.contextmanager
+def _failures_as_usage_errors(args: argparse.Namespace) -> Iterator[None]:
+    """The model, data and metrics not fitting together is bad input: one line, exit 2."""
+    from gradfence.cli import UsageError
+
+    try:
+        yield
+    except GradfenceError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"evaluating --model {args.model!r} on --data {args.data!r} failed: {_one_line(exc)}"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone for an empty message)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _device(name: str | None) -> Any:
@@ -150,7 +204,7 @@ def _device(name: str | None) -> Any:
     return device
 
 
-def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
+def _build_targets(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any, int | None]:
     """Call the model and data factories; wrap a dataset in a DataLoader."""
     from torch import nn
     from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -163,18 +217,18 @@ def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
         data_factory = load_factory(args.data, DATASETS, "--data")
     except FactoryError as exc:
         raise UsageError(str(exc)) from None
-    model = model_factory()
+    model = _call(model_factory, "--model", args.model)
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"--model {args.model!r} returned a {type(model).__name__}, not an nn.Module"
         )
-    data = data_factory()
+    data = _call(data_factory, "--data", args.data)
     dataset: Any
     if isinstance(data, DataLoader):
         loader = data
         dataset = data.dataset
     elif isinstance(data, Dataset | list | tuple):  # a list of pairs is a dataset too
-        loader = DataLoader(data, batch_size=args.batch_size)  # type: ignore[arg-type]
+        loader = DataLoader(data, batch_size=batch_size)  # type: ignore[arg-type]
         dataset = data
     else:
         raise UsageError(
@@ -183,6 +237,18 @@ def _build_targets(args: argparse.Namespace) -> tuple[Any, Any, int | None]:
         )
     samples = None if isinstance(dataset, IterableDataset) else _length(dataset)
     return model, loader, samples
+
+
+def _call(factory: Callable[[], Any], option: str, spec: str) -> Any:
+    """Call a factory; an exception it raises is reported as one line, exit status 2."""
+    from gradfence.cli import UsageError
+
+    try:
+        return factory()
+    except GradfenceError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{option} {spec!r} raised {_one_line(exc)}") from None
 
 
 def _length(dataset: Any) -> int | None:
