@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -437,6 +438,20 @@ def test_gfr007_look_alike_no_grad_cache() -> None:
     with gf.audit(model) as report, gf.inference(model):  # no_grad: a normal tensor
         model(torch.randn(2, 4))
     assert report.ok, report.format()
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("reparametrise", [nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_gfr007_look_alike_old_weight_reparametrisation(
+    reparametrise: Callable[[nn.Module], nn.Module],
+) -> None:
+    # The old API stores the weight as a plain attribute, rebuilt before every forward.
+    model = nn.Sequential(reparametrise(nn.Linear(4, 4)), nn.ReLU())
+    with gf.audit(model) as report, gf.inference(model, mode="inference_mode"):
+        model(torch.randn(2, 4))
+    assert model[0].weight.is_inference()
+    assert report.ok, report.format()
+    model(torch.randn(2, 4)).sum().backward()  # and training right after works
 
 
 def test_gfr007_buffer_registered_in_inference_mode(model: Classifier) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from gradfence.auditing.collector import module_label
 from gradfence.auditing.findings import Finding
@@ -144,10 +146,24 @@ def _state_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]
             yield "buffer", attr, buffer
 
 
+def _recomputed_attributes(module: nn.Module) -> set[str]:
+    """Attributes that torch's old ``weight_norm``/``spectral_norm`` rebuild before each forward.
+
+    Their pre-hook stores the reparametrised weight as a plain attribute at every call,
+    so one made in inference mode is replaced by the next forward: not stale state.
+    """
+    return {
+        hook.name
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, WeightNorm | SpectralNorm)
+    }
+
+
 def _attribute_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Plain tensor attributes (one level into lists, tuples and dicts): caches and such."""
+    recomputed = _recomputed_attributes(module) if module._forward_pre_hooks else set()
     for attr, value in vars(module).items():
-        if attr in _MODULE_INTERNALS:
+        if attr in _MODULE_INTERNALS or attr in recomputed:
             continue
         if isinstance(value, torch.Tensor):
             yield attr, value
