@@ -252,3 +252,83 @@ def test_parallel_and_sequential_agree(tmp_path: Path) -> None:
     assert [r.path for r in parallel] == paths
     assert [r.diagnostics for r in parallel] == [r.diagnostics for r in sequential]
     assert sum(len(r.diagnostics) for r in sequential) > 50
+
+
+QUICKSTART = """
+import torch
+from torch import nn
+
+device = "cpu"
+model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+loss_fn = nn.CrossEntropyLoss()
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+def train(dataloader, model, loss_fn, optimizer):
+    size = len(dataloader.dataset)
+    model.train()
+    for batch, (X, y) in enumerate(dataloader):
+        X, y = X.to(device), y.to(device)
+        pred = model(X)
+        loss = loss_fn(pred, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if batch % 100 == 0:
+            loss, current = loss.item(), (batch + 1) * len(X)
+            print(f"loss: {loss:>7f}  [{current:>5d}/{size:>5d}]")
+
+
+def test(dataloader, model, loss_fn):
+    size = len(dataloader.dataset)
+    num_batches = len(dataloader)
+    model.eval()
+    test_loss, correct = 0, 0
+    with torch.no_grad():
+        for X, y in dataloader:
+            X, y = X.to(device), y.to(device)
+            pred = model(X)
+            test_loss += loss_fn(pred, y).item()
+            correct += (pred.argmax(1) == y).type(torch.float).sum().item()
+    test_loss /= num_batches
+    correct /= size
+
+
+for t in range(5):
+    train(train_dataloader, model, loss_fn, optimizer)
+    test(test_dataloader, model, loss_fn)
+"""
+
+MANUAL_UPDATES = """
+import math
+import torch
+
+x = torch.linspace(-math.pi, math.pi, 2000)
+y = torch.sin(x)
+a, b = (torch.randn((), requires_grad=True) for _ in range(2))
+learning_rate = 1e-6
+for t in range(2000):
+    y_pred = a + b * x
+    loss = (y_pred - y).pow(2).sum()
+    if t % 100 == 99:
+        print(t, loss.item())
+    loss.backward()
+    with torch.no_grad():
+        a -= learning_rate * a.grad
+        b -= learning_rate * b.grad
+        a.grad = None
+        b.grad = None
+"""
+
+
+@pytest.mark.parametrize("source", [QUICKSTART, MANUAL_UPDATES], ids=["quickstart", "manual"])
+def test_tutorial_style_code_is_clean(source: str) -> None:
+    assert _codes(source) == []
+
+
+def test_quickstart_without_train_call_leaks_eval() -> None:
+    """The same tutorial with ``model.train()`` removed: validation leaks eval into training."""
+    leaky = QUICKSTART.replace("    model.train()\n", "")
+    found = check_source(leaky, "t.py")
+    call_line = leaky.splitlines().index("    test(test_dataloader, model, loss_fn)") + 1
+    assert [(d.code, d.line) for d in found] == [("GF302", call_line)]
