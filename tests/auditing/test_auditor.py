@@ -11,6 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import gradfence as gf
+from gradfence.auditing.findings import CODES
 
 
 class Mixed(nn.Module):
@@ -269,3 +270,42 @@ def test_a_mode_entered_in_the_forward_keeps_its_place() -> None:
     assert model.counter.calls > 0
     assert report.codes() == ["GFR005"]  # the op watch was still on after the user's mode
     assert report.findings[0].detail["function"] == "F.dropout"
+
+
+class Everything(nn.Module):
+    """Every pitfall at once: BatchNorm, a Dropout module, functional dropout, a cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.2)
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.drop(self.bn(self.fc(x))), 0.1)
+        self.cache = h
+        return h
+
+
+def test_every_message_is_one_line_with_what_where_and_fix() -> None:
+    model = Everything()
+    x = torch.randn(3, 4)
+    try:
+        with gf.audit(model) as report:
+            model(x)  # train mode, grad on: GFR003, GFR004, GFR005 (x2), GFR006
+            with torch.inference_mode():
+                model(x)  # the cache becomes an inference tensor: GFR007
+            model.eval()  # GFR002
+            torch.set_grad_enabled(False)  # GFR001
+    finally:
+        torch.set_grad_enabled(True)
+    assert sorted(set(report.codes())) == sorted(CODES)
+    assert report.codes() == sorted(report.codes())  # ordered by code
+    for finding in report.findings:
+        message = finding.message
+        assert "\n" not in message and message.count("Fix: ") == 1, message
+        where = (finding.module or "Everything") if finding.code != "GFR001" else "MainThread"
+        assert where in message.split("Fix: ")[0], message
+        if finding.code in ("GFR003", "GFR005", "GFR006"):  # runtime findings name the thread
+            assert "on thread 'MainThread' (the audit's own thread)" in message, message
