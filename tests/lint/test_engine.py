@@ -332,3 +332,32 @@ def test_quickstart_without_train_call_leaks_eval() -> None:
     found = check_source(leaky, "t.py")
     call_line = leaky.splitlines().index("    test(test_dataloader, model, loss_fn)") + 1
     assert [(d.code, d.line) for d in found] == [("GF302", call_line)]
+
+
+def test_very_long_expressions_do_not_exhaust_recursion() -> None:
+    source = "import torch\nfor x in l:\n    loss.backward()\n    total += " + "+".join(
+        ["loss"] * 2000
+    )
+    assert [d.code for d in check_source(source + "\n", "long.py")] == ["GF401"]
+
+
+def test_dead_worker_falls_back_to_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from gradfence.lint import engine
+
+    parent = os.getpid()
+    original = engine.lint_file
+
+    def dies_in_workers(*args: object) -> object:
+        if os.getpid() != parent:
+            os._exit(3)  # a worker killed mid-run (OOM killer, signal...)
+        return original(*args)  # type: ignore[arg-type]
+
+    # workers are forked, so they see the patched function
+    monkeypatch.setattr(engine, "lint_file", dies_in_workers)
+    fixtures = Path(__file__).parent / "fixtures" / "rules"
+    paths = sorted(str(p) for p in fixtures.glob("GF3*.py"))
+    results = lint_paths(paths, Settings(), jobs=2)
+    assert [r.path for r in results] == paths
+    assert all(r.error is None for r in results) and sum(len(r.diagnostics) for r in results) > 20

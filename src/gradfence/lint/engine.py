@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 
@@ -170,11 +171,14 @@ def lint_paths(
     # big chunks keep inter-process traffic low; interleaving balances file sizes
     chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
     results: list[FileResult] = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
-        for chunk in pool.map(
-            _lint_chunk, chunks, [settings] * len(chunks), [keep_source] * len(chunks)
-        ):
-            results.extend(chunk)
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context()) as pool:
+            arguments = ([settings] * len(chunks), [keep_source] * len(chunks))
+            for chunk in pool.map(_lint_chunk, chunks, *arguments):
+                results.extend(chunk)
+    except (BrokenProcessPool, OSError):
+        # a worker died (killed, out of memory) or processes are unavailable: finish here
+        return _lint_chunk(paths, settings, keep_source)
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order.get(r.path, 0))
     return results

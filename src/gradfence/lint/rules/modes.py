@@ -832,8 +832,7 @@ def _registers_explicitly(model: FileModel, init: FunctionModel) -> bool:
     start = getattr(init.node, "lineno", 1)
     end = getattr(init.node, "end_lineno", start) or start
     return any(
-        "add_module(" in line or "register_module(" in line
-        for line in model.lines[start - 1 : end]
+        "add_module(" in line or "register_module(" in line for line in model.lines[start - 1 : end]
     )
 
 

@@ -28,26 +28,35 @@ _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
 
 
 def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
-    """Whether ``node`` reads a tainted name other than through ``.item()``/``.detach()``..."""
-    if isinstance(node, ast.Name):
-        return node.id in tainted
-    if isinstance(node, ast.Call):
-        func = node.func
-        if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
-            return False
-        if getattr(func, "attr", getattr(func, "id", None)) == "grad":
-            return False  # torch.autograd.grad(loss, ...) returns gradients, not the loss
-        if isinstance(func, ast.Attribute) and graph_refs(func.value, tainted):
-            return True  # a method of the loss itself: loss.mean(), loss.float()...
-        callee = dotted(func) or ""
-        if callee.split(".", 1)[0] != "torch":
-            return False  # f(loss): what an arbitrary function returns is unknown
-        return any(graph_refs(arg, tainted) for arg in (*node.args, *node.keywords))
-    if isinstance(node, ast.Compare | ast.Lambda) or (
-        isinstance(node, ast.Attribute) and node.attr in {"data", *_SCALAR_ATTRS}
-    ):
-        return False
-    return any(graph_refs(child, tainted) for child in ast.iter_child_nodes(node))
+    """Whether ``node`` reads a tainted name other than through ``.item()``/``.detach()``...
+
+    Iterative, so that a 2,000-term sum does not exhaust the recursion limit.
+    """
+    stack: list[ast.AST] = [node]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, ast.Name):
+            if sub.id in tainted:
+                return True
+        elif isinstance(sub, ast.Call):
+            func = sub.func
+            if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
+                continue
+            if getattr(func, "attr", getattr(func, "id", None)) == "grad":
+                continue  # torch.autograd.grad(loss, ...) returns gradients, not the loss
+            if isinstance(func, ast.Attribute):
+                stack.append(func.value)  # a method of the loss itself: loss.mean()...
+            if (dotted(func) or "").split(".", 1)[0] == "torch":
+                stack.extend(sub.args)
+                stack.extend(k.value for k in sub.keywords)
+            # f(loss): what an arbitrary function returns is unknown, so its args are not read
+        elif isinstance(sub, ast.Compare | ast.Lambda) or (
+            isinstance(sub, ast.Attribute) and sub.attr in {"data", *_SCALAR_ATTRS}
+        ):
+            continue
+        else:
+            stack.extend(ast.iter_child_nodes(sub))
+    return False
 
 
 def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
