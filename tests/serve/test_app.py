@@ -239,6 +239,7 @@ def test_request_timeout_is_504_and_server_recovers(serve_model: ServerFactory) 
     response = predict(server, {"texts": ["bbb"]})
     assert response.status_code == 504
     assert "0.3 s" in response.json()["detail"]
+    assert httpx.get(f"{server.url}/v1/model").status_code == 504  # thread busy
     model.gate.set()
     again = predict(server, {"texts": ["ggg"]})
     assert again.status_code == 200

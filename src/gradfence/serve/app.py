@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,12 +28,13 @@ from gradfence.serve.batcher import (
     BatcherStoppedError,
     Prediction,
     QueueFullError,
-    thread_state,
 )
 from gradfence.serve.metrics import ServiceMetrics
 from gradfence.serve.model import TextClassifier
 
 log = logging.getLogger("gradfence.serve")
+
+T = TypeVar("T")
 
 MAX_TEXTS = 64
 MAX_TEXT_CHARS = 10_000
@@ -146,13 +147,11 @@ async def parse_predict(request: Request) -> list[str]:
     return validate_texts(body)
 
 
-async def guarded(
-    predict: Awaitable[list[Prediction]], settings: ServeSettings
-) -> list[Prediction]:
-    """Await ``predict``, mapping its failures to HTTP answers (503, 504, 500)."""
+async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
+    """Await ``work`` (a prediction, say), mapping its failures to HTTP answers (503/504/500)."""
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        return await predict
+        return await work
     except QueueFullError as exc:
         raise RequestError(503, f"busy: {exc}", headers=retry) from exc
     except TimeoutError as exc:
@@ -341,11 +340,11 @@ def create_app(
         try:
             check_auth(request, settings.api_key)
             batcher = service.ready_batcher()
+            timeout = settings.request_timeout_s
+            state = await guarded(batcher.inspect_thread(timeout), settings)
         except RequestError as error:
             return error.response()
-        model = batcher.model
-        state = await asyncio.wrap_future(batcher.call(lambda: thread_state(model)))
-        return JSONResponse(model_body(model, state, settings, "uvicorn"))
+        return JSONResponse(model_body(batcher.model, state, settings, "uvicorn"))
 
     @app.get("/health/live")
     async def live() -> Response:

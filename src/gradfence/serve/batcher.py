@@ -223,6 +223,12 @@ class Batcher:
             self._cond.notify_all()
         return future
 
+    async def inspect_thread(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """:func:`thread_state` of the model as the inference thread sees it."""
+        model = self.model
+        future = self.call(lambda: thread_state(model))
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+
     # --- the inference thread ----------------------------------------------------
 
     def _run(self, warmup: list[str]) -> None:
@@ -249,7 +255,7 @@ class Batcher:
             for item in pending:
                 _fail(item.request, error)
             for _, future in calls:
-                if not future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
                     future.set_exception(error)
             self._ready.set()
 
@@ -259,6 +265,8 @@ class Batcher:
             while True:
                 while self._calls:
                     fn, future = self._calls.popleft()
+                    if not future.set_running_or_notify_cancel():
+                        continue  # its caller gave up
                     self._cond.release()
                     try:
                         future.set_result(fn())

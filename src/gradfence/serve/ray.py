@@ -39,7 +39,7 @@ from gradfence.serve.app import (
     parse_predict,
     predictions_body,
 )
-from gradfence.serve.batcher import Batcher, Prediction, thread_state
+from gradfence.serve.batcher import Batcher, Prediction
 from gradfence.serve.model import TextClassifier
 
 log = logging.getLogger("gradfence.serve")
@@ -95,9 +95,9 @@ class SentimentDeployment:
                 )
             check_auth(request, self.settings.api_key)
             if path == "/v1/model" and method == "GET":
-                model = self.model
-                state = await asyncio.wrap_future(self.batcher.call(lambda: thread_state(model)))
-                return JSONResponse(model_body(model, state, self.settings, "ray"))
+                timeout = self.settings.request_timeout_s
+                state = await guarded(self.batcher.inspect_thread(timeout), self.settings)
+                return JSONResponse(model_body(self.model, state, self.settings, "ray"))
             if path == "/v1/predict" and method == "POST":
                 texts = await parse_predict(request)
                 timeout = self.settings.request_timeout_s
