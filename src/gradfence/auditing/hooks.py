@@ -89,10 +89,11 @@ def _take_off_stack(mode: DropoutWatch | None) -> int:
 
 def _put_back(mode: DropoutWatch | None, depth: int) -> None:
     """Push ``mode`` at ``depth`` of this thread's mode stack, below the modes now above it."""
-    above = [
-        torch._C._pop_torch_function_stack()
-        for _ in range(max(0, torch._C._len_torch_function_stack() - depth))
-    ]
+    extra = torch._C._len_torch_function_stack() - depth
+    if extra <= 0:  # the usual case: nothing was entered above it meanwhile
+        torch._C._push_on_torch_function_stack(mode)
+        return
+    above = [torch._C._pop_torch_function_stack() for _ in range(extra)]
     torch._C._push_on_torch_function_stack(mode)
     for other in reversed(above):
         torch._C._push_on_torch_function_stack(other)
