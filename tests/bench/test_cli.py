@@ -318,6 +318,29 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in err
 
 
+def test_an_output_path_that_is_a_directory_is_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "r.json").mkdir()
+    status, out, err = bench(["--json", str(tmp_path / "r.json")], capsys)
+    assert (status, out) == (2, "")
+    assert err == f"gradfence: error: --json '{tmp_path / 'r.json'}': is a directory\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # /proc exists but takes no new files: found out only when writing, after the run
+    path = "/proc/gradfence-bench.json"
+    args = ["--modes", "no_grad", "--batch-sizes", "1", "--repeats", "1", "--json", path]
+    status, out, err = bench(args, capsys)
+    assert status == 2
+    assert "no_grad" in out  # the table was printed before the write failed
+    assert err.startswith(f"gradfence: error: --json '{path}': cannot write: ")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_without_a_device_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = bench(["--device", "cuda"], capsys)

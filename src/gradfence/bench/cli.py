@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,19 @@ def _output(option: str, value: str | None, suffix: str) -> Path | None:
         raise UsageError(f"{option} {value!r}: the file name must end in {suffix}")
     if not path.parent.is_dir():
         raise UsageError(f"{option} {value!r}: no such directory {path.parent}")
+    if path.is_dir():
+        raise UsageError(f"{option} {value!r}: is a directory")
     return path
+
+
+def _write(option: str, path: Path, write: Callable[[Path], object]) -> None:
+    """Write one output file; failing to is one line and exit status 2, not a traceback."""
+    try:
+        write(path)
+    except OSError as exc:
+        text = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        raise UsageError(f"{option} '{path}': cannot write: {detail}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,9 +176,11 @@ def run(args: argparse.Namespace) -> int:
         result = run_bench(settings, command=command, advance=advance)
     sys.stdout.write(report.render_terminal(result))
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(result), indent=2) + "\n")
+        document = json.dumps(report.to_json(result), indent=2) + "\n"
+        _write("--json", json_path, lambda path: path.write_text(document))
     if markdown_path is not None:
-        markdown_path.write_text(report.render_markdown(result))
+        markdown = report.render_markdown(result)
+        _write("--markdown", markdown_path, lambda path: path.write_text(markdown))
     if plot_path is not None:
-        report.plot(result, plot_path)
+        _write("--plot", plot_path, lambda path: report.plot(result, path))
     return 0
