@@ -371,6 +371,22 @@ def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limi
     return False
 
 
+def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) -> bool:
+    """The module is switched to eval, or loaded by an opaque call, where it is set up:
+    another method of the class for ``self.x`` (``__init__``), module level for globals."""
+    if target.startswith("self.") and function.cls is not None:
+        owners = [m for m in function.cls.methods.values() if m is not function]
+    else:
+        owners = [model.module]
+    end = (1 << 30, 0)
+    for owner in owners:
+        if _switched_before(owner, target, end, to_eval=True):
+            return True
+        if _locally_loaded(model, owner, target, end):
+            return True
+    return False
+
+
 def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
     """First forward of each module in an evaluation context, per function (cached)."""
     cached: list[tuple[FunctionModel, CallEvent, str]] | None = getattr(model, "_forwards", None)
@@ -562,6 +578,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
         if _switched_before(function, target, here, to_eval=False):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
         if _locally_loaded(model, function, target, here):
+            continue
+        if _set_up_elsewhere(model, function, target):
             continue
         yield call.node, f"`{target}` is run for evaluation without `{target}.eval()` first", None
 
