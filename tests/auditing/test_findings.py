@@ -151,6 +151,21 @@ def test_gfr003_forward_in_worker_thread(model: Classifier, batches: list[torch.
     assert finding.detail["count"] == len(batches)
 
 
+def test_gfr003_audit_built_in_one_thread_entered_in_another(model: Classifier) -> None:
+    model.eval()
+    checker = gf.audit(model)  # built ahead, e.g. by a test fixture or a job scheduler
+
+    def job() -> list[str]:
+        with checker as report:
+            model(torch.randn(4, 6))
+        return [*report.codes(), report.findings[0].message]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        codes_and_message = pool.submit(job).result()
+    assert codes_and_message[:-1] == ["GFR003"]
+    assert "(the audit's own thread)" in codes_and_message[-1]
+
+
 def test_gfr003_look_alike_worker_disables_grad(
     model: Classifier, batches: list[torch.Tensor]
 ) -> None:

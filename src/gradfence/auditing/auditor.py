@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from types import TracebackType
 
@@ -90,6 +91,7 @@ class Audit:
             raise ScopeError(f"{self!r} was already entered: create one gf.audit() per block")
         named = _named_modules(self._modules)
         collector = self._collector
+        collector.owner = threading.get_ident()  # the thread that enters, not the one that built
         self._state = StateSnapshot(self._modules, named, self._checks, self._strict)
         probe = Probe(collector, self._modules, named, self._checks)
         probe.install()
