@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradfence.errors import GradfenceError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -213,4 +212,4 @@ def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: li
     return _status(remaining, errors, args)
 
 
-__all__ = ["GradfenceError", "register", "run_lint", "run_rules"]
+__all__ = ["register", "run_lint", "run_rules"]

@@ -113,10 +113,6 @@ class LoopModel:
                 if isinstance(sub, ast.Attribute):
                     stack.append(sub.value)
 
-    def contains(self, node: ast.AST) -> bool:
-        """Whether ``node`` lies textually inside this loop."""
-        return pos(self.node) <= pos(node) and end_pos(node) <= end_pos(self.node)
-
     def chain(self) -> Iterator[LoopModel]:
         """This loop and every enclosing loop, innermost first."""
         loop: LoopModel | None = self
@@ -141,7 +137,6 @@ class CallEvent:
         "attr",
         "function",
         "imports",
-        "in_grad_with",
         "loop",
         "mode",
         "node",
@@ -156,7 +151,6 @@ class CallEvent:
         mode: GradMode,
         loop: LoopModel | None,
         training_guard: bool,
-        in_grad_with: bool,
     ) -> None:
         self.node = node
         self.function = function
@@ -164,7 +158,6 @@ class CallEvent:
         self.mode = mode
         self.loop = loop
         self.training_guard = training_guard
-        self.in_grad_with = in_grad_with
         func = node.func
         self.attr = func.attr if type(func) is ast.Attribute else None
         self._qual: object = _UNSET
@@ -261,14 +254,13 @@ class StmtEvent:
 class ClassModel:
     """A class definition; ``is_module`` when it derives from ``torch.nn.Module``."""
 
-    __slots__ = ("base_quals", "is_module", "methods", "name", "node")
+    __slots__ = ("is_module", "methods", "name", "node")
 
     def __init__(self, node: ast.ClassDef, is_module: bool) -> None:
         self.node = node
         self.name = node.name
         self.is_module = is_module
         self.methods: dict[str, FunctionModel] = {}
-        self.base_quals: list[str] = []
 
 
 class FunctionModel:
@@ -317,11 +309,6 @@ class FunctionModel:
         self.awaits: list[ast.AST] = []
         self.returns: list[ast.Return] = []
         self.loops: list[LoopModel] = []
-
-    @property
-    def is_method(self) -> bool:
-        """Defined directly in a class body."""
-        return self.cls is not None
 
 
 class FileModel:
@@ -524,13 +511,11 @@ class Walker:
         self.full = saved_full
 
     def class_def(self, node: ast.ClassDef) -> None:
-        quals: list[str] = []
         is_module = False
         for base in node.bases:
             self.expr(base)
             qual = self.imports.resolve(base)
             if qual is not None:
-                quals.append(qual)
                 if qual.startswith("torch.nn.") or qual.endswith(".LightningModule"):
                     is_module = True
             elif isinstance(base, ast.Name):
@@ -538,7 +523,6 @@ class Walker:
                 if local is not None and local.is_module:
                     is_module = True
         cls = ClassModel(node, is_module)
-        cls.base_quals = quals
         self.model.classes.setdefault(node.name, cls)
         # the class body runs in the enclosing function's frame; methods get their own
         pseudo = FunctionModel(node, cls, self.function, self.mode)
@@ -645,7 +629,6 @@ class Walker:
                         self.mode,
                         self.loop,
                         self.training_guard > 0,
-                        self.grad_with > 0,
                     )
                 )
             elif kind is ast.Await and self.grad_with and function.is_async:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from gradfence.lint.imports import dotted
-from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel, Pos, pos
+from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel
 from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, is_eval_loader
 
 _MODULE_NAME = re.compile(
@@ -215,16 +215,6 @@ def resolve_callees(model: FileModel, call: CallEvent) -> list[FunctionModel]:
     return [f for f in model.functions_named(name) if call_targets(model, call, f)]
 
 
-def first_before(events: Iterable[Pos], limit: Pos) -> bool:
-    """Whether any position lies before ``limit``."""
-    return any(p < limit for p in events)
-
-
 def names_in(node: ast.AST) -> set[str]:
     """Every plain name read in an expression."""
     return {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)}
-
-
-def call_pos(call: CallEvent) -> Pos:
-    """Position of a call, for ordering."""
-    return pos(call.node)
