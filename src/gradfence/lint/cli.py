@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
