@@ -323,9 +323,12 @@ def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     Before torch 2.1 the bare form passes the decorated function to the constructor, which
     takes no argument.
 
-    **Hidden detail.** It fails at import time of the module that defines the function:
-    `TypeError: __init__() takes 1 positional argument but 2 were given`. Code written
-    against a recent torch looks fine and breaks only for users pinned to an older one.
+    **Hidden detail.** `@torch.no_grad` and `@torch.enable_grad` fail at import time of the
+    module that defines the function: `TypeError: __init__() takes 1 positional argument
+    but 2 were given`. `@torch.inference_mode` is worse: it takes the function as its `mode`
+    argument, so nothing fails until the call, which returns a function instead of running
+    the body (pytorch/pytorch#113211). Code written against a recent torch looks fine and
+    breaks only for users pinned to an older one.
 
     ## Example
     ```python
@@ -340,7 +343,8 @@ def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     ```
 
     ## References
-    - pytorch/pytorch PR #107086 (bare decorator support, torch 2.1)
+    - pytorch/pytorch PR #107086 (bare decorator support for all three, torch 2.1)
+    - pytorch/pytorch#113211
     """
     target = model.target_torch
     if target is None or target >= (2, 1):
