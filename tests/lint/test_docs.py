@@ -46,3 +46,28 @@ def test_committed_rule_pages_are_up_to_date() -> None:
     assert not stale and not extra, (
         f"docs/rules is out of date ({stale or extra}): run `python -m gradfence.lint.docgen`"
     )
+
+
+PRELUDE = (
+    "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\nimport gradfence\n"
+    "from concurrent.futures import ThreadPoolExecutor\n"
+)
+
+
+def _block_after(doc: str, heading: str) -> str:
+    section = doc.split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("code", sorted(RULES))
+def test_page_example_is_flagged_and_fix_is_not(code: str) -> None:
+    """Each page's Example triggers its rule; its Use instead does not."""
+    from gradfence.lint import Selection, Settings, check_source
+
+    doc = RULES[code].doc
+    settings = Settings(Selection(select=(code,)), target_torch=(2, 0))
+    example = _block_after(doc, "## Example")
+    source = example if code == "GF000" else PRELUDE + example
+    assert code in {d.code for d in check_source(source, "example.py", settings)}
+    fixed = PRELUDE + _block_after(doc, "## Use instead")
+    assert [d.code for d in check_source(fixed, "fixed.py", settings)] == []
