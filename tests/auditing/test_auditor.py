@@ -309,3 +309,17 @@ def test_every_message_is_one_line_with_what_where_and_fix() -> None:
         assert where in message.split("Fix: ")[0], message
         if finding.code in ("GFR003", "GFR005", "GFR006"):  # runtime findings name the thread
             assert "on thread 'MainThread' (the audit's own thread)" in message, message
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_is_audited_at_entry_and_exit_with_a_warning() -> None:
+    model = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    with (
+        pytest.warns(gf.GradfenceWarning, match="TorchScript.*GFR003, GFR005 and GFR006"),
+        gf.audit(model) as report,
+    ):
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 4))
+    assert report.codes() == ["GFR002"]
+    assert _hooks_left(model) == 0

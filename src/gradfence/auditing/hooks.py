@@ -26,17 +26,20 @@ torch-function mode disables the fused path, which changes the results in the la
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.jit._script import RecursiveScriptModule
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.hooks import RemovableHandle
 
 from gradfence.auditing.collector import Collector, module_label
 from gradfence.auditing.ops import DropoutWatch
+from gradfence.errors import GradfenceWarning
 
 _FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
@@ -157,8 +160,12 @@ class Probe:
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
         roots = {id(module) for module in self._roots}
+        scripted: list[str] = []
         try:
             for name, module in self._named:
+                if isinstance(module, RecursiveScriptModule):
+                    scripted.append(module_label(name, type(module).__name__))
+                    continue  # TorchScript refuses forward hooks
                 check = self._module_check(name, module)
                 user = not _defined_in_torch(type(module))
                 # torch's own mode-governed modules run with the watch off: their
@@ -180,6 +187,16 @@ class Probe:
         except BaseException:
             self.remove()
             raise
+        if scripted:
+            more = f" (and {len(scripted) - 1} more)" if len(scripted) > 1 else ""
+            warnings.warn(
+                GradfenceWarning(
+                    f"gf.audit: {scripted[0]}{more} is TorchScript, which takes no forward hooks: "
+                    "GFR003, GFR005 and GFR006 are not checked inside it (the entry/exit "
+                    "checks are). Audit the eager module to get them."
+                ),
+                stacklevel=3,
+            )
 
     def remove(self) -> None:
         """Remove every hook, and pop the op watch if this thread still has it on."""
