@@ -262,3 +262,26 @@ def test_flake8_plugin(project: Path) -> None:
         [*command, "--select", "GF3", "bad.py"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout == ""
+
+
+def test_fix_keeps_the_file_encoding(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "bom.py").write_bytes(b"\xef\xbb\xbfimport torch\r\nmodel.eval\r\n")
+    (project / "latin.py").write_bytes(
+        b"# -*- coding: latin-1 -*-\nimport torch\nx = '\xe9'\nm.eval\n"
+    )
+    assert run(capsys, "bom.py", "latin.py", "--fix")[0] == 0
+    assert (project / "bom.py").read_bytes() == b"\xef\xbb\xbfimport torch\r\nmodel.eval()\r\n"
+    assert (project / "latin.py").read_bytes().endswith(b"x = '\xe9'\nm.eval()\n")
+
+
+def test_undecodable_file_is_checked_but_not_fixed(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "bad_utf8.py").write_bytes(b"import torch\nx = '\xff'\nmodel.eval\n")
+    status, out, err = run(capsys, "bad_utf8.py", "--fix")
+    assert status == 2 and "GF301" in out
+    assert err.splitlines() == [
+        "Fixed 0 findings in 0 file(s).",
+        "gradfence: error: cannot fix bad_utf8.py: it is not valid in its encoding",
+    ]
+    assert (project / "bad_utf8.py").read_bytes() == b"import torch\nx = '\xff'\nmodel.eval\n"

@@ -167,7 +167,7 @@ def _status(diagnostics: list[Any], errors: list[str], args: argparse.Namespace)
 
 def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: list[str]) -> int:
     from gradfence import __version__
-    from gradfence.lint.engine import check_source
+    from gradfence.lint.engine import check_source, source_encoding
     from gradfence.lint.fix import apply_fixes, unified_diff
 
     remaining = []
@@ -182,17 +182,26 @@ def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: li
         if not applied:
             remaining.extend(result.diagnostics)
             continue
-        fixed_count += len(applied)
-        changed_files += 1
         if args.diff:
+            fixed_count += len(applied)
+            changed_files += 1
             emit(unified_diff(result.path, source, new_source), end="")
             continue
         try:
-            with open(result.path, "w", encoding="utf-8", newline="") as handle:
+            with open(result.path, "rb") as handle:
+                encoding = source_encoding(handle.read())
+            if encoding is None:  # read with replacement characters: writing would corrupt it
+                remaining.extend(result.diagnostics)
+                errors.append(f"cannot fix {result.path}: it is not valid in its encoding")
+                continue
+            with open(result.path, "w", encoding=encoding, newline="") as handle:
                 handle.write(new_source)
         except OSError as exc:
+            remaining.extend(result.diagnostics)
             errors.append(f"cannot write {result.path}: {exc.strerror or exc}")
             continue
+        fixed_count += len(applied)
+        changed_files += 1
         try:
             remaining.extend(check_source(new_source, result.path, settings))
         except Exception as exc:  # same contract as lint_file: one line, no traceback

@@ -9,8 +9,10 @@ query the recorded events; ``# noqa`` comments filter the findings.
 from __future__ import annotations
 
 import ast
+import io
 import os
 import sys
+import tokenize
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -122,17 +124,28 @@ def _without_noqa(found: list[Diagnostic], lines: list[str]) -> Iterable[Diagnos
             yield diagnostic
 
 
+def source_encoding(raw: bytes) -> str | None:
+    """The encoding Python would read ``raw`` with (BOM, coding cookie, else UTF-8);
+    None when the bytes do not decode with it."""
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        raw.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError):
+        return None
+    return encoding
+
+
 def read_source(path: str) -> str:
-    """Read a Python file as the interpreter would (UTF-8 unless a coding cookie says else)."""
+    """Read a Python file as the interpreter would (UTF-8 unless a coding cookie says else).
+
+    Undecodable bytes become U+FFFD, so that the rest of the file is still checked.
+    """
     with open(path, "rb") as handle:
         raw = handle.read()
-    try:
-        import tokenize
-
-        encoding, _ = tokenize.detect_encoding(iter(raw.splitlines(keepends=True)).__next__)
-        return raw.decode(encoding)
-    except (SyntaxError, LookupError, UnicodeDecodeError):
+    encoding = source_encoding(raw)
+    if encoding is None:
         return raw.decode("utf-8", errors="replace")
+    return raw.decode(encoding)
 
 
 def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileResult:
