@@ -57,6 +57,7 @@ class Result:
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: dict[str, float] = field(default_factory=dict)
+    model_busy: float = float("nan")  # fraction of the run the inference thread ran batches
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -75,6 +76,7 @@ class Result:
             "p99_ms": self.percentile(99),
             "errors": self.errors,
             "batch_size_histogram": self.batch_sizes,
+            "model_busy_fraction": self.model_busy,
         }
 
 
@@ -102,6 +104,12 @@ def batch_histogram(metrics_text: str) -> dict[float, float]:
     for le, count in re.findall(pattern, metrics_text, re.M):
         buckets[float(le)] = float(count)
     return buckets
+
+
+def model_seconds(metrics_text: str) -> float:
+    """Total seconds the inference thread spent in model batches so far."""
+    match = re.search(r"^gradfence_batch_duration_seconds_sum (\S+)$", metrics_text, re.M)
+    return float(match.group(1)) if match else float("nan")
 
 
 def histogram_delta(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
@@ -183,11 +191,12 @@ def run_config(name: str, args: argparse.Namespace, texts: list[str]) -> Result:
     try:
         wait_ready(url, process)
         asyncio.run(drive(url, texts, args.clients, args.warmup, args.texts_per_request))
-        before = batch_histogram(httpx.get(f"{url}/metrics").text) if name != "plain" else {}
+        before = httpx.get(f"{url}/metrics").text if name != "plain" else ""
         result = asyncio.run(drive(url, texts, args.clients, args.duration, args.texts_per_request))
         if name != "plain":
-            after = batch_histogram(httpx.get(f"{url}/metrics").text)
-            result.batch_sizes = histogram_delta(before, after)
+            after = httpx.get(f"{url}/metrics").text
+            result.batch_sizes = histogram_delta(batch_histogram(before), batch_histogram(after))
+            result.model_busy = (model_seconds(after) - model_seconds(before)) / args.duration
         result.name = name
         return result
     finally:
@@ -234,13 +243,14 @@ def plain_server(port: int, model_dir: Path | None) -> None:
 
 def print_table(results: list[Result]) -> None:
     header = f"{'config':<10} {'req/s':>8} {'texts/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-    print(header + f"{'p99 ms':>8} {'errors':>6}  batch sizes (batches)")
+    print(header + f"{'p99 ms':>8} {'errors':>6} {'model':>6}  batch sizes (batches)")
     for r in results:
         s = r.summary()
         sizes = ", ".join(f"{k}: {int(v)}" for k, v in s["batch_size_histogram"].items()) or "n/a"
         print(
             f"{r.name:<10} {s['requests_per_s']:8.1f} {s['texts_per_s']:8.1f} "
-            f"{s['p50_ms']:8.1f} {s['p95_ms']:8.1f} {s['p99_ms']:8.1f} {s['errors']:6d}  {sizes}"
+            f"{s['p50_ms']:8.1f} {s['p95_ms']:8.1f} {s['p99_ms']:8.1f} {s['errors']:6d} "
+            f"{s['model_busy_fraction']:6.0%}  {sizes}"
         )
     by_name = {r.name: r.summary() for r in results}
     if any(s["texts_per_s"] == 0 for s in by_name.values()):
