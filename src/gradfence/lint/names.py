@@ -72,6 +72,8 @@ def is_eval_name(name: str) -> bool:
     """
     if not might_evaluate(name) or name.startswith("<") or name in FRAMEWORK_EVAL_HOOKS:
         return False
+    if name.startswith(("test_", "Test")) and name not in _TEST_FUNCTIONS:
+        return False  # a pytest test, whatever else its name says
     words = tokens(name)
     if "test" in words and name not in _TEST_FUNCTIONS:
         # ``test_*`` and ``*_test`` are test-suite functions far more often than evaluations

@@ -31,6 +31,7 @@ class GradMode(enum.Enum):
 
 
 GRAD_NAMES = frozenset({"no_grad", "enable_grad", "set_grad_enabled", "inference_mode"})
+_GRADFENCE_SCOPES = frozenset({"inference", "training"})
 GRAD_CONTEXTS = frozenset(
     {"torch.no_grad", "torch.enable_grad", "torch.set_grad_enabled", "torch.inference_mode"}
 )
@@ -62,14 +63,32 @@ def last_name(expr: ast.expr) -> str | None:
     return None
 
 
+def _gradfence_scope(call: ast.Call, qual: str | None) -> GradMode | None:
+    """``gradfence.inference(...)`` (no_grad or inference_mode) and ``gradfence.training(...)``."""
+    if qual in {"gradfence.training", "gradfence.scope.training"}:
+        return GradMode.ENABLED
+    if qual not in {"gradfence.inference", "gradfence.scope.inference"}:
+        return None
+    mode = next((k.value for k in call.keywords if k.arg == "mode"), None)
+    if mode is None:
+        return GradMode.DISABLED
+    if isinstance(mode, ast.Constant) and mode.value in {"no_grad", "inference_mode"}:
+        return GradMode.DISABLED if mode.value == "no_grad" else GradMode.INFERENCE
+    return GradMode.UNKNOWN
+
+
 def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
-    """The grad mode a ``with`` item or decorator puts its body in; None if not a grad context."""
-    if imports.aliases.get(last_name(expr) or "") is None and last_name(expr) not in GRAD_NAMES:
+    """The grad mode a ``with`` item or decorator puts its body in; None if not a grad context.
+
+    torch's grad-mode contexts, and gradfence's own ``inference``/``training`` scopes.
+    """
+    name = last_name(expr)
+    if name not in GRAD_NAMES and name not in _GRADFENCE_SCOPES and name not in imports.aliases:
         return None
     if isinstance(expr, ast.Call):
         qual = imports.resolve(expr.func)
         if qual not in GRAD_CONTEXTS:
-            return None
+            return _gradfence_scope(expr, qual)
         if qual == "torch.no_grad":
             return GradMode.DISABLED
         if qual == "torch.enable_grad":

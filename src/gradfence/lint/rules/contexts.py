@@ -8,7 +8,12 @@ from collections.abc import Iterator
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.model import FileModel, FunctionModel, pos
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import NULLARY_GRAD_CONTEXTS, GradMode, mode_of_set_call
+from gradfence.lint.scopes import (
+    GRAD_CONTEXTS,
+    NULLARY_GRAD_CONTEXTS,
+    GradMode,
+    mode_of_set_call,
+)
 
 _THREAD_STARTERS = frozenset({"threading.Thread", "threading.Timer", "asyncio.to_thread"})
 
@@ -242,7 +247,8 @@ def grad_decorator_on_coroutine(model: FileModel) -> Iterator[Hit]:
         if not function.is_async:
             continue
         for decorator, mode in function.decorators:
-            if mode is not None:
+            func = decorator.func if isinstance(decorator, ast.Call) else decorator
+            if mode is not None and model.imports.resolve(func) in GRAD_CONTEXTS:
                 yield (
                     decorator,
                     f"grad-mode decorator on `async def {function.name}` does not apply to its "
