@@ -477,6 +477,21 @@ def test_gfr007_buffer_registered_in_inference_mode(model: Classifier) -> None:
     assert report.findings[0].detail["tensor"] == "buffer mask"
 
 
+def test_gfr007_model_loaded_in_inference_mode_is_one_finding() -> None:
+    with torch.inference_mode():  # "load for serving", then evaluated and fine-tuned later
+        model = CachingDecoder()
+    with gf.audit(model) as report, gf.inference(model, mode="inference_mode"):
+        model(torch.randn(2, 4))
+    assert report.codes() == ["GFR007", "GFR007"]
+    cache, inherited = report.findings
+    assert cache.detail["tensor"] == "attribute cache['keys']"  # made by this block
+    assert "during the audit" in cache.message
+    assert inherited.module == "proj"
+    assert inherited.detail["tensors"] == ["parameter proj.weight", "parameter proj.bias"]
+    assert "already inference tensors when the audit began" in inherited.message
+    assert "Fix: build or load the model outside inference_mode" in inherited.message
+
+
 class NoisyFeatures(nn.Module):
     """A parameter-free user layer inside torch containers (a leaf with no children)."""
 

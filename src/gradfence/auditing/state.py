@@ -200,12 +200,13 @@ class StateSnapshot:
                     attr: (kind, _Fingerprint(tensor, strict))
                     for kind, attr, tensor in _state_tensors(module)
                 }
-        self._inference_at_entry: set[int] = set()
+        # id -> tensor: holding the tensor keeps its id from being reused by a new one
+        self._inference_at_entry: dict[int, torch.Tensor] = {}
         if "GFR007" in checks:
             for _, module in named:
                 for _, tensor in self._all_tensors(module):
                     if not _lazy(tensor) and tensor.is_inference():
-                        self._inference_at_entry.add(id(tensor))
+                        self._inference_at_entry[id(tensor)] = tensor
 
     def findings(self) -> list[Finding]:
         """Every difference between entry and now that breaks the evaluation contract."""
@@ -297,24 +298,51 @@ class StateSnapshot:
 
     def _inference_tensors(self) -> list[Finding]:
         found: list[Finding] = []
+        inherited: list[tuple[str, str]] = []  # (module name, tensor) inference at entry
         for name, module in self._named:
             for what, tensor in self._all_tensors(module):
                 if _lazy(tensor) or not tensor.is_inference():
                     continue
+                if self._inference_at_entry.get(id(tensor)) is tensor:
+                    inherited.append((name, what))
+                    continue
                 label = module_label(name, type(module).__name__)
-                already = (
-                    " (it already was at entry)" if id(tensor) in self._inference_at_entry else ""
-                )
                 message = (
-                    f"{label}: {what} is an inference tensor at exit{already}: it was made "
-                    "inside torch.inference_mode() and kept as model state, so the next "
-                    "training step that uses it fails ('Inference tensors cannot be saved "
-                    "for backward'). Fix: evaluate with gf.inference(model) (no_grad) when "
-                    "the forward writes module state, or store a .clone() made outside "
+                    f"{label}: {what} is an inference tensor at exit: it was made inside "
+                    "torch.inference_mode() during the audit and kept as model state, so the "
+                    "next training step that uses it fails ('Inference tensors cannot be "
+                    "saved for backward'). Fix: evaluate with gf.inference(model) (no_grad) "
+                    "when the forward writes module state, or store a .clone() made outside "
                     "inference_mode."
                 )
                 found.append(Finding("GFR007", message, name, {"tensor": what}))
+        if inherited:
+            found.append(_inherited_inference_state(inherited))
         return found
+
+
+def _inherited_inference_state(tensors: list[tuple[str, str]]) -> Finding:
+    """One finding for model state that already was inference tensors when the audit began.
+
+    A model built or loaded under ``torch.inference_mode()`` has every parameter in this
+    state: one finding for all of them, since the block did not cause it.
+    """
+    qualified = []
+    for name, what in tensors:  # "parameter weight" in module "0" -> "parameter 0.weight"
+        kind, attr = what.split(" ", 1)
+        qualified.append(f"{kind} {name}.{attr}" if name else what)
+    shown = "; ".join(qualified[:3]) + ("; ..." if len(qualified) > 3 else "")
+    modules = {name for name, _ in tensors}
+    module = modules.pop() if len(modules) == 1 else ""
+    message = (
+        f"{len(tensors)} parameter(s), buffer(s) or tensor attribute(s) of the audited "
+        f"modules were already inference tensors when the audit began ({shown}): the model "
+        "was built or loaded inside torch.inference_mode(), so a training step that uses "
+        "them fails ('Inference tensors cannot be saved for backward'). Fix: build or load "
+        "the model outside inference_mode (or replace these tensors with .clone()s made "
+        "outside it)."
+    )
+    return Finding("GFR007", message, module, {"tensors": qualified, "at_entry": True})
 
 
 def _flag(training: bool) -> str:
