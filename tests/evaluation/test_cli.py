@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -146,6 +147,31 @@ def test_registry_names_resolve(
     assert table_rows(capsys.readouterr().out) == {"acc": "0.75"}
 
 
+def test_builtin_sentiment_target(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # gradfence serve's default model on (the first 24 of) its held-out tweets
+    pytest.importorskip("transformers")
+    serve_model = pytest.importorskip("gradfence.serve.model")
+    first = serve_model.TweetDataset(serve_model.heldout_dataset().items[:24])
+    monkeypatch.setattr(serve_model, "heldout_dataset", lambda: first)
+    argv = ["eval", "--model", "sentiment", "--data", "sentiment-heldout", "--batch-size", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(24 samples, batch size 8)" in out
+    rows = table_rows(out)
+    assert list(rows) == ["acc", "loss"]
+    # the same texts through the model by hand, in eval mode and without grad
+    model = serve_model.load_default()
+    texts = [text for text, _ in first.items]
+    labels = torch.tensor([label for _, label in first.items])
+    with torch.no_grad():
+        logits = model(texts)
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    assert float(rows["acc"]) == pytest.approx(accuracy, abs=1e-6)
+    assert float(rows["loss"]) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -193,6 +219,19 @@ def test_json_that_cannot_be_written_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith(f"gradfence: error: --json '{tmp_path}': cannot write: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_progress_bar_only_on_a_terminal_unless_turned_off(
+    no_progress: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--model", "toy", "--data", "toy", *(["--no-progress"] * no_progress)]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal: never a bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("evaluate" in err and "/8" in err) is not no_progress  # 8 batches of 64
 
 
 def test_device_option_moves_the_model(capsys: pytest.CaptureFixture[str]) -> None:

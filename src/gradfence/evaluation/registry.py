@@ -5,10 +5,10 @@ Models and datasets are *factories*: callables taking no argument that return an
 :data:`MODELS`/:data:`DATASETS`, or ``module.path:callable``, or
 ``path/to/file.py:callable``. A built-in is registered by adding its
 ``"module:callable"`` string here, so nothing is imported until it is used, e.g.
-(the names on the right are illustrative)::
+(the ``sentiment`` pair needs ``pip install 'gradfence[serve]'``)::
 
-    MODELS["sentiment"] = "gradfence.serve.eval_targets:sentiment_model"
-    DATASETS["sentiment-heldout"] = "gradfence.serve.eval_targets:heldout_tweets"
+    MODELS["sentiment"] = "gradfence.serve.model:load_default"
+    DATASETS["sentiment-heldout"] = "gradfence.serve.model:heldout_dataset"
 
 Batches are collated by the default ``DataLoader``: a dataset of ``(text, label)`` pairs
 gives ``(list_of_texts, label_tensor)``, so such a model must take a list of strings and
@@ -31,11 +31,15 @@ from gradfence.errors import GradfenceError
 # name -> "module:callable" returning an nn.Module
 MODELS: dict[str, str] = {
     "toy": "gradfence.evaluation.toy:toy_model",
+    # gradfence serve's default model: texts -> logits (negative, neutral, positive)
+    "sentiment": "gradfence.serve.model:load_default",
 }
 
 # name -> "module:callable" returning a Dataset (or a DataLoader) of (inputs, target)
 DATASETS: dict[str, str] = {
     "toy": "gradfence.evaluation.toy:toy_dataset",
+    # its held-out tweets: (text, label) pairs never seen in training
+    "sentiment-heldout": "gradfence.serve.model:heldout_dataset",
 }
 
 
