@@ -124,15 +124,19 @@ def _without_noqa(found: list[Diagnostic], lines: list[str]) -> Iterable[Diagnos
             yield diagnostic
 
 
-def source_encoding(raw: bytes) -> str | None:
-    """The encoding Python would read ``raw`` with (BOM, coding cookie, else UTF-8);
-    None when the bytes do not decode with it."""
+def decode_source(raw: bytes) -> tuple[str, str | None]:
+    """Decode as Python would (BOM, coding cookie, else UTF-8): the text and the encoding,
+    or text with U+FFFD replacements and ``None`` when the bytes do not decode."""
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
-        raw.decode(encoding)
+        return raw.decode(encoding), encoding
     except (SyntaxError, LookupError, UnicodeDecodeError):
-        return None
-    return encoding
+        return raw.decode("utf-8", errors="replace"), None
+
+
+def source_encoding(raw: bytes) -> str | None:
+    """The encoding Python reads ``raw`` with; None when the bytes do not decode with it."""
+    return decode_source(raw)[1]
 
 
 def read_source(path: str) -> str:
@@ -141,11 +145,7 @@ def read_source(path: str) -> str:
     Undecodable bytes become U+FFFD, so that the rest of the file is still checked.
     """
     with open(path, "rb") as handle:
-        raw = handle.read()
-    encoding = source_encoding(raw)
-    if encoding is None:
-        return raw.decode("utf-8", errors="replace")
-    return raw.decode(encoding)
+        return decode_source(handle.read())[0]
 
 
 def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileResult:

@@ -445,7 +445,7 @@ class Walker:
                 if case.guard is not None:
                     self.expr(case.guard)
                 self.block(case.body)
-        else:
+        elif self.is_hot(node):
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.expr):
                     self.expr(child)

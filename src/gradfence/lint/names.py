@@ -50,13 +50,12 @@ FRAMEWORK_EVAL_HOOKS = frozenset(
 
 
 # cheap substring test before splitting an identifier into words
-_EVAL_HINTS = ("val", "test", "pred", "infer", "dev")
+_EVAL_HINTS = re.compile("val|test|pred|infer|dev", re.IGNORECASE)
 
 
 def might_evaluate(name: str) -> bool:
     """Fast pre-check: could ``name`` contain an evaluation or loader word at all?"""
-    lowered = name.lower()
-    return any(hint in lowered for hint in _EVAL_HINTS)
+    return _EVAL_HINTS.search(name) is not None
 
 
 def tokens(name: str) -> set[str]:
