@@ -102,3 +102,16 @@ def test_model_left_in_train_mode_cannot_start() -> None:
     with pytest.raises(RuntimeError, match="train mode"):
         batcher.start()
     assert not batcher.alive
+
+
+def test_length_groups_bound_padding_and_keep_every_index() -> None:
+    from gradfence.serve.model import length_groups
+
+    lengths = [12, 60, 14, 31, 13, 58, 30, 11, 64, 29, 15, 12]
+    groups = length_groups(lengths, max_padding=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) * len(group) <= 1.25 * real
+    assert len(groups) == 3  # short, middle and long tweets
+    assert length_groups([7] * 32) == [list(range(32))]

@@ -25,7 +25,8 @@ from gradfence.serve.model import (
 from .conftest import ServerFactory
 
 CLEAR = {
-    "I love this phone, it is absolutely wonderful!": "positive",
+    "I love this phone, it is absolutely wonderful! The screen is bright, the battery lasts "
+    "for days and the camera takes beautiful pictures even at night.": "positive",
     "This is the worst customer service ever, I hate it.": "negative",
     "Great job, thank you so much, amazing work": "positive",
     "terrible, broken again, what a disaster": "negative",
@@ -53,6 +54,9 @@ def test_default_model_is_a_plain_module_for_benchmarks() -> None:
         logits = model(texts)
     assert logits.shape == (len(texts), len(LABELS)) and not logits.requires_grad
     assert [LABELS[i] for i in logits.argmax(1).tolist()] == list(CLEAR.values())
+    with gf.inference(model):  # texts of different lengths run in length groups
+        alone = torch.cat([model([t]) for t in texts])
+    assert torch.allclose(logits, alone, atol=1e-5)
     loader = torch.utils.data.DataLoader(heldout_dataset(), batch_size=4)
     batch_texts, labels = next(iter(loader))
     assert isinstance(batch_texts[0], str) and labels.dtype == torch.int64

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,45 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dic
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
+def length_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices grouped by similar length, so padding adds at most ``max_padding`` tokens.
+
+    A batch is padded to its longest text: on a CPU, where time follows the number of
+    tokens, a batch of tweets of 10 to 60 tokens spends about half its time on padding.
+    Sorted by length, a group is closed when padding it to its longest member would add
+    more than ``max_padding`` times its real tokens.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        longest = lengths[index]
+        if current and longest * (len(current) + 1) > (1 + max_padding) * (real + longest):
+            groups.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_in_length_groups(
+    tokenizer: Any, texts: Sequence[str], run: Callable[[Sequence[str]], Tensor]
+) -> Tensor:
+    """``run(texts)`` computed group by group (see :func:`length_groups`), rows in order."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)["input_ids"]
+    groups = length_groups([len(ids) for ids in encoded])
+    if len(groups) == 1:
+        return run(texts)
+    parts = [run([texts[i] for i in group]) for group in groups]
+    order = torch.tensor([i for group in groups for i in group])
+    rows = torch.cat(parts)
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 class SentenceEncoder(nn.Module):
     """A BERT-style encoder plus mean pooling over real tokens and L2 normalisation."""
 
@@ -102,7 +141,10 @@ class SentenceEncoder(nn.Module):
         self.dim = int(config.hidden_size)
 
     def forward(self, texts: Sequence[str]) -> Tensor:
-        """One unit-length embedding per text."""
+        """One unit-length embedding per text (texts of similar length run together)."""
+        return run_in_length_groups(self.tokenizer, texts, self._embed)
+
+    def _embed(self, texts: Sequence[str]) -> Tensor:
         batch = _tokenize(self.tokenizer, texts, next(self.bert.parameters()).device)
         hidden = self.bert(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -159,7 +201,10 @@ class HFSequenceClassifier(TextClassifier):
         self.model_id = model_id
 
     def forward(self, texts: Sequence[str]) -> Tensor:
-        """The checkpoint's logits, one row per text."""
+        """The checkpoint's logits, one row per text (texts of similar length run together)."""
+        return run_in_length_groups(self.tokenizer, texts, self._logits)
+
+    def _logits(self, texts: Sequence[str]) -> Tensor:
         batch = _tokenize(self.tokenizer, texts, self._device())
         out: Tensor = self.model(**batch).logits
         return out
