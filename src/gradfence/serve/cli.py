@@ -26,6 +26,7 @@ def register(subparsers: Any) -> None:
         "--model-dir",
         type=Path,
         default=None,
+        metavar="DIR",
         help="a local Hugging Face sequence-classification checkpoint "
         "(safetensors only) instead of the embedded default",
     )
@@ -65,7 +66,11 @@ def register(subparsers: Any) -> None:
         help="uvicorn (default) or Ray Serve (extra 'ray')",
     )
     parser.add_argument(
-        "--replicas", type=int, default=1, help="Ray Serve replicas (--backend ray only; default 1)"
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Ray Serve replicas (--backend ray only; default 1)",
     )
     parser.add_argument(
         "--log-level",
