@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -277,3 +278,17 @@ def test_metrics_exposes_the_documented_series(serve_model: ServerFactory) -> No
     assert 'route="/v1/predict",status="200"' in text
     assert httpx.get(f"{server.url}/nope").status_code == 404
     assert 'route="other"' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_one_debug_log_line_per_request(
+    serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve_model(StubClassifier())
+    with caplog.at_level(logging.DEBUG, logger="gradfence.serve"):
+        predict(server, {"texts": ["b"]})
+        predict(server, {"texts": []})
+    lines = [r.getMessage() for r in caplog.records if r.name == "gradfence.serve"]
+    assert [line.rsplit(" ", 1)[0] for line in lines] == [
+        "POST /v1/predict 200",
+        "POST /v1/predict 422",
+    ]
