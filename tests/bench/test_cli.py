@@ -65,6 +65,25 @@ USER_MODELS = textwrap.dedent(
 
     def broken():
         raise RuntimeError("weights not found\\nsecond line")
+
+
+    class CharCodes(nn.Module):
+        # a 'text model': tokenizes inside, one row of 6 character codes per text
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, texts):
+            codes = torch.tensor([[float(ord(c)) for c in t[:6].ljust(6)] for t in texts])
+            return torch.tanh(codes * self.scale).sum(dim=1)
+
+
+    def text_model():
+        return CharCodes()
+
+
+    def texts(size):
+        return ["gradfence"] * size
     """
 )
 
@@ -268,6 +287,38 @@ def test_factory_from_an_importable_module(
     assert doc["results"][0]["peak_memory_baseline_bytes"] > 0
 
 
+def test_a_text_model_takes_a_list_of_texts(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "text.json"
+    status, _, err = bench(
+        ["--model", f"{user_file}:text_model", "--input", f"{user_file}:texts",
+         "--batch-sizes", "3", "--modes", "grad,inference_mode", "--repeats", "1",
+         "--json", str(path)],
+        capsys,
+    )  # fmt: skip
+    assert status == 0, err
+    grad, inference = json.loads(path.read_text())["results"]
+    # made inside forward: codes (saved by mul, next to the parameter) and tanh's result
+    assert grad["saved_for_backward_bytes"] == 2 * 3 * 6 * F32
+    assert inference["saved_for_backward_bytes"] == 0
+
+
+def test_builtin_sentiment_resolves_to_the_serve_model() -> None:
+    pytest.importorskip("transformers")
+    from gradfence.bench.builtins import BUILTINS, sentiment_input
+    from gradfence.bench.factories import load, workload
+    from gradfence.serve.model import heldout_dataset, load_default
+
+    chosen = workload("sentiment", None)
+    assert load(chosen.model_spec, "--model") is load_default
+    heldout = [text for text, _ in heldout_dataset().items]
+    assert load(chosen.input_spec, "--input") is sentiment_input
+    assert sentiment_input(3) == heldout[:3]
+    assert chosen.make_input(2) == heldout[:2]  # a list of texts is a valid model input
+    assert "needs gradfence[serve]" in BUILTINS["sentiment"].description
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "cuda.json"
@@ -287,7 +338,7 @@ def test_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "resnet"], "unknown model 'resnet': use a built-in (cnn, mlp)"),
+        (["--model", "resnet"], "unknown model 'resnet': use a built-in (cnn, mlp, sentiment)"),
         (["--model", "pkg:build"], "--model pkg:build needs --input MODULE:FACTORY"),
         (["--batch-sizes", "1,0"], "--batch-sizes: '0' is not a positive integer"),
         (["--batch-sizes", "8,x"], "--batch-sizes: 'x' is not a positive integer"),

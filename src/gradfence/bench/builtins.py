@@ -11,8 +11,9 @@ model is one entry::
     )
 
 ``model`` is called with no arguments and returns an ``nn.Module``; ``input`` is called
-with the batch size and returns the model input (a tensor, a tuple of positional
-arguments, or a mapping of keyword arguments: see :func:`gradfence.bench.measure.call`).
+with the batch size and returns the model input (a tensor, a list of texts, a tuple of
+positional arguments, or a mapping of keyword arguments: see
+:func:`gradfence.bench.measure.call`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ BUILTINS: dict[str, Builtin] = {
         "inputs of shape (B, 3, 32, 32)",
         model="gradfence.bench.builtins:build_cnn",
         input="gradfence.bench.builtins:cnn_input",
+    ),
+    "sentiment": Builtin(
+        "gradfence serve's default sentiment model (all-MiniLM-L6-v2 encoder and a linear "
+        "head; needs gradfence[serve]), inputs: lists of held-out tweets",
+        model="gradfence.serve.model:load_default",
+        input="gradfence.bench.builtins:sentiment_input",
     ),
 }
 
@@ -95,3 +102,11 @@ def cnn_input(batch_size: int) -> torch.Tensor:
     import torch
 
     return torch.randn(batch_size, 3, 32, 32)
+
+
+def sentiment_input(batch_size: int) -> list[str]:
+    """A batch for ``sentiment``: the first ``batch_size`` held-out tweets (repeated if needed)."""
+    from gradfence.serve.data import load_tweets
+
+    texts = [tweet.text for tweet in load_tweets("heldout")]
+    return [texts[index % len(texts)] for index in range(batch_size)]

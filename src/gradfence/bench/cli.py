@@ -41,8 +41,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--input",
         metavar="MODULE:FACTORY",
-        help="a factory batch_size -> model input (a tensor, a tuple of positional "
-        "arguments or a dict of keyword arguments); built-ins provide their own",
+        help="a factory batch_size -> model input (a tensor, a list of texts, a tuple of "
+        "positional arguments or a dict of keyword arguments); built-ins provide their own",
     )
     parser.add_argument(
         "--batch-sizes",

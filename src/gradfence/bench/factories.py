@@ -61,12 +61,18 @@ class Workload:
         factory = load(self.input_spec, "--input")
         torch.manual_seed(SEED)
         value = _call(factory, self.input_spec, batch_size)
-        if not tensors_in(value):
+        if not tensors_in(value) and not _is_texts(value):
             raise UsageError(
                 f"input factory {self.input_spec} returned {type(value).__name__} holding no "
-                "tensor: return a tensor, a tuple of arguments or a dict of keyword arguments"
+                "tensor: return a tensor, a list of texts, a tuple of arguments or a dict of "
+                "keyword arguments"
             )
         return value
+
+
+def _is_texts(value: Any) -> bool:
+    """A non-empty list of strings: the input of a text model (it tokenizes inside)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def workload(model: str, input_spec: str | None) -> Workload:
