@@ -398,9 +398,11 @@ class Walker:
         self.grad_with = 0  # grad-mode ``with`` blocks open in the current function
 
     def run(self) -> None:
-        """Walk the whole module."""
+        """Walk the whole module; leave every function's calls in source order."""
         self.block(self.model.tree.body)
-
+        for function in self.model.functions:
+            if function.calls:
+        
     # -- statements -------------------------------------------------------------------
 
     def block(self, body: list[ast.stmt]) -> None:

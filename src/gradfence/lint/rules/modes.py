@@ -387,6 +387,17 @@ def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) ->
     return False
 
 
+def _helper_evaluates_before(model: FileModel, function: FunctionModel, limit: Pos) -> bool:
+    """``prepare(model)`` before the forward, where ``prepare`` calls ``.eval()``."""
+    for call in function.calls:
+        if pos(call.node) >= limit:
+            break  # calls are sorted by position
+        for callee in resolve_callees(model, call):
+            if callee is not function and any(is_eval_call(c) for c in callee.calls):
+                return True
+    return False
+
+
 def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
     """First forward of each module in an evaluation context, per function (cached)."""
     cached: list[tuple[FunctionModel, CallEvent, str]] | None = getattr(model, "_forwards", None)
@@ -580,6 +591,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
         if _locally_loaded(model, function, target, here):
             continue
         if _set_up_elsewhere(model, function, target):
+            continue
+        if _helper_evaluates_before(model, function, here):
             continue
         yield call.node, f"`{target}` is run for evaluation without `{target}.eval()` first", None
 
