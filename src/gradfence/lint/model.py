@@ -402,7 +402,8 @@ class Walker:
         self.block(self.model.tree.body)
         for function in self.model.functions:
             if function.calls:
-        
+                function.calls.sort(key=_call_pos)
+
     # -- statements -------------------------------------------------------------------
 
     def block(self, body: list[ast.stmt]) -> None:
@@ -508,7 +509,6 @@ class Walker:
         ):
             self.block(node.body)
         # else: no word any rule looks for, and no context that needs every call: skip it
-        function.calls.sort(key=_call_pos)
         (self.function, self.cls, self.mode, self.loop, self.training_guard, self.grad_with) = saved
         self.full = saved_full
 
