@@ -88,6 +88,53 @@ def test_transformer_fast_path_is_kept(mixed: Mixed) -> None:
     assert torch.equal(plain, audited)
 
 
+class PaddedEncoder(nn.TransformerEncoder):
+    """A user subclass of a fast-path module: its own forward, then torch's fused path."""
+
+    def forward(self, src: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(src, *args, **kwargs)
+
+
+def _global_hooks_left() -> int:
+    from torch.nn.modules import module
+
+    return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("encoder_class", [nn.TransformerEncoder, PaddedEncoder])
+def test_fused_path_with_padding_mask_is_kept(
+    encoder_class: type[nn.TransformerEncoder], nested: bool
+) -> None:
+    # TransformerEncoderLayer leaves its fused path when any module inside it has a
+    # forward hook; with a padding mask the two paths differ in the last bits.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    encoder = encoder_class(layer, 2, enable_nested_tensor=nested).eval()
+    x = torch.randn(4, 7, 16)
+    padding = torch.zeros(4, 7, dtype=torch.bool)
+    padding[:, 5:] = True
+    with torch.no_grad():
+        plain = encoder(x, src_key_padding_mask=padding)
+        with gf.audit(encoder) as report:
+            audited = encoder(x, src_key_padding_mask=padding)
+    assert report.ok, report.format()
+    assert torch.equal(plain, audited)
+    assert _hooks_left(encoder) == _global_hooks_left() == 0
+
+
+def test_dropout_inside_a_transformer_layer_is_still_seen() -> None:
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    with gf.audit(encoder) as report, torch.no_grad():  # validation left in train mode
+        encoder(torch.randn(2, 5, 16))
+    modules = {finding.module for finding in report.findings}
+    assert report.codes() == ["GFR005"] * len(modules)
+    assert {"layers.0.dropout1", "layers.1.self_attn"} <= modules
+    assert _global_hooks_left() == 0
+
+
 def test_every_hook_and_mode_is_removed(mixed: Mixed) -> None:
     with gf.audit(mixed, strict=True), gf.inference(mixed):
         assert _hooks_left(mixed) > 0

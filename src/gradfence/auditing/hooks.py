@@ -35,6 +35,10 @@ from torch import nn
 from torch.jit._script import RecursiveScriptModule
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from gradfence.auditing.collector import Collector, module_label
@@ -160,6 +164,9 @@ class Probe:
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
         roots = {id(module) for module in self._roots}
+        fused = _fused_subtrees(self._named)
+        pre_table: dict[int, Callable[[nn.Module, Any], None]] = {}
+        post_table: dict[int, Callable[[nn.Module, Any, Any], None]] = {}
         scripted: list[str] = []
         try:
             for name, module in self._named:
@@ -171,19 +178,28 @@ class Probe:
                 # torch's own mode-governed modules run with the watch off: their
                 # dropout follows their flag, which `check` reads, and the watch would
                 # only slow down (fast-path modules: change) what they compute.
-                suspend = (
-                    self._mode is not None
-                    and not user
-                    and (isinstance(module, _FAST_PATH) or check is not None)
+                # A user subclass of a fast-path module too: its super().forward() takes
+                # the fused path only with no mode on (the subclass's own functional
+                # dropout goes unwatched, see docs/audit.md, Limits).
+                suspend = self._mode is not None and (
+                    isinstance(module, _FAST_PATH) or (not user and check is not None)
                 )
                 entry = id(module) in roots or bool(module._modules) or user
-                if entry or suspend:
+                if id(module) in fused:  # see _fused_subtrees: hooked from the outside
+                    if entry or suspend:
+                        pre_table[id(module)] = self._pre(check, suspend, user)
+                        post_table[id(module)] = self._post(name, module)
+                    elif check is not None:
+                        pre_table[id(module)] = _checker(check)
+                elif entry or suspend:
                     pre = self._pre(check, suspend, user)
                     self._handles.append(module.register_forward_pre_hook(pre))
                     post = self._post(name, module)
                     self._handles.append(module.register_forward_hook(post, always_call=True))
                 elif check is not None:
                     self._handles.append(module.register_forward_pre_hook(_checker(check)))
+            if pre_table:
+                self._handles.extend(_global_hooks(pre_table, post_table))
         except BaseException:
             self.remove()
             raise
@@ -333,6 +349,47 @@ class Probe:
             )
 
         return check
+
+
+def _fused_subtrees(named: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of every ``TransformerEncoderLayer`` and of every module inside one.
+
+    Its fused fast path is off whenever any module of its subtree has a forward hook of
+    its own (``torch/nn/modules/transformer.py``: "forward pre-/hooks are attached to the
+    module"), and its results then differ in the last bits. Those modules are hooked
+    through global module hooks instead, which that check does not see.
+    """
+    fused: set[int] = set()
+    for _, module in named:
+        if isinstance(module, nn.TransformerEncoderLayer) and id(module) not in fused:
+            fused.update(id(inner) for inner in module.modules())
+    return fused
+
+
+def _global_hooks(
+    pre_table: dict[int, Callable[[nn.Module, Any], None]],
+    post_table: dict[int, Callable[[nn.Module, Any, Any], None]],
+) -> list[RemovableHandle]:
+    """A global pre-hook and ``always_call`` post-hook dispatching to the tables by id.
+
+    Every module call in the process goes through them while the audit runs; for
+    modules outside the tables they are one dict lookup.
+    """
+    find_pre, find_post = pre_table.get, post_table.get
+
+    def pre_hook(module: nn.Module, args: Any) -> None:
+        hook = find_pre(id(module))
+        if hook is not None:
+            hook(module, args)
+
+    def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        hook = find_post(id(module))
+        if hook is not None:
+            hook(module, args, output)
+
+    handles = [register_module_forward_pre_hook(pre_hook)]
+    handles.append(register_module_forward_hook(post_hook, always_call=True))
+    return handles
 
 
 def _checker(check: Callable[[nn.Module], None]) -> Callable[[nn.Module, Any], None]:
