@@ -7,7 +7,15 @@ from collections.abc import Iterator
 
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
-from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel, Pos, pos
+from gradfence.lint.model import (
+    CallEvent,
+    FileModel,
+    FunctionModel,
+    LoopModel,
+    Pos,
+    mentions_training,
+    pos,
+)
 from gradfence.lint.names import tokens
 from gradfence.lint.rules.evidence import (
     callers,
@@ -767,8 +775,6 @@ def _first_arg(function: FunctionModel) -> str | None:
 
 
 def _depends_on_training(function: FunctionModel, value: ast.expr) -> bool:
-    from gradfence.lint.model import mentions_training
-
     if mentions_training(value):
         return True
     if isinstance(value, ast.Name):

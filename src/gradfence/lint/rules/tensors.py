@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.diagnostics import Fix
+from gradfence.lint.diagnostics import Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     AssignEvent,
@@ -210,15 +210,12 @@ def _names_feeding_backward(function: FunctionModel) -> set[str]:
     return feeding
 
 
-def _detach_fix(name: ast.Name, text: object) -> Fix:
-    from gradfence.lint.diagnostics import SourceText
-
-    assert isinstance(text, SourceText)
+def _detach_fix(name: ast.Name, text: SourceText) -> Fix:
     return Fix(f"Detach: `{name.id}.detach()`", (text.insert_after(name, ".detach()"),))
 
 
 def _accumulation(
-    assign: AssignEvent, tainted: set[str], roots: set[str], rebound: set[str], text: object
+    assign: AssignEvent, tainted: set[str], roots: set[str], rebound: set[str], text: SourceText
 ) -> Hit | None:
     node = assign.node
     if assign.mode.no_graph or assign.value is None:
