@@ -18,6 +18,8 @@ from gradfence.lint.names import is_eval_loader, is_eval_name, might_evaluate, t
 from gradfence.lint.scopes import GradMode, last_name, mode_of_context, mode_of_set_call
 
 Pos = tuple[int, int]
+# ``try``, and ``try``/``except*`` on Python 3.11+
+_TRY_KINDS: tuple[type, ...] = (ast.Try, getattr(ast, "TryStar", ast.Try))
 
 _EXECUTOR_CTORS = frozenset(
     {
@@ -436,7 +438,7 @@ class Walker:
             self.function.returns.append(node)  # type: ignore[arg-type]
             if node.value is not None:  # type: ignore[attr-defined]
                 self.expr(node.value)  # type: ignore[attr-defined]
-        elif kind is ast.Try or kind is ast.TryStar:
+        elif kind in _TRY_KINDS:
             self.block(node.body)  # type: ignore[attr-defined]
             for handler in node.handlers:  # type: ignore[attr-defined]
                 self.block(handler.body)
