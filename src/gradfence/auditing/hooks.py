@@ -21,6 +21,8 @@ RNN families) and those with a fused fast path (``TransformerEncoder(Layer)``,
 ``MultiheadAttention``) run with the mode popped: the first only pay for it (every op
 through ``__torch_function__`` costs microseconds), and for the second an active
 torch-function mode disables the fused path, which changes the results in the last bits.
+``TransformerEncoderLayer`` also leaves its fused path when a module of its subtree has
+a hook of its own, so that subtree is hooked through global module hooks instead.
 """
 
 from __future__ import annotations
