@@ -40,6 +40,12 @@ def _hooks_left(model: nn.Module) -> int:
     )
 
 
+def _global_hooks_left() -> int:
+    from torch.nn.modules import module
+
+    return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+
+
 @pytest.fixture
 def mixed() -> Mixed:
     torch.manual_seed(0)
@@ -95,12 +101,6 @@ class PaddedEncoder(nn.TransformerEncoder):
         return super().forward(src, *args, **kwargs)
 
 
-def _global_hooks_left() -> int:
-    from torch.nn.modules import module
-
-    return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
-
-
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("encoder_class", [nn.TransformerEncoder, PaddedEncoder])
@@ -138,8 +138,9 @@ def test_dropout_inside_a_transformer_layer_is_still_seen() -> None:
 def test_every_hook_and_mode_is_removed(mixed: Mixed) -> None:
     with gf.audit(mixed, strict=True), gf.inference(mixed):
         assert _hooks_left(mixed) > 0
+        assert _global_hooks_left() == 2  # for the layers of the TransformerEncoder
         mixed(torch.randn(2, 5, 8))
-    assert _hooks_left(mixed) == 0
+    assert _hooks_left(mixed) == _global_hooks_left() == 0
     assert torch._C._len_torch_function_stack() == 0
 
 
@@ -147,7 +148,7 @@ def test_cleanup_when_the_body_raises(mixed: Mixed) -> None:
     with pytest.raises(KeyError), gf.audit(mixed), gf.inference(mixed):
         mixed(torch.randn(2, 5, 8))
         raise KeyError("boom")
-    assert _hooks_left(mixed) == 0
+    assert _hooks_left(mixed) == _global_hooks_left() == 0
     assert torch._C._len_torch_function_stack() == 0
 
 
