@@ -392,6 +392,31 @@ def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("raise RuntimeError('no GPU here\\nsecond line')\n", "RuntimeError: no GPU here"),
+        ("def f(:\n", "SyntaxError: "),
+    ],
+)
+def test_a_module_failing_to_import_is_one_line_and_exit_2(
+    source: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "fails_on_import.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--model", "fails_on_import:build", "--input", "fails_on_import:batch"]
+    status, out, err = bench(args, capsys)
+    assert (status, out) == (2, "")
+    assert err.startswith(
+        "gradfence: error: --model 'fails_on_import:build': cannot import fails_on_import: "
+    )
+    assert message in err and err.count("\n") == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_without_a_device_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = bench(["--device", "cuda"], capsys)

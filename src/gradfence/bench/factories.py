@@ -121,8 +121,10 @@ def load(spec: str, option: str) -> Any:
             sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UsageError(f"{option} {spec!r}: cannot import {target}: {exc}") from None
+        except Exception as exc:  # not only ImportError: the module's own code may raise
+            raise UsageError(
+                f"{option} {spec!r}: cannot import {target}: {_one_line(exc)}"
+            ) from None
     obj: Any = module
     for part in attr.split("."):
         try:
