@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -202,6 +203,34 @@ def test_gfr003_submodule_called_directly(model: Classifier) -> None:
         model.encoder(torch.randn(4, 6))  # e.g. an embed() helper calling a submodule
     assert report.codes() == ["GFR003"]
     assert report.findings[0].module == "encoder"
+
+
+@dataclass
+class Detections:
+    boxes: torch.Tensor
+    scores: torch.Tensor
+
+
+class Detector(nn.Module):
+    """Returns an output record (a dataclass), as detection and segmentation models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(6, 8)
+
+    def forward(self, x: torch.Tensor) -> Detections:
+        features = self.backbone(x)
+        return Detections(features[:, :4], features[:, 4:].sigmoid())
+
+
+def test_gfr003_output_record() -> None:
+    model = Detector().eval()
+    with gf.audit(model) as report:
+        model(torch.randn(2, 6))  # eval() alone: the record's tensors carry a graph
+    assert report.codes() == ["GFR003"]
+    with gf.audit(model) as report, torch.no_grad():
+        model(torch.randn(2, 6))
+    assert report.ok, report.format()
 
 
 # --- GFR004: parameters or buffers mutated -------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import torch
@@ -109,7 +110,10 @@ def _put_back(mode: DropoutWatch | None, depth: int) -> None:
 
 
 def _carries_graph(output: Any, depth: int = 0) -> bool:
-    """True when a tensor in ``output`` (nested up to 3 levels) requires grad."""
+    """True when a tensor in ``output`` (nested up to 3 levels) requires grad.
+
+    Looks into lists, tuples, dicts and dataclass instances (model output records).
+    """
     if isinstance(output, torch.Tensor):
         return output.requires_grad
     if depth >= 3:
@@ -118,6 +122,9 @@ def _carries_graph(output: Any, depth: int = 0) -> bool:
         return any(_carries_graph(item, depth + 1) for item in output)
     if isinstance(output, dict):
         return any(_carries_graph(item, depth + 1) for item in output.values())
+    if is_dataclass(output) and not isinstance(output, type):
+        items = (getattr(output, field.name, None) for field in fields(output))
+        return any(_carries_graph(item, depth + 1) for item in items)
     return False
 
 
