@@ -13,6 +13,8 @@ from typing import Any
 from gradfence.errors import GradfenceError
 from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
 
+MODES = ("no_grad", "inference_mode")  # --mode
+
 
 def register(subparsers: Any) -> None:
     metric_help = "; ".join(f"{name}: {metric.help}" for name, metric in METRICS.items())
@@ -50,11 +52,10 @@ def register(subparsers: Any) -> None:
             "Classification metrics take the model output as logits of shape (N, classes)."
         ),
     )
-    # --batch-size and --mode are checked in run(), so bad values are one line, not a usage dump
+    # numbers and --mode are checked in run(), so bad values are one line, not a usage dump
     parser.add_argument("--batch-size", default="64", metavar="N", help="default: 64")
     parser.add_argument(
         "--num-classes",
-        type=int,
         metavar="K",
         help="for classification metrics; default: the width of the model's output on batch 1",
     )
@@ -86,11 +87,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise UsageError(f"unknown metric {unknown[0]!r} (known: {', '.join(sorted(METRICS))})")
-    batch_size = _batch_size(args.batch_size)
+    batch_size = _int_option("--batch-size", args.batch_size, minimum=1)
     if args.mode not in MODES:
         raise UsageError(f"--mode: unknown mode {args.mode!r}, use {' or '.join(MODES)}")
-    if args.num_classes is not None and args.num_classes < 2:
-        raise UsageError(f"--num-classes must be >= 2, got {args.num_classes}")
+    num_classes = None
+    if args.num_classes is not None:
+        num_classes = _int_option("--num-classes", args.num_classes, minimum=2)
     json_path = _json_path(args.json)
 
     device = _device(args.device)
@@ -100,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
     import gradfence as gf
 
-    num_classes = args.num_classes
     if num_classes is None and any(METRICS[name].needs_classes for name in names):
         with _failures_as_usage_errors(args):
             num_classes = _output_width(model, loader, device)
@@ -144,14 +145,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-MODES = ("no_grad", "inference_mode")
-
-
-def _batch_size(text: str) -> int:
+def _int_option(option: str, text: str, minimum: int) -> int:
     from gradfence.cli import UsageError
 
-    if not text.strip().isdigit() or int(text) < 1:
-        raise UsageError(f"--batch-size: {text!r} is not a positive integer")
+    if not text.strip().isdigit() or int(text) < minimum:
+        raise UsageError(f"{option}: {text!r} is not an integer >= {minimum}")
     return int(text)
 
 
