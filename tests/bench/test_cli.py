@@ -435,3 +435,17 @@ def test_progress_bar_on_a_terminal(
     # repeats + saved-bytes pass + peak memory: 5 steps, the last one labelled
     assert "5/5" in err and "peak memory" in err
     assert "5/5" not in out
+
+
+def test_the_cli_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gradfence.cli as c; c.build_parser(); import gradfence.bench.cli; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"  # `gradfence --help` and `bench --help` start fast
