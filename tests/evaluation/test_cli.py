@@ -99,6 +99,9 @@ FACTORIES = textwrap.dedent(
     def broken():
         raise RuntimeError("weights not found\\nsecond line")
 
+    def empty():
+        return []
+
     def five_features():
         return TensorDataset(torch.ones(4, 5), torch.zeros(4, dtype=torch.long))
     """
@@ -200,6 +203,8 @@ def test_builtin_sentiment_target(
         # ... or inside gf.evaluate (a target of class 2 with --num-classes 2)
         (["--model", "toy", "--data", "toy", "--num-classes", "2"],
          "evaluating --model 'toy' on --data 'toy' failed: ValueError: "),
+        (["--model", "toy", "--data", "my_factories:empty", "--num-classes", "3"],
+         "--data 'my_factories:empty' returned an empty dataset"),
         (["--model", "toy", "--data", "toy", "--json", "no/such/dir/r.json"],
          "--json 'no/such/dir/r.json': no such directory no/such/dir"),
     ],

@@ -234,6 +234,8 @@ def _build_targets(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any,
             "torch.utils.data.Dataset (or DataLoader, or list) of (inputs, target) pairs"
         )
     samples = None if isinstance(dataset, IterableDataset) else _length(dataset)
+    if samples == 0:  # every metric would be undefined: 0 or NaN, and a warning
+        raise UsageError(f"--data {args.data!r} returned an empty dataset")
     return model, loader, samples
 
 
