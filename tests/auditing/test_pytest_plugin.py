@@ -234,6 +234,57 @@ def test_leaks_option_fails_the_leaking_test(pytester: pytest.Pytester) -> None:
     assert torch.is_grad_enabled()  # restored: nothing leaked into this process either
 
 
+def test_leaks_option_and_fixtures_that_hold_a_mode_across_tests(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_held="""
+        import pytest
+        import torch
+
+        @pytest.fixture(scope="module")
+        def frozen():                          # balanced: no_grad for the whole module
+            with torch.no_grad():
+                yield
+
+        def test_one(frozen):
+            assert not torch.is_grad_enabled()
+
+        def test_two(frozen):
+            assert not torch.is_grad_enabled()
+        """,
+        test_leaky_module="""
+        import pytest
+        import torch
+
+        @pytest.fixture(scope="module")
+        def leaky():
+            torch.set_grad_enabled(False)
+            yield
+
+        def test_uses(leaky):
+            assert not torch.is_grad_enabled()
+        """,
+        test_z_after="""
+        import torch
+
+        def test_after():
+            assert torch.is_grad_enabled()
+        """,
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--gradfence-leaks", "-v")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_held.py::test_one PASSED*",
+            "*test_held.py::test_two PASSED*",
+            "*test_leaky_module.py::test_uses ERROR*",
+            "*test_z_after.py::test_after PASSED*",
+            "*GFR001 grad mode leaked by the module-scoped fixture 'leaky'*",
+        ]
+    )
+
+
 def test_without_the_option_the_leak_reaches_the_next_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(LEAKY_TESTS)
     try:

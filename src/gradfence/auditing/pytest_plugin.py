@@ -5,8 +5,9 @@
 * marker ``@pytest.mark.gradfence_eval("model")``: runs the test body under an audit of
   the module the fixture ``model`` returns (``ignore=`` and ``strict=`` go to ``gf.audit``);
 * option ``--gradfence-leaks``: fails a test that leaves grad mode or inference mode
-  changed (the test itself in its call phase, its fixtures at teardown), and puts grad
-  mode back so that the next test does not inherit it.
+  changed (the test itself in its call phase, its fixtures at teardown; a wider-scoped
+  fixture when it is finalised), and puts grad mode back so that the next test does
+  not inherit it.
 
 This module imports neither torch nor the rest of gradfence at import time, so it adds
 nothing to the start-up of test runs that do not use it.
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 MARKER = "gradfence_eval"
 _EVAL_TARGET = pytest.StashKey["Audit"]()
-_BASELINE = pytest.StashKey[tuple[bool, bool]]()
+_BASELINE = pytest.StashKey[tuple[tuple[bool, bool], tuple[bool, bool]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -141,7 +142,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
             _restore_grad(before)  # the test failed anyway: just keep the next one clean
         raise
     if before is not None:
-        _check_leak(item, before, "the test")
+        _check_leak(item, before, f"the test {item.nodeid}")
     return result
 
 
@@ -169,22 +170,75 @@ def _check_leak(item: pytest.Item, before: tuple[bool, bool], who: str) -> None:
     from gradfence.auditing.state import mode_leak
 
     after = _modes()
-    finding = mode_leak(before, after, f"by {who} {item.nodeid}")
+    finding = mode_leak(before, after, f"by {who}")
     if finding is None:
         return
     if _restore_grad(before):
         outcome = "gradfence put grad mode back for the tests after it"
     else:
         # Report it once: the teardown check compares with the state left behind.
-        item.stash[_BASELINE] = after
+        baseline = item.stash.get(_BASELINE, None)
+        if baseline is not None:
+            item.stash[_BASELINE] = (baseline[0], after)
         outcome = "inference mode cannot be undone from outside: later tests inherit it"
     pytest.fail(f"{finding} ({outcome}; --gradfence-leaks)", pytrace=False)
+
+
+# Fixtures wider than a function (module, session, ...) may hold a mode across tests,
+# e.g. ``with torch.no_grad(): yield`` in a module fixture: each one that changed the
+# modes in its setup is kept here (fixturedef, modes before, modes after) until it is
+# finalised, where it must give back the modes it found.
+_HELD = pytest.StashKey[list[tuple[object, tuple[bool, bool], tuple[bool, bool]]]]()
+
+
+def _held(config: pytest.Config) -> list[tuple[object, tuple[bool, bool], tuple[bool, bool]]]:
+    return config.stash.setdefault(_HELD, [])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    if fixturedef.scope == "function" or not request.config.getoption("gradfence_leaks"):
+        return (yield)
+    before = _modes()
+    result = yield
+    after = _modes()
+    if after != before:
+        _held(request.config).append((fixturedef, before, after))
+    return result
+
+
+def pytest_fixture_post_finalizer(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> None:
+    held = request.config.stash.get(_HELD, [])
+    for position in range(len(held) - 1, -1, -1):
+        if held[position][0] is fixturedef:
+            before = held.pop(position)[1]
+            _fail_if_changed(
+                before, f"the {fixturedef.scope}-scoped fixture {fixturedef.argname!r}"
+            )
+            return
+
+
+def _fail_if_changed(before: tuple[bool, bool], who: str) -> None:
+    """A wider fixture's teardown did not give back the modes its setup found."""
+    from gradfence.auditing.state import mode_leak
+
+    finding = mode_leak(before, _modes(), f"by {who}")
+    if finding is not None:
+        restored = _restore_grad(before)
+        outcome = "gradfence put grad mode back" if restored else "inference mode stays on"
+        pytest.fail(f"{finding} ({outcome}; --gradfence-leaks)", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
     if item.config.getoption("gradfence_leaks"):
-        item.stash[_BASELINE] = _modes()
+        held = _held(item.config)
+        # (modes now, modes once every wider fixture now held is finalised)
+        item.stash[_BASELINE] = (_modes(), held[0][1] if held else _modes())
     return (yield)
 
 
@@ -195,5 +249,8 @@ def pytest_runtest_teardown(
     result = yield
     baseline = item.stash.get(_BASELINE, None)
     if baseline is not None:
-        _check_leak(item, baseline, "a fixture of")
+        held = _held(item.config)
+        # Wider fixtures still held keep their mode; else everything is back to the ground.
+        expected = held[-1][2] if held else baseline[1]
+        _check_leak(item, expected, f"a fixture of {item.nodeid}")
     return result
