@@ -31,7 +31,18 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as exited:
         main(["no-such-command"])
     assert exited.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice" in err
+    assert err.count("\n") == 1, "a usage error is one line, not usage text"
+
+
+def test_missing_subcommand_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--model", "toy"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradfence eval: error:") and "--data" in err
+    assert err.count("\n") == 1
 
 
 def test_demo_shows_the_frozen_batchnorm_kept(capsys: pytest.CaptureFixture[str]) -> None:
