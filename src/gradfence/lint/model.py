@@ -36,7 +36,18 @@ _EXECUTOR_CTORS = frozenset(
 # Lines holding one of these words may matter to some rule; expressions elsewhere are not
 # walked unless the context needs every call (grad-mode blocks, training loops, evaluation
 # functions). Plain ``str.find`` is several times faster here than one big regex.
-HOT_WORDS = ("grad", "eval", "train", "dropout", "scaled_dot", "infer", "valid", "predict", "test")
+HOT_WORDS = (
+    "grad",
+    "eval",
+    "train",
+    "dropout",
+    "scaled_dot",
+    "infer",
+    "valid",
+    "predict",
+    "test",
+    "load_state_dict",
+)
 TRAINING_WORDS = ("backward", "step", "optim")
 
 

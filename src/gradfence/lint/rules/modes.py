@@ -371,12 +371,47 @@ def _caller_evaluates(model: FileModel, function: FunctionModel, depth: int = 2)
 
 
 def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
-    """``target = load_model(...)``: built by a call we cannot see into (may set eval)."""
+    """``target = load_model(...)``: built by a call we cannot see into (may set eval).
+
+    ``target = Net(...)`` followed by ``target.load_state_dict(...)`` is not opaque: a class
+    whose weights are then loaded is a module built in train mode.
+    """
     for assign in function.assigns:
         if pos(assign.node) < limit and target in assign.target_names():
             value = assign.value
-            return isinstance(value, ast.Call) and not is_module_ctor(model, value)
+            if not isinstance(value, ast.Call) or is_module_ctor(model, value):
+                return False
+            return not (
+                _constructs_class(value) and _loads_weights(function, target, pos(assign.node))
+            )
     return False
+
+
+def _constructs_class(call: ast.Call) -> bool:
+    """``Net(...)`` or ``models.ResNet(...)``: a CamelCase class called, not a factory."""
+    callee = dotted(call.func)
+    if callee is None:
+        return False
+    last = callee.rsplit(".", 1)[-1]
+    return last[:1].isupper() and not last.isupper()
+
+
+def _loads_weights(function: FunctionModel, target: str, after: Pos) -> bool:
+    return any(
+        call.attr == "load_state_dict" and call.receiver == target and pos(call.node) > after
+        for call in function.calls
+    )
+
+
+def _bound_locally(function: FunctionModel, name: str) -> bool:
+    """``name`` is a parameter of ``function`` or assigned in it (it shadows a global)."""
+    node = function.node
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        args = node.args
+        every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+        if any(arg is not None and arg.arg == name for arg in every):
+            return True
+    return any(name in assign.target_names() for assign in function.assigns)
 
 
 def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) -> bool:
@@ -384,6 +419,8 @@ def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) ->
     another method of the class for ``self.x`` (``__init__``), module level for globals."""
     if target.startswith("self.") and function.cls is not None:
         owners = [m for m in function.cls.methods.values() if m is not function]
+    elif function is not model.module and _bound_locally(function, target.split(".", 1)[0]):
+        return False  # a parameter or local of the function, not the global of that name
     else:
         owners = [model.module]
     end = (1 << 30, 0)
@@ -549,7 +586,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     applied to that module earlier in the function or in a caller of it in the same file.
     Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
     gradients on purpose, MC-dropout code and models returned by a loader function are not
-    flagged.
+    flagged. A model built from a class and then given weights (`model = Net();
+    model.load_state_dict(...)`) is in train mode, and is flagged.
 
     ## Why is this a problem?
     Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
