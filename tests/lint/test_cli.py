@@ -126,6 +126,24 @@ def test_sarif_format(project: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert location["region"]["startLine"] >= 1 and location["region"]["startColumn"] >= 1
 
 
+def test_sarif_uris(
+    project: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Relative URIs are percent-encoded under %SRCROOT%; a file outside the working
+    directory gets an absolute file: URI, which must not name a base (SARIF 3.10.3)."""
+    (project / "my dir").mkdir()
+    (project / "my dir" / "a#1.py").write_text(BAD)
+    outside = tmp_path_factory.mktemp("outside") / "o.py"
+    outside.write_text(BAD)
+    _, out, _ = run(capsys, "my dir/a#1.py", str(outside), "--format", "sarif")
+    locations = [
+        r["locations"][0]["physicalLocation"]["artifactLocation"]
+        for r in json.loads(out)["runs"][0]["results"]
+    ]
+    assert locations[0] == {"uri": "my%20dir/a%231.py", "uriBaseId": "%SRCROOT%"}
+    assert locations[-1] == {"uri": outside.resolve().as_uri()}
+
+
 def test_github_format(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "bad.py", "--format", "github")
     assert out.splitlines()[0] == (

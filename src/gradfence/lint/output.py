@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gradfence.lint.diagnostics import Diagnostic, Fix
 from gradfence.lint.rules import RULES
@@ -67,14 +68,16 @@ def format_json(diagnostics: Sequence[Diagnostic]) -> str:
     return json.dumps(to_json(diagnostics), indent=2)
 
 
-def _uri(path: str) -> str:
+def _artifact_location(path: str) -> dict[str, str]:
+    """A relative, percent-encoded URI under ``%SRCROOT%`` (the working directory), or an
+    absolute ``file:`` URI (which must not name a base) for a file outside it."""
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive on Windows
-        return Path(path).resolve().as_uri()
+        return {"uri": Path(path).resolve().as_uri()}
     if relative.startswith(".."):
-        return Path(path).resolve().as_uri()
-    return Path(relative).as_posix()
+        return {"uri": Path(path).resolve().as_uri()}
+    return {"uri": quote(Path(relative).as_posix()), "uriBaseId": "%SRCROOT%"}
 
 
 def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
                 "locations": [
                     {
                         "physicalLocation": {
-                            "artifactLocation": {"uri": _uri(d.path), "uriBaseId": "%SRCROOT%"},
+                            "artifactLocation": _artifact_location(d.path),
                             "region": {
                                 "startLine": d.line,
                                 "startColumn": d.col,
