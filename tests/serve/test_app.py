@@ -153,6 +153,8 @@ def test_invalid_json_and_oversized_bodies(serve_model: ServerFactory) -> None:
     url = f"{server.url}/v1/predict"
     bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 422 and bad.json()["field"] == "body"
+    deep = httpx.post(url, content=b"[" * 200_000)  # RecursionError inside json.loads
+    assert deep.status_code == 422 and deep.json()["field"] == "body"
     big = json.dumps({"texts": ["x" * 9000] * 120}).encode()  # > 1 MiB
     assert len(big) > 1 << 20
     assert httpx.post(url, content=big).status_code == 413

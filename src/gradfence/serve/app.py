@@ -142,7 +142,7 @@ async def parse_predict(request: Request) -> list[str]:
     raw = await read_body(request)
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
         raise RequestError(422, f"the body is not valid JSON: {exc}", "body") from exc
     return validate_texts(body)
 
