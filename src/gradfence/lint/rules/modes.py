@@ -13,6 +13,7 @@ from gradfence.lint.model import (
     FunctionModel,
     LoopModel,
     Pos,
+    end_pos,
     mentions_training,
     pos,
 )
@@ -216,7 +217,9 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     function of the same file that switches a module to eval (`.eval()`, `.train(False)`)
     without switching it back, when no `.train()` runs between that call and the next
     training step. A direct `.eval()` in such a loop is flagged the same way. The call
-    graph is followed through functions and methods (`self.validate()`).
+    graph is followed through functions and methods (`self.validate()`). A switch to eval
+    in one branch of an `if` whose other branch calls `.train()` (`if phase == "train":
+    model.train() else: model.eval()`) chooses the mode per iteration and is not flagged.
 
     ## Why is this a problem?
     `eval()` is a persistent flag on every submodule, not a scope. After the periodic
@@ -270,6 +273,8 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                 id(t) in flow.leaks for t in callee_map.get(id(call), [])
             ):
                 continue
+            if _mode_chosen_by_branch(function, call):
+                continue
             for loop in call.loop.chain():
                 events = _events_in(loop, function, flow)
                 if not any(kind == 1 for _, kind, _ in events):
@@ -294,6 +299,32 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                         None,
                     )
                 break
+
+
+def _within(statements: list[ast.stmt], here: Pos) -> bool:
+    return bool(statements) and pos(statements[0]) <= here <= end_pos(statements[-1])
+
+
+def _mode_chosen_by_branch(function: FunctionModel, call: CallEvent) -> bool:
+    """``if phase == "train": model.train() else: model.eval()``: the other branch of an
+    enclosing ``if`` switches to train, so which mode the loop trains in is decided at run
+    time (the phase loop of the PyTorch transfer-learning tutorial). Stay silent."""
+    trains = [pos(c.node) for c in function.calls if _plain_train_call(c)]
+    if not trains:
+        return False
+    here = pos(call.node)
+    for node in ast.walk(function.node):
+        if not isinstance(node, ast.If) or not node.orelse:
+            continue
+        if _within(node.body, here):
+            other = node.orelse
+        elif _within(node.orelse, here):
+            other = node.body
+        else:
+            continue
+        if any(_within(other, t) for t in trains):
+            return True
+    return False
 
 
 def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
