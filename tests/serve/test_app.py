@@ -153,6 +153,8 @@ def test_invalid_json_and_oversized_bodies(serve_model: ServerFactory) -> None:
     url = f"{server.url}/v1/predict"
     bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 422 and bad.json()["field"] == "body"
+    surrogate = httpx.post(url, content=b'{"texts": ["ok", "a\\ud800b"]}')
+    assert surrogate.status_code == 422 and surrogate.json()["field"] == "texts[1]"
     deep = httpx.post(url, content=b"[" * 200_000)  # RecursionError inside json.loads
     assert deep.status_code == 422 and deep.json()["field"] == "body"
     big = json.dumps({"texts": ["x" * 9000] * 120}).encode()  # > 1 MiB

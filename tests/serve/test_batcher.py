@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
+from torch import Tensor
 
 from gradfence.serve.batcher import (
     Batcher,
@@ -51,7 +53,7 @@ def test_wrong_number_of_rows_fails_every_request_in_the_batch() -> None:
     batcher = started(model, max_batch_size=8, max_wait_ms=50)
     futures = [batcher.submit(["a", "b"]), batcher.submit(["c"])]
     for future in futures:
-        with pytest.raises(BatchMismatchError, match="for 3 texts"):
+        with pytest.raises(BatchMismatchError, match="model returned shape"):
             future.result(30)
     assert batcher.alive
     batcher.stop()
@@ -115,3 +117,34 @@ def test_length_groups_bound_padding_and_keep_every_index() -> None:
         assert max(lengths[i] for i in group) * len(group) <= 1.25 * real
     assert len(groups) == 3  # short, middle and long tweets
     assert length_groups([7] * 32) == [list(range(32))]
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch() -> None:
+    attempts: list[list[str]] = []
+
+    class Poisoned(StubClassifier):
+        def forward(self, texts: Sequence[str]) -> Tensor:
+            attempts.append(list(texts))
+            if "poison" in texts:
+                raise ValueError("cannot encode 'poison'")
+            return super().forward(texts)
+
+    model = Poisoned()
+    batcher = started(model, max_batch_size=8, max_wait_ms=0)
+    model.gate.clear()  # hold the thread so that the next three requests share a batch
+    first = batcher.submit(["g"])
+    while batcher.queue_depth:
+        time.sleep(0.001)
+    good, bad, other = (
+        batcher.submit(["bb"]),
+        batcher.submit(["poison", "g"]),
+        batcher.submit(["g"]),
+    )
+    model.gate.set()
+    assert first.result(30)[0].label == "positive"
+    assert good.result(30)[0].label == "negative"
+    assert other.result(30)[0].label == "positive"
+    with pytest.raises(ValueError, match="poison"):
+        bad.result(30)
+    # all three shared one batch, which failed; then each ran alone
+    assert attempts == [["g"], ["bb", "poison", "g", "g"], ["bb"], ["poison", "g"], ["g"]]

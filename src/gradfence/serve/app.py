@@ -78,6 +78,14 @@ class RequestError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers refuse it
+        return False
+    return True
+
+
 def validate_texts(body: Any) -> list[str]:
     """The ``texts`` of a predict body, or a 422 :class:`RequestError` naming the field."""
     if not isinstance(body, dict):
@@ -98,6 +106,10 @@ def validate_texts(body: Any) -> list[str]:
         if not isinstance(text, str):
             name = type(text).__name__ if text is not None else "null"
             raise RequestError(422, f"texts[{i}] must be a string, not {name}", f"texts[{i}]")
+        if not _encodable(text):
+            raise RequestError(
+                422, f"texts[{i}] is not valid Unicode (a lone surrogate)", f"texts[{i}]"
+            )
         if len(text) > MAX_TEXT_CHARS:
             raise RequestError(
                 422,

@@ -8,8 +8,9 @@ runs every batch inside that scope.
 A batch is flushed when it holds ``max_batch_size`` texts, or ``max_wait_ms`` after the
 first of its texts arrived, whichever comes first; a request with more texts than a batch
 holds is spread over consecutive batches. Every batch must give exactly one row of
-scores per text; when it does not (or the model raises), every request with a text in
-that batch fails with an error: none is left waiting.
+scores per text; when it does not (or the model raises), each request of the batch is
+run again alone, and a request that fails alone gets the error: none is left waiting,
+and one bad request does not fail the others.
 """
 
 from __future__ import annotations
@@ -316,9 +317,16 @@ class Batcher:
         try:
             rows = self._scores([item.request.texts[item.index] for item in batch])
         except Exception as exc:
-            log.error("batch of %d texts failed: %r", len(batch), exc)
-            for item in batch:
-                _fail(item.request, exc)
+            requests = list({id(item.request): item.request for item in batch}.values())
+            if len(requests) == 1:
+                log.error("batch of %d texts failed: %r", len(batch), exc)
+                for item in batch:
+                    _fail(item.request, exc)
+                return
+            # one request's text must not fail the others': run each request alone
+            log.error("batch of %d requests failed (%r): retrying each alone", len(requests), exc)
+            for request in requests:
+                self._run_batch([item for item in batch if item.request is request])
             return
         elapsed = time.perf_counter() - start
         labels = self.model.labels
