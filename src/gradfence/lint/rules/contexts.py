@@ -18,6 +18,50 @@ from gradfence.lint.scopes import (
 _THREAD_STARTERS = frozenset({"threading.Thread", "threading.Timer", "asyncio.to_thread"})
 
 
+def _worker(call: ast.Call, qual: str | None) -> ast.expr | None:
+    """The callable handed to another thread: ``Thread(target=f)``, ``Timer(t, f)``,
+    ``loop.run_in_executor(ex, f)``, ``pool.submit(f)`` / ``pool.map(f, ...)``."""
+    for keyword in call.keywords:
+        if keyword.arg in {"target", "function", "fn", "func"}:
+            return keyword.value
+    # Thread(group, target), Timer(interval, function), run_in_executor(executor, func)
+    second = qual in {"threading.Thread", "threading.Timer"} or (
+        isinstance(call.func, ast.Attribute) and call.func.attr == "run_in_executor"
+    )
+    index = 1 if second else 0
+    return call.args[index] if len(call.args) > index else None
+
+
+def _worker_sets_own_mode(model: FileModel, worker: ast.expr | None) -> bool:
+    """The worker is a function of this file that disables grad itself (a no_grad /
+    inference_mode decorator, or a body that is such a ``with`` block): the thread it runs
+    on gets that mode whatever the submitting thread had."""
+    if isinstance(worker, ast.Name):
+        name = worker.id
+    elif (
+        isinstance(worker, ast.Attribute)
+        and isinstance(worker.value, ast.Name)
+        and worker.value.id in {"self", "cls"}
+    ):
+        name = worker.attr
+    else:
+        return False
+    functions = model.functions_named(name)
+    return bool(functions) and all(_owns_no_grad(f) for f in functions)
+
+
+def _owns_no_grad(function: FunctionModel) -> bool:
+    if any(mode is not None and mode.no_graph for _, mode in function.decorators):
+        return True
+    node = function.node
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # docstring
+    return len(body) == 1 and any(w.node is body[0] and w.mode.no_graph for w in function.withs)
+
+
 @rule(
     "GF101",
     "grad-context-not-instantiated",
@@ -374,7 +418,9 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
     ## What it does
     Flags `threading.Thread(...)`, `threading.Timer(...)`, `asyncio.to_thread(...)`,
     `loop.run_in_executor(...)` and `submit`/`map` on an executor created in the file,
-    when called inside a `no_grad` / `inference_mode` scope.
+    when called inside a `no_grad` / `inference_mode` scope. A worker that is a function of
+    the file setting its own mode (a `no_grad`/`inference_mode` decorator, or a body that
+    is one such `with` block) is not flagged.
 
     ## Why is this a problem?
     Grad mode is thread-local. The other thread does not inherit the mode of the thread
@@ -414,7 +460,7 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
                 call.qual in _THREAD_STARTERS
                 or call.attr == "run_in_executor"
                 or (call.attr in {"submit", "map"} and call.receiver in model.executor_names)
-            ):
+            ) and not _worker_sets_own_mode(model, _worker(call.node, call.qual)):
                 what = call.qual or call.callee or call.attr
                 yield (
                     call.node,
