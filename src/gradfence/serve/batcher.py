@@ -181,20 +181,30 @@ class Batcher:
 
         Raises :class:`QueueFullError` when the queue cannot take all of them now.
         """
-        future: concurrent.futures.Future[list[Prediction]] = concurrent.futures.Future()
-        request = _Request(texts, future, [None] * len(texts), len(texts))
+        return self.submit_many([texts])[0]
+
+    def submit_many(
+        self, requests: Sequence[Sequence[str]]
+    ) -> list[concurrent.futures.Future[list[Prediction]]]:
+        """Queue several requests at once (all or none), e.g. a batch another server formed."""
+        pending = [
+            _Request(texts, concurrent.futures.Future(), [None] * len(texts), len(texts))
+            for texts in requests
+        ]
+        total = sum(len(texts) for texts in requests)
         now = time.monotonic()
         with self._cond:
             if self._stopping or not self.alive:
                 raise BatcherStoppedError("the inference thread is not running")
-            if len(self._items) + len(texts) > self.max_queue:
+            if len(self._items) + total > self.max_queue:
                 raise QueueFullError(
                     f"queue holds {len(self._items)} of {self.max_queue} texts; "
-                    f"{len(texts)} more do not fit"
+                    f"{total} more do not fit"
                 )
-            self._items.extend(_Item(request, i, now) for i in range(len(texts)))
+            for request in pending:
+                self._items.extend(_Item(request, i, now) for i in range(len(request.texts)))
             self._cond.notify_all()
-        return future
+        return [request.future for request in pending]
 
     async def predict(
         self, texts: Sequence[str], timeout_s: float | None = None

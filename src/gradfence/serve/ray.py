@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
@@ -67,15 +66,28 @@ class SentimentDeployment:
         batched.set_batch_wait_timeout_s(settings.max_wait_ms / 1000.0)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
-        """One batch of single texts, from any number of requests."""
-        predictions = await self.batcher.predict(texts)
-        return [asdict(p) for p in predictions]
+    async def predict_texts(self, texts: list[str]) -> list[Prediction | Exception]:
+        """One batch of single texts, from any number of requests: exactly one result
+        (a prediction or the error of that text) per text."""
+        futures = self.batcher.submit_many([[text] for text in texts])
+        results = await asyncio.gather(
+            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+        )
+        out: list[Prediction | Exception] = []
+        for result in results:
+            if isinstance(result, list):
+                out.append(result[0])
+            else:  # keep its type: the HTTP answer depends on it
+                out.append(result if isinstance(result, Exception) else RuntimeError(result))
+        return out
 
     async def predict(self, texts: list[str]) -> list[Prediction]:
         """Predictions for ``texts``, each text a batch item (also callable on a handle)."""
-        rows = await asyncio.gather(*(self.predict_texts(text) for text in texts))
-        return [Prediction(**row) for row in rows]
+        results = await asyncio.gather(*(self.predict_texts(text) for text in texts))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [r for r in results if isinstance(r, Prediction)]
 
     def check_health(self) -> None:
         """Ray restarts the replica when this raises."""
