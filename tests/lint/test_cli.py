@@ -244,7 +244,9 @@ def test_rules_table_and_page(capsys: pytest.CaptureFixture[str]) -> None:
     row = next(line for line in lines if line.startswith("GF301"))
     assert row.split()[1:3] == ["mode-method-not-called", "[*]"]
     assert main(["rules", "gf302"]) == 0
-    assert capsys.readouterr().out == render_page(RULES["GF302"])
+    page = capsys.readouterr().out
+    assert page == render_page(RULES["GF302"], generated_note=False)
+    assert "<!--" not in page and page.startswith("# GF302 eval-mode-leak\n\n")
     assert main(["rules", "GF999"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "gradfence: error: unknown rule 'GF999' (see `gradfence rules`)"

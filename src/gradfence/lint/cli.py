@@ -77,7 +77,7 @@ def run_rules(args: argparse.Namespace) -> int:
     rule = RULES.get(args.code.strip().upper())
     if rule is None:
         raise UsageError(f"unknown rule {args.code!r} (see `gradfence rules`)")
-    emit(render_page(rule), end="")
+    emit(render_page(rule, generated_note=False), end="")
     return EXIT_CLEAN
 
 
