@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 EXTRAS := dev,bench,serve,ray
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: help venv test check format demo clean
+.PHONY: help venv serve test check format demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,17 +21,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv with torch 2.13.0 (CPU) and every extra the tests need
 
+serve: $(STAMP)  ## the main job: the sentiment service on http://127.0.0.1:8000 (embedded model)
+	$(PY) -m gradfence serve
+
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest
 
 check: $(STAMP)  ## ruff (lint + format check) and mypy --strict on src/
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+	$(VENV)/bin/ruff format src tests benchmarks scripts
 
 demo: $(STAMP)  ## a short demonstration of gf.inference on a small model
 	$(PY) -m gradfence demo
