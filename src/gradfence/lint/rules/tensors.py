@@ -13,6 +13,7 @@ from gradfence.lint.model import (
     FileModel,
     FunctionModel,
     LoopModel,
+    Pos,
     end_pos,
     pos,
 )
@@ -97,8 +98,8 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
     from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
     `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
-    later backpropagated through on purpose, and accumulation under `no_grad`, are not
-    flagged. Where the accumulated value is the loss name itself, the fix adds `.detach()`.
+    later backpropagated through on purpose, accumulation under `no_grad`, and a name
+    rebound to a detached value first (`loss = loss.detach()`) are not flagged. Where the accumulated value is the loss name itself, the fix adds `.detach()`.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
@@ -170,7 +171,8 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                         n for n in assign.target_names() if "." not in n and n not in reads
                     )
             for assign in assigns:
-                hit = _accumulation(assign, tainted, roots, rebound, text)
+                live = _still_tainted(tainted, assigns, pos(assign.node))
+                hit = _accumulation(assign, live, roots, rebound, text)
                 if hit is not None and id(assign.node) not in reported:
                     reported.add(id(assign.node))
                     yield hit
@@ -182,7 +184,8 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                 if call.receiver.split(".", 1)[0] in feeds_backward:
                     continue
                 args = [*call.node.args, *(k.value for k in call.node.keywords)]
-                if not any(graph_refs(arg, tainted) for arg in args):
+                live = _still_tainted(tainted, assigns, pos(call.node))
+                if not any(graph_refs(arg, live) for arg in args):
                     continue
                 if id(call.node) in reported:
                     continue
@@ -196,6 +199,33 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                     "iteration alive: use `.item()` or `.detach()`",
                     fix,
                 )
+
+
+def _still_tainted(tainted: set[str], assigns: list[AssignEvent], here: Pos) -> set[str]:
+    """``tainted`` less the names whose last assignment in the loop before ``here`` cut the
+    graph: ``loss = loss.detach()``, ``loss = loss.item()``, ``loss = float(loss)``."""
+    last: dict[str, ast.expr | None] = {}
+    for assign in assigns:  # sorted by position
+        if pos(assign.node) >= here:
+            break
+        if isinstance(assign.node, ast.Assign | ast.AnnAssign):
+            for name in assign.target_names():
+                if name in tainted:
+                    last[name] = assign.value
+    return {name for name in tainted if name not in last or not _cuts_graph(last[name])}
+
+
+def _cuts_graph(value: ast.expr | None) -> bool:
+    """``x.detach()``, ``x.detach().cpu()``, ``x.item()``, ``float(x)``, a constant..."""
+    if value is None:
+        return False
+    if _scalar(value):
+        return True
+    while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
+        if value.func.attr in _SANITIZING_METHODS:
+            return True
+        value = value.func.value
+    return False
 
 
 def _names_feeding_backward(function: FunctionModel) -> set[str]:
