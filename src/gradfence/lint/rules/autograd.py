@@ -68,6 +68,29 @@ def _last_assignment(
     return last
 
 
+def _plain_path(target: ast.expr | None) -> str | None:
+    """``loss`` or ``outputs.loss`` (names and attributes only, not on ``self``)."""
+    if isinstance(target, ast.Name):
+        return target.id
+    if isinstance(target, ast.Attribute):
+        path = dotted(target)
+        if path is not None and path.split(".", 1)[0] not in {"self", "cls"}:
+            return path
+    return None
+
+
+def _last_binding(
+    function: FunctionModel, path: str, before: tuple[int, int]
+) -> AssignEvent | None:
+    """The last assignment before ``before`` to ``path`` or to an object it is read from
+    (``outputs = model(x)`` for ``outputs.loss``)."""
+    parts = path.split(".")
+    found = [
+        _last_assignment(function, ".".join(parts[:i]), before) for i in range(1, len(parts) + 1)
+    ]
+    return max((a for a in found if a is not None), key=lambda a: pos(a.node), default=None)
+
+
 def _differentiated(call: CallEvent) -> ast.expr | None:
     """The tensor a backward call differentiates: ``x`` in ``x.backward()`` / ``grad(x, ...)``."""
     func = call.node.func
@@ -175,7 +198,8 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
     ## What it does
     Flags `x.backward()` (or `torch.autograd.grad(x, ...)`) outside any disabled-grad scope
     when `x` was last assigned inside a `no_grad` / `inference_mode` block of the same
-    function and was not given `requires_grad` since.
+    function and was not given `requires_grad` since. `outputs.loss.backward()` counts
+    when `outputs` was computed in such a block.
 
     ## Why is this a problem?
     The value was computed without recording a graph. Leaving the block does not add one
@@ -209,18 +233,19 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
             if call.mode.no_graph or call.mode is GradMode.UNKNOWN:
                 continue
             target = _differentiated(call)
-            if not isinstance(target, ast.Name):
+            name = _plain_path(target)
+            if name is None:
                 continue
             here = pos(call.node)
-            last = _last_assignment(function, target.id, here)
+            last = _last_binding(function, name, here)
             if last is None or not last.mode.no_graph:
                 continue
-            if _gets_requires_grad(function, target.id, pos(last.node), here):
+            if _gets_requires_grad(function, name, pos(last.node), here):
                 continue
             mode = "inference_mode" if last.mode is GradMode.INFERENCE else "no_grad"
             yield (
                 call.node,
-                f"`{target.id}` was computed under {mode} (line {last.node.lineno}): "
+                f"`{name}` was computed under {mode} (line {last.node.lineno}): "
                 "it has no grad_fn to backpropagate through",
                 None,
             )

@@ -99,7 +99,8 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
     `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
     later backpropagated through on purpose, accumulation under `no_grad`, and a name
-    rebound to a detached value first (`loss = loss.detach()`) are not flagged. Where the accumulated value is the loss name itself, the fix adds `.detach()`.
+    rebound to a detached value first (`loss = loss.detach()`) are not flagged. Where the
+    accumulated value is the loss name itself, the fix adds `.detach()`.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
