@@ -796,7 +796,9 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
             ):
                 continue
             if call.qual in _DROPOUT_FUNCS:
-                if not node.args or len(node.args) >= 3:
+                if len(node.args) >= 3:
+                    continue  # the third positional argument is ``training``
+                if not node.args and not any(k.arg == "input" for k in node.keywords):
                     continue
                 if any(k.arg == "training" for k in node.keywords):
                     continue
