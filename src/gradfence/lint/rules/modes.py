@@ -65,10 +65,33 @@ def is_eval_call(call: CallEvent) -> bool:
     return False
 
 
+# Module methods that return the module itself: ``m.to(device).train()`` trains ``m``
+_RETURNS_SELF = frozenset(
+    {"to", "cuda", "cpu", "float", "half", "double", "bfloat16", "type", "train", "eval"}
+    | {"requires_grad_", "apply", "share_memory", "to_empty"}
+)
+
+
+def _chain_root(node: ast.expr) -> str | None:
+    """``m`` for ``m.to(device)`` / ``m.cuda().float()``: the module a chain returns."""
+    while (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in _RETURNS_SELF
+    ):
+        node = node.func.value
+    return dotted(node)
+
+
 def is_train_call(call: CallEvent) -> bool:
-    """``m.train()``, ``m.train(True)`` or ``m.train(<expression>)`` (a restore)."""
-    if call.attr != "train" or call.receiver is None:
+    """``m.train()``, ``m.train(True)`` or ``m.train(<expression>)`` (a restore); also
+    ``m.to(device).train()``."""
+    if call.attr != "train":
         return False
+    if call.receiver is None:
+        func = call.node.func
+        if not isinstance(func, ast.Attribute) or _chain_root(func.value) is None:
+            return False
     args = [*call.node.args, *(k.value for k in call.node.keywords if k.arg == "mode")]
     return not args or not _is_false(args[0])
 
@@ -352,6 +375,8 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         return None
     if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
         return None  # a function of this file, not a module
+    if _is_criterion(model, call.function, callee):
+        return None  # a loss module: no mode-dependent layers
     if callee in modules:
         return callee
     root = callee.split(".", 1)[0]
@@ -360,6 +385,26 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
     if looks_like_module_name(callee):
         return callee
     return None
+
+
+_CRITERION_WORDS = frozenset({"criterion", "criteria", "loss", "losses"})
+
+
+def _is_criterion(model: FileModel, function: FunctionModel, name: str) -> bool:
+    """``criterion``, ``loss_fn``, or a name built from ``torch.nn.<X>Loss``."""
+    if tokens(name.rsplit(".", 1)[-1]) & _CRITERION_WORDS:
+        return True
+    owners = [function, model.module]
+    if function.cls is not None:
+        owners += function.cls.methods.values()
+    for owner in owners:
+        for assign in owner.assigns:
+            value = assign.value
+            if isinstance(value, ast.Call) and name in assign.target_names():
+                qual = model.imports.resolve(value.func) or ""
+                if qual.startswith("torch.nn.") and qual.endswith("Loss"):
+                    return True
+    return False
 
 
 def _related(receiver: str | None, target: str) -> bool:
@@ -617,8 +662,9 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     applied to that module earlier in the function or in a caller of it in the same file.
     Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
     gradients on purpose, MC-dropout code and models returned by a loader function are not
-    flagged. A model built from a class and then given weights (`model = Net();
-    model.load_state_dict(...)`) is in train mode, and is flagged.
+    flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...). A model built
+    from a class and then given weights (`model = Net(); model.load_state_dict(...)`) is
+    in train mode, and is flagged.
 
     ## Why is this a problem?
     Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
