@@ -91,6 +91,22 @@ def _last_binding(
     return max((a for a in found if a is not None), key=lambda a: pos(a.node), default=None)
 
 
+def _only_reads(value: ast.expr | None) -> bool:
+    """Names, attributes and items gathered as they are (``p.grad``, ``[p.grad for p in
+    ps]``, ``(a, b)``): tensors that may carry a graph from before, nothing computed."""
+    if value is None:
+        return False
+    if isinstance(value, ast.Name | ast.Constant):
+        return True
+    if isinstance(value, ast.Attribute | ast.Subscript):
+        return _only_reads(value.value)
+    if isinstance(value, ast.List | ast.Tuple):
+        return all(_only_reads(e) for e in value.elts)
+    if isinstance(value, ast.ListComp | ast.GeneratorExp):
+        return _only_reads(value.elt)
+    return False
+
+
 def _differentiated(call: CallEvent) -> ast.expr | None:
     """The tensor a backward call differentiates: ``x`` in ``x.backward()`` / ``grad(x, ...)``."""
     func = call.node.func
@@ -128,7 +144,9 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
     ## What it does
     Flags `.backward()`, `torch.autograd.grad(...)` and `torch.autograd.backward(...)`
     inside a `no_grad` / `inference_mode` scope (and not under a nested `enable_grad`)
-    when the differentiated value is computed inside that scope too.
+    when the differentiated value is computed inside that scope too. Tensors only gathered
+    there (`grads = [p.grad for p in params]`) may carry a graph from before and are not
+    flagged.
 
     ## Why is this a problem?
     Under `no_grad` no operation is recorded, so a value computed there has no `grad_fn`
@@ -177,6 +195,8 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
                 last = _last_assignment(function, target.id, pos(call.node))
                 if last is None or not last.mode.no_graph:
                     continue  # computed before the block (or elsewhere): may have a graph
+                if _only_reads(last.value):
+                    continue  # ``grads = [p.grad for p in params]``: gathered, not computed
             elif not isinstance(target, ast.Call | ast.BinOp | ast.Subscript | ast.Attribute):
                 continue
             what = "`.backward()`" if call.attr == "backward" else f"`{call.qual}`"
