@@ -377,6 +377,10 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         return None  # a function of this file, not a module
     if _is_criterion(model, call.function, callee):
         return None  # a loss module: no mode-dependent layers
+    for arg in call.node.args:
+        text = dotted(arg)
+        if text is not None and (text in modules or looks_like_module_name(text)):
+            return None  # ``reparameterize_model(model)``: a helper given a module
     if callee in modules:
         return callee
     root = callee.split(".", 1)[0]
@@ -662,7 +666,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     applied to that module earlier in the function or in a caller of it in the same file.
     Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
     gradients on purpose, MC-dropout code and models returned by a loader function are not
-    flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...). A model built
+    flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls
+    that take a module as argument (`reparameterize_model(model)`). A model built
     from a class and then given weights (`model = Net(); model.load_state_dict(...)`) is
     in train mode, and is flagged.
 
