@@ -17,6 +17,7 @@ from gradfence.lint.model import (
     end_pos,
     pos,
 )
+from gradfence.lint.names import tokens
 from gradfence.lint.rules.evidence import names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradMode
@@ -26,6 +27,10 @@ _SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
 _SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
+# objects whose ``.backward(loss)`` takes the loss as argument (Accelerate, Fabric, DeepSpeed)
+_BACKWARD_OWNERS = frozenset(
+    {"accelerator", "fabric", "engine", "deepspeed", "strategy", "trainer", "booster"}
+)
 
 
 def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
@@ -70,8 +75,12 @@ def _backward_roots(call: CallEvent) -> set[str]:
     func = call.node.func
     if call.attr != "backward" or not isinstance(func, ast.Attribute):
         return set()
+    start: ast.expr = func.value
+    owner = (dotted(start) or "").rsplit(".", 1)[-1]
+    if call.node.args and tokens(owner) & _BACKWARD_OWNERS:
+        start = call.node.args[0]  # ``accelerator.backward(loss)``: the loss is the argument
     roots: set[str] = set()
-    stack: list[ast.AST] = [func.value]
+    stack: list[ast.AST] = [start]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.Name):
@@ -79,7 +88,8 @@ def _backward_roots(call: CallEvent) -> set[str]:
         elif isinstance(node, ast.Subscript):
             stack.append(node.value)
         elif isinstance(node, ast.Call):
-            stack.append(node.func)
+            if not (isinstance(node.func, ast.Attribute) and node.func.attr == "scale"):
+                stack.append(node.func)  # ``scaler.scale(loss)``: the scaler is not the loss
             stack.extend(node.args)
         else:
             stack.extend(ast.iter_child_nodes(node))
@@ -99,8 +109,10 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
     `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
     later backpropagated through on purpose, accumulation under `no_grad`, and a name
-    rebound to a detached value first (`loss = loss.detach()`) are not flagged. Where the
-    accumulated value is the loss name itself, the fix adds `.detach()`.
+    rebound to a detached value first (`loss = loss.detach()`) are not flagged. The loss
+    of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and of
+    `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
+    name itself, the fix adds `.detach()`.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
