@@ -494,6 +494,30 @@ def _bound_locally(function: FunctionModel, name: str) -> bool:
     return any(name in assign.target_names() for assign in function.assigns)
 
 
+def _loaded_by_caller(model: FileModel, function: FunctionModel, target: str) -> bool:
+    """``target`` is a parameter, and some caller in the file passes a module it got from a
+    call we cannot see into (``model = get_setup(); generate_predictions(model, ...)``)."""
+    node = function.node
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    params = [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
+    static = any(dotted(d) == "staticmethod" for d in node.decorator_list)
+    if function.cls is not None and params and not static:
+        params = params[1:]  # self / cls
+    if target not in params and target not in {a.arg for a in node.args.kwonlyargs}:
+        return False
+    index = params.index(target) if target in params else None
+    for site in callers(model, function):
+        call = site.node
+        passed = next((k.value for k in call.keywords if k.arg == target), None)
+        if passed is None and index is not None and index < len(call.args):
+            passed = call.args[index]
+        name = dotted(passed) if passed is not None else None
+        if name is not None and _locally_loaded(model, site.function, name, pos(call)):
+            return True
+    return False
+
+
 def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) -> bool:
     """The module is switched to eval, or loaded by an opaque call, where it is set up:
     another method of the class for ``self.x`` (``__init__``), module level for globals."""
@@ -665,8 +689,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     loader — when no `.eval()` (or `.train(False)`, or `gradfence.inference(model)`) is
     applied to that module earlier in the function or in a caller of it in the same file.
     Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
-    gradients on purpose, MC-dropout code and models returned by a loader function are not
-    flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls
+    gradients on purpose, MC-dropout code and models returned by a loader function (here
+    or in a caller that passes the model in) are not flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls
     that take a module as argument (`reparameterize_model(model)`). A model built
     from a class and then given weights (`model = Net(); model.load_state_dict(...)`) is
     in train mode, and is flagged.
@@ -717,6 +741,8 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
         if _switched_before(function, target, here, to_eval=False):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
         if _locally_loaded(model, function, target, here):
+            continue
+        if _loaded_by_caller(model, function, target):
             continue
         if _set_up_elsewhere(model, function, target):
             continue
