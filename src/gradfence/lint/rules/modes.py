@@ -688,12 +688,12 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     like `validate`/`evaluate`/`test`/`predict`/`infer`, or a loop over a validation/test
     loader — when no `.eval()` (or `.train(False)`, or `gradfence.inference(model)`) is
     applied to that module earlier in the function or in a caller of it in the same file.
-    Lightning hooks (`validation_step`, `test_step`, `predict_step`), functions that compute
-    gradients on purpose, MC-dropout code and models returned by a loader function (here
-    or in a caller that passes the model in) are not flagged, nor are loss modules (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls
-    that take a module as argument (`reparameterize_model(model)`). A model built
-    from a class and then given weights (`model = Net(); model.load_state_dict(...)`) is
-    in train mode, and is flagged.
+    Not flagged: Lightning hooks (`validation_step`, `test_step`, `predict_step`),
+    functions that compute gradients on purpose, MC-dropout code, models returned by a
+    loader function (here or in a caller that passes the model in), loss modules
+    (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls that take a module as argument
+    (`reparameterize_model(model)`). A model built from a class and then given weights
+    (`model = Net(); model.load_state_dict(...)`) is in train mode, and is flagged.
 
     ## Why is this a problem?
     Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
