@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import AssignEvent, CallEvent, FileModel, FunctionModel, end_pos, pos
-from gradfence.lint.rules.evidence import callers, names_in
+from gradfence.lint.rules.evidence import backward_argument, callers, names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradMode
 
@@ -110,6 +110,9 @@ def _only_reads(value: ast.expr | None) -> bool:
 def _differentiated(call: CallEvent) -> ast.expr | None:
     """The tensor a backward call differentiates: ``x`` in ``x.backward()`` / ``grad(x, ...)``."""
     func = call.node.func
+    argument = backward_argument(call)
+    if argument is not None:
+        return argument  # ``accelerator.backward(loss)``
     if call.attr == "backward" and isinstance(func, ast.Attribute):
         return func.value
     if call.qual in _AUTOGRAD_CALLS:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel
-from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, is_eval_loader
+from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, is_eval_loader, tokens
 
 _MODULE_NAME = re.compile(
     r"(^|_)(model|net|network|module|encoder|decoder|classifier|backbone|generator|"
@@ -218,3 +218,18 @@ def resolve_callees(model: FileModel, call: CallEvent) -> list[FunctionModel]:
 def names_in(node: ast.AST) -> set[str]:
     """Every plain name read in an expression."""
     return {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)}
+
+
+# objects whose ``.backward(loss)`` takes the loss as argument (Accelerate, Fabric, DeepSpeed)
+_BACKWARD_OWNERS = frozenset(
+    {"accelerator", "fabric", "engine", "deepspeed", "strategy", "trainer", "booster"}
+)
+
+
+def backward_argument(call: CallEvent) -> ast.expr | None:
+    """``loss`` in ``accelerator.backward(loss)`` / ``fabric.backward(loss)``."""
+    func = call.node.func
+    if call.attr != "backward" or not call.node.args or not isinstance(func, ast.Attribute):
+        return None
+    owner = (dotted(func.value) or "").rsplit(".", 1)[-1]
+    return call.node.args[0] if tokens(owner) & _BACKWARD_OWNERS else None

@@ -17,8 +17,7 @@ from gradfence.lint.model import (
     end_pos,
     pos,
 )
-from gradfence.lint.names import tokens
-from gradfence.lint.rules.evidence import names_in
+from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradMode
 
@@ -27,10 +26,6 @@ _SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
 _SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
-# objects whose ``.backward(loss)`` takes the loss as argument (Accelerate, Fabric, DeepSpeed)
-_BACKWARD_OWNERS = frozenset(
-    {"accelerator", "fabric", "engine", "deepspeed", "strategy", "trainer", "booster"}
-)
 
 
 def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
@@ -75,10 +70,8 @@ def _backward_roots(call: CallEvent) -> set[str]:
     func = call.node.func
     if call.attr != "backward" or not isinstance(func, ast.Attribute):
         return set()
-    start: ast.expr = func.value
-    owner = (dotted(start) or "").rsplit(".", 1)[-1]
-    if call.node.args and tokens(owner) & _BACKWARD_OWNERS:
-        start = call.node.args[0]  # ``accelerator.backward(loss)``: the loss is the argument
+    # ``accelerator.backward(loss)``: the loss is the argument
+    start: ast.expr = backward_argument(call) or func.value
     roots: set[str] = set()
     stack: list[ast.AST] = [start]
     while stack:
