@@ -181,7 +181,7 @@ def test_builtin_sentiment_target(
         (["--model", "toy", "--data", "toy", "--metric", "top5"], "unknown metric 'top5'"),
         (["--model", "no-colon", "--data", "toy"], "expected MODULE:FACTORY"),
         (["--model", "toy", "--data", ":data"], "expected MODULE:FACTORY"),
-        (["--model", "no_such_module_x:f", "--data", "toy"], "cannot import 'no_such_module_x'"),
+        (["--model", "no_such_module_x:f", "--data", "toy"], "cannot import no_such_module_x"),
         (["--model", "my_factories:missing", "--data", "toy"], "has no attribute 'missing'"),
         (["--model", "missing_file.py:f", "--data", "toy"], "no such file"),
         (["--model", "my_factories:not_a_model", "--data", "toy"], "not an nn.Module"),

@@ -7,17 +7,13 @@ memory can rebuild exactly the same model and input from its command line.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradfence.bench.builtins import BUILTINS
 from gradfence.cli import UsageError
+from gradfence.factories import is_file, one_line, resolve, split
 
 if TYPE_CHECKING:
     from torch import nn
@@ -95,10 +91,9 @@ def workload(model: str, input_spec: str | None) -> Workload:
 
 
 def _normalise(spec: str, option: str) -> str:
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise UsageError(f"{option} {spec!r}: expected MODULE:FACTORY or path/to/file.py:FACTORY")
-    if _is_path(target):
+    """Check the form of a spec; make a file path absolute (child processes load it too)."""
+    target, attr = split(spec, option)
+    if is_file(target):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise UsageError(f"{option} {spec!r}: no such file {target}")
@@ -106,55 +101,9 @@ def _normalise(spec: str, option: str) -> str:
     return spec
 
 
-def _is_path(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or os.sep in target
-
-
 def load(spec: str, option: str) -> Any:
-    """Import the object a normalised spec names (``module:attr`` or ``/abs/file.py:attr``)."""
-    target, _, attr = spec.rpartition(":")
-    if _is_path(target):
-        module = _load_file(Path(target), spec, option)
-    else:
-        # like ``python -m``: modules in the working directory are importable
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:  # not only ImportError: the module's own code may raise
-            raise UsageError(
-                f"{option} {spec!r}: cannot import {target}: {_one_line(exc)}"
-            ) from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"{option} {spec!r}: {target} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise UsageError(f"{option} {spec!r}: {attr} is {type(obj).__name__}, not callable")
-    return obj
-
-
-def _load_file(path: Path, spec: str, option: str) -> Any:
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    name = f"_gradfence_bench_{path.stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise UsageError(f"{option} {spec!r}: cannot load {path} as Python")
-    module = importlib.util.module_from_spec(module_spec)
-    # the file may import its siblings, as it could when run as a script
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    sys.modules[name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise UsageError(f"{option} {spec!r}: importing {path} raised {_one_line(exc)}") from None
-    return module
+    """Import the callable a normalised spec names (``module:attr`` or ``/abs/file.py:attr``)."""
+    return resolve(spec, option)
 
 
 def _call(factory: Any, spec: str, *args: Any) -> Any:
@@ -163,9 +112,4 @@ def _call(factory: Any, spec: str, *args: Any) -> Any:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"factory {spec} raised {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        raise UsageError(f"factory {spec} raised {one_line(exc)}") from None

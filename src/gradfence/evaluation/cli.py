@@ -12,6 +12,7 @@ from typing import Any
 
 from gradfence.errors import GradfenceError
 from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
+from gradfence.factories import one_line
 
 MODES = ("no_grad", "inference_mode")  # --mode
 
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             json_path.write_text(json.dumps(record, indent=2) + "\n")
         except OSError as exc:
-            raise UsageError(f"--json '{json_path}': cannot write: {_one_line(exc)}") from None
+            raise UsageError(f"--json '{json_path}': cannot write: {one_line(exc)}") from None
     return 0
 
 
@@ -173,14 +174,8 @@ def _failures_as_usage_errors(args: argparse.Namespace) -> Iterator[None]:
         raise
     except Exception as exc:
         raise UsageError(
-            f"evaluating --model {args.model!r} on --data {args.data!r} failed: {_one_line(exc)}"
+            f"evaluating --model {args.model!r} on --data {args.data!r} failed: {one_line(exc)}"
         ) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (the type alone for an empty message)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _device(name: str | None) -> Any:
@@ -208,13 +203,10 @@ def _build_targets(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any,
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     from gradfence.cli import UsageError
-    from gradfence.evaluation.registry import FactoryError, load_factory
+    from gradfence.evaluation.registry import load_factory
 
-    try:
-        model_factory = load_factory(args.model, MODELS, "--model")
-        data_factory = load_factory(args.data, DATASETS, "--data")
-    except FactoryError as exc:
-        raise UsageError(str(exc)) from None
+    model_factory = load_factory(args.model, MODELS, "--model")
+    data_factory = load_factory(args.data, DATASETS, "--data")
     model = _call(model_factory, "--model", args.model)
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -248,7 +240,7 @@ def _call(factory: Callable[[], Any], option: str, spec: str) -> Any:
     except GradfenceError:
         raise
     except Exception as exc:
-        raise UsageError(f"{option} {spec!r} raised {_one_line(exc)}") from None
+        raise UsageError(f"{option} {spec!r} raised {one_line(exc)}") from None
 
 
 def _length(dataset: Any) -> int | None:

@@ -17,16 +17,11 @@ return logits of shape ``(N, classes)``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from gradfence.errors import GradfenceError
+from gradfence.factories import FORMS, resolve
 
 # name -> "module:callable" returning an nn.Module
 MODELS: dict[str, str] = {
@@ -43,76 +38,16 @@ DATASETS: dict[str, str] = {
 }
 
 
-class FactoryError(GradfenceError, ValueError):
-    """A ``--model``/``--data`` factory cannot be found, imported or called as given."""
-
-
 def load_factory(spec: str, builtins: dict[str, str], option: str) -> Callable[[], Any]:
     """Resolve a built-in name, ``module.path:callable`` or ``file.py:callable`` to a callable.
 
-    Raises :class:`FactoryError` with a one-line message naming ``option`` and ``spec``.
+    Raises :class:`~gradfence.factories.FactoryError` with a one-line message naming
+    ``option`` and ``spec``.
     """
-    target = builtins.get(spec, spec)
-    location, colon, attribute = target.rpartition(":")
-    if not colon or not location or not attribute:
-        known = ", ".join(sorted(builtins)) or "none"
-        raise FactoryError(
-            f"{option} {spec!r}: expected MODULE:FACTORY, path/to/file.py:FACTORY or a "
-            f"built-in name (built-in: {known})"
-        )
-    module = _import(location, option, spec)
-    value: Any = module
-    for part in attribute.split("."):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            raise FactoryError(
-                f"{option} {spec!r}: {location!r} has no attribute {attribute!r}"
-            ) from None
-    if not callable(value):
-        raise FactoryError(
-            f"{option} {spec!r}: {attribute!r} is a {type(value).__name__}, not a callable"
-        )
-    factory: Callable[[], Any] = value
+    known = ", ".join(sorted(builtins)) or "none"
+    forms = f"{FORMS} or a built-in name (built-in: {known})"
+    factory: Callable[[], Any] = resolve(builtins.get(spec, spec), option, forms)
     return factory
-
-
-def _import(location: str, option: str, spec: str) -> Any:
-    is_file = location.endswith(".py") or "/" in location or os.sep in location
-    try:
-        if is_file:
-            return _import_file(Path(location))
-        # Like `python -m`, let MODULE be a module in the current directory.
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return importlib.import_module(location)
-    except Exception as exc:  # any failure to import is bad input: one line, exit 2
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise FactoryError(
-            f"{option} {spec!r}: cannot import {location!r}: {type(exc).__name__}: {detail}"
-        ) from None
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    name = f"gradfence_eval_factory_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running it (dataclasses and pickling look modules up by name),
-    # and its folder importable, so the file can import its neighbours.
-    sys.modules[name] = module
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,52 @@
+"""MODULE:FACTORY and path/to/file.py:FACTORY resolution shared by eval and bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gradfence.cli import UsageError
+from gradfence.factories import FactoryError, resolve
+
+
+def test_file_factory_is_imported_once_and_can_import_its_neighbour(tmp_path: Path) -> None:
+    (tmp_path / "helper_mod_for_factories.py").write_text("VALUE = 41\n")
+    user = tmp_path / "user_factories.py"
+    user.write_text(
+        "import helper_mod_for_factories\n"
+        "LOADS = []\n"
+        "LOADS.append(1)\n"
+        "def build():\n"
+        "    return helper_mod_for_factories.VALUE + len(LOADS)\n"
+    )
+    first = resolve(f"{user}:build", "--model")
+    second = resolve(f"{user}:build", "--input")
+    assert first is second, "the same file must not be executed twice"
+    assert first() == 42
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no-colon", "expected MODULE:FACTORY or path/to/file.py:FACTORY"),
+        ("json:nothing", "json has no attribute 'nothing'"),
+        ("json:__name__", "__name__ is str, not callable"),
+        ("no_such_module_abc:f", "cannot import no_such_module_abc: ModuleNotFoundError"),
+        ("missing/file.py:f", "no such file missing/file.py"),
+    ],
+)
+def test_bad_specs_are_one_line_usage_errors(spec: str, message: str) -> None:
+    with pytest.raises(FactoryError) as caught:
+        resolve(spec, "--model")
+    text = str(caught.value)
+    assert text.startswith(f"--model {spec!r}: ") and message in text
+    assert "\n" not in text
+    assert isinstance(caught.value, UsageError)
+
+
+def test_module_raising_on_import_is_reported_not_raised(tmp_path: Path) -> None:
+    broken = tmp_path / "broken_factories.py"
+    broken.write_text("raise RuntimeError('needs a GPU\\nsecond line')\n")
+    with pytest.raises(FactoryError, match=r"cannot import .*RuntimeError: needs a GPU$"):
+        resolve(f"{broken}:build", "--data")
