@@ -762,7 +762,8 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     Flags the first forward call of a module after its `.eval()` in an evaluation function
     or loop when the call is outside any `no_grad` / `inference_mode` scope, nothing in the
     function differentiates (`backward`, `torch.autograd.grad`, `requires_grad`), and no
-    caller in the file runs the function under `no_grad`. Lightning hooks are not flagged.
+    caller in the file runs the function under `no_grad` or differentiates itself (an
+    attack calling `predict(model, x)`). Lightning hooks are not flagged.
 
     ## Why is this a problem?
     `eval()` changes what dropout and BatchNorm compute; it does not turn off gradient
@@ -800,7 +801,9 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
         key = id(function)
         if key not in skip:
             skip[key] = uses_gradients(function) or any(
-                site.mode.no_graph or site.mode is GradMode.UNKNOWN
+                site.mode.no_graph
+                or site.mode is GradMode.UNKNOWN
+                or uses_gradients(site.function)  # the caller differentiates the output
                 for site in callers(model, function)
             )
         if skip[key]:
