@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import gc
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,3 +363,25 @@ def test_dead_worker_falls_back_to_this_process(monkeypatch: pytest.MonkeyPatch)
     results = lint_paths(paths, Settings(), jobs=2)
     assert [r.path for r in results] == paths
     assert all(r.error is None for r in results) and sum(len(r.diagnostics) for r in results) > 20
+
+
+def test_collector_runs_rarely_while_linting_and_is_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradfence.lint import engine
+
+    seen: list[tuple[int, int, int]] = []
+    real = engine.lint_file
+
+    def recording(path: str, settings: engine.Settings, keep_source: bool = False) -> Any:
+        seen.append(gc.get_threshold())
+        return real(path, settings, keep_source)
+
+    monkeypatch.setattr(engine, "lint_file", recording)
+    target = tmp_path / "m.py"
+    target.write_text("import torch\nwith torch.no_grad:\n    pass\n")
+    before = gc.get_threshold()
+    results = engine.lint_paths([str(target)], engine.Settings(), jobs=1)
+    assert [d.code for d in results[0].diagnostics] == ["GF101"]
+    assert seen and seen[0][0] >= engine.GC_GEN0_THRESHOLD
+    assert gc.get_threshold() == before

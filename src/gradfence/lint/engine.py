@@ -9,12 +9,14 @@ query the recorded events; ``# noqa`` comments filter the findings.
 from __future__ import annotations
 
 import ast
+import contextlib
+import gc
 import io
 import os
 import sys
 import tokenize
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -163,8 +165,31 @@ def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileR
     return FileResult(path, diagnostics, None, source if keep_source else None)
 
 
+# Collect young objects every 50,000 allocations instead of every 700 while linting.
+GC_GEN0_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def _rare_collections() -> Iterator[None]:
+    """Let the cyclic garbage collector run rarely while files are linted.
+
+    Parsing allocates an AST of many thousands of small container objects in one go, and
+    none of it is garbage until the file is done; with the default thresholds the
+    collector keeps re-scanning those live trees (about 15% of the whole lint's time on
+    torch's own sources). The model breaks its reference cycles itself (``release()``),
+    so little is left for the collector to find anyway.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], GC_GEN0_THRESHOLD), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
 def _lint_chunk(paths: Sequence[str], settings: Settings, keep_source: bool) -> list[FileResult]:
-    return [lint_file(p, settings, keep_source) for p in paths]
+    with _rare_collections():
+        return [lint_file(p, settings, keep_source) for p in paths]
 
 
 def default_jobs() -> int:
