@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 
@@ -13,6 +14,7 @@ from gradfence.serve.batcher import (
     Batcher,
     BatcherStoppedError,
     BatchMismatchError,
+    BatchStats,
     QueueFullError,
 )
 
@@ -148,3 +150,56 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch() -> None:
         bad.result(30)
     # all three shared one batch, which failed; then each ran alone
     assert attempts == [["g"], ["bb", "poison", "g", "g"], ["bb"], ["poison", "g"], ["g"]]
+
+
+def test_timed_out_texts_leave_the_queue_and_free_their_places() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=1, max_queue=4, max_wait_ms=0)
+    model.gate.clear()
+    blocker = batcher.submit(["b"])  # taken by the thread, which then waits on the gate
+    while batcher.queue_depth:
+        time.sleep(0.001)
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await batcher.predict(["dropped"] * 4, timeout_s=0.05)
+
+    asyncio.run(give_up())
+    assert batcher.queue_depth == 0  # what /metrics reports
+    accepted = batcher.submit(["g"] * 4)  # the abandoned texts do not hold the queue full
+    model.gate.set()
+    assert blocker.result(30)[0].label == "negative"
+    assert [p.label for p in accepted.result(30)] == ["positive"] * 4
+    assert ["dropped"] not in model.batches
+    batcher.stop()
+
+
+def test_batch_stats_keep_only_their_window() -> None:
+    stats = BatchStats(window_s=10.0)
+    for second in range(100):  # one batch of 2 texts a second, for 100 s
+        stats.record(2, now=float(second))
+    assert len(stats.recent) == 11  # seconds 89 to 99, not all 100 batches
+    assert stats.texts_per_second(now=99.0) == pytest.approx(2.2)
+    assert (stats.batches, stats.texts) == (100, 200)
+
+
+def test_batch_stats_read_while_the_inference_thread_records() -> None:
+    """A metrics scrape reads the stats while batches are recorded: no
+    'deque mutated during iteration'."""
+    stats = BatchStats(window_s=60.0)
+    done = threading.Event()
+
+    def record() -> None:
+        while not done.is_set():
+            stats.record(1)
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    try:
+        while len(stats.recent) < 2000:
+            time.sleep(0.001)
+        rates = [stats.texts_per_second() for _ in range(300)]
+    finally:
+        done.set()
+        writer.join()
+    assert all(rate > 0 for rate in rates)

@@ -76,18 +76,37 @@ class _Item:
 
 @dataclass
 class BatchStats:
-    """Counts kept by the batcher, read by the metrics endpoint."""
+    """Counts kept by the batcher (written by its thread), read by the metrics endpoint.
+
+    ``recent`` holds the batches of the last ``window_s`` seconds only, and a lock guards
+    it: the metrics scrape reads it from another thread while batches are recorded.
+    """
 
     batches: int = 0
     texts: int = 0
+    window_s: float = 10.0
     recent: deque[tuple[float, int]] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def texts_per_second(self, window_s: float = 10.0) -> float:
+    def record(self, texts: int, now: float | None = None) -> None:
+        """Count one batch of ``texts`` texts, finished at ``now`` (monotonic seconds)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.batches += 1
+            self.texts += texts
+            self.recent.append((now, texts))
+            self._prune(now)
+
+    def texts_per_second(self, now: float | None = None) -> float:
         """Texts served per second over the last ``window_s`` seconds."""
-        now = time.monotonic()
-        while self.recent and self.recent[0][0] < now - window_s:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._prune(now)
+            return sum(n for _, n in self.recent) / self.window_s
+
+    def _prune(self, now: float) -> None:
+        while self.recent and self.recent[0][0] < now - self.window_s:
             self.recent.popleft()
-        return sum(n for _, n in self.recent) / window_s
 
 
 BatchObserver = Callable[[int, float], None]
@@ -213,16 +232,24 @@ class Batcher:
         future = self.submit(texts)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
+        except (asyncio.TimeoutError, asyncio.CancelledError):
             self.cancel(future)
             raise
 
     def cancel(self, future: concurrent.futures.Future[list[Prediction]]) -> None:
-        """Drop the queued texts of the request behind ``future`` (its caller gave up)."""
+        """Drop the queued texts of the request behind ``future`` (its caller gave up).
+
+        They leave the queue at once, so they no longer count in ``queue_depth`` nor
+        against ``max_queue``; texts of it that a running batch holds still run, unused.
+        """
         with self._cond:
+            kept: deque[_Item] = deque()
             for item in self._items:
                 if item.request.future is future:
                     item.request.cancelled = True
+                else:
+                    kept.append(item)
+            self._items = kept
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn()`` in the inference thread, inside its scope, between two batches."""
@@ -344,9 +371,7 @@ class Batcher:
             best = max(range(len(row)), key=row.__getitem__)
             prediction = Prediction(labels[best], row[best], dict(zip(labels, row, strict=True)))
             _deliver(item.request, item.index, prediction)
-        self.stats.batches += 1
-        self.stats.texts += len(batch)
-        self.stats.recent.append((time.monotonic(), len(batch)))
+        self.stats.record(len(batch))
         if self.on_batch is not None:
             self.on_batch(len(batch), elapsed)
 
