@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -296,3 +298,30 @@ def test_one_debug_log_line_per_request(
         "POST /v1/predict 200",
         "POST /v1/predict 422",
     ]
+
+
+def test_body_that_never_arrives_is_408_and_an_abandoned_one_not_a_500(
+    serve_model: ServerFactory,
+) -> None:
+    """A client sending less than its Content-Length cannot hold a request (nor a
+    graceful shutdown) forever; one closing the connection mid-body is no server error."""
+    server = serve_model(StubClassifier(), request_timeout_s=1.0)
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
+    partial = head + b'{"texts": ["b"'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(partial)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"the body did not arrive within 1 s" in answer
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(partial)  # and goes away
+    deadline = time.monotonic() + 20
+    while 'route="/v1/predict",status="499"' not in (text := metrics_text(server)):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.02)
+    assert 'status="500"' not in text
+    assert predict(server, {"texts": ["g"]}).json()["predictions"][0]["label"] == "positive"
+
+
+def metrics_text(server: ThreadedServer) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=10).text

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradfence.serve.batcher import (
@@ -119,11 +120,25 @@ def validate_texts(body: Any) -> list[str]:
     return texts
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or a 413 :class:`RequestError` as soon as it exceeds ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+async def read_body(
+    request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float | None = None
+) -> bytes:
+    """The request body, or a :class:`RequestError`: 413 as soon as it exceeds ``limit``,
+    408 when it has not fully arrived within ``timeout_s`` (a client that sends less than
+    its ``Content-Length`` would otherwise hold the request, and a graceful shutdown,
+    forever), 499 when the client closed the connection before sending all of it."""
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"body of {declared} bytes exceeds {limit} bytes")
+    try:
+        return await asyncio.wait_for(_read_chunks(request, limit), timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s") from exc
+    except ClientDisconnect as exc:
+        raise RequestError(499, "the client closed the connection before its body") from exc
+
+
+async def _read_chunks(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -149,9 +164,10 @@ def check_auth(request: Request, api_key: str | None) -> None:
         raise RequestError(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def parse_predict(request: Request) -> list[str]:
-    """The texts of a ``POST /v1/predict`` request, or a 413/422 :class:`RequestError`."""
-    raw = await read_body(request)
+async def parse_predict(request: Request, timeout_s: float | None = None) -> list[str]:
+    """The texts of a ``POST /v1/predict`` request, or a 408/413/422/499
+    :class:`RequestError` (see :func:`read_body`)."""
+    raw = await read_body(request, timeout_s=timeout_s)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
@@ -166,7 +182,7 @@ async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
         return await work
     except QueueFullError as exc:
         raise RequestError(503, f"busy: {exc}", headers=retry) from exc
-    except TimeoutError as exc:
+    except asyncio.TimeoutError as exc:  # the builtin TimeoutError from Python 3.11 on
         raise RequestError(504, f"no answer within {settings.request_timeout_s:g} s") from exc
     except BatcherStoppedError as exc:
         raise RequestError(503, str(exc), headers=retry) from exc
@@ -336,7 +352,7 @@ def create_app(
         try:
             check_auth(request, settings.api_key)
             batcher = service.ready_batcher()
-            texts = await parse_predict(request)
+            texts = await parse_predict(request, settings.request_timeout_s)
             predictions = await guarded(
                 batcher.predict(texts, settings.request_timeout_s), settings
             )
