@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -325,3 +326,41 @@ def test_body_that_never_arrives_is_408_and_an_abandoned_one_not_a_500(
 
 def metrics_text(server: ThreadedServer) -> str:
     return httpx.get(f"{server.url}/metrics", timeout=10).text
+
+
+def test_request_larger_than_the_whole_queue_is_422_not_a_503_to_retry(
+    serve_model: ServerFactory,
+) -> None:
+    server = serve_model(StubClassifier(), max_queue=2)
+    response = predict(server, {"texts": ["b", "g", "b"]})
+    assert response.status_code == 422 and "retry-after" not in response.headers
+    assert response.json()["field"] == "texts"
+    assert "queues at most 2 texts" in response.json()["detail"]
+    assert [p["label"] for p in predict(server, {"texts": ["b", "g"]}).json()["predictions"]] == [
+        "negative",
+        "positive",
+    ]
+
+
+def test_nan_scores_are_an_error_for_that_request_only(serve_model: ServerFactory) -> None:
+    class NanForSome(StubClassifier):
+        def forward(self, texts: Sequence[str]) -> torch.Tensor:
+            out = super().forward(texts)
+            return torch.where(
+                torch.tensor([t == "nan" for t in texts]).unsqueeze(1), torch.nan, out
+            )
+
+    model = NanForSome()
+    server = serve_model(model, max_wait_ms=200)  # both requests share a batch
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(
+                client.post("/v1/predict", json={"texts": ["g", "nan"]}),
+                client.post("/v1/predict", json={"texts": ["bb"]}),
+            )
+
+    bad, good = asyncio.run(both())
+    assert bad.status_code == 500
+    assert bad.json() == {"detail": "inference failed: NonFiniteScoresError"}
+    assert good.json()["predictions"][0]["label"] == "negative"

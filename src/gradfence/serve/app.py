@@ -353,6 +353,13 @@ def create_app(
             check_auth(request, settings.api_key)
             batcher = service.ready_batcher()
             texts = await parse_predict(request, settings.request_timeout_s)
+            if len(texts) > settings.max_queue:  # a 503 would invite retries that never fit
+                raise RequestError(
+                    422,
+                    f"'texts' holds {len(texts)} items; this server queues at most "
+                    f"{settings.max_queue} texts (--max-queue)",
+                    "texts",
+                )
             predictions = await guarded(
                 batcher.predict(texts, settings.request_timeout_s), settings
             )

@@ -49,6 +49,10 @@ class BatchMismatchError(RuntimeError):
     """The model returned a different number of results than texts in the batch."""
 
 
+class NonFiniteScoresError(RuntimeError):
+    """The model's scores for a batch hold NaN or infinity (JSON cannot carry them)."""
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The label with the highest probability, that probability, and every label's."""
@@ -338,7 +342,7 @@ class Batcher:
                 self._run_batch(batch)
 
     def _scores(self, texts: list[str]) -> list[list[float]]:
-        """Probabilities per text, checked to be exactly one row per text."""
+        """Probabilities per text, checked to be exactly one finite row per text."""
         logits = self.model(texts)
         n_labels = len(self.model.labels)
         if logits.ndim != 2 or logits.shape[0] != len(texts) or logits.shape[1] != n_labels:
@@ -346,7 +350,12 @@ class Batcher:
                 f"model returned shape {tuple(logits.shape)} for {len(texts)} texts "
                 f"and {n_labels} labels"
             )
-        rows: list[list[float]] = logits.float().softmax(dim=-1).tolist()
+        probabilities = logits.float().softmax(dim=-1)
+        if not bool(probabilities.isfinite().all()):
+            raise NonFiniteScoresError(
+                f"model returned NaN or infinite scores for {len(texts)} texts"
+            )
+        rows: list[list[float]] = probabilities.tolist()
         return rows
 
     def _run_batch(self, batch: list[_Item]) -> None:
