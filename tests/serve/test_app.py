@@ -23,7 +23,8 @@ from .conftest import ServerFactory, StubClassifier, ThreadedServer, stub_label
 
 
 def predict(server: ThreadedServer, body: object, **kwargs: object) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/predict", json=body, timeout=30, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("timeout", 30)
+    return httpx.post(f"{server.url}/v1/predict", json=body, **kwargs)  # type: ignore[arg-type]
 
 
 def test_predict_one_answer_per_text_in_order(serve_model: ServerFactory) -> None:
@@ -364,3 +365,24 @@ def test_nan_scores_are_an_error_for_that_request_only(serve_model: ServerFactor
     assert bad.status_code == 500
     assert bad.json() == {"detail": "inference failed: NonFiniteScoresError"}
     assert good.json()["predictions"][0]["label"] == "negative"
+
+
+def test_client_leaving_while_queued_takes_its_texts_out(serve_model: ServerFactory) -> None:
+    model = StubClassifier()
+    server = serve_model(model, max_wait_ms=0)
+    model.gate.clear()  # the next batch stalls in the model
+    with pytest.raises(httpx.TimeoutException):
+        predict(server, {"texts": ["held"]}, timeout=0.3)  # its batch runs: stays
+    with pytest.raises(httpx.TimeoutException):
+        predict(server, {"texts": ["abandoned", "too"]}, timeout=0.3)  # queued: leaves
+    deadline = time.monotonic() + 20
+    while metrics_text(server).count('route="/v1/predict",status="499"') == 0 or (
+        "gradfence_queue_depth 0.0" not in metrics_text(server)
+    ):
+        assert time.monotonic() < deadline, metrics_text(server)
+        time.sleep(0.02)
+    model.gate.set()
+    assert predict(server, {"texts": ["g"]}).json()["predictions"][0]["label"] == "positive"
+    assert ["abandoned", "too"] not in model.batches and ["held"] in model.batches
+    text = metrics_text(server)
+    assert 'route="/v1/predict",status="499"} 2.0' in text and 'status="500"' not in text

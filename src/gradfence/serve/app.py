@@ -8,6 +8,7 @@ string (and ``field`` for validation errors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -191,6 +192,33 @@ async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
         raise RequestError(500, f"inference failed: {type(exc).__name__}") from exc
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it and raise a 499.
+
+    Call once the body has been read: the ASGI ``receive`` then only reports the
+    disconnect. A cancelled prediction drops its queued texts, so a client that gave up
+    does not leave work for the model (nor places in the queue) behind.
+    """
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise RequestError(499, "the client closed the connection before its answer")
+    return task.result()
+
+
 def predictions_body(predictions: list[Prediction], model_id: str) -> dict[str, Any]:
     """The JSON answer of ``POST /v1/predict``."""
     return {"predictions": [asdict(p) for p in predictions], "model": model_id}
@@ -360,9 +388,8 @@ def create_app(
                     f"{settings.max_queue} texts (--max-queue)",
                     "texts",
                 )
-            predictions = await guarded(
-                batcher.predict(texts, settings.request_timeout_s), settings
-            )
+            work = guarded(batcher.predict(texts, settings.request_timeout_s), settings)
+            predictions = await unless_disconnected(request, work)
         except RequestError as error:
             if error.status >= 500:
                 log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)
