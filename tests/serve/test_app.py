@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -283,7 +284,20 @@ def test_metrics_exposes_the_documented_series(serve_model: ServerFactory) -> No
         "gradfence_texts_per_second",
     ):
         assert name in text
-    assert 'route="/v1/predict",status="200"' in text
+    # values, not only names: one request of two texts, run as one batch of two
+    for line in (
+        'gradfence_http_requests_total{method="POST",route="/v1/predict",status="200"} 1.0',
+        'gradfence_http_request_duration_seconds_count{method="POST",route="/v1/predict",'
+        'status="200"} 1.0',
+        'gradfence_batch_size_bucket{le="1.0"} 0.0',
+        'gradfence_batch_size_bucket{le="2.0"} 1.0',
+        "gradfence_batch_size_count 1.0",
+        "gradfence_texts_total 2.0",
+        "gradfence_queue_depth 0.0",
+    ):
+        assert line in text.splitlines(), line
+    rate = re.search(r"^gradfence_texts_per_second (\S+)$", text, re.M)
+    assert rate and float(rate.group(1)) > 0
     assert httpx.get(f"{server.url}/nope").status_code == 404
     assert 'route="other"' in httpx.get(f"{server.url}/metrics").text
 
