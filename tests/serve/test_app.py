@@ -185,6 +185,14 @@ def test_api_key(serve_model: ServerFactory) -> None:
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
 
 
+def test_api_key_beyond_ascii(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), api_key="clé-secrète")
+    ok = predict(server, {"texts": ["b"]}, headers={"Authorization": "Bearer clé-secrète".encode()})
+    assert ok.status_code == 200
+    wrong = predict(server, {"texts": ["b"]}, headers={"Authorization": "Bearer clé".encode()})
+    assert wrong.status_code == 401
+
+
 def test_thousand_malformed_requests_leave_server_healthy(serve_model: ServerFactory) -> None:
     server = serve_model(StubClassifier())
     statuses: dict[int, int] = {}

@@ -158,8 +158,9 @@ def check_auth(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # header values arrive decoded as latin-1: back to the bytes the client sent (UTF-8)
     ok = scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
+        token.strip().encode("latin-1"), api_key.encode()
     )
     if not ok:
         raise RequestError(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
