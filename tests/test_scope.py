@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import threading
@@ -599,30 +600,9 @@ def test_overlapping_scopes_in_two_threads_restore_the_original() -> None:
     assert flags(model) == before
 
 
-def test_conflicting_scopes_in_two_threads_warn() -> None:
-    model = frozen_bn_model()
-    entered = threading.Event()
-    done = threading.Event()
-
-    def evaluator() -> None:
-        with gf.inference(model):
-            entered.set()
-            done.wait(5)
-
-    thread = threading.Thread(target=evaluator)
-    thread.start()
-    entered.wait(5)
-    try:
-        with pytest.warns(gf.ScopeOverlapWarning, match="process-global"), gf.training(model):
-            pass
-    finally:
-        done.set()
-        thread.join()
-    assert model.training and not model[1].training
-
-
-def test_same_target_overlap_in_threads_does_not_warn() -> None:
-    model = nn.Dropout()
+@contextlib.contextmanager
+def inference_held_by_another_thread(model: nn.Module) -> Iterator[None]:
+    """Another thread sits inside ``gf.inference(model)`` for the duration of the block."""
     entered, done = threading.Event(), threading.Event()
 
     def evaluator() -> None:
@@ -633,12 +613,30 @@ def test_same_target_overlap_in_threads_does_not_warn() -> None:
     thread = threading.Thread(target=evaluator)
     thread.start()
     entered.wait(5)
-    with warnings.catch_warnings():
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_conflicting_scopes_in_two_threads_warn() -> None:
+    model = frozen_bn_model()
+    with (
+        inference_held_by_another_thread(model),
+        pytest.warns(gf.ScopeOverlapWarning, match="process-global"),
+        gf.training(model),
+    ):
+        pass
+    assert model.training and not model[1].training
+
+
+def test_same_target_overlap_in_threads_does_not_warn() -> None:
+    model = nn.Dropout()
+    with inference_held_by_another_thread(model), warnings.catch_warnings():
         warnings.simplefilter("error")
         with gf.inference(model):
             pass
-    done.set()
-    thread.join()
     assert model.training
 
 
