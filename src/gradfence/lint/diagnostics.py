@@ -111,6 +111,10 @@ class SourceText:
         line, col = self.end(node)
         return Edit(line, col, line, col, content)
 
+    def call_it(self, node: ast.AST, prefix: str = "") -> Fix:
+        """The fix that adds the missing ``()`` after ``node`` (GF101, GF106, GF301)."""
+        return Fix(f"Call it: `{prefix}{self.segment(node)}()`", (self.insert_after(node, "()"),))
+
     def replace(self, node: ast.AST, content: str) -> Edit:
         """An edit replacing the text of ``node``."""
         (line, col), (end_line, end_col) = self.start(node), self.end(node)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.diagnostics import Fix
 from gradfence.lint.model import FileModel, FunctionModel, pos
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import (
@@ -103,8 +102,7 @@ def grad_context_not_instantiated(model: FileModel) -> Iterator[Hit]:
     text = model.text
     for expr, _function in model.bare_with_items:
         source = text.segment(expr)
-        fix = Fix(f"Call it: `{source}()`", (text.insert_after(expr, "()"),))
-        yield expr, f"`{source}` is a class: call it (`with {source}():`)", fix
+        yield expr, f"`{source}` is a class: call it (`with {source}():`)", text.call_it(expr)
 
 
 @rule(
@@ -403,9 +401,12 @@ def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     for function in model.functions:
         for decorator, mode in function.decorators:
             if mode is not None and not isinstance(decorator, ast.Call):
-                source = text.segment(decorator)
-                fix = Fix(f"Call it: `@{source}()`", (text.insert_after(decorator, "()"),))
-                yield decorator, f"`@{source}` needs parentheses before torch 2.1", fix
+                fix = text.call_it(decorator, prefix="@")
+                yield (
+                    decorator,
+                    f"`@{text.segment(decorator)}` needs parentheses before torch 2.1",
+                    fix,
+                )
 
 
 @rule(

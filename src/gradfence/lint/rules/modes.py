@@ -147,9 +147,8 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
         for event in function.exprs:
             value = event.node.value
             if isinstance(value, ast.Attribute) and value.attr in {"eval", "train"}:
-                source = text.segment(value)
-                fix = Fix(f"Call it: `{source}()`", (text.insert_after(value, "()"),))
-                yield value, f"`{source}` is not called: the mode does not change", fix
+                message = f"`{text.segment(value)}` is not called: the mode does not change"
+                yield value, message, text.call_it(value)
 
 
 class _ModeFlow:
