@@ -23,6 +23,7 @@ raise a :class:`~gradfence.errors.ScopeOverlapWarning`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -35,6 +36,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 import torch
 from torch import nn
 
+from gradfence import compat
 from gradfence.errors import ScopeError, ScopeOverlapWarning
 
 GradMode = Literal["no_grad", "inference_mode"]
@@ -51,35 +53,155 @@ class _Resumable(Protocol):
     def close(self) -> None: ...
 
 
-# --- which classes need their own train() called -----------------------------------
+# --- switching modules exactly as model.train() / model.eval() would ---------------
 
-_custom_mode_cache: dict[type, bool] = {}
+# What a class does differently from nn.Module when its mode is switched (bit flags).
+_EVAL_OVERRIDE = 1  # the class overrides eval()
+_TRAIN_OVERRIDE = 2  # the class overrides train()
+_FLAG_SETTER = 4  # `module.training = flag` runs code (custom __setattr__, a property)
+_class_kinds: dict[type, int] = {}
 
 
-def _has_custom_mode(cls: type) -> bool:
-    """True when ``cls`` overrides ``train``/``eval`` (or ``__setattr__``).
-
-    Such modules get their own ``train(mode)`` called, so the override runs with the
-    flag it is being given; every other module's flag is written directly, which is
-    what ``nn.Module.train`` itself would do, minus its per-level overhead.
-    """
-    custom = _custom_mode_cache.get(cls)
-    if custom is None:
-        custom = (
-            getattr(cls, "train", None) is not nn.Module.train
-            or getattr(cls, "eval", None) is not nn.Module.eval
-            or getattr(cls, "__setattr__", None) is not nn.Module.__setattr__
+def _class_kind(cls: type) -> int:
+    kind = _class_kinds.get(cls)
+    if kind is None:
+        kind = (
+            (_EVAL_OVERRIDE if getattr(cls, "eval", None) is not nn.Module.eval else 0)
+            | (_TRAIN_OVERRIDE if getattr(cls, "train", None) is not nn.Module.train else 0)
+            | (0 if compat.has_plain_training_attribute(cls) else _FLAG_SETTER)
         )
-        _custom_mode_cache[cls] = custom
-    return custom
+        _class_kinds[cls] = kind
+    return kind
 
 
-def _set_mode(module: nn.Module, training: bool) -> None:
-    """Call the module's own mode switch (its override), as ``model.train()`` would."""
-    if not training and type(module).eval is not nn.Module.eval:
-        module.eval()
+class _TrainStandIn:
+    """Stands in for a plain child's ``train`` while its parent's own override runs.
+
+    ``nn.Module.train`` reaches each child through ``child.train(mode)``, looked up on
+    the instance. During one call of an overriding ``train()``/``eval()`` (every Hugging
+    Face model's), each plain child gets this object in its ``__dict__``: the override's
+    recursion then switches the child's subtree with :func:`_switch` (same result, none
+    of ``nn.Module.train``'s per-level cost) instead of level by level. Any other thread
+    that calls the child's ``train`` in that window gets the class's own method.
+    """
+
+    __slots__ = ("module", "thread")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.thread = threading.get_ident()
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        module = self.module
+        if threading.get_ident() != self.thread or not isinstance(mode, bool):
+            return type(module).train(module, mode)
+        _switch(module, mode, as_root=False)
+        return module
+
+
+def _instance_train(own: dict[str, Any]) -> bool:
+    """True when a module's ``__dict__`` holds its own ``train`` (not our stand-in)."""
+    return "train" in own and type(own["train"]) is not _TrainStandIn
+
+
+def _run_override(module: nn.Module, training: bool, *, use_eval: bool) -> None:
+    """Call ``module.eval()`` or ``module.train(training)``: the module's own switch."""
+    stand_ins: list[tuple[nn.Module, _TrainStandIn]] = []
+    if compat.train_recursion_looks_up_instances():
+        for child in compat.children(module):
+            if child is None or "train" in child.__dict__:
+                continue
+            if _class_kind(type(child)) & (_TRAIN_OVERRIDE | _FLAG_SETTER):
+                continue  # its own code runs anyway: nothing to save
+            stand_in = _TrainStandIn(child)
+            child.__dict__["train"] = stand_in
+            stand_ins.append((child, stand_in))
+    try:
+        if use_eval:
+            module.eval()
+        else:
+            module.train(training)
+    finally:
+        for child, stand_in in stand_ins:
+            if child.__dict__.get("train") is stand_in:
+                del child.__dict__["train"]
+
+
+def _switch(
+    root: nn.Module, training: bool, *, as_root: bool, seen: set[int] | None = None
+) -> None:
+    """Do what ``root.train(training)`` does (``root.eval()`` for a root switched to eval).
+
+    Follows ``nn.Module.train``'s recursion, pre-order: wherever a module says otherwise
+    (an override of ``train``, or of ``eval`` on a root, on its class or on the instance)
+    its own method is called and owns its subtree; a ``training`` that is a property, or
+    a custom ``__setattr__``, gets the assignment; every other module gets its flag
+    written directly, and only where it differs. Each module is visited once.
+    """
+    seen = set() if seen is None else seen
+    stack: list[nn.Module | None] = [root]
+    pop, extend = stack.pop, stack.extend
+    kinds = _class_kinds
+    while stack:
+        module = pop()
+        if module is None:
+            continue
+        key = id(module)
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = type(module)
+        kind = kinds.get(cls)
+        if kind is None:
+            kind = _class_kind(cls)
+        own = module.__dict__
+        if kind or "train" in own or "eval" in own:
+            if (
+                as_root
+                and module is root
+                and not training
+                and (kind & _EVAL_OVERRIDE or "eval" in own)
+            ):
+                _run_override(module, False, use_eval=True)
+                continue
+            if kind & _TRAIN_OVERRIDE or _instance_train(own):
+                _run_override(module, training, use_eval=False)
+                continue
+            if kind & _FLAG_SETTER:
+                module.training = training
+        if own.get("training") is not training and not kind & _FLAG_SETTER:
+            own["training"] = training
+        children = compat.children(module)
+        if children:
+            extend(reversed(children))
+
+
+def _set_own_mode(module: nn.Module, training: bool) -> None:
+    """Switch one module to ``training`` through its own switch, where it has one.
+
+    ``eval()`` when switching to eval and it is overridden (on the class or on the
+    instance), else an overridden ``train(training)``; otherwise the flag alone. Either
+    way the caller fixes up the descendants afterwards.
+    """
+    kind = _class_kind(type(module))
+    own = module.__dict__
+    if not training and (kind & _EVAL_OVERRIDE or "eval" in own):
+        _run_override(module, False, use_eval=True)
+    elif kind & _TRAIN_OVERRIDE or _instance_train(own):
+        _run_override(module, training, use_eval=False)
+    elif kind & _FLAG_SETTER:
+        module.training = training
     else:
-        module.train(training)
+        compat.write_training(module, training)
+
+
+def _force_flag(module: nn.Module, training: bool) -> None:
+    """Last resort after a module's own switch raised: set its flag as plainly as it allows."""
+    if _class_kind(type(module)) & _FLAG_SETTER:
+        with contextlib.suppress(Exception):
+            object.__setattr__(module, "training", training)
+    else:
+        compat.write_training(module, training)
 
 
 # --- snapshots of module flags -----------------------------------------------------
@@ -96,6 +218,7 @@ def _preorder(roots: Iterable[nn.Module | None]) -> tuple[list[nn.Module], dict[
     stack: list[nn.Module | None] = list(roots)
     stack.reverse()
     pop, extend = stack.pop, stack.extend
+    children = compat.children
     while stack:
         module = pop()
         if module is None:
@@ -105,9 +228,9 @@ def _preorder(roots: Iterable[nn.Module | None]) -> tuple[list[nn.Module], dict[
             continue
         index[key] = len(order)
         order.append(module)
-        children = module._modules
-        if children:
-            extend(reversed(children.values()))
+        below = children(module)
+        if below:
+            extend(reversed(below))
     return order, index
 
 
@@ -126,62 +249,56 @@ class ModeSnapshot:
         self.flags: list[bool] = [module.training for module in self.modules]
 
     def apply(self, training: bool) -> None:
-        """Switch every module to ``training`` the way ``root.train(training)`` would.
+        """Switch the roots to ``training`` exactly as ``root.train(training)`` would.
 
-        Modules whose class overrides the mode switch get it called (so e.g. a
-        ``train()`` that pins a frozen part in eval keeps working) and own their
-        subtree; all others get a direct flag write, and only where it differs.
+        ``root.eval()`` when switching to eval. Wherever a module overrides the switch
+        (``train``/``eval`` on its class or instance, a ``training`` property), its own
+        code runs; every other flag is written directly, and only where it differs.
         """
-        owned: set[int] = set()  # modules inside the subtree of an overriding module
-        cache = _custom_mode_cache
-        for module in self.modules:
-            cls = type(module)
-            custom = cache.get(cls)
-            if custom is None:
-                custom = _has_custom_mode(cls)
-            if custom or owned:
-                key = id(module)
-                if key in owned:
-                    continue
-                if custom:
-                    _set_mode(module, training)
-                    owned.update(_preorder(module._modules.values())[1])
-                    continue
-            if module.training is not training:
-                module.__dict__["training"] = training
+        seen: set[int] = set()
+        for root in self.roots:
+            _switch(root, training, as_root=True, seen=seen)
 
-    def restore(self, skip: set[int] | frozenset[int] = frozenset()) -> None:
+    def restore(self, keep: dict[int, bool] | None = None) -> None:
         """Put every module that is still in the trees back to its recorded flag.
 
         Walks the trees as they are *now*: modules removed in the meantime are not
         touched, modules added in the meantime keep the flag they have. A module whose
-        class overrides ``train()`` gets ``train(saved_flag)`` called, so its override
-        runs with the flag it is restored to; since that recurses, its descendants are
-        fixed up afterwards (pre-order). If one module fails to restore, the others are
-        still restored and the first error is raised at the end.
+        class (or instance) overrides the switch gets it called with the flag it is
+        restored to; since that recurses, its descendants are fixed up afterwards
+        (pre-order). ``keep`` maps ``id(module)`` to a flag to hold instead of the
+        recorded one (modules still held by another open scope): an override's
+        recursion that flips one of them is undone in the same pass. If one module fails
+        to restore, the others are still restored and the first error is raised at the
+        end.
         """
         current, _ = _preorder(self.roots)
         index, flags = self.index, self.flags
-        added = [(m, m.training) for m in current if id(m) not in index]
+        keep = keep or {}
+        added = [(m, m.training) for m in current if id(m) not in index and id(m) not in keep]
         errors: list[BaseException] = []
         for module in current:
             key = id(module)
-            position = index.get(key)
-            if position is None or key in skip:
+            target = keep.get(key)
+            if target is None:
+                position = index.get(key)
+                if position is None:
+                    continue
+                target = flags[position]
+            if module.training is target:
                 continue
-            saved = flags[position]
-            if module.training is saved:
-                continue
-            if _has_custom_mode(type(module)):
-                try:
-                    _set_mode(module, saved)
-                except BaseException as exc:  # keep restoring the rest, raise below
-                    errors.append(exc)
-                    module.__dict__["training"] = saved
-            else:
-                module.__dict__["training"] = saved
+            try:
+                _set_own_mode(module, target)
+            except BaseException as exc:  # keep restoring the rest, raise below
+                errors.append(exc)
+                _force_flag(module, target)
         for module, flag in added:
-            module.__dict__["training"] = flag
+            if module.training is not flag:
+                try:
+                    _set_own_mode(module, flag)
+                except BaseException as exc:
+                    errors.append(exc)
+                    _force_flag(module, flag)
         if errors:
             _raise_first(errors, "restoring module modes")
 
@@ -218,7 +335,7 @@ class _Entry:
 
     def __init__(self) -> None:
         self.grad_before: bool | None = None
-        self.guard: Any = None  # the C++ inference-mode guard, exited on restore
+        self.guard: Any = None  # the entered torch.inference_mode(), exited on restore
         self.thread_entries: list[_Entry] = []  # the grad-mode stack of the entering thread
         self.closed = False
         self.snapshot: ModeSnapshot | None = None
@@ -272,21 +389,24 @@ def _unregister(entry: _Entry) -> None:
         _active.pop(entry.sequence, None)
         if snapshot is None:
             return
-        handed: set[int] = set()
+        keep: dict[int, bool] = {}
         if _active and next(reversed(_active)) > entry.sequence:
             # Closed out of order: a newer scope recorded *our* in-scope flags as its
-            # "before" state. Give it our real "before" state instead and leave those
-            # modules alone, so the last scope to close restores the original flags.
+            # "before" state. Give it our real "before" state instead, and hold every
+            # module it uses at its current flag while we restore the rest: our restore
+            # may run a train() override whose recursion reaches them.
             for sequence, newer in _active.items():
                 if sequence < entry.sequence or newer.snapshot is None:
                     continue
                 target = newer.snapshot
-                for key, position in snapshot.index.items():
-                    theirs = target.index.get(key)
-                    if theirs is not None and key not in handed:
+                for key, theirs in target.index.items():
+                    if key in keep:
+                        continue
+                    keep[key] = target.modules[theirs].training
+                    position = snapshot.index.get(key)
+                    if position is not None:
                         target.flags[theirs] = snapshot.flags[position]
-                        handed.add(key)
-        snapshot.restore(skip=handed)
+        snapshot.restore(keep)
 
 
 # --- grad mode ---------------------------------------------------------------------
@@ -306,12 +426,12 @@ def _thread_entries() -> list[_Entry]:
 
 def _enter_grad(entry: _Entry, grad: str) -> None:
     if grad == "inference_mode":
-        guard = torch._C._InferenceMode(True)
-        guard.__enter__()  # type: ignore[no-untyped-call]
+        guard = torch.inference_mode()
+        guard.__enter__()
         entry.guard = guard
     else:
         entry.grad_before = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(grad == "enable_grad")
+        torch.set_grad_enabled(grad == "enable_grad")  # a plain call applies the mode
     entry.thread_entries = _thread_entries()
     entry.thread_entries.append(entry)
 
@@ -323,7 +443,7 @@ def _undo_grad(entry: _Entry) -> None:
         guard, entry.guard = entry.guard, None
         guard.__exit__(None, None, None)
     elif entry.grad_before is not None:
-        torch._C._set_grad_enabled(entry.grad_before)
+        torch.set_grad_enabled(entry.grad_before)
 
 
 def _exit_grad(entry: _Entry) -> None:
@@ -359,14 +479,15 @@ def _exit_grad(entry: _Entry) -> None:
 class _Stepped:
     """An awaitable that runs another awaitable one step at a time inside a scope."""
 
-    __slots__ = ("_awaitable", "_scope")
+    __slots__ = ("_awaitable", "_hold", "_scope")
 
-    def __init__(self, scope: Scope, awaitable: Any) -> None:
+    def __init__(self, scope: Scope, awaitable: Any, *, hold: bool) -> None:
         self._scope = scope
         self._awaitable = awaitable
+        self._hold = hold
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        return self._scope._drive(self._awaitable.__await__())
+        return self._scope._drive(self._awaitable.__await__(), hold=self._hold)
 
 
 class Scope:
@@ -397,7 +518,8 @@ class Scope:
 
     # entering and leaving -----------------------------------------------------------
 
-    def _enter(self) -> _Entry:
+    def _enter_grad(self) -> _Entry:
+        """A fresh entry holding this scope's grad mode on the calling thread."""
         if self._training and torch.is_inference_mode_enabled():
             raise ScopeError(
                 "gf.training() cannot run inside torch.inference_mode(): no autograd graph "
@@ -406,6 +528,10 @@ class Scope:
             )
         entry = _Entry()
         _enter_grad(entry, self._grad)
+        return entry
+
+    def _enter(self) -> _Entry:
+        entry = self._enter_grad()
         if self._modules:
             try:
                 _register(entry, self._modules, self._training)
@@ -421,6 +547,14 @@ class Scope:
         finally:
             _exit_grad(entry)
 
+    def _hold_modules(self) -> _Entry | None:
+        """Switch and register this scope's modules (no grad mode), or None without any."""
+        if not self._modules:
+            return None
+        held = _Entry()
+        _register(held, self._modules, self._training)
+        return held
+
     def __enter__(self) -> Scope:
         entry = self._enter()
         self._entries.set((*self._entries.get(()), entry))
@@ -433,39 +567,55 @@ class Scope:
         self._entries.set(entries[:-1])
         self._exit(entries[-1])
 
-    def _drive(self, step: _Resumable) -> Generator[Any, Any, Any]:
-        """Run a resumable (generator, coroutine) with the scope in force only while it runs.
+    def _drive(self, step: _Resumable, *, hold: bool = True) -> Generator[Any, Any, Any]:
+        """Run a resumable (generator, coroutine) inside the scope.
 
-        Each resumption (send/throw/close) gets a fresh entry that is exited before the
-        value goes back out, so whoever runs in between sees its own modes.
+        Module flags are process-global: with ``hold``, they are switched at the first
+        resumption and held until the resumable completes, raises or is closed, so work
+        it hands to another thread while suspended (``await asyncio.to_thread(model,
+        x)``) runs in the scope's mode. Grad mode is thread-local: each resumption
+        (send/throw/close) gets it in a fresh entry that is exited before the value goes
+        back out, so whoever runs in between keeps its own grad mode.
         """
+        held: _Entry | None = None
         value: Any = None
         error: BaseException | None = None
-        while True:
-            entry = self._enter()
-            try:
-                out = step.send(value) if error is None else step.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                self._exit(entry)
-            error = None
-            try:
-                value = yield out
-            except GeneratorExit:
-                entry = self._enter()
+        try:
+            while True:
+                entry = self._enter_grad()
                 try:
-                    step.close()
+                    if hold and held is None:
+                        held = self._hold_modules()
+                        hold = False
+                    out = step.send(value) if error is None else step.throw(error)
+                except StopIteration as stop:
+                    return stop.value
                 finally:
-                    self._exit(entry)
-                raise
-            except BaseException as exc:
-                value, error = None, exc
+                    _exit_grad(entry)
+                error = None
+                try:
+                    value = yield out
+                except GeneratorExit:
+                    entry = self._enter_grad()
+                    try:
+                        step.close()
+                    finally:
+                        _exit_grad(entry)
+                    raise
+                except BaseException as exc:
+                    value, error = None, exc
+        finally:
+            if held is not None:
+                _unregister(held)
 
     # decorating ---------------------------------------------------------------------
 
     def __call__(self, func: F) -> F:
-        """Decorate ``func`` so its body runs inside this scope (a fresh entry per call)."""
+        """Decorate ``func`` so its body runs inside this scope (a fresh entry per call).
+
+        A generator, coroutine or async generator holds the module flags from its first
+        resumption to its end and has grad mode set during each of its resumptions.
+        """
         if inspect.isclass(func):
             raise ScopeError(
                 f"{self!r} cannot decorate the class {func.__name__}: decorate its "
@@ -481,28 +631,33 @@ class Scope:
             @functools.wraps(func)
             async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
                 agen = func(*args, **kwargs)
-                step = agen.asend(None)
-                while True:
-                    try:
-                        item = await _Stepped(scope, step)
-                    except StopAsyncIteration:
-                        return
-                    try:
-                        sent = yield item
-                    except GeneratorExit:
-                        await _Stepped(scope, agen.aclose())
-                        raise
-                    except BaseException as exc:
-                        step = agen.athrow(exc)
-                    else:
-                        step = agen.asend(sent)
+                held = scope._hold_modules()  # runs at the first __anext__
+                try:
+                    step = agen.asend(None)
+                    while True:
+                        try:
+                            item = await _Stepped(scope, step, hold=False)
+                        except StopAsyncIteration:
+                            return
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            await _Stepped(scope, agen.aclose(), hold=False)
+                            raise
+                        except BaseException as exc:
+                            step = agen.athrow(exc)
+                        else:
+                            step = agen.asend(sent)
+                finally:
+                    if held is not None:
+                        _unregister(held)
 
             wrapper = async_gen_wrapper
         elif inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def coroutine_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _Stepped(scope, func(*args, **kwargs))
+                return await _Stepped(scope, func(*args, **kwargs), hold=True)
 
             wrapper = coroutine_wrapper
         elif inspect.isgeneratorfunction(func):
