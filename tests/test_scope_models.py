@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradfence as gf
@@ -434,3 +436,105 @@ def test_two_decorated_coroutines_on_one_model_close_in_any_order() -> None:
 
     asyncio.run(main())
     assert flags(model) == before
+
+
+# the stand-ins that make overriding classes cheap ----------------------------------
+
+
+def test_no_stand_in_is_left_behind() -> None:
+    model = bert_with_property_pooler()
+    with gf.inference(model):
+        pass
+    with gf.training(model):
+        pass
+    assert not [name for name, m in model.named_modules() if "train" in vars(m)]
+
+
+def test_stand_in_called_from_another_thread_is_the_class_train() -> None:
+    from gradfence.scope import _TrainStandIn
+
+    child = nn.Sequential(nn.Dropout())
+    calls: list[nn.Module] = []
+    stand_in = _TrainStandIn(child, lambda module, mode: calls.append(module))
+    with pytest.raises(ValueError, match="boolean"):
+        stand_in(1)  # type: ignore[arg-type]
+    worker = threading.Thread(target=stand_in, args=(False,))
+    worker.start()
+    worker.join()
+    assert not child.training and not child[0].training and calls == []
+    assert stand_in(True) is child and calls == [child]
+
+
+class PinsAGrandchild(nn.Module):
+    """An override that, after its own recursion, pins a grandchild in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+
+    def train(self, mode: bool = True) -> PinsAGrandchild:
+        super().train(mode)
+        self.block[1].train(False)
+        return self
+
+
+def test_override_switching_a_grandchild_after_its_recursion() -> None:
+    model = nn.Sequential(PinsAGrandchild(), nn.Dropout())
+    model[0].block[1].train()  # unpinned by hand: restore must bring that back
+    before = flags(model)
+    with gf.training(model):
+        assert flags(model) == after(model, nn.Module.train)
+        assert not model[0].block[1].training
+    assert flags(model) == before
+    model.eval()
+    before = flags(model)
+    with gf.training(model):
+        assert flags(model) == after(model, nn.Module.train)
+    assert flags(model) == before
+
+
+# any tree of these shapes, any flags: the scope does what eval()/train() do -----------
+
+
+def make_node(kind: int) -> nn.Module:
+    if kind == 0:
+        return nn.Sequential()
+    if kind == 1:
+        return nn.Sequential(nn.Dropout())
+    if kind == 2:
+        return PinsAGrandchild()
+    if kind == 3:
+        return FlagProperty()
+    node = nn.Sequential(nn.Dropout())
+    if kind == 4:
+        node.train = types.MethodType(disabled_train, node)
+    else:
+        node.eval = types.MethodType(mc_dropout_eval, node)
+    return node
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    kinds=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=8),
+    parents=st.lists(st.integers(min_value=0, max_value=7), min_size=8, max_size=8),
+    modes=st.lists(st.booleans(), min_size=1, max_size=40),
+    use_training=st.booleans(),
+)
+def test_any_tree_of_overrides_behaves_like_eval_and_train(
+    kinds: list[int], parents: list[int], modes: list[bool], use_training: bool
+) -> None:
+    nodes = [make_node(kind) for kind in kinds]
+    for position, node in enumerate(nodes[1:], start=1):
+        nodes[parents[position] % position].add_module(f"n{position}", node)
+    root = nodes[0]
+    for module, mode in zip(root.modules(), modes * 40, strict=False):
+        if isinstance(module, FlagProperty):
+            module.training = mode
+        else:
+            module.__dict__["training"] = mode
+    before = flags(root)
+    expected = after(root, (lambda m: m.train()) if use_training else (lambda m: m.eval()))
+    scope = gf.training(root) if use_training else gf.inference(root)
+    with scope:
+        assert flags(root) == expected
+    assert flags(root) == before

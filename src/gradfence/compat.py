@@ -13,7 +13,8 @@ its section, with its test; do not reach into torch at the call site.
 
 from __future__ import annotations
 
-from collections.abc import ItemsView
+import operator
+from collections.abc import Callable, ItemsView
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "children",
+    "children_dict",
     "direct_buffers",
     "direct_parameters",
     "has_plain_training_attribute",
@@ -45,6 +47,13 @@ def children(module: nn.Module) -> dict_values[str, nn.Module | None]:
     Relies on: ``nn.Module._modules``, a dict from name to module (or ``None``).
     """
     return module._modules.values()
+
+
+children_dict: Callable[[nn.Module], dict[str, nn.Module | None]] = operator.attrgetter("_modules")
+"""``module._modules``: the same as :func:`children` as a dict by name, for hot loops.
+
+A C-level getter, cheaper than a Python call per module in walks over whole trees.
+"""
 
 
 def has_plain_training_attribute(cls: type) -> bool:

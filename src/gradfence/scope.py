@@ -79,24 +79,33 @@ class _TrainStandIn:
 
     ``nn.Module.train`` reaches each child through ``child.train(mode)``, looked up on
     the instance. During one call of an overriding ``train()``/``eval()`` (every Hugging
-    Face model's), each plain child gets this object in its ``__dict__``: the override's
-    recursion then switches the child's subtree with :func:`_switch` (same result, none
-    of ``nn.Module.train``'s per-level cost) instead of level by level. Any other thread
-    that calls the child's ``train`` in that window gets the class's own method.
+    Face model's), each plain child gets this object in its ``__dict__``, so the
+    override's recursion switches the child's subtree with gradfence's own walk (same
+    flags, none of ``nn.Module.train``'s per-level cost) instead of level by level. Any
+    other thread that calls the child's ``train`` in that window gets the class's own.
     """
 
-    __slots__ = ("module", "thread")
+    __slots__ = ("action", "module", "thread")
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, action: _SubtreeAction) -> None:
         self.module = module
+        self.action = action
         self.thread = threading.get_ident()
 
     def __call__(self, mode: bool = True) -> nn.Module:
         module = self.module
         if threading.get_ident() != self.thread or not isinstance(mode, bool):
             return type(module).train(module, mode)
-        _switch(module, mode, as_root=False)
+        self.action(module, mode)
         return module
+
+
+# What a stand-in does with the subtree of the child it stands in for.
+_SubtreeAction = Callable[[nn.Module, bool], None]
+
+
+def _switch_subtree(module: nn.Module, training: bool) -> None:
+    _switch(module, training, as_root=False)
 
 
 def _instance_train(own: dict[str, Any]) -> bool:
@@ -104,8 +113,27 @@ def _instance_train(own: dict[str, Any]) -> bool:
     return "train" in own and type(own["train"]) is not _TrainStandIn
 
 
-def _run_override(module: nn.Module, training: bool, *, use_eval: bool) -> None:
-    """Call ``module.eval()`` or ``module.train(training)``: the module's own switch."""
+def _own_switch(module: nn.Module, kind: int, training: bool, *, as_root: bool) -> int:
+    """Which of its own methods ``module`` switches through: 2 eval(), 1 train(), 0 none.
+
+    ``eval()`` only where ``model.eval()`` would call it: on a root switched to eval (the
+    recursion of ``nn.Module.train`` calls ``train(False)`` on every child).
+    """
+    own = module.__dict__
+    if as_root and not training and (kind & _EVAL_OVERRIDE or "eval" in own):
+        return 2
+    if kind & _TRAIN_OVERRIDE or _instance_train(own):
+        return 1
+    return 0
+
+
+def _run_override(
+    module: nn.Module, training: bool, *, use_eval: bool, action: _SubtreeAction
+) -> None:
+    """Call ``module.eval()`` or ``module.train(training)``: the module's own switch.
+
+    Its plain children get a :class:`_TrainStandIn` running ``action`` for the call.
+    """
     stand_ins: list[tuple[nn.Module, _TrainStandIn]] = []
     if compat.train_recursion_looks_up_instances():
         for child in compat.children(module):
@@ -113,7 +141,7 @@ def _run_override(module: nn.Module, training: bool, *, use_eval: bool) -> None:
                 continue
             if _class_kind(type(child)) & (_TRAIN_OVERRIDE | _FLAG_SETTER):
                 continue  # its own code runs anyway: nothing to save
-            stand_in = _TrainStandIn(child)
+            stand_in = _TrainStandIn(child, action)
             child.__dict__["train"] = stand_in
             stand_ins.append((child, stand_in))
     try:
@@ -141,7 +169,7 @@ def _switch(
     seen = set() if seen is None else seen
     stack: list[nn.Module | None] = [root]
     pop, extend = stack.pop, stack.extend
-    kinds = _class_kinds
+    kinds, modules_of = _class_kinds, compat.children_dict
     while stack:
         module = pop()
         if module is None:
@@ -156,43 +184,35 @@ def _switch(
             kind = _class_kind(cls)
         own = module.__dict__
         if kind or "train" in own or "eval" in own:
-            if (
-                as_root
-                and module is root
-                and not training
-                and (kind & _EVAL_OVERRIDE or "eval" in own)
-            ):
-                _run_override(module, False, use_eval=True)
-                continue
-            if kind & _TRAIN_OVERRIDE or _instance_train(own):
-                _run_override(module, training, use_eval=False)
+            how = _own_switch(module, kind, training, as_root=as_root and module is root)
+            if how:
+                _run_override(module, training, use_eval=how == 2, action=_switch_subtree)
                 continue
             if kind & _FLAG_SETTER:
                 module.training = training
-        if own.get("training") is not training and not kind & _FLAG_SETTER:
+        if not kind & _FLAG_SETTER and own.get("training") is not training:
             own["training"] = training
-        children = compat.children(module)
-        if children:
-            extend(reversed(children))
+        below = modules_of(module)
+        if below:
+            extend(reversed(below.values()))
 
 
-def _set_own_mode(module: nn.Module, training: bool) -> None:
+def _set_own_mode(module: nn.Module, training: bool) -> bool:
     """Switch one module to ``training`` through its own switch, where it has one.
 
     ``eval()`` when switching to eval and it is overridden (on the class or on the
-    instance), else an overridden ``train(training)``; otherwise the flag alone. Either
-    way the caller fixes up the descendants afterwards.
+    instance), else an overridden ``train(training)``; otherwise the flag alone. The
+    caller fixes up the descendants afterwards. Returns whether an override ran.
     """
     kind = _class_kind(type(module))
-    own = module.__dict__
-    if not training and (kind & _EVAL_OVERRIDE or "eval" in own):
-        _run_override(module, False, use_eval=True)
-    elif kind & _TRAIN_OVERRIDE or _instance_train(own):
-        _run_override(module, training, use_eval=False)
+    how = _own_switch(module, kind, training, as_root=True)
+    if how:
+        _run_override(module, training, use_eval=how == 2, action=_switch_subtree)
     elif kind & _FLAG_SETTER:
         module.training = training
     else:
         compat.write_training(module, training)
+    return bool(how)
 
 
 def _force_flag(module: nn.Module, training: bool) -> None:
@@ -207,31 +227,44 @@ def _force_flag(module: nn.Module, training: bool) -> None:
 # --- snapshots of module flags -----------------------------------------------------
 
 
-def _preorder(roots: Iterable[nn.Module | None]) -> tuple[list[nn.Module], dict[int, int]]:
+def _preorder(
+    roots: Iterable[nn.Module | None],
+) -> tuple[list[nn.Module], dict[int, int], list[int], list[tuple[nn.Module | None, ...]]]:
     """Every module reachable from ``roots``, pre-order, each once (keyed by identity).
 
-    Returns the modules and a map from ``id(module)`` to its position. Iterative and
-    lean on purpose: it runs twice per scope (entry and exit).
+    Returns the modules; a map from ``id(module)`` to its position; for each position,
+    the position just past its subtree (the modules first reached through it); and each
+    module's registered children (to tell, on exit, whether the tree changed).
+    Iterative and lean on purpose: it runs at every scope entry.
     """
     order: list[nn.Module] = []
     index: dict[int, int] = {}
-    stack: list[nn.Module | None] = list(roots)
+    ends: list[int] = []
+    children: list[tuple[nn.Module | None, ...]] = []
+    stack: list[nn.Module | int | None] = list(roots)
     stack.reverse()
-    pop, extend = stack.pop, stack.extend
-    children = compat.children
+    pop, append, extend = stack.pop, stack.append, stack.extend
+    modules_of = compat.children_dict
     while stack:
         module = pop()
         if module is None:
             continue
+        if type(module) is int:  # the end marker of a subtree
+            ends[module] = len(order)
+            continue
         key = id(module)
         if key in index:
             continue
-        index[key] = len(order)
-        order.append(module)
-        below = children(module)
+        position = len(order)
+        index[key] = position
+        order.append(module)  # type: ignore[arg-type]
+        ends.append(position + 1)
+        below = tuple(modules_of(module).values())  # type: ignore[arg-type]
+        children.append(below)
         if below:
+            append(position)
             extend(reversed(below))
-    return order, index
+    return order, index, ends, children
 
 
 class ModeSnapshot:
@@ -241,11 +274,11 @@ class ModeSnapshot:
     module renamed or moved inside the tree is still recognised.
     """
 
-    __slots__ = ("flags", "index", "modules", "roots")
+    __slots__ = ("children", "ends", "flags", "index", "modules", "roots")
 
     def __init__(self, roots: Iterable[nn.Module]) -> None:
         self.roots = tuple(roots)
-        self.modules, self.index = _preorder(self.roots)
+        self.modules, self.index, self.ends, self.children = _preorder(self.roots)
         self.flags: list[bool] = [module.training for module in self.modules]
 
     def apply(self, training: bool) -> None:
@@ -254,53 +287,214 @@ class ModeSnapshot:
         ``root.eval()`` when switching to eval. Wherever a module overrides the switch
         (``train``/``eval`` on its class or instance, a ``training`` property), its own
         code runs; every other flag is written directly, and only where it differs.
+        Expects the trees as they were when the snapshot was taken.
         """
-        seen: set[int] = set()
+        done = 0
         for root in self.roots:
-            _switch(root, training, as_root=True, seen=seen)
+            position = self.index[id(root)]
+            if position >= done:  # a root inside an earlier root's tree is switched
+                self._apply(position, self.ends[position], training, root=position)
+                done = self.ends[position]
+
+    def _apply(self, start: int, stop: int, training: bool, *, root: int = -1) -> None:
+        modules, ends, kinds = self.modules, self.ends, _class_kinds
+        position = start
+        while position < stop:
+            module = modules[position]
+            cls = type(module)
+            kind = kinds.get(cls)
+            if kind is None:
+                kind = _class_kind(cls)
+            own = module.__dict__
+            if kind or "train" in own or "eval" in own:
+                how = _own_switch(module, kind, training, as_root=position == root)
+                if how:
+                    _run_override(module, training, use_eval=how == 2, action=self._stand_in)
+                    position = ends[position]
+                    continue
+                if kind & _FLAG_SETTER:
+                    module.training = training
+                    position += 1
+                    continue
+            if own.get("training") is not training:
+                own["training"] = training
+            position += 1
+
+    def _stand_in(self, module: nn.Module, training: bool) -> None:
+        position = self.index.get(id(module))
+        if position is None or self.modules[position] is not module:
+            _switch(module, training, as_root=False)  # not in the snapshot: walk it
+        else:
+            self._apply(position, self.ends[position], training)
+
+    def unchanged(self) -> bool:
+        """True when every module still has exactly the children it had at the snapshot."""
+        modules_of = compat.children_dict
+        return all(
+            tuple(modules_of(module).values()) == below
+            for module, below in zip(self.modules, self.children, strict=True)
+        )
 
     def restore(self, keep: dict[int, bool] | None = None) -> None:
         """Put every module that is still in the trees back to its recorded flag.
 
-        Walks the trees as they are *now*: modules removed in the meantime are not
+        Follows the trees as they are *now*: modules removed in the meantime are not
         touched, modules added in the meantime keep the flag they have. A module whose
         class (or instance) overrides the switch gets it called with the flag it is
-        restored to; since that recurses, its descendants are fixed up afterwards
-        (pre-order). ``keep`` maps ``id(module)`` to a flag to hold instead of the
-        recorded one (modules still held by another open scope): an override's
-        recursion that flips one of them is undone in the same pass. If one module fails
-        to restore, the others are still restored and the first error is raised at the
-        end.
+        restored to, and its descendants are then restored to their own flags
+        (pre-order), whatever the override did to them. ``keep`` maps ``id(module)`` to a
+        flag to hold instead of the recorded one (modules still held by another open
+        scope): if an override's recursion flips one of them, it is switched back in the
+        same pass. If one module fails to restore, the others are still restored and the
+        first error is raised at the end.
         """
-        current, _ = _preorder(self.roots)
-        index, flags = self.index, self.flags
-        keep = keep or {}
-        added = [(m, m.training) for m in current if id(m) not in index and id(m) not in keep]
         errors: list[BaseException] = []
-        for module in current:
-            key = id(module)
-            target = keep.get(key)
-            if target is None:
-                position = index.get(key)
-                if position is None:
-                    continue
-                target = flags[position]
-            if module.training is target:
-                continue
-            try:
-                _set_own_mode(module, target)
-            except BaseException as exc:  # keep restoring the rest, raise below
-                errors.append(exc)
-                _force_flag(module, target)
-        for module, flag in added:
-            if module.training is not flag:
-                try:
-                    _set_own_mode(module, flag)
-                except BaseException as exc:
-                    errors.append(exc)
-                    _force_flag(module, flag)
+        if self.unchanged():  # the common case: restore along the recorded order
+            self._restore(0, len(self.modules), keep or {}, errors)
+        else:
+            restorer = _Restorer(self, keep or {}, errors)
+            for root in self.roots:
+                restorer.walk(root)
+            if restorer.overridden:
+                restorer.verify()
         if errors:
             _raise_first(errors, "restoring module modes")
+
+    def _restore(
+        self, start: int, stop: int, keep: dict[int, bool], errors: list[BaseException]
+    ) -> None:
+        """Restore positions ``start`` to ``stop``, pre-order; overrides' stand-ins recurse."""
+        modules, flags, kinds = self.modules, self.flags, _class_kinds
+
+        def stand_in(module: nn.Module, mode: bool) -> None:
+            position = self.index.get(id(module))
+            if position is not None and modules[position] is module:
+                self._restore(position, self.ends[position], keep, errors)
+
+        for position in range(start, stop):
+            module = modules[position]
+            target = flags[position]
+            if keep:
+                target = keep.get(id(module), target)
+            cls = type(module)
+            kind = kinds.get(cls)
+            if kind is None:
+                kind = _class_kind(cls)
+            own = module.__dict__
+            if kind or "train" in own or "eval" in own:
+                if module.training is not target:
+                    _switch_one(module, kind, target, stand_in, errors)
+            elif own.get("training") is not target:
+                own["training"] = target
+
+
+def _switch_one(
+    module: nn.Module,
+    kind: int,
+    target: bool,
+    action: _SubtreeAction,
+    errors: list[BaseException],
+) -> bool:
+    """Restore one module through its own switch; on error, record it and force the flag.
+
+    Returns whether an override ran (its recursion may have switched descendants).
+    """
+    try:
+        how = _own_switch(module, kind, target, as_root=True)
+        if how:
+            _run_override(module, target, use_eval=how == 2, action=action)
+        elif kind & _FLAG_SETTER:
+            module.training = target
+        else:
+            compat.write_training(module, target)
+        return bool(how)
+    except BaseException as exc:  # keep restoring the rest, raise at the end
+        errors.append(exc)
+        _force_flag(module, target)
+        return True
+
+
+class _Restorer:
+    """:meth:`ModeSnapshot.restore` when the trees changed: a walk of the trees as they are."""
+
+    __slots__ = ("errors", "flags", "index", "keep", "order", "overridden", "seen")
+
+    def __init__(
+        self, snapshot: ModeSnapshot, keep: dict[int, bool], errors: list[BaseException]
+    ) -> None:
+        self.index, self.flags, self.keep = snapshot.index, snapshot.flags, keep
+        self.seen: set[int] = set()
+        self.order: list[nn.Module] = []
+        self.errors = errors
+        self.overridden = False
+
+    def target(self, key: int) -> bool | None:
+        flag = self.keep.get(key)
+        if flag is None:
+            position = self.index.get(key)
+            if position is not None:
+                flag = self.flags[position]
+        return flag
+
+    def walk(self, root: nn.Module, mode: bool = True) -> None:
+        """Restore ``root``'s subtree, pre-order (also what stand-ins run, ``mode`` unused).
+
+        Where an override runs, its plain children are restored by stand-ins during the
+        call (so each module is visited once); every module reached is recorded for
+        :meth:`verify`.
+        """
+        seen, order, kinds, index, flags, keep = (
+            self.seen,
+            self.order,
+            _class_kinds,
+            self.index,
+            self.flags,
+            self.keep,
+        )
+        stack: list[nn.Module | None] = [root]
+        pop, extend = stack.pop, stack.extend
+        modules_of = compat.children_dict
+        while stack:
+            module = pop()
+            if module is None:
+                continue
+            key = id(module)
+            if key in seen:
+                continue
+            seen.add(key)
+            order.append(module)
+            if keep:
+                target = self.target(key)
+            else:
+                position = index.get(key)
+                target = None if position is None else flags[position]
+            if target is not None:
+                cls = type(module)
+                kind = kinds.get(cls)
+                if kind is None:
+                    kind = _class_kind(cls)
+                own = module.__dict__
+                if kind or "train" in own or "eval" in own:
+                    if module.training is not target and _switch_one(
+                        module, kind, target, self.walk, self.errors
+                    ):
+                        self.overridden = True
+                elif own.get("training") is not target:
+                    own["training"] = target
+            below = modules_of(module)
+            if below:
+                extend(reversed(below.values()))
+
+    def verify(self) -> None:
+        """After overrides ran: whatever their own code switched, put back (pre-order)."""
+        for module in self.order:
+            target = self.target(id(module))
+            if target is not None and module.training is not target:
+                try:
+                    _set_own_mode(module, target)
+                except BaseException as exc:
+                    self.errors.append(exc)
+                    _force_flag(module, target)
 
 
 def _raise_first(errors: list[BaseException], what: str) -> None:
