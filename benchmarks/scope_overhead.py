@@ -10,8 +10,12 @@ torchvision-style ResNet-18 (written here, torchvision may not be installed):
   vs hand-written ``model.eval(); with torch.no_grad(): pass; model.train()``
 * with a forward: the same around a batch-1 forward pass.
 
+Ratios are of median CPU time per call (all threads of the process), the figure a
+loaded shared machine disturbs least; median wall times and their ratio are printed too.
+
 Run: ``.venv/bin/python benchmarks/scope_overhead.py`` (``--quick`` for a smoke run,
-``--only c,d`` for some of the models).
+``--only c,d`` for some of the models, ``--threads N`` for torch's intra-op threads,
+1 by default: the forward's timing is far stabler on a shared machine).
 Targets: (b) scope alone <= 0.3x the hand-written flip; (c), (d), (e) scope alone
 <= 0.5x; every model with the forward <= 1.02x.
 """
@@ -116,27 +120,40 @@ def resnet() -> tuple[nn.Module, torch.Tensor]:
     return ResNet18(), torch.randn(1, 3, 64, 64)
 
 
-def per_call_us(fn: Callable[[], None], inner: int) -> float:
-    start = time.perf_counter_ns()
+def per_call_us(fn: Callable[[], None], inner: int) -> tuple[float, float]:
+    """Wall time and CPU time (all threads of the process) per call, in microseconds."""
+    wall, cpu = time.perf_counter_ns(), time.process_time_ns()
     for _ in range(inner):
         fn()
-    return (time.perf_counter_ns() - start) / inner / 1e3
+    return (
+        (time.perf_counter_ns() - wall) / inner / 1e3,
+        (time.process_time_ns() - cpu) / inner / 1e3,
+    )
 
 
 def compare(
     label: str, hand: Callable[[], None], scoped: Callable[[], None], samples: int, inner: int
 ) -> float:
+    """Print and return the CPU-time ratio scoped / hand-written (wall time printed too).
+
+    CPU time is what a loaded, shared machine disturbs least: waiting for a core counts
+    in wall time only.
+    """
     for _ in range(max(inner // 4, 1)):  # warm-up
         hand()
         scoped()
-    hand_us: list[float] = []
-    scoped_us: list[float] = []
+    hand_us: list[tuple[float, float]] = []
+    scoped_us: list[tuple[float, float]] = []
     for _ in range(samples):  # interleaved, so drift on a shared machine hits both alike
         hand_us.append(per_call_us(hand, inner))
         scoped_us.append(per_call_us(scoped, inner))
-    h, s = statistics.median(hand_us), statistics.median(scoped_us)
-    ratio = s / h
-    print(f"  {label:<22} hand-written {h:9.1f} us   gf.inference {s:9.1f} us   ratio {ratio:.3f}")
+    hw, sw = (statistics.median(t[0] for t in times) for times in (hand_us, scoped_us))
+    hc, sc = (statistics.median(t[1] for t in times) for times in (hand_us, scoped_us))
+    ratio = sc / hc
+    print(
+        f"  {label:<22} hand-written {hc:9.1f} us   gf.inference {sc:9.1f} us   "
+        f"ratio {ratio:.3f} CPU   ({hw:.1f} / {sw:.1f} us, {sw / hw:.3f} wall)"
+    )
     return ratio
 
 
@@ -190,7 +207,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
     parser.add_argument("--only", default="a,b,c,d,e", help="models to run, e.g. c,d,e")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: stabler)"
+    )
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error("--threads: give a positive number")
+    torch.set_num_threads(args.threads)
     chosen = [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = [key for key in chosen if key not in MODELS]
     if unknown:

@@ -28,6 +28,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import operator
 import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable
@@ -227,59 +228,63 @@ def _force_flag(module: nn.Module, training: bool) -> None:
 # --- snapshots of module flags -----------------------------------------------------
 
 
-def _preorder(
-    roots: Iterable[nn.Module | None],
-) -> tuple[list[nn.Module], dict[int, int], list[int], list[tuple[nn.Module | None, ...]]]:
-    """Every module reachable from ``roots``, pre-order, each once (keyed by identity).
-
-    Returns the modules; a map from ``id(module)`` to its position; for each position,
-    the position just past its subtree (the modules first reached through it); and each
-    module's registered children (to tell, on exit, whether the tree changed).
-    Iterative and lean on purpose: it runs at every scope entry.
-    """
-    order: list[nn.Module] = []
-    index: dict[int, int] = {}
-    ends: list[int] = []
-    children: list[tuple[nn.Module | None, ...]] = []
-    stack: list[nn.Module | int | None] = list(roots)
-    stack.reverse()
-    pop, append, extend = stack.pop, stack.append, stack.extend
-    modules_of = compat.children_dict
-    while stack:
-        module = pop()
-        if module is None:
-            continue
-        if type(module) is int:  # the end marker of a subtree
-            ends[module] = len(order)
-            continue
-        key = id(module)
-        if key in index:
-            continue
-        position = len(order)
-        index[key] = position
-        order.append(module)  # type: ignore[arg-type]
-        ends.append(position + 1)
-        below = tuple(modules_of(module).values())  # type: ignore[arg-type]
-        children.append(below)
-        if below:
-            append(position)
-            extend(reversed(below))
-    return order, index, ends, children
+_training_of = operator.attrgetter("training")
 
 
 class ModeSnapshot:
     """Every module reachable from some roots, in pre-order, with its ``training`` flag.
 
     Modules are keyed by identity, so a module shared by two parents appears once and a
-    module renamed or moved inside the tree is still recognised.
+    module renamed or moved inside the tree is still recognised. Besides ``modules``,
+    ``index`` (``id(module)`` to position) and ``flags``, it records for each position
+    the position just past its subtree (``ends``: the modules first reached through it),
+    its registered children (``children``: to tell on exit whether the tree changed) and
+    whether it is ``plain`` (nothing on its class or instance overrides the switch, so
+    its flag is written directly). One walk, iterative and lean on purpose: it runs at
+    every scope entry.
     """
 
-    __slots__ = ("children", "ends", "flags", "index", "modules", "roots")
+    __slots__ = ("children", "ends", "flags", "index", "modules", "plain", "roots")
 
     def __init__(self, roots: Iterable[nn.Module]) -> None:
         self.roots = tuple(roots)
-        self.modules, self.index, self.ends, self.children = _preorder(self.roots)
-        self.flags: list[bool] = [module.training for module in self.modules]
+        order: list[nn.Module] = []
+        index: dict[int, int] = {}
+        ends: list[int] = []
+        children: list[tuple[nn.Module | None, ...]] = []
+        plain: list[bool] = []
+        stack: list[nn.Module | int | None] = list(self.roots)
+        stack.reverse()
+        pop, append, extend = stack.pop, stack.append, stack.extend
+        modules_of, kinds = compat.children_dict, _class_kinds
+        while stack:
+            module = pop()
+            if module is None:
+                continue
+            if type(module) is int:  # the end marker of a subtree
+                ends[module] = len(order)
+                continue
+            key = id(module)
+            if key in index:
+                continue
+            position = len(order)
+            index[key] = position
+            order.append(module)  # type: ignore[arg-type]
+            ends.append(position + 1)
+            cls = type(module)
+            kind = kinds.get(cls)
+            if kind is None:
+                kind = _class_kind(cls)
+            own = module.__dict__
+            plain.append(not (kind or "train" in own or "eval" in own))
+            below = tuple(modules_of(module).values())  # type: ignore[arg-type]
+            children.append(below)
+            if below:
+                append(position)
+                extend(reversed(below))
+        self.modules, self.index, self.ends = order, index, ends
+        self.children, self.plain = children, plain
+        self.flags: list[bool] = list(map(_training_of, order))  # properties honoured
 
     def apply(self, training: bool) -> None:
         """Switch the roots to ``training`` exactly as ``root.train(training)`` would.
@@ -297,16 +302,13 @@ class ModeSnapshot:
                 done = self.ends[position]
 
     def _apply(self, start: int, stop: int, training: bool, *, root: int = -1) -> None:
-        modules, ends, kinds = self.modules, self.ends, _class_kinds
+        modules, ends, plain = self.modules, self.ends, self.plain
         position = start
         while position < stop:
             module = modules[position]
-            cls = type(module)
-            kind = kinds.get(cls)
-            if kind is None:
-                kind = _class_kind(cls)
             own = module.__dict__
-            if kind or "train" in own or "eval" in own:
+            if not plain[position]:
+                kind = _class_kind(type(module))
                 how = _own_switch(module, kind, training, as_root=position == root)
                 if how:
                     _run_override(module, training, use_eval=how == 2, action=self._stand_in)
@@ -316,7 +318,7 @@ class ModeSnapshot:
                     module.training = training
                     position += 1
                     continue
-            if own.get("training") is not training:
+            if own["training"] is not training:
                 own["training"] = training
             position += 1
 
@@ -329,11 +331,9 @@ class ModeSnapshot:
 
     def unchanged(self) -> bool:
         """True when every module still has exactly the children it had at the snapshot."""
-        modules_of = compat.children_dict
-        return all(
-            tuple(modules_of(module).values()) == below
-            for module, below in zip(self.modules, self.children, strict=True)
-        )
+        # map() chains run in C: this runs at every exit
+        now = map(tuple, map(dict.values, map(compat.children_dict, self.modules)))
+        return list(now) == self.children
 
     def restore(self, keep: dict[int, bool] | None = None) -> None:
         """Put every module that is still in the trees back to its recorded flag.
@@ -364,28 +364,24 @@ class ModeSnapshot:
         self, start: int, stop: int, keep: dict[int, bool], errors: list[BaseException]
     ) -> None:
         """Restore positions ``start`` to ``stop``, pre-order; overrides' stand-ins recurse."""
-        modules, flags, kinds = self.modules, self.flags, _class_kinds
+        modules, flags = self.modules, self.flags
 
         def stand_in(module: nn.Module, mode: bool) -> None:
             position = self.index.get(id(module))
             if position is not None and modules[position] is module:
                 self._restore(position, self.ends[position], keep, errors)
 
-        for position in range(start, stop):
-            module = modules[position]
-            target = flags[position]
+        for module, target, is_plain in zip(
+            modules[start:stop], flags[start:stop], self.plain[start:stop], strict=True
+        ):
             if keep:
                 target = keep.get(id(module), target)
-            cls = type(module)
-            kind = kinds.get(cls)
-            if kind is None:
-                kind = _class_kind(cls)
-            own = module.__dict__
-            if kind or "train" in own or "eval" in own:
-                if module.training is not target:
-                    _switch_one(module, kind, target, stand_in, errors)
-            elif own.get("training") is not target:
-                own["training"] = target
+            if is_plain:
+                own = module.__dict__
+                if own["training"] is not target:
+                    own["training"] = target
+            elif module.training is not target:
+                _switch_one(module, _class_kind(type(module)), target, stand_in, errors)
 
 
 def _switch_one(
