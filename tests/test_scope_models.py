@@ -538,3 +538,40 @@ def test_any_tree_of_overrides_behaves_like_eval_and_train(
     with scope:
         assert flags(root) == expected
     assert flags(root) == before
+
+
+def test_worker_wrapped_in_its_own_scope_gets_eval_and_no_grad() -> None:
+    """The fix docs/scope.md and GF107 give: the worker enters a scope itself."""
+    model = small_bert(dropout=0.5)
+    x = ids()
+    with gf.inference(model):
+        expected = model(x).last_hidden_state
+
+    @gf.inference(model)
+    async def predict() -> torch.Tensor:
+        out = await asyncio.to_thread(gf.inference()(model), x)
+        return out.last_hidden_state  # type: ignore[no-any-return]
+
+    got = asyncio.run(predict())
+    assert torch.equal(got, expected) and not got.requires_grad
+    assert model.training
+
+
+def test_tree_changed_inside_the_scope_of_an_overriding_class() -> None:
+    model = small_bert()
+    model.pooler.eval()
+    removed = model.encoder.layer[1]
+    before = {k: v for k, v in flags(model).items() if not k.startswith("encoder.layer.1")}
+    with gf.inference(model):
+        added = nn.Dropout().train()  # added inside: keeps its flag
+        model.extra = added
+        del model.encoder.layer[1]  # removed inside: not touched
+        inner = gf.inference(model.encoder)
+        inner.__enter__()
+    try:  # closed out of order, with a changed tree: the open scope keeps its modules
+        assert not any(held_flags(model, "encoder").values())
+        assert model.training and model.embeddings.training and not model.pooler.training
+    finally:
+        inner.__exit__(None, None, None)
+    assert added.training and not removed.training
+    assert {k: v for k, v in flags(model).items() if k != "extra"} == before

@@ -8,17 +8,23 @@ Two PyTorch switches govern a forward pass, and they behave differently:
 A :class:`Scope` sets both on entry and puts both back on exit, exactly: every
 submodule gets its own flag back (a frozen BatchNorm inside a training model stays
 frozen), grad mode and inference mode return to what they were, also when the body
-raises. As a decorator it covers plain functions, generators, ``async def`` and async
-generators; for the last three the scope is in force exactly while the body's own code
-runs, and the caller (or any task interleaving on the thread) sees its own state.
+raises. Wherever a module overrides the switch (``train``/``eval`` on its class or on
+the instance, a ``training`` property), the scope does exactly what ``model.eval()`` /
+``model.train()`` do. As a decorator it covers plain functions, generators, ``async
+def`` and async generators; for the last three the module flags (process-global) are
+held from the first resumption to the end, and grad mode (thread-local) is set only
+while the body's own code runs, so the caller (or any task interleaving on the thread)
+keeps its own grad mode, while work handed to another thread sees the modules in the
+scope's mode.
 
 Module flags are shared by all threads, so scopes on the same module that overlap in
 time from different threads cannot both hold. gradfence tracks every active scope:
 when scopes on the same module close out of order, the one that closes first hands
-its saved flags to the one still open instead of restoring them under its feet, so
-the module ends up as it was before the first scope opened. Overlapping scopes with
-*different* targets (``training`` in one thread while ``inference`` runs in another)
-raise a :class:`~gradfence.errors.ScopeOverlapWarning`.
+its saved flags to the one still open instead of restoring them under its feet (and
+puts back any of them that a ``train()`` override's recursion reaches while it
+restores the rest), so the module ends up as it was before the first scope opened.
+Overlapping scopes with *different* targets (``training`` in one thread while
+``inference`` runs in another) raise a :class:`~gradfence.errors.ScopeOverlapWarning`.
 """
 
 from __future__ import annotations
