@@ -125,6 +125,23 @@ def test_bert_out_of_order_close_in_one_thread() -> None:
     assert flags(model) == before and torch.is_grad_enabled()
 
 
+def test_out_of_order_close_never_flips_a_held_module_even_briefly() -> None:
+    """A's restore runs BertModel.train(True); B's modules are not switched at all."""
+    model = small_bert()
+    watched = FlagProperty()  # records every assignment to its flag
+    model.encoder.layer[0].output.add_module("watched", watched)
+    outer, inner = gf.inference(model), gf.inference(model.encoder)
+    outer.__enter__()
+    inner.__enter__()
+    watched.switches.clear()
+    outer.__exit__(None, None, None)
+    try:
+        assert watched.switches == [], "a module held by the open scope was switched"
+    finally:
+        inner.__exit__(None, None, None)
+    assert watched.switches == [True] and model.encoder.training
+
+
 def test_bert_out_of_order_close_of_training_scopes() -> None:
     model = small_bert().eval()
     before = flags(model)
