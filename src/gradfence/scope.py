@@ -8,25 +8,33 @@ Two PyTorch switches govern a forward pass, and they behave differently:
 A :class:`Scope` sets both on entry and puts both back on exit, exactly: every
 submodule gets its own flag back (a frozen BatchNorm inside a training model stays
 frozen), grad mode and inference mode return to what they were, also when the body
-raises. As a decorator it covers plain functions, generators, ``async def`` and async
-generators; for the last three the scope is in force exactly while the body's own code
-runs, and the caller (or any task interleaving on the thread) sees its own state.
+raises. Wherever a module overrides the switch (``train``/``eval`` on its class or on
+the instance, a ``training`` property), the scope does exactly what ``model.eval()`` /
+``model.train()`` do. As a decorator it covers plain functions, generators, ``async
+def`` and async generators; for the last three the module flags (process-global) are
+held from the first resumption to the end, and grad mode (thread-local) is set only
+while the body's own code runs, so the caller (or any task interleaving on the thread)
+keeps its own grad mode, while work handed to another thread sees the modules in the
+scope's mode.
 
 Module flags are shared by all threads, so scopes on the same module that overlap in
 time from different threads cannot both hold. gradfence tracks every active scope:
 when scopes on the same module close out of order, the one that closes first hands
-its saved flags to the one still open instead of restoring them under its feet, so
-the module ends up as it was before the first scope opened. Overlapping scopes with
-*different* targets (``training`` in one thread while ``inference`` runs in another)
-raise a :class:`~gradfence.errors.ScopeOverlapWarning`.
+its saved flags to the one still open instead of restoring them under its feet (and
+puts back any of them that a ``train()`` override's recursion reaches while it
+restores the rest), so the module ends up as it was before the first scope opened.
+Overlapping scopes with *different* targets (``training`` in one thread while
+``inference`` runs in another) raise a :class:`~gradfence.errors.ScopeOverlapWarning`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import operator
 import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable
@@ -35,6 +43,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 import torch
 from torch import nn
 
+from gradfence import compat
 from gradfence.errors import ScopeError, ScopeOverlapWarning
 
 GradMode = Literal["no_grad", "inference_mode"]
@@ -51,139 +60,443 @@ class _Resumable(Protocol):
     def close(self) -> None: ...
 
 
-# --- which classes need their own train() called -----------------------------------
+# --- switching modules exactly as model.train() / model.eval() would ---------------
 
-_custom_mode_cache: dict[type, bool] = {}
+# What a class does differently from nn.Module when its mode is switched (bit flags).
+_EVAL_OVERRIDE = 1  # the class overrides eval()
+_TRAIN_OVERRIDE = 2  # the class overrides train()
+_FLAG_SETTER = 4  # `module.training = flag` runs code (custom __setattr__, a property)
+_class_kinds: dict[type, int] = {}
 
 
-def _has_custom_mode(cls: type) -> bool:
-    """True when ``cls`` overrides ``train``/``eval`` (or ``__setattr__``).
-
-    Such modules get their own ``train(mode)`` called, so the override runs with the
-    flag it is being given; every other module's flag is written directly, which is
-    what ``nn.Module.train`` itself would do, minus its per-level overhead.
-    """
-    custom = _custom_mode_cache.get(cls)
-    if custom is None:
-        custom = (
-            getattr(cls, "train", None) is not nn.Module.train
-            or getattr(cls, "eval", None) is not nn.Module.eval
-            or getattr(cls, "__setattr__", None) is not nn.Module.__setattr__
+def _class_kind(cls: type) -> int:
+    kind = _class_kinds.get(cls)
+    if kind is None:
+        kind = (
+            (_EVAL_OVERRIDE if getattr(cls, "eval", None) is not nn.Module.eval else 0)
+            | (_TRAIN_OVERRIDE if getattr(cls, "train", None) is not nn.Module.train else 0)
+            | (0 if compat.has_plain_training_attribute(cls) else _FLAG_SETTER)
         )
-        _custom_mode_cache[cls] = custom
-    return custom
+        _class_kinds[cls] = kind
+    return kind
 
 
-def _set_mode(module: nn.Module, training: bool) -> None:
-    """Call the module's own mode switch (its override), as ``model.train()`` would."""
-    if not training and type(module).eval is not nn.Module.eval:
-        module.eval()
-    else:
-        module.train(training)
+class _TrainStandIn:
+    """Stands in for a plain child's ``train`` while its parent's own override runs.
 
-
-# --- snapshots of module flags -----------------------------------------------------
-
-
-def _preorder(roots: Iterable[nn.Module | None]) -> tuple[list[nn.Module], dict[int, int]]:
-    """Every module reachable from ``roots``, pre-order, each once (keyed by identity).
-
-    Returns the modules and a map from ``id(module)`` to its position. Iterative and
-    lean on purpose: it runs twice per scope (entry and exit).
+    ``nn.Module.train`` reaches each child through ``child.train(mode)``, looked up on
+    the instance. During one call of an overriding ``train()``/``eval()`` (every Hugging
+    Face model's), each plain child gets this object in its ``__dict__``, so the
+    override's recursion switches the child's subtree with gradfence's own walk (same
+    flags, none of ``nn.Module.train``'s per-level cost) instead of level by level. Any
+    other thread that calls the child's ``train`` in that window gets the class's own.
     """
-    order: list[nn.Module] = []
-    index: dict[int, int] = {}
-    stack: list[nn.Module | None] = list(roots)
-    stack.reverse()
+
+    __slots__ = ("action", "module", "thread")
+
+    def __init__(self, module: nn.Module, action: _SubtreeAction) -> None:
+        self.module = module
+        self.action = action
+        self.thread = threading.get_ident()
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        module = self.module
+        if threading.get_ident() != self.thread or not isinstance(mode, bool):
+            return type(module).train(module, mode)
+        self.action(module, mode)
+        return module
+
+
+# What a stand-in does with the subtree of the child it stands in for.
+_SubtreeAction = Callable[[nn.Module, bool], None]
+
+
+def _switch_subtree(module: nn.Module, training: bool) -> None:
+    _switch(module, training, as_root=False)
+
+
+def _instance_train(own: dict[str, Any]) -> bool:
+    """True when a module's ``__dict__`` holds its own ``train`` (not our stand-in)."""
+    return "train" in own and type(own["train"]) is not _TrainStandIn
+
+
+def _own_switch(module: nn.Module, kind: int, training: bool, *, as_root: bool) -> int:
+    """Which of its own methods ``module`` switches through: 2 eval(), 1 train(), 0 none.
+
+    ``eval()`` only where ``model.eval()`` would call it: on a root switched to eval (the
+    recursion of ``nn.Module.train`` calls ``train(False)`` on every child).
+    """
+    own = module.__dict__
+    if as_root and not training and (kind & _EVAL_OVERRIDE or "eval" in own):
+        return 2
+    if kind & _TRAIN_OVERRIDE or _instance_train(own):
+        return 1
+    return 0
+
+
+def _run_override(
+    module: nn.Module, training: bool, *, use_eval: bool, action: _SubtreeAction
+) -> None:
+    """Call ``module.eval()`` or ``module.train(training)``: the module's own switch.
+
+    Its plain children get a :class:`_TrainStandIn` running ``action`` for the call.
+    """
+    stand_ins: list[tuple[nn.Module, _TrainStandIn]] = []
+    if compat.train_recursion_looks_up_instances():
+        for child in compat.children(module):
+            if child is None or "train" in child.__dict__:
+                continue
+            if _class_kind(type(child)) & (_TRAIN_OVERRIDE | _FLAG_SETTER):
+                continue  # its own code runs anyway: nothing to save
+            stand_in = _TrainStandIn(child, action)
+            child.__dict__["train"] = stand_in
+            stand_ins.append((child, stand_in))
+    try:
+        if use_eval:
+            module.eval()
+        else:
+            module.train(training)
+    finally:
+        for child, stand_in in stand_ins:
+            if child.__dict__.get("train") is stand_in:
+                del child.__dict__["train"]
+
+
+def _switch(
+    root: nn.Module, training: bool, *, as_root: bool, seen: set[int] | None = None
+) -> None:
+    """Do what ``root.train(training)`` does (``root.eval()`` for a root switched to eval).
+
+    Follows ``nn.Module.train``'s recursion, pre-order: wherever a module says otherwise
+    (an override of ``train``, or of ``eval`` on a root, on its class or on the instance)
+    its own method is called and owns its subtree; a ``training`` that is a property, or
+    a custom ``__setattr__``, gets the assignment; every other module gets its flag
+    written directly, and only where it differs. Each module is visited once.
+    """
+    seen = set() if seen is None else seen
+    stack: list[nn.Module | None] = [root]
     pop, extend = stack.pop, stack.extend
+    kinds, modules_of = _class_kinds, compat.children_dict
     while stack:
         module = pop()
         if module is None:
             continue
         key = id(module)
-        if key in index:
+        if key in seen:
             continue
-        index[key] = len(order)
-        order.append(module)
-        children = module._modules
-        if children:
-            extend(reversed(children.values()))
-    return order, index
+        seen.add(key)
+        cls = type(module)
+        kind = kinds.get(cls)
+        if kind is None:
+            kind = _class_kind(cls)
+        own = module.__dict__
+        if kind or "train" in own or "eval" in own:
+            how = _own_switch(module, kind, training, as_root=as_root and module is root)
+            if how:
+                _run_override(module, training, use_eval=how == 2, action=_switch_subtree)
+                continue
+            if kind & _FLAG_SETTER:
+                module.training = training
+        if not kind & _FLAG_SETTER and own.get("training") is not training:
+            own["training"] = training
+        below = modules_of(module)
+        if below:
+            extend(reversed(below.values()))
+
+
+def _set_own_mode(module: nn.Module, training: bool) -> bool:
+    """Switch one module to ``training`` through its own switch, where it has one.
+
+    ``eval()`` when switching to eval and it is overridden (on the class or on the
+    instance), else an overridden ``train(training)``; otherwise the flag alone. The
+    caller fixes up the descendants afterwards. Returns whether an override ran.
+    """
+    kind = _class_kind(type(module))
+    how = _own_switch(module, kind, training, as_root=True)
+    if how:
+        _run_override(module, training, use_eval=how == 2, action=_switch_subtree)
+    elif kind & _FLAG_SETTER:
+        module.training = training
+    else:
+        compat.write_training(module, training)
+    return bool(how)
+
+
+def _force_flag(module: nn.Module, training: bool) -> None:
+    """Last resort after a module's own switch raised: set its flag as plainly as it allows."""
+    if _class_kind(type(module)) & _FLAG_SETTER:
+        with contextlib.suppress(Exception):
+            object.__setattr__(module, "training", training)
+    else:
+        compat.write_training(module, training)
+
+
+# --- snapshots of module flags -----------------------------------------------------
+
+
+_training_of = operator.attrgetter("training")
 
 
 class ModeSnapshot:
     """Every module reachable from some roots, in pre-order, with its ``training`` flag.
 
     Modules are keyed by identity, so a module shared by two parents appears once and a
-    module renamed or moved inside the tree is still recognised.
+    module renamed or moved inside the tree is still recognised. Besides ``modules``,
+    ``index`` (``id(module)`` to position) and ``flags``, it records for each position
+    the position just past its subtree (``ends``: the modules first reached through it),
+    its registered children (``children``: to tell on exit whether the tree changed) and
+    whether it is ``plain`` (nothing on its class or instance overrides the switch, so
+    its flag is written directly). One walk, iterative and lean on purpose: it runs at
+    every scope entry.
     """
 
-    __slots__ = ("flags", "index", "modules", "roots")
+    __slots__ = ("children", "ends", "flags", "index", "modules", "plain", "roots")
 
     def __init__(self, roots: Iterable[nn.Module]) -> None:
         self.roots = tuple(roots)
-        self.modules, self.index = _preorder(self.roots)
-        self.flags: list[bool] = [module.training for module in self.modules]
+        order: list[nn.Module] = []
+        index: dict[int, int] = {}
+        ends: list[int] = []
+        children: list[tuple[nn.Module | None, ...]] = []
+        plain: list[bool] = []
+        stack: list[nn.Module | int | None] = list(self.roots)
+        stack.reverse()
+        pop, append, extend = stack.pop, stack.append, stack.extend
+        modules_of, kinds = compat.children_dict, _class_kinds
+        while stack:
+            module = pop()
+            if module is None:
+                continue
+            if type(module) is int:  # the end marker of a subtree
+                ends[module] = len(order)
+                continue
+            key = id(module)
+            if key in index:
+                continue
+            position = len(order)
+            index[key] = position
+            order.append(module)  # type: ignore[arg-type]
+            ends.append(position + 1)
+            cls = type(module)
+            kind = kinds.get(cls)
+            if kind is None:
+                kind = _class_kind(cls)
+            own = module.__dict__
+            plain.append(not (kind or "train" in own or "eval" in own))
+            below = tuple(modules_of(module).values())  # type: ignore[arg-type]
+            children.append(below)
+            if below:
+                append(position)
+                extend(reversed(below))
+        self.modules, self.index, self.ends = order, index, ends
+        self.children, self.plain = children, plain
+        self.flags: list[bool] = list(map(_training_of, order))  # properties honoured
 
     def apply(self, training: bool) -> None:
-        """Switch every module to ``training`` the way ``root.train(training)`` would.
+        """Switch the roots to ``training`` exactly as ``root.train(training)`` would.
 
-        Modules whose class overrides the mode switch get it called (so e.g. a
-        ``train()`` that pins a frozen part in eval keeps working) and own their
-        subtree; all others get a direct flag write, and only where it differs.
+        ``root.eval()`` when switching to eval. Wherever a module overrides the switch
+        (``train``/``eval`` on its class or instance, a ``training`` property), its own
+        code runs; every other flag is written directly, and only where it differs.
+        Expects the trees as they were when the snapshot was taken.
         """
-        owned: set[int] = set()  # modules inside the subtree of an overriding module
-        cache = _custom_mode_cache
-        for module in self.modules:
-            cls = type(module)
-            custom = cache.get(cls)
-            if custom is None:
-                custom = _has_custom_mode(cls)
-            if custom or owned:
-                key = id(module)
-                if key in owned:
-                    continue
-                if custom:
-                    _set_mode(module, training)
-                    owned.update(_preorder(module._modules.values())[1])
-                    continue
-            if module.training is not training:
-                module.__dict__["training"] = training
+        done = 0
+        for root in self.roots:
+            position = self.index[id(root)]
+            if position >= done:  # a root inside an earlier root's tree is switched
+                self._apply(position, self.ends[position], training, root=position)
+                done = self.ends[position]
 
-    def restore(self, skip: set[int] | frozenset[int] = frozenset()) -> None:
+    def _apply(self, start: int, stop: int, training: bool, *, root: int = -1) -> None:
+        modules, ends, plain = self.modules, self.ends, self.plain
+        position = start
+        while position < stop:
+            module = modules[position]
+            own = module.__dict__
+            if not plain[position]:
+                kind = _class_kind(type(module))
+                how = _own_switch(module, kind, training, as_root=position == root)
+                if how:
+                    _run_override(module, training, use_eval=how == 2, action=self._stand_in)
+                    position = ends[position]
+                    continue
+                if kind & _FLAG_SETTER:
+                    module.training = training
+                    position += 1
+                    continue
+            if own["training"] is not training:
+                own["training"] = training
+            position += 1
+
+    def _stand_in(self, module: nn.Module, training: bool) -> None:
+        position = self.index.get(id(module))
+        if position is None or self.modules[position] is not module:
+            _switch(module, training, as_root=False)  # not in the snapshot: walk it
+        else:
+            self._apply(position, self.ends[position], training)
+
+    def unchanged(self) -> bool:
+        """True when every module still has exactly the children it had at the snapshot."""
+        # map() chains run in C: this runs at every exit
+        now = map(tuple, map(dict.values, map(compat.children_dict, self.modules)))
+        return list(now) == self.children
+
+    def restore(self, keep: dict[int, bool] | None = None) -> None:
         """Put every module that is still in the trees back to its recorded flag.
 
-        Walks the trees as they are *now*: modules removed in the meantime are not
+        Follows the trees as they are *now*: modules removed in the meantime are not
         touched, modules added in the meantime keep the flag they have. A module whose
-        class overrides ``train()`` gets ``train(saved_flag)`` called, so its override
-        runs with the flag it is restored to; since that recurses, its descendants are
-        fixed up afterwards (pre-order). If one module fails to restore, the others are
-        still restored and the first error is raised at the end.
+        class (or instance) overrides the switch gets it called with the flag it is
+        restored to, and its descendants are then restored to their own flags
+        (pre-order), whatever the override did to them. ``keep`` maps ``id(module)`` to a
+        flag to hold instead of the recorded one (modules still held by another open
+        scope): if an override's recursion flips one of them, it is switched back in the
+        same pass. If one module fails to restore, the others are still restored and the
+        first error is raised at the end.
         """
-        current, _ = _preorder(self.roots)
-        index, flags = self.index, self.flags
-        added = [(m, m.training) for m in current if id(m) not in index]
         errors: list[BaseException] = []
-        for module in current:
-            key = id(module)
-            position = index.get(key)
-            if position is None or key in skip:
-                continue
-            saved = flags[position]
-            if module.training is saved:
-                continue
-            if _has_custom_mode(type(module)):
-                try:
-                    _set_mode(module, saved)
-                except BaseException as exc:  # keep restoring the rest, raise below
-                    errors.append(exc)
-                    module.__dict__["training"] = saved
-            else:
-                module.__dict__["training"] = saved
-        for module, flag in added:
-            module.__dict__["training"] = flag
+        if self.unchanged():  # the common case: restore along the recorded order
+            self._restore(0, len(self.modules), keep or {}, errors)
+        else:
+            restorer = _Restorer(self, keep or {}, errors)
+            for root in self.roots:
+                restorer.walk(root)
+            if restorer.overridden:
+                restorer.verify()
         if errors:
             _raise_first(errors, "restoring module modes")
+
+    def _restore(
+        self, start: int, stop: int, keep: dict[int, bool], errors: list[BaseException]
+    ) -> None:
+        """Restore positions ``start`` to ``stop``, pre-order; overrides' stand-ins recurse."""
+        modules, flags = self.modules, self.flags
+
+        def stand_in(module: nn.Module, mode: bool) -> None:
+            position = self.index.get(id(module))
+            if position is not None and modules[position] is module:
+                self._restore(position, self.ends[position], keep, errors)
+
+        for module, target, is_plain in zip(
+            modules[start:stop], flags[start:stop], self.plain[start:stop], strict=True
+        ):
+            if keep:
+                target = keep.get(id(module), target)
+            if is_plain:
+                own = module.__dict__
+                if own["training"] is not target:
+                    own["training"] = target
+            elif module.training is not target:
+                _switch_one(module, _class_kind(type(module)), target, stand_in, errors)
+
+
+def _switch_one(
+    module: nn.Module,
+    kind: int,
+    target: bool,
+    action: _SubtreeAction,
+    errors: list[BaseException],
+) -> bool:
+    """Restore one module through its own switch; on error, record it and force the flag.
+
+    Returns whether an override ran (its recursion may have switched descendants).
+    """
+    try:
+        how = _own_switch(module, kind, target, as_root=True)
+        if how:
+            _run_override(module, target, use_eval=how == 2, action=action)
+        elif kind & _FLAG_SETTER:
+            module.training = target
+        else:
+            compat.write_training(module, target)
+        return bool(how)
+    except BaseException as exc:  # keep restoring the rest, raise at the end
+        errors.append(exc)
+        _force_flag(module, target)
+        return True
+
+
+class _Restorer:
+    """:meth:`ModeSnapshot.restore` when the trees changed: a walk of the trees as they are."""
+
+    __slots__ = ("errors", "flags", "index", "keep", "order", "overridden", "seen")
+
+    def __init__(
+        self, snapshot: ModeSnapshot, keep: dict[int, bool], errors: list[BaseException]
+    ) -> None:
+        self.index, self.flags, self.keep = snapshot.index, snapshot.flags, keep
+        self.seen: set[int] = set()
+        self.order: list[nn.Module] = []
+        self.errors = errors
+        self.overridden = False
+
+    def target(self, key: int) -> bool | None:
+        flag = self.keep.get(key)
+        if flag is None:
+            position = self.index.get(key)
+            if position is not None:
+                flag = self.flags[position]
+        return flag
+
+    def walk(self, root: nn.Module, mode: bool = True) -> None:
+        """Restore ``root``'s subtree, pre-order (also what stand-ins run, ``mode`` unused).
+
+        Where an override runs, its plain children are restored by stand-ins during the
+        call (so each module is visited once); every module reached is recorded for
+        :meth:`verify`.
+        """
+        seen, order, kinds, index, flags, keep = (
+            self.seen,
+            self.order,
+            _class_kinds,
+            self.index,
+            self.flags,
+            self.keep,
+        )
+        stack: list[nn.Module | None] = [root]
+        pop, extend = stack.pop, stack.extend
+        modules_of = compat.children_dict
+        while stack:
+            module = pop()
+            if module is None:
+                continue
+            key = id(module)
+            if key in seen:
+                continue
+            seen.add(key)
+            order.append(module)
+            if keep:
+                target = self.target(key)
+            else:
+                position = index.get(key)
+                target = None if position is None else flags[position]
+            if target is not None:
+                cls = type(module)
+                kind = kinds.get(cls)
+                if kind is None:
+                    kind = _class_kind(cls)
+                own = module.__dict__
+                if kind or "train" in own or "eval" in own:
+                    if module.training is not target and _switch_one(
+                        module, kind, target, self.walk, self.errors
+                    ):
+                        self.overridden = True
+                elif own.get("training") is not target:
+                    own["training"] = target
+            below = modules_of(module)
+            if below:
+                extend(reversed(below.values()))
+
+    def verify(self) -> None:
+        """After overrides ran: whatever their own code switched, put back (pre-order)."""
+        for module in self.order:
+            target = self.target(id(module))
+            if target is not None and module.training is not target:
+                try:
+                    _set_own_mode(module, target)
+                except BaseException as exc:
+                    self.errors.append(exc)
+                    _force_flag(module, target)
 
 
 def _raise_first(errors: list[BaseException], what: str) -> None:
@@ -218,7 +531,7 @@ class _Entry:
 
     def __init__(self) -> None:
         self.grad_before: bool | None = None
-        self.guard: Any = None  # the C++ inference-mode guard, exited on restore
+        self.guard: Any = None  # the entered torch.inference_mode(), exited on restore
         self.thread_entries: list[_Entry] = []  # the grad-mode stack of the entering thread
         self.closed = False
         self.snapshot: ModeSnapshot | None = None
@@ -272,21 +585,24 @@ def _unregister(entry: _Entry) -> None:
         _active.pop(entry.sequence, None)
         if snapshot is None:
             return
-        handed: set[int] = set()
+        keep: dict[int, bool] = {}
         if _active and next(reversed(_active)) > entry.sequence:
             # Closed out of order: a newer scope recorded *our* in-scope flags as its
-            # "before" state. Give it our real "before" state instead and leave those
-            # modules alone, so the last scope to close restores the original flags.
+            # "before" state. Give it our real "before" state instead, and hold every
+            # module it uses at its current flag while we restore the rest: our restore
+            # may run a train() override whose recursion reaches them.
             for sequence, newer in _active.items():
                 if sequence < entry.sequence or newer.snapshot is None:
                     continue
                 target = newer.snapshot
-                for key, position in snapshot.index.items():
-                    theirs = target.index.get(key)
-                    if theirs is not None and key not in handed:
+                for key, theirs in target.index.items():
+                    if key in keep:
+                        continue
+                    keep[key] = target.modules[theirs].training
+                    position = snapshot.index.get(key)
+                    if position is not None:
                         target.flags[theirs] = snapshot.flags[position]
-                        handed.add(key)
-        snapshot.restore(skip=handed)
+        snapshot.restore(keep)
 
 
 # --- grad mode ---------------------------------------------------------------------
@@ -306,12 +622,12 @@ def _thread_entries() -> list[_Entry]:
 
 def _enter_grad(entry: _Entry, grad: str) -> None:
     if grad == "inference_mode":
-        guard = torch._C._InferenceMode(True)
-        guard.__enter__()  # type: ignore[no-untyped-call]
+        guard = torch.inference_mode()
+        guard.__enter__()
         entry.guard = guard
     else:
         entry.grad_before = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(grad == "enable_grad")
+        torch.set_grad_enabled(grad == "enable_grad")  # a plain call applies the mode
     entry.thread_entries = _thread_entries()
     entry.thread_entries.append(entry)
 
@@ -323,7 +639,7 @@ def _undo_grad(entry: _Entry) -> None:
         guard, entry.guard = entry.guard, None
         guard.__exit__(None, None, None)
     elif entry.grad_before is not None:
-        torch._C._set_grad_enabled(entry.grad_before)
+        torch.set_grad_enabled(entry.grad_before)
 
 
 def _exit_grad(entry: _Entry) -> None:
@@ -359,14 +675,15 @@ def _exit_grad(entry: _Entry) -> None:
 class _Stepped:
     """An awaitable that runs another awaitable one step at a time inside a scope."""
 
-    __slots__ = ("_awaitable", "_scope")
+    __slots__ = ("_awaitable", "_hold", "_scope")
 
-    def __init__(self, scope: Scope, awaitable: Any) -> None:
+    def __init__(self, scope: Scope, awaitable: Any, *, hold: bool) -> None:
         self._scope = scope
         self._awaitable = awaitable
+        self._hold = hold
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        return self._scope._drive(self._awaitable.__await__())
+        return self._scope._drive(self._awaitable.__await__(), hold=self._hold)
 
 
 class Scope:
@@ -397,7 +714,8 @@ class Scope:
 
     # entering and leaving -----------------------------------------------------------
 
-    def _enter(self) -> _Entry:
+    def _enter_grad(self) -> _Entry:
+        """A fresh entry holding this scope's grad mode on the calling thread."""
         if self._training and torch.is_inference_mode_enabled():
             raise ScopeError(
                 "gf.training() cannot run inside torch.inference_mode(): no autograd graph "
@@ -406,6 +724,10 @@ class Scope:
             )
         entry = _Entry()
         _enter_grad(entry, self._grad)
+        return entry
+
+    def _enter(self) -> _Entry:
+        entry = self._enter_grad()
         if self._modules:
             try:
                 _register(entry, self._modules, self._training)
@@ -421,6 +743,14 @@ class Scope:
         finally:
             _exit_grad(entry)
 
+    def _hold_modules(self) -> _Entry | None:
+        """Switch and register this scope's modules (no grad mode), or None without any."""
+        if not self._modules:
+            return None
+        held = _Entry()
+        _register(held, self._modules, self._training)
+        return held
+
     def __enter__(self) -> Scope:
         entry = self._enter()
         self._entries.set((*self._entries.get(()), entry))
@@ -433,39 +763,55 @@ class Scope:
         self._entries.set(entries[:-1])
         self._exit(entries[-1])
 
-    def _drive(self, step: _Resumable) -> Generator[Any, Any, Any]:
-        """Run a resumable (generator, coroutine) with the scope in force only while it runs.
+    def _drive(self, step: _Resumable, *, hold: bool = True) -> Generator[Any, Any, Any]:
+        """Run a resumable (generator, coroutine) inside the scope.
 
-        Each resumption (send/throw/close) gets a fresh entry that is exited before the
-        value goes back out, so whoever runs in between sees its own modes.
+        Module flags are process-global: with ``hold``, they are switched at the first
+        resumption and held until the resumable completes, raises or is closed, so work
+        it hands to another thread while suspended (``await asyncio.to_thread(model,
+        x)``) runs in the scope's mode. Grad mode is thread-local: each resumption
+        (send/throw/close) gets it in a fresh entry that is exited before the value goes
+        back out, so whoever runs in between keeps its own grad mode.
         """
+        held: _Entry | None = None
         value: Any = None
         error: BaseException | None = None
-        while True:
-            entry = self._enter()
-            try:
-                out = step.send(value) if error is None else step.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                self._exit(entry)
-            error = None
-            try:
-                value = yield out
-            except GeneratorExit:
-                entry = self._enter()
+        try:
+            while True:
+                entry = self._enter_grad()
                 try:
-                    step.close()
+                    if hold and held is None:
+                        held = self._hold_modules()
+                        hold = False
+                    out = step.send(value) if error is None else step.throw(error)
+                except StopIteration as stop:
+                    return stop.value
                 finally:
-                    self._exit(entry)
-                raise
-            except BaseException as exc:
-                value, error = None, exc
+                    _exit_grad(entry)
+                error = None
+                try:
+                    value = yield out
+                except GeneratorExit:
+                    entry = self._enter_grad()
+                    try:
+                        step.close()
+                    finally:
+                        _exit_grad(entry)
+                    raise
+                except BaseException as exc:
+                    value, error = None, exc
+        finally:
+            if held is not None:
+                _unregister(held)
 
     # decorating ---------------------------------------------------------------------
 
     def __call__(self, func: F) -> F:
-        """Decorate ``func`` so its body runs inside this scope (a fresh entry per call)."""
+        """Decorate ``func`` so its body runs inside this scope (a fresh entry per call).
+
+        A generator, coroutine or async generator holds the module flags from its first
+        resumption to its end and has grad mode set during each of its resumptions.
+        """
         if inspect.isclass(func):
             raise ScopeError(
                 f"{self!r} cannot decorate the class {func.__name__}: decorate its "
@@ -481,28 +827,33 @@ class Scope:
             @functools.wraps(func)
             async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
                 agen = func(*args, **kwargs)
-                step = agen.asend(None)
-                while True:
-                    try:
-                        item = await _Stepped(scope, step)
-                    except StopAsyncIteration:
-                        return
-                    try:
-                        sent = yield item
-                    except GeneratorExit:
-                        await _Stepped(scope, agen.aclose())
-                        raise
-                    except BaseException as exc:
-                        step = agen.athrow(exc)
-                    else:
-                        step = agen.asend(sent)
+                held = scope._hold_modules()  # runs at the first __anext__
+                try:
+                    step = agen.asend(None)
+                    while True:
+                        try:
+                            item = await _Stepped(scope, step, hold=False)
+                        except StopAsyncIteration:
+                            return
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            await _Stepped(scope, agen.aclose(), hold=False)
+                            raise
+                        except BaseException as exc:
+                            step = agen.athrow(exc)
+                        else:
+                            step = agen.asend(sent)
+                finally:
+                    if held is not None:
+                        _unregister(held)
 
             wrapper = async_gen_wrapper
         elif inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def coroutine_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await _Stepped(scope, func(*args, **kwargs))
+                return await _Stepped(scope, func(*args, **kwargs), hold=True)
 
             wrapper = coroutine_wrapper
         elif inspect.isgeneratorfunction(func):

@@ -430,6 +430,11 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
     **Hidden detail.** The code reads as if the work happens "inside" the `with` block, and
     on a single thread it would. In the worker thread every forward records a graph and
     keeps activations alive: memory grows with no error, until `CUDA out of memory`.
+    Under `gf.inference(model)` (a `with` block, or a decorated `async def` awaiting
+    `asyncio.to_thread(model, x)`) the worker half-inherits the scope: it sees the model
+    in eval mode, since module flags are process-global and the scope holds them until it
+    exits, but its grad mode is its own, so it still records graphs unless it enters a
+    scope itself.
 
     ## Example
     ```python
@@ -465,6 +470,8 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
                 what = call.qual or call.callee or call.attr
                 yield (
                     call.node,
-                    f"`{what}` runs in another thread, which has gradients enabled",
+                    f"`{what}` runs in another thread, which has gradients enabled: grad "
+                    "mode is per thread (module eval() is shared, no_grad is not); set it "
+                    "in the worker",
                     None,
                 )
