@@ -42,6 +42,26 @@ def _named_modules(roots: tuple[nn.Module, ...]) -> list[tuple[str, nn.Module]]:
     return named
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on Python 3.10, which has no ``add_note`` (PEP 678).
+
+    There, the note goes into ``__notes__`` as ``add_note`` would put it (pytest shows
+    it); the exception itself is never replaced.
+    """
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    try:
+        if isinstance(notes, list):
+            notes.append(note)
+        else:
+            exc.__notes__ = [note]
+    except (AttributeError, TypeError):  # an exception type that refuses attributes
+        pass
+
+
 class Audit:
     """The context manager :func:`audit` returns; ``__enter__`` gives the :class:`AuditReport`.
 
@@ -120,7 +140,7 @@ class Audit:
             return
         if exc is None:
             raise AuditError(self._report.format())
-        exc.add_note(self._report.format())  # keep the body's own error; findings as a note
+        _add_note(exc, self._report.format())  # keep the body's own error; findings as a note
 
 
 def audit(
