@@ -120,8 +120,6 @@ class DropoutWatch(TorchFunctionMode):
         super().__init__()
         self._collector = collector
         self._names = names
-        self._sites: dict[tuple[str, int], tuple[str, str, Any]] = {}
-        self._lock = threading.Lock()
 
     def __torch_function__(
         self,
@@ -161,12 +159,9 @@ class DropoutWatch(TorchFunctionMode):
         if frame is None:
             return  # nn.Dropout & co.: reported by the module hooks, with the module's name
         filename, line = frame.f_code.co_filename, frame.f_lineno
-        site = (filename, line)
-        with self._lock:
-            module = self._sites.get(site)
-            if module is None:
-                module = self._sites[site] = self._enclosing_module(frame)
-        name, label, owner = module
+        # One finding per module and call site: every layer of a model runs the same line
+        # (BERT's attention in each encoder layer), and each layer is a finding of its own.
+        name, label, owner = self._enclosing_module(frame)
         where = f"{os.path.basename(filename)}:{line}"
         place = f"in the forward of {label}" if label else "outside any audited module's forward"
         # In a module left in train mode, a call gated on self.training drops too: the
@@ -194,7 +189,7 @@ class DropoutWatch(TorchFunctionMode):
             fix = gate
         other = threading.get_ident() != self._collector.owner
         self._collector.add(
-            ("GFR005", "op", site, spec.label, other),
+            ("GFR005", "op", name, filename, line, spec.label, other),
             "GFR005",
             name,
             lambda thread: (
