@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import gradfence as gf
 
@@ -54,3 +56,73 @@ def test_bert_in_eval_has_no_findings(bert: torch.nn.Module) -> None:
     with gf.audit(bert) as report, gf.inference(bert):
         bert(ids)
     assert report.ok, report.format()
+
+
+# --- torch.compile ---------------------------------------------------------------------
+# backend="eager": the hooks are traced by dynamo whatever the backend (inductor only
+# compiles the captured graph, and takes a minute here), so this is what users run
+# as far as the audit is concerned, at a tenth of the time.
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.drop(self.bn(self.fc(x))), 0.3, training=self.training)
+
+
+def test_compiled_fullgraph_wrong_evaluation_runs_and_says_what_was_blind() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    x = torch.randn(3, 4)
+    with gf.audit(net) as report, torch.no_grad():
+        compiled(x)  # train mode: dropout and BatchNorm statistics, compiled in the audit
+    assert sorted(report.blind) == ["GFR003", "GFR005", "GFR006"], report.format()
+    assert "torch.compile" in report.blind["GFR005"]
+    assert "not checked: GFR003, GFR005, GFR006" in report.format()
+    # what the audit sees from outside the graph still counts
+    assert "GFR004" in report.codes(), report.format()
+
+
+def test_compiled_wrapper_audited_keeps_its_results_and_outer_checks() -> None:
+    torch.manual_seed(0)
+    compiled = torch.compile(Net().eval(), fullgraph=True, backend="eager")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = compiled(x)
+    with gf.audit(compiled) as report:  # grad on: the wrapper's own forward is eager
+        out = compiled(x)
+    assert torch.equal(out.detach(), expected)
+    assert report.codes() == ["GFR003"], report.format()
+    assert sorted(report.blind) == ["GFR005", "GFR006"]  # inside the graph only
+
+
+class Outer(nn.Module):
+    """A user model around a compiled part: the op watch is on when the graph runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.compile(Net(), fullgraph=True, backend="eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.inner(x), 0.2) + 1
+
+
+def test_op_watch_around_a_compiled_submodule() -> None:
+    torch.manual_seed(0)
+    model = Outer()  # train mode: the graph's own dropout drops while the op watch is on
+    x = torch.randn(3, 4)
+    for _ in range(3):  # audited again and again: no recompilation limit is reached
+        with gf.audit(model, ignore=["GFR004"]) as report, torch.no_grad():
+            model(x)
+        # the F.dropout outside the graph is seen; inside it, the report says blind
+        assert report.codes() == ["GFR005"], report.format()
+        assert report.findings[0].module == ""
+        assert "F.dropout" in report.findings[0].message
+        assert sorted(report.blind) == ["GFR005", "GFR006"]
+        assert "inner (OptimizedModule), a torch.compile wrapper" in report.blind["GFR005"]

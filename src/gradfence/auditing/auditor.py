@@ -21,9 +21,9 @@ from types import TracebackType
 
 from torch import nn
 
-from gradfence.auditing.collector import Collector
+from gradfence.auditing.collector import COMPILED, Collector
 from gradfence.auditing.findings import CODES, check_codes
-from gradfence.auditing.hooks import Probe
+from gradfence.auditing.hooks import HOOKED_CHECKS, Probe, blind_checks, compiled_reason
 from gradfence.auditing.report import AuditReport
 from gradfence.auditing.state import StateSnapshot
 from gradfence.errors import AuditError, ScopeError
@@ -60,6 +60,36 @@ def _add_note(exc: BaseException, note: str) -> None:
             exc.__notes__ = [note]
     except (AttributeError, TypeError):  # an exception type that refuses attributes
         pass
+
+
+# Audits open in the process: COMPILED is reset only when the first one opens, so an
+# audit nested in another (or overlapping it in another thread) never erases its marks.
+_open_audits = 0
+_open_lock = threading.Lock()
+
+
+def _opened() -> None:
+    global _open_audits
+    with _open_lock:
+        if _open_audits == 0:
+            COMPILED.reset()
+        _open_audits += 1
+
+
+def _closed() -> dict[str, bool]:
+    """What compiled code left in COMPILED while this audit was open."""
+    global _open_audits
+    with _open_lock:
+        _open_audits -= 1
+        return {"hooks": COMPILED.hooks, "roots": COMPILED.roots, "ops": COMPILED.ops}
+
+
+def _runtime_blind(checks: frozenset[str], marks: dict[str, bool]) -> dict[str, str]:
+    """The checks blind in compiled code that ran during the audit (see ``CompiledRuns``)."""
+    if not (marks["hooks"] or marks["ops"]):
+        return {}
+    codes = HOOKED_CHECKS if marks["roots"] else ("GFR005", "GFR006")
+    return blind_checks(checks, codes, compiled_reason("it ran during the audit"))
 
 
 class Audit:
@@ -115,6 +145,7 @@ class Audit:
         self._state = StateSnapshot(self._modules, named, self._checks, self._strict)
         probe = Probe(collector, self._modules, named, self._checks)
         probe.install()
+        _opened()
         self._probe = probe
         self._report = AuditReport()
         self._collector = collector
@@ -132,10 +163,13 @@ class Audit:
             self._probe.remove()
         finally:
             self._collector.closed = True
+            marks = _closed()
         findings = self._state.findings() + self._collector.findings()
         order = list(CODES)
         findings.sort(key=lambda finding: order.index(finding.code))
         self._report.findings[:] = findings
+        self._report.blind.update(_runtime_blind(self._checks, marks))
+        self._report.blind.update(self._probe.blind)  # named modules: the more precise text
         if not (self._raise and findings):
             return
         if exc is None:

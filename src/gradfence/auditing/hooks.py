@@ -27,6 +27,7 @@ a hook of its own, so that subtree is hooked through global module hooks instead
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.jit._script import RecursiveScriptModule
+from torch.compiler import is_dynamo_compiling
+from torch.jit import ScriptModule
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.module import (
@@ -44,7 +46,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from gradfence.auditing.collector import Collector, module_label
+from gradfence.auditing.collector import COMPILED, Collector, module_label
 from gradfence.auditing.ops import DropoutWatch
 from gradfence.errors import GradfenceWarning
 
@@ -144,6 +146,8 @@ class Probe:
         self._checks = checks
         self._state = _ThreadState()
         self._handles: list[RemovableHandle] = []
+        # check code -> why it could not see everything, known at entry (see blind_checks)
+        self.blind: dict[str, str] = {}
         names = {id(module): (name, type(module).__name__) for name, module in named}
         # The watch is switched on only in forwards of user-defined modules: without
         # any, it would never run, and the hooks that switch it off can be skipped.
@@ -177,11 +181,17 @@ class Probe:
         pre_table: dict[int, Callable[[nn.Module, Any], None]] = {}
         post_table: dict[int, Callable[[nn.Module, Any, Any], None]] = {}
         scripted: list[str] = []
+        compiled: list[tuple[str, bool]] = []  # (label, is the graph the whole root forward?)
         try:
             for name, module in self._named:
-                if isinstance(module, RecursiveScriptModule):
+                if isinstance(module, ScriptModule):
                     scripted.append(module_label(name, type(module).__name__))
                     continue  # TorchScript refuses forward hooks
+                how = _compiled(module)
+                if how is not None:
+                    label = module_label(name, type(module).__name__)
+                    whole = how == "in place" and id(module) in roots
+                    compiled.append((f"{label}, {how}", whole))
                 check = self._module_check(name, module)
                 user = not _defined_in_torch(type(module))
                 # torch's own mode-governed modules run with the watch off: their
@@ -190,18 +200,23 @@ class Probe:
                 # A user subclass of a fast-path module too: its super().forward() takes
                 # the fused path only with no mode on (the subclass's own functional
                 # dropout goes unwatched, see docs/audit.md, Limits).
+                # And a torch.compile wrapper: dynamo then traces what it traces without
+                # the audit (an active mode is guarded on, and traced into the graph).
                 suspend = self._mode is not None and (
-                    isinstance(module, _FAST_PATH) or (not user and check is not None)
+                    isinstance(module, _FAST_PATH)
+                    or (not user and check is not None)
+                    or how == _WRAPPER
                 )
-                entry = id(module) in roots or bool(module._modules) or user
+                root = id(module) in roots
+                entry = root or bool(module._modules) or user
                 if id(module) in fused:  # see _fused_subtrees: hooked from the outside
                     if entry or suspend:
-                        pre_table[id(module)] = self._pre(check, suspend, user)
+                        pre_table[id(module)] = self._pre(check, suspend, user, root)
                         post_table[id(module)] = self._post(name, module)
                     elif check is not None:
                         pre_table[id(module)] = _checker(check)
                 elif entry or suspend:
-                    pre = self._pre(check, suspend, user)
+                    pre = self._pre(check, suspend, user, root)
                     self._handles.append(module.register_forward_pre_hook(pre))
                     post = self._post(name, module)
                     self._handles.append(module.register_forward_hook(post, always_call=True))
@@ -212,7 +227,16 @@ class Probe:
         except BaseException:
             self.remove()
             raise
+        if compiled:
+            codes = HOOKED_CHECKS if any(whole for _, whole in compiled) else ("GFR005", "GFR006")
+            where = "; ".join(label for label, _ in compiled)
+            self.blind.update(blind_checks(self._checks, codes, compiled_reason(where)))
         if scripted:
+            reason = (
+                f"inside TorchScript ({'; '.join(scripted)}), which takes no forward hooks; "
+                "audit the eager module to check it"
+            )
+            self.blind.update(blind_checks(self._checks, HOOKED_CHECKS, reason))
             more = f" (and {len(scripted) - 1} more)" if len(scripted) > 1 else ""
             warnings.warn(
                 GradfenceWarning(
@@ -237,12 +261,17 @@ class Probe:
     # the hooks ----------------------------------------------------------------------
 
     def _pre(
-        self, check: Callable[[nn.Module], None] | None, suspend: bool, user: bool
+        self, check: Callable[[nn.Module], None] | None, suspend: bool, user: bool, root: bool
     ) -> Callable[[nn.Module, Any], None]:
         state, mode = self._state, self._mode
         push = user and mode is not None
 
         def pre_hook(module: nn.Module, args: Any) -> None:
+            if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+                COMPILED.hooks = True
+                if root:
+                    COMPILED.roots = True
+                return
             marker = _NOTHING
             if suspend:
                 if state.watching:
@@ -267,6 +296,8 @@ class Probe:
         label = module_label(name, type(module).__name__)
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if is_dynamo_compiling():
+                return  # the pre-hook noted it
             markers = state.markers
             if not markers:
                 return  # the forward began before the audit did
@@ -360,6 +391,40 @@ class Probe:
         return check
 
 
+_WRAPPER = "a torch.compile wrapper"
+HOOKED_CHECKS = ("GFR003", "GFR005", "GFR006")  # the checks made while forwards run
+
+
+def blind_checks(checks: frozenset[str], codes: tuple[str, ...], where: str) -> dict[str, str]:
+    """``{code: where}`` for each of ``codes`` that the audit runs (a report's ``blind``)."""
+    return {code: where for code in codes if code in checks}
+
+
+def compiled_reason(where: str) -> str:
+    """Why checks were blind in compiled code, and how to get them back."""
+    return (
+        f"inside code compiled by torch.compile ({where}): its graph runs without the "
+        "audit's hooks; to check it, run the block under "
+        'torch.compiler.set_stance("force_eager")'
+    )
+
+
+def _compiled(module: nn.Module) -> str | None:
+    """How ``module`` runs compiled: ``"a torch.compile wrapper"``, ``"in place"``, or None.
+
+    ``torch.compile(m)`` returns a wrapper module whose own hooks run eagerly and whose
+    inner modules run in the graph; ``m.compile()`` compiles ``m``'s whole call, hooks
+    included. Dynamo is looked up only when it was imported (nothing compiled without).
+    """
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "in place"
+    dynamo = sys.modules.get("torch._dynamo")
+    wrapper = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
+    if wrapper is not None and isinstance(module, wrapper):
+        return _WRAPPER
+    return None
+
+
 def _fused_subtrees(named: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of every ``TransformerEncoderLayer`` and of every module inside one.
 
@@ -387,11 +452,16 @@ def _global_hooks(
     find_pre, find_post = pre_table.get, post_table.get
 
     def pre_hook(module: nn.Module, args: Any) -> None:
+        if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+            COMPILED.hooks = True
+            return
         hook = find_pre(id(module))
         if hook is not None:
             hook(module, args)
 
     def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if is_dynamo_compiling():
+            return
         hook = find_post(id(module))
         if hook is not None:
             hook(module, args, output)
@@ -403,6 +473,9 @@ def _global_hooks(
 
 def _checker(check: Callable[[nn.Module], None]) -> Callable[[nn.Module, Any], None]:
     def pre_hook(module: nn.Module, args: Any) -> None:
+        if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+            COMPILED.hooks = True
+            return
         check(module)
 
     return pre_hook

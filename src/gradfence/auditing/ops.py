@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.compiler import is_dynamo_compiling
 from torch.overrides import TorchFunctionMode
 
-from gradfence.auditing.collector import Collector, module_label
+from gradfence.auditing.collector import COMPILED, Collector, module_label
 
 
 class _Spec(NamedTuple):
@@ -130,7 +131,10 @@ class DropoutWatch(TorchFunctionMode):
     ) -> Any:
         spec = _watched_spec(func)
         if spec is not None:
-            self._check(spec, args, kwargs or {})
+            if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+                COMPILED.ops = True
+            else:
+                self._check(spec, args, kwargs or {})
         if kwargs:
             return func(*args, **kwargs)
         return func(*args)
