@@ -121,8 +121,10 @@ def test_op_watch_around_a_compiled_submodule() -> None:
         with gf.audit(model, ignore=["GFR004"]) as report, torch.no_grad():
             model(x)
         # the F.dropout outside the graph is seen; inside it, the report says blind
-        assert report.codes() == ["GFR005"], report.format()
-        assert report.findings[0].module == ""
-        assert "F.dropout" in report.findings[0].message
+        # (backend="eager" runs the graph's F.dropout calls as Python: seen there too)
+        outside = [f for f in report.findings if f.module == ""]
+        assert [f.code for f in outside] == ["GFR005"], report.format()
+        assert "F.dropout" in outside[0].message
+        assert str(outside[0].detail["site"]).startswith(__file__)
         assert sorted(report.blind) == ["GFR005", "GFR006"]
         assert "inner (OptimizedModule), a torch.compile wrapper" in report.blind["GFR005"]

@@ -23,7 +23,14 @@ from torch import nn
 
 from gradfence.auditing.collector import COMPILED, Collector
 from gradfence.auditing.findings import CODES, check_codes
-from gradfence.auditing.hooks import HOOKED_CHECKS, Probe, blind_checks, compiled_reason
+from gradfence.auditing.hooks import (
+    HOOKED_CHECKS,
+    Probe,
+    blind_checks,
+    compiled_reason,
+    outermost,
+)
+from gradfence.auditing.ops import DropoutWatch, start_watching, stop_watching
 from gradfence.auditing.report import AuditReport
 from gradfence.auditing.state import StateSnapshot
 from gradfence.errors import AuditError, ScopeError
@@ -107,6 +114,7 @@ class Audit:
         "_report",
         "_state",
         "_strict",
+        "_watch",
     )
 
     def __init__(
@@ -130,6 +138,7 @@ class Audit:
         self._report: AuditReport | None = None
         self._probe: Probe | None = None
         self._state: StateSnapshot | None = None
+        self._watch: DropoutWatch | None = None
         self._collector = Collector()
 
     def __repr__(self) -> str:
@@ -145,6 +154,10 @@ class Audit:
         self._state = StateSnapshot(self._modules, named, self._checks, self._strict)
         probe = Probe(collector, self._modules, named, self._checks)
         probe.install()
+        if "GFR005" in self._checks:
+            names = {id(module): (name, type(module).__name__) for name, module in named}
+            self._watch = DropoutWatch(collector, names)
+            start_watching(self._watch)
         _opened()
         self._probe = probe
         self._report = AuditReport()
@@ -162,9 +175,11 @@ class Audit:
         try:
             self._probe.remove()
         finally:
+            if self._watch is not None:
+                stop_watching(self._watch)
             self._collector.closed = True
             marks = _closed()
-        findings = self._state.findings() + self._collector.findings()
+        findings = self._state.findings() + outermost(self._collector.findings())
         order = list(CODES)
         findings.sort(key=lambda finding: order.index(finding.code))
         self._report.findings[:] = findings

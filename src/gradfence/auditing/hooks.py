@@ -1,28 +1,28 @@
-"""The forward hooks of an audit: GFR003, GFR005 (modules), GFR006, and the op watch.
+"""The forward hooks of an audit: GFR003, GFR005 (modules) and GFR006.
 
 Hooks fire in whichever thread runs the forward, which is what makes these checks see
 worker threads: grad mode is per thread, so a forward in a ``ThreadPoolExecutor``
 worker runs with grad enabled even when the audited block disabled it.
 
-Entry-point modules (the audited roots, every module with children and every module
-whose class defines ``forward`` outside torch) get a pre-hook and an ``always_call``
-post-hook (which runs even when the forward raises). Per thread, they keep a stack of
-markers, so that
+Only two kinds of module get hooks, since a hooked module's call costs a few
+microseconds more; the leaves doing the arithmetic get none:
 
-* the :class:`~gradfence.auditing.ops.DropoutWatch` mode is on exactly while the forward
-  of a module defined *outside* torch runs (only user code can call functional dropout
-  unguarded: torch's own modules gate it on their ``training`` flag, which the hooks
-  read, so the mode would only slow them down), and
-* only the outermost audited forward of each thread checks GFR003 (did its output come
-  back carrying an autograd graph?).
+* mode-governed modules (Dropout, BatchNorm and RNN families, ``MultiheadAttention``):
+  a pre-hook reading the ``training`` flag that governs what the forward does;
+* entry points (the audited roots, every module with children, every module whose
+  class defines ``forward`` outside torch): a forward hook checking GFR003 (with grad
+  enabled, did the output come back carrying an autograd graph?). Every entry point
+  that built a graph records it; at exit, :func:`outermost` keeps the outermost.
 
-Torch's own modules whose behaviour follows their ``training`` flag (Dropout, BatchNorm,
-RNN families) and those with a fused fast path (``TransformerEncoder(Layer)``,
-``MultiheadAttention``) run with the mode popped: the first only pay for it (every op
-through ``__torch_function__`` costs microseconds), and for the second an active
-torch-function mode disables the fused path, which changes the results in the last bits.
-``TransformerEncoderLayer`` also leaves its fused path when a module of its subtree has
-a hook of its own, so that subtree is hooked through global module hooks instead.
+None of them is an ``always_call`` hook and none keeps per-thread state across a
+forward, so a forward that raises leaves nothing behind; and ``torch.compile`` can
+inline them without recompiling for every audit (an ``always_call`` hook is guarded
+on by its id, which is new for every audit).
+
+``TransformerEncoderLayer`` leaves its fused fast path when a module of its subtree
+has a hook of its own, so that subtree is hooked through global module hooks instead.
+Functional dropout (``F.dropout``, SDPA ``dropout_p``) is watched by
+:mod:`gradfence.auditing.ops`.
 """
 
 from __future__ import annotations
@@ -47,68 +47,20 @@ from torch.nn.modules.module import (
 from torch.utils.hooks import RemovableHandle
 
 from gradfence.auditing.collector import COMPILED, Collector, module_label
-from gradfence.auditing.ops import DropoutWatch
+from gradfence.auditing.findings import Finding
 from gradfence.errors import GradfenceWarning
-
-_FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
-
-# Markers on a thread's stack: what the matching post-hook has to undo. A marker >= 0
-# means "suspended": the op watch was taken off at that depth of the mode stack and goes
-# back there (not on top: a mode the user entered inside the forward sits above it and
-# its own exit pops the top of the stack).
-_NOTHING, _PUSHED = -2, -1
-
-
-class _ThreadState(threading.local):
-    def __init__(self) -> None:
-        self.markers: list[int] = []
-        self.watching = False  # is our mode on this thread's torch-function stack?
-
 
 _torch_forward_cache: dict[type, bool] = {}
 
 
 def _defined_in_torch(cls: type) -> bool:
-    """True when ``cls.forward`` is torch's own code (only user code is watched for ops)."""
+    """True when ``cls.forward`` is torch's own code (user code gets a GFR003 hook)."""
     result = _torch_forward_cache.get(cls)
     if result is None:
         forward = getattr(cls, "forward", None)
         result = str(getattr(forward, "__module__", "")).startswith("torch.")
         _torch_forward_cache[cls] = result
     return result
-
-
-def _take_off_stack(mode: DropoutWatch | None) -> int:
-    """Remove ``mode`` from this thread's torch-function mode stack, wherever it is.
-
-    Modes pushed above it (a nested audit's, the user's) are put back in their order.
-    Returns the depth it was at (the number of modes below it), or -1 when absent.
-    """
-    if mode is None:
-        return -1
-    above: list[Any] = []
-    depth = -1
-    while torch._C._len_torch_function_stack() > 0:
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
-            depth = torch._C._len_torch_function_stack()
-            break
-        above.append(top)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
-    return depth
-
-
-def _put_back(mode: DropoutWatch | None, depth: int) -> None:
-    """Push ``mode`` at ``depth`` of this thread's mode stack, below the modes now above it."""
-    extra = torch._C._len_torch_function_stack() - depth
-    if extra <= 0:  # the usual case: nothing was entered above it meanwhile
-        torch._C._push_on_torch_function_stack(mode)
-        return
-    above = [torch._C._pop_torch_function_stack() for _ in range(extra)]
-    torch._C._push_on_torch_function_stack(mode)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
 
 
 def _carries_graph(output: Any, depth: int = 0) -> bool:
@@ -130,6 +82,26 @@ def _carries_graph(output: Any, depth: int = 0) -> bool:
     return False
 
 
+def outermost(findings: list[Finding]) -> list[Finding]:
+    """GFR003 findings without those of modules inside another flagged one (same thread kind).
+
+    A forward that builds a graph makes every entry point around it build one too:
+    the report names the outermost, as the user called it.
+    """
+    flagged = {(f.module, f.detail.get("other_thread")) for f in findings if f.code == "GFR003"}
+
+    def inside_another(finding: Finding) -> bool:
+        parts = finding.module.split(".") if finding.module else []
+        other = finding.detail.get("other_thread")
+        while parts:
+            parts.pop()
+            if (".".join(parts), other) in flagged:
+                return True
+        return False
+
+    return [f for f in findings if f.code != "GFR003" or not inside_another(f)]
+
+
 class Probe:
     """Installs the hooks on every audited module and removes them all again."""
 
@@ -144,40 +116,19 @@ class Probe:
         self._roots = roots
         self._named = named
         self._checks = checks
-        self._state = _ThreadState()
         self._handles: list[RemovableHandle] = []
         # check code -> why it could not see everything, known at entry (see blind_checks)
         self.blind: dict[str, str] = {}
-        names = {id(module): (name, type(module).__name__) for name, module in named}
-        # The watch is switched on only in forwards of user-defined modules: without
-        # any, it would never run, and the hooks that switch it off can be skipped.
-        watch = "GFR005" in checks and any(
-            not _defined_in_torch(type(module)) for _, module in named
-        )
-        self._mode = DropoutWatch(collector, names) if watch else None
 
     # installing ---------------------------------------------------------------------
 
     def install(self) -> None:
-        """Register the hooks; on any failure, remove those already registered.
-
-        Three kinds of module get hooks, the rest (the leaves doing the arithmetic) none,
-        since a hooked module's call costs several microseconds more:
-
-        * entry points (the audited roots, every module with children, every module
-          whose forward is user code): a pre-hook and an ``always_call`` post-hook that
-          push/pop the op watch and check GFR003 for the outermost audited forward of
-          each thread;
-        * torch's fast-path and mode-governed modules (Dropout, BatchNorm and RNN
-          families): the same pair, which suspends the op watch around them and reads
-          the ``training`` flag;
-        * with the op watch off (``ignore=["GFR005"]``), mode-governed leaves get just
-          one pre-hook that reads the flag.
-        """
+        """Register the hooks; on any failure, remove those already registered."""
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
         roots = {id(module) for module in self._roots}
         fused = _fused_subtrees(self._named)
+        graph_check = "GFR003" in self._checks
         pre_table: dict[int, Callable[[nn.Module, Any], None]] = {}
         post_table: dict[int, Callable[[nn.Module, Any, Any], None]] = {}
         scripted: list[str] = []
@@ -187,42 +138,28 @@ class Probe:
                 if isinstance(module, ScriptModule):
                     scripted.append(module_label(name, type(module).__name__))
                     continue  # TorchScript refuses forward hooks
+                root = id(module) in roots
                 how = _compiled(module)
                 if how is not None:
                     label = module_label(name, type(module).__name__)
-                    whole = how == "in place" and id(module) in roots
-                    compiled.append((f"{label}, {how}", whole))
+                    compiled.append((f"{label}, {how}", how == "in place" and root))
                 check = self._module_check(name, module)
-                user = not _defined_in_torch(type(module))
-                # torch's own mode-governed modules run with the watch off: their
-                # dropout follows their flag, which `check` reads, and the watch would
-                # only slow down (fast-path modules: change) what they compute.
-                # A user subclass of a fast-path module too: its super().forward() takes
-                # the fused path only with no mode on (the subclass's own functional
-                # dropout goes unwatched, see docs/audit.md, Limits).
-                # And a torch.compile wrapper: dynamo then traces what it traces without
-                # the audit (an active mode is guarded on, and traced into the graph).
-                suspend = self._mode is not None and (
-                    isinstance(module, _FAST_PATH)
-                    or (not user and check is not None)
-                    or how == _WRAPPER
+                entry = graph_check and (
+                    root or bool(module._modules) or not _defined_in_torch(type(module))
                 )
-                root = id(module) in roots
-                entry = root or bool(module._modules) or user
+                pre = _checker(check) if check is not None else None
+                post = self._graph_check(name, module, root) if entry else None
                 if id(module) in fused:  # see _fused_subtrees: hooked from the outside
-                    if entry or suspend:
-                        pre_table[id(module)] = self._pre(check, suspend, user, root)
-                        post_table[id(module)] = self._post(name, module)
-                    elif check is not None:
-                        pre_table[id(module)] = _checker(check)
-                elif entry or suspend:
-                    pre = self._pre(check, suspend, user, root)
+                    if pre is not None:
+                        pre_table[id(module)] = pre
+                    if post is not None:
+                        post_table[id(module)] = post
+                    continue
+                if pre is not None:
                     self._handles.append(module.register_forward_pre_hook(pre))
-                    post = self._post(name, module)
-                    self._handles.append(module.register_forward_hook(post, always_call=True))
-                elif check is not None:
-                    self._handles.append(module.register_forward_pre_hook(_checker(check)))
-            if pre_table:
+                if post is not None:
+                    self._handles.append(module.register_forward_hook(post))
+            if pre_table or post_table:
                 self._handles.extend(_global_hooks(pre_table, post_table))
         except BaseException:
             self.remove()
@@ -248,86 +185,46 @@ class Probe:
             )
 
     def remove(self) -> None:
-        """Remove every hook, and pop the op watch if this thread still has it on."""
+        """Remove every hook."""
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        state, mode = self._state, self._mode
-        state.markers.clear()
-        if state.watching:
-            _take_off_stack(mode)
-        state.watching = False
 
     # the hooks ----------------------------------------------------------------------
 
-    def _pre(
-        self, check: Callable[[nn.Module], None] | None, suspend: bool, user: bool, root: bool
-    ) -> Callable[[nn.Module, Any], None]:
-        state, mode = self._state, self._mode
-        push = user and mode is not None
+    def _graph_check(
+        self, name: str, module: nn.Module, root: bool
+    ) -> Callable[[nn.Module, Any, Any], None]:
+        collector = self._collector
+        label = module_label(name, type(module).__name__)
 
-        def pre_hook(module: nn.Module, args: Any) -> None:
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
             if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
                 COMPILED.hooks = True
                 if root:
                     COMPILED.roots = True
                 return
-            marker = _NOTHING
-            if suspend:
-                if state.watching:
-                    depth = _take_off_stack(mode)
-                    if depth >= 0:
-                        state.watching = False
-                        marker = depth
-            elif push and not state.watching:
-                torch._C._push_on_torch_function_stack(mode)
-                state.watching = True
-                marker = _PUSHED
-            state.markers.append(marker)
-            if check is not None:
-                check(module)
-
-        return pre_hook
-
-    def _post(self, name: str, module: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
-        state, mode = self._state, self._mode
-        graph_check = "GFR003" in self._checks
-        collector = self._collector
-        label = module_label(name, type(module).__name__)
-
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if is_dynamo_compiling():
-                return  # the pre-hook noted it
-            markers = state.markers
-            if not markers:
-                return  # the forward began before the audit did
-            marker = markers.pop()
-            if marker == _PUSHED:
-                _take_off_stack(mode)
-                state.watching = False
-            elif marker >= 0:
-                _put_back(mode, marker)
-                state.watching = True
-            if graph_check and not markers and torch.is_grad_enabled() and _carries_graph(output):
-                other = threading.get_ident() != collector.owner
-                fix = (
-                    "grad mode is per thread: disable it in the worker itself (wrap the "
-                    "function the worker runs in torch.no_grad() or gf.inference(model))"
-                    if other
-                    else "run evaluation under gf.inference(model) or torch.no_grad() "
-                    "(model.eval() does not disable grad)"
-                )
-                collector.add(
-                    ("GFR003", name, other),
-                    "GFR003",
-                    name,
-                    lambda thread: (
-                        f"{label} ran its forward with grad enabled {thread}: its output "
-                        f"carries an autograd graph that keeps every activation alive. "
-                        f"Fix: {fix}."
-                    ),
-                    {"other_thread": other},
-                )
+            if not (torch.is_grad_enabled() and _carries_graph(output)):
+                return
+            other = threading.get_ident() != collector.owner
+            fix = (
+                "grad mode is per thread: disable it in the worker itself (wrap the "
+                "function the worker runs in torch.no_grad() or gf.inference(model))"
+                if other
+                else "run evaluation under gf.inference(model) or torch.no_grad() "
+                "(model.eval() does not disable grad)"
+            )
+            collector.add(
+                ("GFR003", name, other),
+                "GFR003",
+                name,
+                lambda thread: (
+                    f"{label} ran its forward with grad enabled {thread}: its output "
+                    f"carries an autograd graph that keeps every activation alive. "
+                    f"Fix: {fix}."
+                ),
+                {"other_thread": other},
+            )
 
         return post_hook
 
