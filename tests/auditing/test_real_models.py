@@ -80,8 +80,9 @@ def test_compiled_fullgraph_wrong_evaluation_runs_and_says_what_was_blind() -> N
     net = Net()
     compiled = torch.compile(net, fullgraph=True, backend="eager")
     x = torch.randn(3, 4)
-    with gf.audit(net) as report, torch.no_grad():
-        compiled(x)  # train mode: dropout and BatchNorm statistics, compiled in the audit
+    for _ in range(9):  # more audits than dynamo's recompile limit (8): no hard failure
+        with gf.audit(net) as report, torch.no_grad():
+            compiled(x)  # train mode: dropout and BatchNorm statistics, compiled in the audit
     assert sorted(report.blind) == ["GFR003", "GFR005", "GFR006"], report.format()
     assert "torch.compile" in report.blind["GFR005"]
     assert "not checked: GFR003, GFR005, GFR006" in report.format()

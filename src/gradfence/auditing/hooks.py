@@ -38,8 +38,6 @@ import torch
 from torch import nn
 from torch.compiler import is_dynamo_compiling
 from torch.jit import ScriptModule
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.module import (
     register_module_forward_hook,
     register_module_forward_pre_hook,
@@ -49,6 +47,31 @@ from torch.utils.hooks import RemovableHandle
 from gradfence.auditing.collector import COMPILED, Collector, module_label
 from gradfence.auditing.findings import Finding
 from gradfence.errors import GradfenceWarning
+
+# torch's own mode-governed classes (public names; their subclasses count too)
+DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_NORM_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
 
 _torch_forward_cache: dict[type, bool] = {}
 
@@ -236,9 +259,11 @@ class Probe:
             rate_attr = _dropout_rate_attribute(module)
             if rate_attr is not None:
                 return self._dropout_check(name, label, rate_attr)
+            # torch's own Dropout classes call the watched F.dropout* with their flag:
+            # the op watch reports them by module (ops.py) and they need no hook
         # Without running statistics a norm layer computes the same in train and eval
         # (batch statistics both ways): only a tracking one is hurt by train mode.
-        tracking = isinstance(module, _NormBase) and module.track_running_stats
+        tracking = isinstance(module, _NORM_MODULES) and bool(module.track_running_stats)
         if "GFR006" in self._checks and tracking:
             return self._norm_check(name, label)
         return None
@@ -254,17 +279,7 @@ class Probe:
                 return
             if isinstance(module, nn.RNNBase) and module.num_layers < 2:
                 return  # an RNN applies its dropout only between layers
-            collector.add(
-                ("GFR005", name, threading.get_ident() != collector.owner),
-                "GFR005",
-                name,
-                lambda thread: (
-                    f"{label} ran with training=True {thread}: its dropout "
-                    f"({rate_attr}={rate}) was active during evaluation. "
-                    "Fix: evaluate under gf.inference(model) (or call model.eval() first)."
-                ),
-                {rate_attr: rate},
-            )
+            record_dropout_module(collector, name, label, rate_attr, rate)
 
         return check
 
@@ -378,10 +393,31 @@ def _checker(check: Callable[[nn.Module], None]) -> Callable[[nn.Module, Any], N
     return pre_hook
 
 
+def record_dropout_module(
+    collector: Collector, name: str, label: str, rate_attr: str, rate: object
+) -> None:
+    """GFR005 for a module whose ``training`` flag turned its dropout on."""
+    collector.add(
+        ("GFR005", name, threading.get_ident() != collector.owner),
+        "GFR005",
+        name,
+        lambda thread: (
+            f"{label} ran with training=True {thread}: its dropout "
+            f"({rate_attr}={rate}) was active during evaluation. "
+            "Fix: evaluate under gf.inference(model) (or call model.eval() first)."
+        ),
+        {rate_attr: rate},
+    )
+
+
 def _dropout_rate_attribute(module: nn.Module) -> str | None:
-    """The attribute holding the dropout rate of a module whose flag governs dropout."""
-    if isinstance(module, _DropoutNd):
-        return "p"
+    """The attribute holding the dropout rate of a module whose flag governs dropout.
+
+    None for torch's own Dropout classes: the op watch sees their ``F.dropout*`` call.
+    A subclass with a ``forward`` of its own is read here, whatever that forward calls.
+    """
+    if isinstance(module, DROPOUT_MODULES):
+        return None if _defined_in_torch(type(module)) else "p"
     if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
         return "dropout"
     return None

@@ -32,9 +32,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.compiler import is_dynamo_compiling
 
 from gradfence.auditing.collector import COMPILED, Collector, module_label
+from gradfence.auditing.hooks import DROPOUT_MODULES, record_dropout_module
 
 
 class _Spec(NamedTuple):
@@ -171,10 +173,16 @@ def _wrap(original: Any, spec: _Spec) -> Callable[..., Any]:
         drops, p = _drops(spec, args, kwargs)
         if not drops:
             return original(*args, **kwargs)
-        frame = _user_frame(sys._getframe(1))
-        if frame is not None:  # None: torch's own modules, reported by the module hooks
+        caller = sys._getframe(1)
+        frame = _user_frame(caller)
+        if frame is not None:
             for watch in watches:
                 watch.record(spec, p, frame)
+        else:  # torch's own modules: nn.Dropout & co. are reported here, by module
+            dropout = _dropout_module(caller)
+            if dropout is not None:
+                for watch in watches:
+                    watch.record_module(dropout)
         _watching.inside = True
         try:
             return original(*args, **kwargs)
@@ -224,6 +232,14 @@ class DropoutWatch:
         if owner is None and threading.get_ident() != self._collector.owner:
             return  # another thread's work, outside any audited forward
         self._record(spec, p, frame, name, label, owner)
+
+    def record_module(self, module: nn.Module) -> None:
+        """Record that ``module`` (torch's own Dropout class) dropped, if it is audited."""
+        known = self._names.get(id(module))
+        if known is not None:
+            name, cls = known
+            p = getattr(module, "p", None)
+            record_dropout_module(self._collector, name, module_label(name, cls), "p", p)
 
     def _record(
         self, spec: _Spec, p: object, frame: FrameType, name: str, label: str, owner: Any
@@ -284,6 +300,15 @@ class DropoutWatch:
                     return name, module_label(name, cls), owner
             frame = frame.f_back
         return "", "", None
+
+
+def _dropout_module(frame: FrameType) -> nn.Module | None:
+    """The torch Dropout module whose ``forward`` is ``frame``, if it is one."""
+    code = frame.f_code
+    if code.co_name != "forward" or code.co_argcount == 0:
+        return None
+    owner = frame.f_locals.get(code.co_varnames[0])
+    return owner if isinstance(owner, DROPOUT_MODULES) else None
 
 
 def _user_frame(frame: FrameType | None) -> FrameType | None:
