@@ -401,3 +401,85 @@ def test_torchscript_is_audited_at_entry_and_exit_with_a_warning() -> None:
             model(torch.randn(2, 4))
     assert report.codes() == ["GFR002"]
     assert _hooks_left(model) == 0
+
+
+# --- the decorator form ------------------------------------------------------------------
+
+
+def test_decorated_function_is_audited_on_every_call(mixed: Mixed) -> None:
+    @gf.audit(mixed, raise_on_exit=True)
+    def validate(x: torch.Tensor) -> torch.Tensor:
+        with gf.inference(mixed):
+            return mixed(x)
+
+    @gf.audit(mixed, raise_on_exit=True)
+    def validate_leaky(x: torch.Tensor) -> torch.Tensor:
+        mixed.eval()  # never undone
+        with torch.no_grad():
+            return mixed(x)
+
+    x = torch.randn(2, 5, 8)
+    assert validate(x).shape == (2, 5, 16)
+    assert validate(x).shape == (2, 5, 16)  # a fresh audit per call
+    with pytest.raises(gf.AuditError, match="GFR002"):
+        validate_leaky(x)
+    mixed.train()
+    assert validate.__name__ == "validate"
+    assert _hooks_left(mixed) == 0
+
+
+def test_decorated_function_warns_its_findings_by_default(mixed: Mixed) -> None:
+    @gf.audit(mixed, ignore=["GFR002"])
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return mixed.eval()(x)  # grad on: GFR003
+
+    with pytest.warns(gf.GradfenceWarning, match="GFR003") as caught:
+        out = predict(torch.randn(2, 5, 8))
+    mixed.train()
+    assert out.shape == (2, 5, 16)
+    assert caught[0].filename == __file__  # points at the decorated function
+
+
+def test_decorated_function_keeps_its_own_error(mixed: Mixed) -> None:
+    @gf.audit(mixed)
+    def broken() -> None:
+        mixed.eval()
+        raise KeyError("from the body")
+
+    with pytest.raises(KeyError) as info:
+        broken()
+    mixed.train()
+    assert any("GFR002" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_decorated_coroutine_is_audited_until_it_completes(mixed: Mixed) -> None:
+    import asyncio
+
+    @gf.audit(mixed, raise_on_exit=True)
+    async def predict(x: torch.Tensor) -> torch.Tensor:
+        await asyncio.sleep(0)
+        return await asyncio.to_thread(mixed.eval(), x)  # after an await, in another thread
+
+    @gf.audit(mixed, raise_on_exit=True)
+    async def predict_scoped(x: torch.Tensor) -> torch.Tensor:
+        await asyncio.sleep(0)
+        with gf.inference(mixed):
+            return mixed(x)
+
+    x = torch.randn(2, 5, 8)
+    assert asyncio.run(predict_scoped(x)).shape == (2, 5, 16)
+    with pytest.raises(gf.AuditError) as info:
+        asyncio.run(predict(x))
+    mixed.train()
+    assert "GFR003" in str(info.value) and "not the thread that entered" in str(info.value)
+    assert _hooks_left(mixed) == 0
+
+
+def test_decorating_a_generator_or_a_class_is_refused(mixed: Mixed) -> None:
+    def batches() -> Any:
+        yield mixed(torch.randn(2, 5, 8))
+
+    with pytest.raises(gf.ScopeError, match="generator function batches"):
+        gf.audit(mixed)(batches)
+    with pytest.raises(gf.ScopeError, match="cannot decorate the class Mixed"):
+        gf.audit(mixed)(Mixed)
