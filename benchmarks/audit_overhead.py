@@ -22,8 +22,8 @@ Models (batch sizes in brackets):
   calls them: the op watch is on for the whole forward (the worst case: tiny ops);
 * ``cnn-custom`` [16]      a small user-defined CNN on 3x32x32 images (conv, BatchNorm,
   dropout; 61k parameters), timed with a tenth of the iterations;
-* ``bert-tiny`` [8x32]     a 2-layer Hugging Face ``BertModel`` (hidden size 64, SDPA
-  attention, built from a config: no download) on 8 sequences of 32 token ids,
+* ``bert-tiny`` [4x16]     a 2-layer Hugging Face ``BertModel`` (hidden size 32, SDPA
+  attention, built from a config: no download) on 4 sequences of 16 token ids,
   timed with a quarter of the iterations. Skipped when transformers is not installed.
 
 Prints, per model, the median microseconds of CPU time per forward (the process's CPU
@@ -89,10 +89,10 @@ def tiny_bert() -> nn.Module:
 
     config = BertConfig(
         vocab_size=1000,
-        hidden_size=64,
+        hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=128,
+        intermediate_size=64,
         max_position_embeddings=64,
         attn_implementation="sdpa",
     )
@@ -117,7 +117,7 @@ MODELS: dict[
     "mlp-sequential": (lambda: nn.Sequential(*mlp_layers()), random_input, (32, 64), 1.0),
     "mlp-custom": (CustomMLP, random_input, (32, 64), 1.0),
     "cnn-custom": (SmallCNN, random_input, (16, 3, 32, 32), 0.1),
-    "bert-tiny": (tiny_bert, token_ids, (8, 32), 0.25),
+    "bert-tiny": (tiny_bert, token_ids, (4, 16), 0.25),
 }
 
 
