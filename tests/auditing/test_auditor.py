@@ -483,3 +483,29 @@ def test_decorating_a_generator_or_a_class_is_refused(mixed: Mixed) -> None:
         gf.audit(mixed)(batches)
     with pytest.raises(gf.ScopeError, match="cannot decorate the class Mixed"):
         gf.audit(mixed)(Mixed)
+
+
+class ModeProbe(nn.Module):
+    """Records how many torch-function modes are on while its forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.modes = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes = torch._C._len_torch_function_stack()
+        return F.dropout(F.relu(self.fc(x)), 0.1, training=self.training)
+
+
+def test_ops_other_than_dropout_pay_nothing() -> None:
+    """The op watch wraps the dropout functions only: no mode puts every op through Python."""
+    model = ModeProbe().eval()
+    with gf.audit(model) as report, torch.no_grad():
+        model(torch.ones(2, 4))
+    assert model.modes == 0
+    assert report.ok, report.format()
+    model.train()
+    with gf.audit(model) as report, torch.no_grad():
+        model(torch.ones(2, 4))
+    assert report.codes() == ["GFR005"]  # the functional dropout is still seen

@@ -7,8 +7,10 @@ worker runs with grad enabled even when the audited block disabled it.
 Only two kinds of module get hooks, since a hooked module's call costs a few
 microseconds more; the leaves doing the arithmetic get none:
 
-* mode-governed modules (Dropout, BatchNorm and RNN families, ``MultiheadAttention``):
-  a pre-hook reading the ``training`` flag that governs what the forward does;
+* mode-governed modules (BatchNorm and RNN families, ``MultiheadAttention``, Dropout
+  subclasses with a ``forward`` of their own): a pre-hook reading the ``training`` flag
+  that governs what the forward does. torch's own Dropout classes need none: the op
+  watch (:mod:`gradfence.auditing.ops`) sees the ``F.dropout`` call their forward makes;
 * entry points (the audited roots, every module with children, every module whose
   class defines ``forward`` outside torch): a forward hook checking GFR003 (with grad
   enabled, did the output come back carrying an autograd graph?). Every entry point
@@ -168,7 +170,9 @@ class Probe:
                     compiled.append((f"{label}, {how}", how == "in place" and root))
                 check = self._module_check(name, module)
                 entry = graph_check and (
-                    root or bool(module._modules) or not _defined_in_torch(type(module))
+                    root
+                    or next(module.children(), None) is not None
+                    or not _defined_in_torch(type(module))
                 )
                 pre = _checker(check) if check is not None else None
                 post = self._graph_check(name, module, root) if entry else None
@@ -356,7 +360,7 @@ def _global_hooks(
     pre_table: dict[int, Callable[[nn.Module, Any], None]],
     post_table: dict[int, Callable[[nn.Module, Any, Any], None]],
 ) -> list[RemovableHandle]:
-    """A global pre-hook and ``always_call`` post-hook dispatching to the tables by id.
+    """A global pre-hook and post-hook dispatching to the tables by id.
 
     Every module call in the process goes through them while the audit runs; for
     modules outside the tables they are one dict lookup.
@@ -379,7 +383,7 @@ def _global_hooks(
             hook(module, args, output)
 
     handles = [register_module_forward_pre_hook(pre_hook)]
-    handles.append(register_module_forward_hook(post_hook, always_call=True))
+    handles.append(register_module_forward_hook(post_hook))
     return handles
 
 
