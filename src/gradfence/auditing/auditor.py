@@ -295,7 +295,10 @@ def audit(
     * As a decorator, ``@gf.audit(model, raise_on_exit=True)`` on a function or an
       ``async def`` audits every call (without ``raise_on_exit``, findings are warned).
 
-    The audit does not change what the block computes: its hooks and its op watch only
-    read, and every one of them is removed at exit, also when the block raises.
+    The audit does not change what the block computes: its hooks only read, its op
+    watch (wrappers put in place of torch's dropout functions while an audit is open)
+    calls each function with the arguments it got, and all of it is removed at exit,
+    also when the block raises. Inside ``torch.compile``'d code the checks made while
+    forwards run are blind: ``report.blind`` says which (see ``docs/audit.md``).
     """
     return Audit(modules, raise_on_exit=raise_on_exit, ignore=ignore, strict=strict)
