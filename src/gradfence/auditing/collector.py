@@ -14,6 +14,32 @@ from gradfence.auditing.findings import Finding
 MessageFn = Callable[[str], str]
 
 
+class CompiledRuns:
+    """What the audit's hooks leave behind when ``torch.compile`` traces them.
+
+    Dynamo inlines module hooks into the graph it captures, and cannot trace what the
+    checks do (thread ids, locks, frames): there, every hook only sets these flags and
+    returns (``torch.compiler.is_dynamo_compiling()`` is True while tracing and a
+    constant in the graph). Dynamo replays the attribute writes after every run of the
+    compiled code, so they say "compiled code ran with the audit's hooks in it": the
+    checks were blind inside it. One object for the process (a per-audit object would
+    make dynamo recompile for every audit); the audits reset it when none is open.
+    """
+
+    __slots__ = ("hooks", "ops", "roots")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.hooks = False  # a module hook ran inside compiled code
+        self.roots = False  # ... the hook of an audited root (GFR003 blind too)
+        self.ops = False  # the op watch saw a dropout function inside compiled code
+
+
+COMPILED = CompiledRuns()
+
+
 class Collector:
     """Findings keyed by cause; each key keeps its first message, a count and the threads."""
 

@@ -1,32 +1,35 @@
-"""The forward hooks of an audit: GFR003, GFR005 (modules), GFR006, and the op watch.
+"""The forward hooks of an audit: GFR003, GFR005 (modules) and GFR006.
 
 Hooks fire in whichever thread runs the forward, which is what makes these checks see
 worker threads: grad mode is per thread, so a forward in a ``ThreadPoolExecutor``
 worker runs with grad enabled even when the audited block disabled it.
 
-Entry-point modules (the audited roots, every module with children and every module
-whose class defines ``forward`` outside torch) get a pre-hook and an ``always_call``
-post-hook (which runs even when the forward raises). Per thread, they keep a stack of
-markers, so that
+Only two kinds of module get hooks, since a hooked module's call costs a few
+microseconds more; the leaves doing the arithmetic get none:
 
-* the :class:`~gradfence.auditing.ops.DropoutWatch` mode is on exactly while the forward
-  of a module defined *outside* torch runs (only user code can call functional dropout
-  unguarded: torch's own modules gate it on their ``training`` flag, which the hooks
-  read, so the mode would only slow them down), and
-* only the outermost audited forward of each thread checks GFR003 (did its output come
-  back carrying an autograd graph?).
+* mode-governed modules (BatchNorm and RNN families, ``MultiheadAttention``, Dropout
+  subclasses with a ``forward`` of their own): a pre-hook reading the ``training`` flag
+  that governs what the forward does. torch's own Dropout classes need none: the op
+  watch (:mod:`gradfence.auditing.ops`) sees the ``F.dropout`` call their forward makes;
+* entry points (the audited roots, every module with children, every module whose
+  class defines ``forward`` outside torch): a forward hook checking GFR003 (with grad
+  enabled, did the output come back carrying an autograd graph?). Every entry point
+  that built a graph records it; at exit, :func:`outermost` keeps the outermost.
 
-Torch's own modules whose behaviour follows their ``training`` flag (Dropout, BatchNorm,
-RNN families) and those with a fused fast path (``TransformerEncoder(Layer)``,
-``MultiheadAttention``) run with the mode popped: the first only pay for it (every op
-through ``__torch_function__`` costs microseconds), and for the second an active
-torch-function mode disables the fused path, which changes the results in the last bits.
-``TransformerEncoderLayer`` also leaves its fused path when a module of its subtree has
-a hook of its own, so that subtree is hooked through global module hooks instead.
+None of them is an ``always_call`` hook and none keeps per-thread state across a
+forward, so a forward that raises leaves nothing behind; and ``torch.compile`` can
+inline them without recompiling for every audit (an ``always_call`` hook is guarded
+on by its id, which is new for every audit).
+
+``TransformerEncoderLayer`` leaves its fused fast path when a module of its subtree
+has a hook of its own, so that subtree is hooked through global module hooks instead.
+Functional dropout (``F.dropout``, SDPA ``dropout_p``) is watched by
+:mod:`gradfence.auditing.ops`.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -35,78 +38,54 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.jit._script import RecursiveScriptModule
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.dropout import _DropoutNd
+from torch.compiler import is_dynamo_compiling
+from torch.jit import ScriptModule
 from torch.nn.modules.module import (
     register_module_forward_hook,
     register_module_forward_pre_hook,
 )
 from torch.utils.hooks import RemovableHandle
 
-from gradfence.auditing.collector import Collector, module_label
-from gradfence.auditing.ops import DropoutWatch
+from gradfence.auditing.collector import COMPILED, Collector, module_label
+from gradfence.auditing.findings import Finding
 from gradfence.errors import GradfenceWarning
 
-_FAST_PATH = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
-
-# Markers on a thread's stack: what the matching post-hook has to undo. A marker >= 0
-# means "suspended": the op watch was taken off at that depth of the mode stack and goes
-# back there (not on top: a mode the user entered inside the forward sits above it and
-# its own exit pops the top of the stack).
-_NOTHING, _PUSHED = -2, -1
-
-
-class _ThreadState(threading.local):
-    def __init__(self) -> None:
-        self.markers: list[int] = []
-        self.watching = False  # is our mode on this thread's torch-function stack?
-
+# torch's own mode-governed classes (public names; their subclasses count too)
+DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_NORM_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
 
 _torch_forward_cache: dict[type, bool] = {}
 
 
 def _defined_in_torch(cls: type) -> bool:
-    """True when ``cls.forward`` is torch's own code (only user code is watched for ops)."""
+    """True when ``cls.forward`` is torch's own code (user code gets a GFR003 hook)."""
     result = _torch_forward_cache.get(cls)
     if result is None:
         forward = getattr(cls, "forward", None)
         result = str(getattr(forward, "__module__", "")).startswith("torch.")
         _torch_forward_cache[cls] = result
     return result
-
-
-def _take_off_stack(mode: DropoutWatch | None) -> int:
-    """Remove ``mode`` from this thread's torch-function mode stack, wherever it is.
-
-    Modes pushed above it (a nested audit's, the user's) are put back in their order.
-    Returns the depth it was at (the number of modes below it), or -1 when absent.
-    """
-    if mode is None:
-        return -1
-    above: list[Any] = []
-    depth = -1
-    while torch._C._len_torch_function_stack() > 0:
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
-            depth = torch._C._len_torch_function_stack()
-            break
-        above.append(top)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
-    return depth
-
-
-def _put_back(mode: DropoutWatch | None, depth: int) -> None:
-    """Push ``mode`` at ``depth`` of this thread's mode stack, below the modes now above it."""
-    extra = torch._C._len_torch_function_stack() - depth
-    if extra <= 0:  # the usual case: nothing was entered above it meanwhile
-        torch._C._push_on_torch_function_stack(mode)
-        return
-    above = [torch._C._pop_torch_function_stack() for _ in range(extra)]
-    torch._C._push_on_torch_function_stack(mode)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
 
 
 def _carries_graph(output: Any, depth: int = 0) -> bool:
@@ -128,6 +107,26 @@ def _carries_graph(output: Any, depth: int = 0) -> bool:
     return False
 
 
+def outermost(findings: list[Finding]) -> list[Finding]:
+    """GFR003 findings without those of modules inside another flagged one (same thread kind).
+
+    A forward that builds a graph makes every entry point around it build one too:
+    the report names the outermost, as the user called it.
+    """
+    flagged = {(f.module, f.detail.get("other_thread")) for f in findings if f.code == "GFR003"}
+
+    def inside_another(finding: Finding) -> bool:
+        parts = finding.module.split(".") if finding.module else []
+        other = finding.detail.get("other_thread")
+        while parts:
+            parts.pop()
+            if (".".join(parts), other) in flagged:
+                return True
+        return False
+
+    return [f for f in findings if f.code != "GFR003" or not inside_another(f)]
+
+
 class Probe:
     """Installs the hooks on every audited module and removes them all again."""
 
@@ -142,77 +141,66 @@ class Probe:
         self._roots = roots
         self._named = named
         self._checks = checks
-        self._state = _ThreadState()
         self._handles: list[RemovableHandle] = []
-        names = {id(module): (name, type(module).__name__) for name, module in named}
-        # The watch is switched on only in forwards of user-defined modules: without
-        # any, it would never run, and the hooks that switch it off can be skipped.
-        watch = "GFR005" in checks and any(
-            not _defined_in_torch(type(module)) for _, module in named
-        )
-        self._mode = DropoutWatch(collector, names) if watch else None
+        # check code -> why it could not see everything, known at entry (see blind_checks)
+        self.blind: dict[str, str] = {}
 
     # installing ---------------------------------------------------------------------
 
     def install(self) -> None:
-        """Register the hooks; on any failure, remove those already registered.
-
-        Three kinds of module get hooks, the rest (the leaves doing the arithmetic) none,
-        since a hooked module's call costs several microseconds more:
-
-        * entry points (the audited roots, every module with children, every module
-          whose forward is user code): a pre-hook and an ``always_call`` post-hook that
-          push/pop the op watch and check GFR003 for the outermost audited forward of
-          each thread;
-        * torch's fast-path and mode-governed modules (Dropout, BatchNorm and RNN
-          families): the same pair, which suspends the op watch around them and reads
-          the ``training`` flag;
-        * with the op watch off (``ignore=["GFR005"]``), mode-governed leaves get just
-          one pre-hook that reads the flag.
-        """
+        """Register the hooks; on any failure, remove those already registered."""
         if not self._checks & {"GFR003", "GFR005", "GFR006"}:
             return
         roots = {id(module) for module in self._roots}
         fused = _fused_subtrees(self._named)
+        graph_check = "GFR003" in self._checks
         pre_table: dict[int, Callable[[nn.Module, Any], None]] = {}
         post_table: dict[int, Callable[[nn.Module, Any, Any], None]] = {}
         scripted: list[str] = []
+        compiled: list[tuple[str, bool]] = []  # (label, is the graph the whole root forward?)
         try:
             for name, module in self._named:
-                if isinstance(module, RecursiveScriptModule):
+                if isinstance(module, ScriptModule):
                     scripted.append(module_label(name, type(module).__name__))
                     continue  # TorchScript refuses forward hooks
+                root = id(module) in roots
+                how = _compiled(module)
+                if how is not None:
+                    label = module_label(name, type(module).__name__)
+                    compiled.append((f"{label}, {how}", how == "in place" and root))
                 check = self._module_check(name, module)
-                user = not _defined_in_torch(type(module))
-                # torch's own mode-governed modules run with the watch off: their
-                # dropout follows their flag, which `check` reads, and the watch would
-                # only slow down (fast-path modules: change) what they compute.
-                # A user subclass of a fast-path module too: its super().forward() takes
-                # the fused path only with no mode on (the subclass's own functional
-                # dropout goes unwatched, see docs/audit.md, Limits).
-                suspend = self._mode is not None and (
-                    isinstance(module, _FAST_PATH) or (not user and check is not None)
+                entry = graph_check and (
+                    root
+                    or next(module.children(), None) is not None
+                    or not _defined_in_torch(type(module))
                 )
-                entry = id(module) in roots or bool(module._modules) or user
+                pre = _checker(check) if check is not None else None
+                post = self._graph_check(name, module, root) if entry else None
                 if id(module) in fused:  # see _fused_subtrees: hooked from the outside
-                    if entry or suspend:
-                        pre_table[id(module)] = self._pre(check, suspend, user)
-                        post_table[id(module)] = self._post(name, module)
-                    elif check is not None:
-                        pre_table[id(module)] = _checker(check)
-                elif entry or suspend:
-                    pre = self._pre(check, suspend, user)
+                    if pre is not None:
+                        pre_table[id(module)] = pre
+                    if post is not None:
+                        post_table[id(module)] = post
+                    continue
+                if pre is not None:
                     self._handles.append(module.register_forward_pre_hook(pre))
-                    post = self._post(name, module)
-                    self._handles.append(module.register_forward_hook(post, always_call=True))
-                elif check is not None:
-                    self._handles.append(module.register_forward_pre_hook(_checker(check)))
-            if pre_table:
+                if post is not None:
+                    self._handles.append(module.register_forward_hook(post))
+            if pre_table or post_table:
                 self._handles.extend(_global_hooks(pre_table, post_table))
         except BaseException:
             self.remove()
             raise
+        if compiled:
+            codes = HOOKED_CHECKS if any(whole for _, whole in compiled) else ("GFR005", "GFR006")
+            where = "; ".join(label for label, _ in compiled)
+            self.blind.update(blind_checks(self._checks, codes, compiled_reason(where)))
         if scripted:
+            reason = (
+                f"inside TorchScript ({'; '.join(scripted)}), which takes no forward hooks; "
+                "audit the eager module to check it"
+            )
+            self.blind.update(blind_checks(self._checks, HOOKED_CHECKS, reason))
             more = f" (and {len(scripted) - 1} more)" if len(scripted) > 1 else ""
             warnings.warn(
                 GradfenceWarning(
@@ -224,79 +212,46 @@ class Probe:
             )
 
     def remove(self) -> None:
-        """Remove every hook, and pop the op watch if this thread still has it on."""
+        """Remove every hook."""
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        state, mode = self._state, self._mode
-        state.markers.clear()
-        if state.watching:
-            _take_off_stack(mode)
-        state.watching = False
 
     # the hooks ----------------------------------------------------------------------
 
-    def _pre(
-        self, check: Callable[[nn.Module], None] | None, suspend: bool, user: bool
-    ) -> Callable[[nn.Module, Any], None]:
-        state, mode = self._state, self._mode
-        push = user and mode is not None
-
-        def pre_hook(module: nn.Module, args: Any) -> None:
-            marker = _NOTHING
-            if suspend:
-                if state.watching:
-                    depth = _take_off_stack(mode)
-                    if depth >= 0:
-                        state.watching = False
-                        marker = depth
-            elif push and not state.watching:
-                torch._C._push_on_torch_function_stack(mode)
-                state.watching = True
-                marker = _PUSHED
-            state.markers.append(marker)
-            if check is not None:
-                check(module)
-
-        return pre_hook
-
-    def _post(self, name: str, module: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
-        state, mode = self._state, self._mode
-        graph_check = "GFR003" in self._checks
+    def _graph_check(
+        self, name: str, module: nn.Module, root: bool
+    ) -> Callable[[nn.Module, Any, Any], None]:
         collector = self._collector
         label = module_label(name, type(module).__name__)
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            markers = state.markers
-            if not markers:
-                return  # the forward began before the audit did
-            marker = markers.pop()
-            if marker == _PUSHED:
-                _take_off_stack(mode)
-                state.watching = False
-            elif marker >= 0:
-                _put_back(mode, marker)
-                state.watching = True
-            if graph_check and not markers and torch.is_grad_enabled() and _carries_graph(output):
-                other = threading.get_ident() != collector.owner
-                fix = (
-                    "grad mode is per thread: disable it in the worker itself (wrap the "
-                    "function the worker runs in torch.no_grad() or gf.inference(model))"
-                    if other
-                    else "run evaluation under gf.inference(model) or torch.no_grad() "
-                    "(model.eval() does not disable grad)"
-                )
-                collector.add(
-                    ("GFR003", name, other),
-                    "GFR003",
-                    name,
-                    lambda thread: (
-                        f"{label} ran its forward with grad enabled {thread}: its output "
-                        f"carries an autograd graph that keeps every activation alive. "
-                        f"Fix: {fix}."
-                    ),
-                    {"other_thread": other},
-                )
+            if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+                COMPILED.hooks = True
+                if root:
+                    COMPILED.roots = True
+                return
+            if not (torch.is_grad_enabled() and _carries_graph(output)):
+                return
+            other = threading.get_ident() != collector.owner
+            fix = (
+                "grad mode is per thread: disable it in the worker itself (wrap the "
+                "function the worker runs in torch.no_grad() or gf.inference(model))"
+                if other
+                else "run evaluation under gf.inference(model) or torch.no_grad() "
+                "(model.eval() does not disable grad)"
+            )
+            collector.add(
+                ("GFR003", name, other),
+                "GFR003",
+                name,
+                lambda thread: (
+                    f"{label} ran its forward with grad enabled {thread}: its output "
+                    f"carries an autograd graph that keeps every activation alive. "
+                    f"Fix: {fix}."
+                ),
+                {"other_thread": other},
+            )
 
         return post_hook
 
@@ -308,9 +263,11 @@ class Probe:
             rate_attr = _dropout_rate_attribute(module)
             if rate_attr is not None:
                 return self._dropout_check(name, label, rate_attr)
+            # torch's own Dropout classes call the watched F.dropout* with their flag:
+            # the op watch reports them by module (ops.py) and they need no hook
         # Without running statistics a norm layer computes the same in train and eval
         # (batch statistics both ways): only a tracking one is hurt by train mode.
-        tracking = isinstance(module, _NormBase) and module.track_running_stats
+        tracking = isinstance(module, _NORM_MODULES) and bool(module.track_running_stats)
         if "GFR006" in self._checks and tracking:
             return self._norm_check(name, label)
         return None
@@ -326,17 +283,7 @@ class Probe:
                 return
             if isinstance(module, nn.RNNBase) and module.num_layers < 2:
                 return  # an RNN applies its dropout only between layers
-            collector.add(
-                ("GFR005", name, threading.get_ident() != collector.owner),
-                "GFR005",
-                name,
-                lambda thread: (
-                    f"{label} ran with training=True {thread}: its dropout "
-                    f"({rate_attr}={rate}) was active during evaluation. "
-                    "Fix: evaluate under gf.inference(model) (or call model.eval() first)."
-                ),
-                {rate_attr: rate},
-            )
+            record_dropout_module(collector, name, label, rate_attr, rate)
 
         return check
 
@@ -360,6 +307,40 @@ class Probe:
         return check
 
 
+_WRAPPER = "a torch.compile wrapper"
+HOOKED_CHECKS = ("GFR003", "GFR005", "GFR006")  # the checks made while forwards run
+
+
+def blind_checks(checks: frozenset[str], codes: tuple[str, ...], where: str) -> dict[str, str]:
+    """``{code: where}`` for each of ``codes`` that the audit runs (a report's ``blind``)."""
+    return {code: where for code in codes if code in checks}
+
+
+def compiled_reason(where: str) -> str:
+    """Why checks were blind in compiled code, and how to get them back."""
+    return (
+        f"inside code compiled by torch.compile ({where}): its graph runs without the "
+        "audit's hooks; to check it, run the block under "
+        'torch.compiler.set_stance("force_eager")'
+    )
+
+
+def _compiled(module: nn.Module) -> str | None:
+    """How ``module`` runs compiled: ``"a torch.compile wrapper"``, ``"in place"``, or None.
+
+    ``torch.compile(m)`` returns a wrapper module whose own hooks run eagerly and whose
+    inner modules run in the graph; ``m.compile()`` compiles ``m``'s whole call, hooks
+    included. Dynamo is looked up only when it was imported (nothing compiled without).
+    """
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "in place"
+    dynamo = sys.modules.get("torch._dynamo")
+    wrapper = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
+    if wrapper is not None and isinstance(module, wrapper):
+        return _WRAPPER
+    return None
+
+
 def _fused_subtrees(named: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of every ``TransformerEncoderLayer`` and of every module inside one.
 
@@ -379,7 +360,7 @@ def _global_hooks(
     pre_table: dict[int, Callable[[nn.Module, Any], None]],
     post_table: dict[int, Callable[[nn.Module, Any, Any], None]],
 ) -> list[RemovableHandle]:
-    """A global pre-hook and ``always_call`` post-hook dispatching to the tables by id.
+    """A global pre-hook and post-hook dispatching to the tables by id.
 
     Every module call in the process goes through them while the audit runs; for
     modules outside the tables they are one dict lookup.
@@ -387,31 +368,60 @@ def _global_hooks(
     find_pre, find_post = pre_table.get, post_table.get
 
     def pre_hook(module: nn.Module, args: Any) -> None:
+        if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+            COMPILED.hooks = True
+            return
         hook = find_pre(id(module))
         if hook is not None:
             hook(module, args)
 
     def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if is_dynamo_compiling():
+            return
         hook = find_post(id(module))
         if hook is not None:
             hook(module, args, output)
 
     handles = [register_module_forward_pre_hook(pre_hook)]
-    handles.append(register_module_forward_hook(post_hook, always_call=True))
+    handles.append(register_module_forward_hook(post_hook))
     return handles
 
 
 def _checker(check: Callable[[nn.Module], None]) -> Callable[[nn.Module, Any], None]:
     def pre_hook(module: nn.Module, args: Any) -> None:
+        if is_dynamo_compiling():  # traced by torch.compile: see CompiledRuns
+            COMPILED.hooks = True
+            return
         check(module)
 
     return pre_hook
 
 
+def record_dropout_module(
+    collector: Collector, name: str, label: str, rate_attr: str, rate: object
+) -> None:
+    """GFR005 for a module whose ``training`` flag turned its dropout on."""
+    collector.add(
+        ("GFR005", name, threading.get_ident() != collector.owner),
+        "GFR005",
+        name,
+        lambda thread: (
+            f"{label} ran with training=True {thread}: its dropout "
+            f"({rate_attr}={rate}) was active during evaluation. "
+            "Fix: evaluate under gf.inference(model) (or call model.eval() first)."
+        ),
+        {rate_attr: rate},
+    )
+
+
 def _dropout_rate_attribute(module: nn.Module) -> str | None:
-    """The attribute holding the dropout rate of a module whose flag governs dropout."""
-    if isinstance(module, _DropoutNd):
-        return "p"
+    """The attribute holding the dropout rate of a module whose flag governs dropout.
+
+    None for torch's own Dropout classes: the op watch sees their ``F.dropout*`` call.
+    A subclass with a ``forward`` of its own is read here, whatever that forward calls.
+    """
+    if isinstance(module, DROPOUT_MODULES):
+        return None if _defined_in_torch(type(module)) else "p"
     if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
         return "dropout"
     return None

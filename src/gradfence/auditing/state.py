@@ -138,12 +138,10 @@ def _same_values(before: torch.Tensor, now: torch.Tensor) -> bool:
 
 def _state_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(kind, attribute, tensor) for the module's own parameters and buffers."""
-    for attr, param in module._parameters.items():
-        if param is not None:
-            yield "parameter", attr, param
-    for attr, buffer in module._buffers.items():
-        if buffer is not None:
-            yield "buffer", attr, buffer
+    for attr, param in module.named_parameters(recurse=False, remove_duplicate=False):
+        yield "parameter", attr, param
+    for attr, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+        yield "buffer", attr, buffer
 
 
 def _recomputed_attributes(module: nn.Module) -> set[str]:
