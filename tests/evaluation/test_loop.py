@@ -323,9 +323,12 @@ def test_bad_inputs_are_reported() -> None:
         gf.evaluate(nn.Identity(), [], mode="eval")  # type: ignore[arg-type]
 
 
-def test_empty_loader_gives_nan_means() -> None:
-    results = gf.evaluate(nn.Identity(), [], loss=F.cross_entropy)
-    assert math.isnan(results["loss"])  # type: ignore[arg-type]
+@pytest.mark.parametrize("loader", [[], DataLoader(TensorDataset(LOGITS[:0], TARGETS[:0]))])
+def test_an_empty_loader_is_an_error(loader: Any) -> None:
+    # not {'acc': 0.0, 'loss': nan}: nothing was evaluated
+    acc = MulticlassAccuracy(num_classes=3, average="micro")
+    with pytest.raises(EvaluationError, match="the loader gave no batch"):
+        gf.evaluate(nn.Identity(), loader, {"acc": acc}, loss=F.cross_entropy)
 
 
 def test_one_metric_object_under_two_names_is_refused() -> None:
