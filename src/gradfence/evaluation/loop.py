@@ -189,7 +189,7 @@ def evaluate(
         results = EvaluationResults()
         for slot in slots:
             slot.result(results)
-        if order is not None:
+        if return_predictions:
             results.predictions = _gather_predictions(predictions, order, target_device)
     return results
 
