@@ -104,7 +104,8 @@ def test_every_container_is_moved_with_its_type() -> None:
 
 # --- Hugging Face: a real BertForSequenceClassification from a small config ----------
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "the", "was", "great", "awful", "not", "plot"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [*SPECIAL, "good", "bad", "movie", "the", "was", "great", "awful", "not", "plot"]
 TEXTS = [
     "good movie",
     "the movie was awful",
