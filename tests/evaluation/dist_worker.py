@@ -63,6 +63,7 @@ def evaluate_all() -> dict[str, Any]:
     with torch.inference_mode():
         out["nested_inference_mode"] = evaluate_once(model, loader, "inference_mode")
     out["tiny"] = evaluate_tiny()
+    out["predictions"] = predictions_in_dataset_order(model, dataset)
     out["training_after"] = model.training
     return out
 
@@ -131,14 +132,38 @@ def evaluate_tiny() -> dict[str, Any]:
         progress=False,
     )
 
-    def binary_step(m: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def binary_step(m: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
         x, y = batch
-        return m(x)[:, 0].sigmoid(), (y == 0).long()
+        p, t = m(x)[:, 0].sigmoid(), (y == 0).long()
+        return p, t, F.binary_cross_entropy(p, t.float())  # a loss from the step: on every rank
 
     binary = gf.evaluate(
-        model, loader, {"auroc": BinaryAUROC(thresholds=None)}, step=binary_step, progress=False
+        model,
+        loader,
+        {"auroc": BinaryAUROC(thresholds=None)},
+        step=binary_step,
+        progress=False,
+        return_predictions=True,
     )
-    return {"multiclass": multiclass, "binary": binary}
+    return {"multiclass": multiclass, "binary": binary, "binary_preds": binary.predictions}
+
+
+def predictions_in_dataset_order(model: nn.Module, dataset: TensorDataset) -> dict[str, Any]:
+    """return_predictions with shuffled shards, and with DistributedSampler's padding."""
+    initialized = dist.is_initialized()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
+    out = {}
+    samplers = {
+        "sharded": gf.ShardedSampler(dataset, shuffle=True, seed=1),
+        "padded": DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=1),
+    }
+    for name, sampler in samplers.items():
+        loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DuplicateSamplesWarning)  # the padding: known
+            results = gf.evaluate(model, loader, progress=False, return_predictions=True)
+        out[name] = results.predictions
+    return out
 
 
 def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:

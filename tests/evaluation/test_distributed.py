@@ -86,7 +86,13 @@ def test_distributed_equals_single_process(
         assert torch.equal(tiny["multiclass"]["auroc"], expected["multiclass"]["auroc"])
         assert tiny["multiclass"]["acc"] == expected["multiclass"]["acc"]
         assert tiny["multiclass"]["loss"] == pytest.approx(expected["multiclass"]["loss"], rel=1e-6)
-        assert tiny["binary"] == expected["binary"]
+        assert tiny["binary"] == pytest.approx(expected["binary"], rel=1e-6)  # auroc and loss
+        assert torch.equal(tiny["binary_preds"], expected["binary_preds"])
+        # predictions: in dataset order, gathered from every rank, the padding left out
+        for sampler in ("sharded", "padded"):
+            predictions = got["predictions"][sampler]
+            assert predictions.shape == (worker.DATASET_SIZE, worker.NUM_CLASSES)
+            assert torch.allclose(predictions, single_process["predictions"][sampler], atol=1e-6)
 
         failed = got["failed_sync"]
         assert failed["raised"] == "compute failed on purpose"
