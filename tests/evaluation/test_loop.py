@@ -345,3 +345,24 @@ def test_a_metric_collection_as_the_metrics_mapping() -> None:
         gf.evaluate(nn.Identity(), identity_loader(), {"all": collection})
     results = gf.evaluate(nn.Identity(), identity_loader(), collection)  # type: ignore[arg-type]
     assert results == {"acc": pytest.approx(HAND_ACCURACY, abs=1e-7)}
+
+
+def test_means_over_many_batches_of_different_sizes() -> None:
+    # more batches than MeanSlot.CHUNK: the means are handed to MeanMetric in chunks
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1 + i % 3 for i in range(150)]
+    values = torch.randn(sum(sizes), generator=generator, dtype=torch.float64)
+    batches = [(part, part) for part in values.split(sizes)]
+    results = gf.evaluate(
+        nn.Identity(),
+        batches,
+        {"per_sample": lambda p, t: p, "batch_mean": lambda p, t: p.mean()},
+    )
+    assert results["per_sample"] == pytest.approx(float(values.mean()), rel=1e-12)
+    assert results["batch_mean"] == pytest.approx(float(values.mean()), rel=1e-12)
+
+
+def test_a_nan_loss_is_reported_not_dropped() -> None:
+    batches = [(torch.ones(2), torch.ones(2)), (torch.full((2,), math.nan), torch.ones(2))]
+    results = gf.evaluate(nn.Identity(), batches, loss=lambda p, t: p)
+    assert math.isnan(results["loss"])  # type: ignore[arg-type]

@@ -178,7 +178,7 @@ def evaluate(
     # The scope is closed: collectives (metric sync, gathers) run here, in no_grad.
     with outside_inference_mode():
         batches, had_step_loss = _global_counts(
-            batches, step_loss is not None and step_loss.metric.update_called, target_device
+            batches, step_loss is not None and step_loss.has_values, target_device
         )
         if batches == 0:
             raise EvaluationError(

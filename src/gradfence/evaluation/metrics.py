@@ -223,13 +223,26 @@ class MeanSlot(TorchmetricSlot):
     with one entry per sample is summed. The sums live in a torchmetrics ``MeanMetric``
     (float64, so large datasets keep their digits; NaN kept, not dropped) on the
     evaluation device, read back once at the end, and synchronised across ranks like
-    any other metric.
+    any other metric. Values are handed to it in chunks of :data:`CHUNK` batches: one
+    ``MeanMetric.update`` costs some 30 µs, ten times the per-batch work of a loop.
     """
+
+    CHUNK = 64
 
     def __init__(self, name: str, device: torch.device) -> None:
         mean = MeanMetric(nan_strategy="disable")
         mean.set_dtype(torch.float32 if device.type == "mps" else torch.float64)
         super().__init__(name, mean, device)
+        self._pending: list[Tensor] = []
+
+    @property
+    def has_values(self) -> bool:
+        """Whether any value was added since the last reset."""
+        return bool(self._pending) or self.metric.update_called
+
+    def reset(self) -> None:
+        self._pending.clear()
+        super().reset()
 
     def update(self, preds: Any, target: Any, batch_size: int) -> None:
         """Nothing: the loop hands values in with :meth:`add`."""
@@ -241,19 +254,31 @@ class MeanSlot(TorchmetricSlot):
         if value.device != self.device:
             value = value.to(self.device)
         if value.dim() == 0:
-            # The batch mean, weighted by the batch size: as that many equal values, since
-            # MeanMetric(nan_strategy="disable") drops its weight= (torchmetrics 1.9).
-            self.metric.update(value.expand(batch_size))
+            # The batch mean, weighted by the batch size: as that many equal values (a
+            # view), since MeanMetric(nan_strategy="disable") drops weight= (torchmetrics 1.9).
+            self._pending.append(value.expand(batch_size))
         elif value.dim() == 1 and value.numel() == batch_size:
-            self.metric.update(value)  # one value per sample
+            self._pending.append(value)  # one value per sample
         else:
             raise EvaluationError(
                 f"metric {self.name!r} returned shape {tuple(value.shape)} for a batch of "
                 f"{batch_size}: return a scalar (the batch mean) or one value per sample"
             )
+        if len(self._pending) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.metric.update(torch.cat(self._pending))
+            self._pending.clear()
 
     def running(self) -> float | None:
+        self._flush()
         return super().running() if self.metric.update_called else None
+
+    def result(self, into: Results) -> None:
+        self._flush()
+        super().result(into)
 
 
 class FunctionSlot(MeanSlot):
