@@ -86,6 +86,12 @@ def test_predictions_of_a_plain_iterable_keep_its_order() -> None:
     assert torch.equal(results.predictions, torch.cat([LOGITS[4:], LOGITS[:4]]))
 
 
+def test_predictions_of_a_shuffling_loader_are_refused() -> None:
+    # a RandomSampler's order cannot be replayed: the rows could not be matched to samples
+    with pytest.raises(EvaluationError, match=r"a RandomSampler cannot be replayed: use shuffle"):
+        gf.evaluate(nn.Identity(), loader(shuffle=True), return_predictions=True)
+
+
 def test_predictions_with_limit_batches() -> None:
     results = gf.evaluate(nn.Identity(), loader(), limit_batches=2, return_predictions=True)
     assert results.predictions is not None and torch.equal(results.predictions, LOGITS[:8])

@@ -386,25 +386,37 @@ def _warn_if_samples_left_out(loader: Iterable[Any]) -> None:
 def _sample_order(loader: Iterable[Any], world_size: int) -> list[int] | None:
     """The dataset index of each sample this rank's loader gives, in loader order.
 
-    Replayed from the sampler, which must then be deterministic: a SequentialSampler,
-    a gf.ShardedSampler or a DistributedSampler (seeded). ``None`` on one process with
-    any other loader: predictions are kept in the order the loader gave them.
+    Replayed from a DataLoader's sampler, which must then be deterministic: a
+    SequentialSampler, a gf.ShardedSampler or a DistributedSampler (seeded). ``None``
+    on one process for a loader that is not such a DataLoader (a list of batches, an
+    IterableDataset): predictions are kept in the order the loader gave them.
     """
-    from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+    from torch.utils.data import (
+        DataLoader,
+        DistributedSampler,
+        IterableDataset,
+        SequentialSampler,
+    )
 
     from gradfence.evaluation.sampler import ShardedSampler
 
-    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
-        sampler = getattr(loader.batch_sampler, "sampler", None)
-    else:
-        sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, SequentialSampler | ShardedSampler | DistributedSampler):
-        return list(sampler)
+    replayable = (SequentialSampler, ShardedSampler, DistributedSampler)
+    sampler = None
+    if isinstance(loader, DataLoader):
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        if isinstance(sampler, replayable):
+            return list(sampler)
+        if not isinstance(loader.dataset, IterableDataset):
+            raise EvaluationError(
+                "return_predictions=True puts predictions in dataset order by replaying the "
+                f"loader's sampler, and a {type(sampler).__name__} cannot be replayed: use "
+                "shuffle=False, or gf.ShardedSampler(dataset, shuffle=True, seed=...)"
+            )
     if world_size == 1:
         return None
     raise EvaluationError(
         "return_predictions=True on several ranks needs a DataLoader whose sampler is "
-        f"gf.ShardedSampler (or DistributedSampler), not {type(sampler).__name__}: "
+        f"gf.ShardedSampler (or DistributedSampler), not a {type(loader).__name__}: "
         "predictions are put back in dataset order by their indices"
     )
 
