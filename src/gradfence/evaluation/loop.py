@@ -348,6 +348,10 @@ def _warn_if_samples_left_out(loader: Iterable[Any]) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     what = None
+    fix = (
+        "Use gf.ShardedSampler(dataset) for evaluation: it shards without padding, so the "
+        "result is exact."
+    )
     for sampler in _samplers(loader):
         if not isinstance(sampler, DistributedSampler):
             continue
@@ -372,15 +376,10 @@ def _warn_if_samples_left_out(loader: Iterable[Any]) -> None:
                 f"DataLoader(drop_last=True) leaves out its last {samples % batch_size} of "
                 f"{samples} samples (an incomplete batch of {batch_size}): the result misses them"
             )
+            fix = "Use drop_last=False for evaluation: every sample counts once."
     if what is None:
         return
-    warnings.warn(
-        f"gf.evaluate: the loader's {what}. For evaluation, use drop_last=False and "
-        "gf.ShardedSampler(dataset) when distributed: every sample once, so the result is "
-        "exact.",
-        DuplicateSamplesWarning,
-        stacklevel=3,
-    )
+    warnings.warn(f"gf.evaluate: the loader's {what}. {fix}", DuplicateSamplesWarning, stacklevel=3)
 
 
 def _sample_order(loader: Iterable[Any], world_size: int) -> list[int] | None:
