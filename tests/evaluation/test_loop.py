@@ -366,3 +366,17 @@ def test_a_nan_loss_is_reported_not_dropped() -> None:
     batches = [(torch.ones(2), torch.ones(2)), (torch.full((2,), math.nan), torch.ones(2))]
     results = gf.evaluate(nn.Identity(), batches, loss=lambda p, t: p)
     assert math.isnan(results["loss"])  # type: ignore[arg-type]
+
+
+def test_called_inside_the_callers_inference_mode() -> None:
+    # metric states created there are inference tensors: the results are read outside it
+    acc = MulticlassAccuracy(num_classes=3, average="micro")
+    with torch.inference_mode():
+        metrics = {"acc": acc}
+        mode = "inference_mode"
+        results = gf.evaluate(
+            nn.Identity(), identity_loader(), metrics, loss=F.cross_entropy, mode=mode
+        )
+        assert torch.is_inference_mode_enabled()
+    assert results["acc"] == pytest.approx(HAND_ACCURACY, abs=1e-7)
+    assert results["loss"] == pytest.approx(hand_cross_entropy(), rel=1e-6)

@@ -277,7 +277,8 @@ class MeanSlot(TorchmetricSlot):
         return super().running() if self.metric.update_called else None
 
     def result(self, into: Results) -> None:
-        self._flush()
+        _normalise_inference_states(self.metric)  # states reset inside the caller's
+        self._flush()  # inference_mode cannot be added to outside it
         super().result(into)
 
 
