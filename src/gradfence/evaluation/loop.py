@@ -133,10 +133,9 @@ def evaluate(
     target_device = resolve_device(model, device)
     named = _named_metrics(metrics)
     slots = _build_slots(named, loss, target_device)
-    step_loss = None
-    if loss is None and all(name != "loss" for name, _ in named):
-        step_loss = MeanSlot("loss", target_device)
-        slots.append(step_loss)
+    # a loss the step returns is reported unless loss= or a metric named "loss" is given
+    wants_step_loss = loss is None and all(name != "loss" for name, _ in named)
+    step_loss: MeanSlot | None = None  # made on the first such loss (a MeanMetric is not free)
     run_step = _default_step if step is None else step
     limit = _batch_limit(limit_batches, loader)
     autocast_context = _autocast(autocast, target_device)
@@ -164,7 +163,9 @@ def evaluate(
                 size = _batch_size(target, preds)
                 for slot in slots:
                     slot.update(preds, target, size)
-                if step_loss is not None and batch_loss is not None:
+                if wants_step_loss and batch_loss is not None:
+                    if step_loss is None:
+                        step_loss = _new_slot(MeanSlot("loss", target_device), slots)
                     step_loss.add(batch_loss, size)
                 if return_predictions:
                     predictions.append(_prediction(preds))
@@ -177,21 +178,25 @@ def evaluate(
 
     # The scope is closed: collectives (metric sync, gathers) run here, in no_grad.
     with outside_inference_mode():
-        batches, had_step_loss = _global_counts(
-            batches, step_loss is not None and step_loss.has_values, target_device
-        )
+        batches, had_step_loss = _global_counts(batches, step_loss is not None, target_device)
         if batches == 0:
             raise EvaluationError(
                 "the loader gave no batch: there is nothing to evaluate (an empty dataset?)"
             )
-        if step_loss is not None and not had_step_loss:
-            slots.remove(step_loss)
+        if had_step_loss and step_loss is None:  # other ranks have one: sync an empty one
+            _new_slot(MeanSlot("loss", target_device), slots)
         results = EvaluationResults()
         for slot in slots:
             slot.result(results)
         if return_predictions:
             results.predictions = _gather_predictions(predictions, order, target_device)
     return results
+
+
+def _new_slot(slot: MeanSlot, slots: list[MetricSlot]) -> MeanSlot:
+    slot.reset()
+    slots.append(slot)  # the progress bar holds this list: it shows the new slot too
+    return slot
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:

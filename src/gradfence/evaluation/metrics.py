@@ -235,11 +235,6 @@ class MeanSlot(TorchmetricSlot):
         super().__init__(name, mean, device)
         self._pending: list[Tensor] = []
 
-    @property
-    def has_values(self) -> bool:
-        """Whether any value was added since the last reset."""
-        return bool(self._pending) or self.metric.update_called
-
     def reset(self) -> None:
         self._pending.clear()
         super().reset()
