@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
 import gradfence as gf
 from gradfence.errors import DuplicateSamplesWarning
@@ -62,6 +62,8 @@ def evaluate_all() -> dict[str, Any]:
     # Called from inside the caller's own inference_mode: the sync must still leave it.
     with torch.inference_mode():
         out["nested_inference_mode"] = evaluate_once(model, loader, "inference_mode")
+    out["tiny"] = evaluate_tiny()
+    out["predictions"] = predictions_in_dataset_order(model, dataset)
     out["training_after"] = model.training
     return out
 
@@ -105,6 +107,63 @@ def check_padding_warning(dataset: TensorDataset, model: nn.Module) -> bool:
         warnings.simplefilter("always")
         gf.evaluate(model, loader, progress=False)
     return any(issubclass(w.category, DuplicateSamplesWarning) for w in caught)
+
+
+TINY_SIZE = 2  # fewer samples than ranks with 3 ranks: rank 2's shard is empty
+
+
+def evaluate_tiny() -> dict[str, Any]:
+    """List-state metrics (AUROC keeps every prediction) on 2 samples, sharded.
+
+    A rank with an empty shard has empty list states: their sync must still match the
+    other ranks' shapes and dtypes (gloo aborts the job otherwise).
+    """
+    model, dataset = build()
+    tiny = TensorDataset(dataset.tensors[0][:TINY_SIZE], torch.tensor([0, 2]))
+    loader = DataLoader(tiny, batch_size=BATCH_SIZE, sampler=gf.ShardedSampler(tiny))
+    multiclass = gf.evaluate(
+        model,
+        loader,
+        {
+            "auroc": MulticlassAUROC(num_classes=NUM_CLASSES, thresholds=None, average=None),
+            "acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"),
+        },
+        loss=F.cross_entropy,
+        progress=False,
+    )
+
+    def binary_step(m: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        p, t = m(x)[:, 0].sigmoid(), (y == 0).long()
+        return p, t, F.binary_cross_entropy(p, t.float())  # a loss from the step: on every rank
+
+    binary = gf.evaluate(
+        model,
+        loader,
+        {"auroc": BinaryAUROC(thresholds=None)},
+        step=binary_step,
+        progress=False,
+        return_predictions=True,
+    )
+    return {"multiclass": multiclass, "binary": binary, "binary_preds": binary.predictions}
+
+
+def predictions_in_dataset_order(model: nn.Module, dataset: TensorDataset) -> dict[str, Any]:
+    """return_predictions with shuffled shards, and with DistributedSampler's padding."""
+    initialized = dist.is_initialized()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
+    out = {}
+    samplers = {
+        "sharded": gf.ShardedSampler(dataset, shuffle=True, seed=1),
+        "padded": DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=1),
+    }
+    for name, sampler in samplers.items():
+        loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DuplicateSamplesWarning)  # the padding: known
+            results = gf.evaluate(model, loader, progress=False, return_predictions=True)
+        out[name] = results.predictions
+    return out
 
 
 def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:

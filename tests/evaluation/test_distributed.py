@@ -65,6 +65,7 @@ def assert_same_results(got: dict[str, Any], expected: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:No positive samples:UserWarning")  # AUROC on 2 samples
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_distributed_equals_single_process(
     world_size: int, worker: Any, single_process: dict[str, Any], tmp_path: Path
@@ -80,6 +81,18 @@ def test_distributed_equals_single_process(
         for mode in ("no_grad", "inference_mode", "nested_inference_mode"):
             assert_same_results(got[mode], single_process[mode])
         assert got["training_after"] is True
+        # 2 samples on up to 3 ranks: list states of an empty shard synchronise too
+        tiny, expected = got["tiny"], single_process["tiny"]
+        assert torch.equal(tiny["multiclass"]["auroc"], expected["multiclass"]["auroc"])
+        assert tiny["multiclass"]["acc"] == expected["multiclass"]["acc"]
+        assert tiny["multiclass"]["loss"] == pytest.approx(expected["multiclass"]["loss"], rel=1e-6)
+        assert tiny["binary"] == pytest.approx(expected["binary"], rel=1e-6)  # auroc and loss
+        assert torch.equal(tiny["binary_preds"], expected["binary_preds"])
+        # predictions: in dataset order, gathered from every rank, the padding left out
+        for sampler in ("sharded", "padded"):
+            predictions = got["predictions"][sampler]
+            assert predictions.shape == (worker.DATASET_SIZE, worker.NUM_CLASSES)
+            assert torch.allclose(predictions, single_process["predictions"][sampler], atol=1e-6)
 
         failed = got["failed_sync"]
         assert failed["raised"] == "compute failed on purpose"

@@ -323,9 +323,12 @@ def test_bad_inputs_are_reported() -> None:
         gf.evaluate(nn.Identity(), [], mode="eval")  # type: ignore[arg-type]
 
 
-def test_empty_loader_gives_nan_means() -> None:
-    results = gf.evaluate(nn.Identity(), [], loss=F.cross_entropy)
-    assert math.isnan(results["loss"])  # type: ignore[arg-type]
+@pytest.mark.parametrize("loader", [[], DataLoader(TensorDataset(LOGITS[:0], TARGETS[:0]))])
+def test_an_empty_loader_is_an_error(loader: Any) -> None:
+    # not {'acc': 0.0, 'loss': nan}: nothing was evaluated
+    acc = MulticlassAccuracy(num_classes=3, average="micro")
+    with pytest.raises(EvaluationError, match="the loader gave no batch"):
+        gf.evaluate(nn.Identity(), loader, {"acc": acc}, loss=F.cross_entropy)
 
 
 def test_one_metric_object_under_two_names_is_refused() -> None:
@@ -342,3 +345,38 @@ def test_a_metric_collection_as_the_metrics_mapping() -> None:
         gf.evaluate(nn.Identity(), identity_loader(), {"all": collection})
     results = gf.evaluate(nn.Identity(), identity_loader(), collection)  # type: ignore[arg-type]
     assert results == {"acc": pytest.approx(HAND_ACCURACY, abs=1e-7)}
+
+
+def test_means_over_many_batches_of_different_sizes() -> None:
+    # more batches than MeanSlot.CHUNK: the means are handed to MeanMetric in chunks
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1 + i % 3 for i in range(150)]
+    values = torch.randn(sum(sizes), generator=generator, dtype=torch.float64)
+    batches = [(part, part) for part in values.split(sizes)]
+    results = gf.evaluate(
+        nn.Identity(),
+        batches,
+        {"per_sample": lambda p, t: p, "batch_mean": lambda p, t: p.mean()},
+    )
+    assert results["per_sample"] == pytest.approx(float(values.mean()), rel=1e-12)
+    assert results["batch_mean"] == pytest.approx(float(values.mean()), rel=1e-12)
+
+
+def test_a_nan_loss_is_reported_not_dropped() -> None:
+    batches = [(torch.ones(2), torch.ones(2)), (torch.full((2,), math.nan), torch.ones(2))]
+    results = gf.evaluate(nn.Identity(), batches, loss=lambda p, t: p)
+    assert math.isnan(results["loss"])  # type: ignore[arg-type]
+
+
+def test_called_inside_the_callers_inference_mode() -> None:
+    # metric states created there are inference tensors: the results are read outside it
+    acc = MulticlassAccuracy(num_classes=3, average="micro")
+    with torch.inference_mode():
+        metrics = {"acc": acc}
+        mode = "inference_mode"
+        results = gf.evaluate(
+            nn.Identity(), identity_loader(), metrics, loss=F.cross_entropy, mode=mode
+        )
+        assert torch.is_inference_mode_enabled()
+    assert results["acc"] == pytest.approx(HAND_ACCURACY, abs=1e-7)
+    assert results["loss"] == pytest.approx(hand_cross_entropy(), rel=1e-6)

@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--metric",
-        action="append",
+        action="extend",
+        type=_metric_names,
         metavar="NAME",
         help=(
             "repeat or comma-separate for several "
@@ -53,21 +54,24 @@ def register(subparsers: Any) -> None:
             "Classification metrics take the model output as logits of shape (N, classes)."
         ),
     )
-    # numbers and --mode are checked in run(), so bad values are one line, not a usage dump
-    parser.add_argument("--batch-size", default="64", metavar="N", help="default: 64")
+    parser.add_argument(
+        "--batch-size", type=_integer_at_least(1), default=64, metavar="N", help="default: 64"
+    )
     parser.add_argument(
         "--num-classes",
+        type=_integer_at_least(2),
         metavar="K",
         help="for classification metrics; default: the width of the model's output on batch 1",
     )
     parser.add_argument(
         "--mode",
         default="no_grad",
-        metavar="{no_grad,inference_mode}",
+        choices=MODES,
         help="grad mode of the evaluation (default: no_grad)",
     )
     parser.add_argument(
         "--device",
+        type=_device,
         help="move the model there and evaluate there (default: where the factory put it)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
@@ -80,23 +84,12 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from gradfence.cli import UsageError
 
-    names: list[str] = []
-    for entry in args.metric or DEFAULT_METRICS:
-        names.extend(name.strip() for name in entry.split(",") if name.strip())
-    if not names:
-        raise UsageError(f"--metric is empty (known: {', '.join(sorted(METRICS))})")
-    unknown = [name for name in names if name not in METRICS]
-    if unknown:
-        raise UsageError(f"unknown metric {unknown[0]!r} (known: {', '.join(sorted(METRICS))})")
-    batch_size = _int_option("--batch-size", args.batch_size, minimum=1)
-    if args.mode not in MODES:
-        raise UsageError(f"--mode: unknown mode {args.mode!r}, use {' or '.join(MODES)}")
-    num_classes = None
-    if args.num_classes is not None:
-        num_classes = _int_option("--num-classes", args.num_classes, minimum=2)
+    names: list[str] = args.metric or list(DEFAULT_METRICS)
+    batch_size: int = args.batch_size
+    num_classes: int | None = args.num_classes
+    device = args.device
     json_path = _json_path(args.json)
 
-    device = _device(args.device)
     model, loader, samples = _build_targets(args, batch_size)
     if device is not None:
         model.to(device)
@@ -146,12 +139,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_option(option: str, text: str, minimum: int) -> int:
-    from gradfence.cli import UsageError
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer >= ``minimum``, or a one-line usage error."""
 
-    if not text.strip().isdigit() or int(text) < minimum:
-        raise UsageError(f"{option}: {text!r} is not an integer >= {minimum}")
-    return int(text)
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return int(text)
+
+    return parse
+
+
+def _metric_names(text: str) -> list[str]:
+    """An argparse ``type=`` for ``--metric``: comma-separated built-in metric names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = ", ".join(sorted(METRICS))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no metric (known: {known})")
+    for name in names:
+        if name not in METRICS:
+            raise argparse.ArgumentTypeError(f"unknown metric {name!r} (known: {known})")
+    return names
 
 
 def _json_path(path: Path | None) -> Path | None:
@@ -178,22 +186,18 @@ def _failures_as_usage_errors(args: argparse.Namespace) -> Iterator[None]:
         ) from None
 
 
-def _device(name: str | None) -> Any:
-    """``--device`` as a torch.device, checked to exist here; None when not given."""
-    if name is None:
-        return None
+def _device(name: str) -> Any:
+    """An argparse ``type=`` for ``--device``: a torch.device that exists here."""
     import torch
-
-    from gradfence.cli import UsageError
 
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: {str(exc).splitlines()[0]}") from None
+        raise argparse.ArgumentTypeError(f"{name!r}: {str(exc).splitlines()[0]}") from None
     backend = getattr(torch, device.type, None)
     is_available = getattr(backend, "is_available", None)
     if device.type != "cpu" and callable(is_available) and not is_available():
-        raise UsageError(f"--device {name!r}: no {device.type} device is available here")
+        raise argparse.ArgumentTypeError(f"{name!r}: no {device.type} device is available here")
     return device
 
 

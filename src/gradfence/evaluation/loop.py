@@ -2,40 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
+import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from gradfence.errors import DuplicateSamplesWarning, EvaluationError
+from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode, world
 from gradfence.evaluation.metrics import (
+    FunctionSlot,
     MeanSlot,
     MetricFn,
     MetricSlot,
-    Results,
     TorchmetricSlot,
-    distributed_world_size,
-    outside_inference_mode,
 )
 from gradfence.evaluation.progress import Progress, wants_progress
 from gradfence.scope import GradMode, inference
 
-Step = Callable[[nn.Module, Any], tuple[Any, Any]]
+Step = Callable[[nn.Module, Any], tuple[Any, ...]]
+Callback = Callable[[int, Any, Any, Any], None]
+Metrics: TypeAlias = (
+    Mapping[str, Metric | MetricFn] | Metric | Sequence[Metric] | MetricCollection | None
+)
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class EvaluationResults(dict[str, float | Tensor]):
+    """``{name: value}`` of one evaluation, plus ``predictions`` when they were asked for.
+
+    A plain ``dict`` otherwise: compare it, print it, ``json.dumps`` its floats.
+    """
+
+    predictions: Tensor | None = None
 
 
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
-    metrics: Mapping[str, Metric | MetricFn] | None = None,
+    metrics: Metrics = None,
     device: torch.device | str | None = None,
     mode: GradMode = "no_grad",
     step: Step | None = None,
     loss: MetricFn | None = None,
     progress: bool | None = None,
-) -> Results:
+    *,
+    limit_batches: int | float | None = None,
+    return_predictions: bool = False,
+    autocast: torch.dtype | None = None,
+    callback: Callback | None = None,
+) -> EvaluationResults:
     """Evaluate ``model`` on every batch of ``loader``; return each metric's value.
 
     The loop runs inside :func:`gf.inference(model, mode=mode) <gradfence.inference>`,
@@ -44,34 +67,58 @@ def evaluate(
     frozen, the model stays in train mode for the next step).
 
     Args:
-        model: the module to evaluate.
+        model: the ``nn.Module`` to evaluate.
         loader: any iterable of batches, typically a ``DataLoader``.
         metrics: name -> torchmetrics ``Metric`` (reset before use, left computed), or
             name -> callable ``(preds, target) -> tensor`` averaged over samples (a scalar
             is a batch mean, weighted by the batch size; a 1-D tensor is one value per
-            sample).
+            sample). Also one ``Metric``, a list of ``Metric``s or a ``MetricCollection``,
+            named from their class as torchmetrics names them.
         device: where batches and metrics go; default: the device of the model's first
-            parameter (CPU for a model without parameters). Batches (tensors in nested
-            tuples, lists and dicts) are moved there before ``step`` sees them.
+            parameter (CPU for a model without parameters). Tensors in nested tuples,
+            lists, dicts and any ``Mapping``, namedtuples, dataclasses, and objects with a
+            ``.to()`` (Hugging Face ``BatchEncoding``) are moved there before ``step``.
         mode: ``"no_grad"`` or ``"inference_mode"`` (see ``gf.inference``).
-        step: ``step(model, batch) -> (preds, target)``; the default takes
-            ``batch = (x, y)`` and returns ``(model(x), y)``.
+        step: ``step(model, batch) -> (preds, target)`` or ``(preds, target, loss)``
+            with the batch's mean loss. The default takes ``batch = (x, y)`` and calls
+            ``model(x)``, or a ``Mapping`` with a ``"labels"`` key (Hugging Face) and calls
+            ``model(**batch)``; an output with ``.logits`` gives the preds, and its
+            ``.loss`` the loss.
         loss: ``loss(preds, target)``; its sample-weighted mean is ``results["loss"]``.
+            Without it, a loss the step returns is reported there.
         progress: ``None``: a tqdm bar (batches/s, running metrics) only when stderr is
             a terminal, on rank 0; ``True``/``False`` to force it on or off.
+        limit_batches: evaluate only the first N batches (an int), or that fraction of
+            ``len(loader)`` (a float in (0, 1], at least one batch), on each rank.
+        return_predictions: also return every prediction as ``results.predictions``,
+            one tensor on the CPU in dataset order (gathered from every rank, without the
+            duplicates a ``DistributedSampler`` pads with).
+        autocast: run ``step`` under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` or ``torch.float16``); predictions reach the metrics as
+            float32.
+        callback: ``callback(batch_index, batch, preds, target)`` after each batch's
+            metrics were updated, inside the evaluation modes.
 
     Returns:
-        ``{name: value}``: Python floats for scalar metrics, detached CPU tensors
-        otherwise; ``"loss"`` when ``loss`` is given. Loss and every accumulation are
-        detached: no graph is kept.
+        ``{name: value}`` (an :class:`EvaluationResults`, a ``dict``): Python floats for
+        scalar metrics, detached CPU tensors otherwise; ``"loss"`` when a loss is
+        given or the step returns one. Loss and every accumulation are detached: no
+        graph is kept.
+
+    Raises:
+        EvaluationError: a ``model``, ``loader``, ``metrics`` or option of the wrong kind,
+            a batch or model output the default step cannot handle, or a loader that
+            gives no batch at all (on every rank).
 
     When ``torch.distributed`` is initialised, metric states are synchronised across
     ranks (and the loss reduced as a sample-weighted mean), so every rank returns the
     global result; with :class:`gf.ShardedSampler <gradfence.ShardedSampler>` in the
-    loader that equals the single-process result. Collectives run after the grad scope
-    is left, never inside ``inference_mode``; a failing metric is put back to its local,
-    unsynchronised state. A loader whose ``DistributedSampler`` pads (or drops) samples
-    gets one :class:`~gradfence.DuplicateSamplesWarning`, from rank 0.
+    loader that equals the single-process result, for any dataset size and world size
+    (a rank whose shard is empty takes part in the sync). Collectives run after the grad
+    scope is left, never inside ``inference_mode``; a failing metric is put back to its
+    local, unsynchronised state. A loader whose ``DistributedSampler`` pads (or drops)
+    samples, or a ``DataLoader(drop_last=True)`` that leaves samples out, gets one
+    :class:`~gradfence.DuplicateSamplesWarning`, from rank 0.
 
     >>> import torch, torchmetrics, gradfence as gf
     >>> model = torch.nn.Linear(4, 3)
@@ -81,34 +128,75 @@ def evaluate(
     >>> sorted(results), model.training
     (['acc', 'loss'], True)
     """
-    scope = inference(model, mode=mode)  # validates model and mode before anything runs
+    _check_model_and_loader(model, loader)
+    scope = inference(model, mode=mode)  # validates mode before anything runs
     target_device = resolve_device(model, device)
-    slots = _build_slots(metrics, loss, target_device)
+    named = _named_metrics(metrics)
+    slots = _build_slots(named, loss, target_device)
+    # a loss the step returns is reported unless loss= or a metric named "loss" is given
+    wants_step_loss = loss is None and all(name != "loss" for name, _ in named)
+    step_loss: MeanSlot | None = None  # made on the first such loss (a MeanMetric is not free)
     run_step = _default_step if step is None else step
-    rank = _rank()
+    limit = _batch_limit(limit_batches, loader)
+    autocast_context = _autocast(autocast, target_device)
+    world_size, rank = world()
+    order = _sample_order(loader, world_size) if return_predictions else None
     if rank == 0:  # once for the whole job, not once per rank
-        _warn_if_padded(loader)
+        _warn_if_samples_left_out(loader)
 
     for slot in slots:
         slot.reset()
-    bar = Progress(wants_progress(progress, rank), _length(loader), slots)
+    predictions: list[Tensor] = []
+    batches = 0
+    total = _length(loader)
+    if limit is not None:
+        total = limit if total is None else min(limit, total)
+    bar = Progress(wants_progress(progress, rank), total, slots)
     try:
         with scope:
-            for batch in loader:
-                preds, target = run_step(model, to_device(batch, target_device))
+            for index, batch in enumerate(itertools.islice(loader, limit)):
+                batch = to_device(batch, target_device)
+                with autocast_context:
+                    preds, target, batch_loss = _unpack(run_step(model, batch))
+                if autocast is not None:
+                    preds = _full_precision(preds)
                 size = _batch_size(target, preds)
                 for slot in slots:
                     slot.update(preds, target, size)
+                if wants_step_loss and batch_loss is not None:
+                    if step_loss is None:
+                        step_loss = _new_slot(MeanSlot("loss", target_device), slots)
+                    step_loss.add(batch_loss, size)
+                if return_predictions:
+                    predictions.append(_prediction(preds))
+                if callback is not None:
+                    callback(index, batch, preds, target)
+                batches += 1
                 bar.advance()
     finally:
         bar.close()
 
-    # The scope is closed: collectives (metric sync, loss reduction) run here, in no_grad.
-    results: Results = {}
+    # The scope is closed: collectives (metric sync, gathers) run here, in no_grad.
     with outside_inference_mode():
+        batches, had_step_loss = _global_counts(batches, step_loss is not None, target_device)
+        if batches == 0:
+            raise EvaluationError(
+                "the loader gave no batch: there is nothing to evaluate (an empty dataset?)"
+            )
+        if had_step_loss and step_loss is None:  # other ranks have one: sync an empty one
+            _new_slot(MeanSlot("loss", target_device), slots)
+        results = EvaluationResults()
         for slot in slots:
             slot.result(results)
+        if return_predictions:
+            results.predictions = _gather_predictions(predictions, order, target_device)
     return results
+
+
+def _new_slot(slot: MeanSlot, slots: list[MetricSlot]) -> MeanSlot:
+    slot.reset()
+    slots.append(slot)  # the progress bar holds this list: it shows the new slot too
+    return slot
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -119,16 +207,66 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
     return torch.device("cpu")
 
 
-def _build_slots(
-    metrics: Mapping[str, Metric | MetricFn] | None,
-    loss: MetricFn | None,
-    device: torch.device,
-) -> list[MetricSlot]:
-    from torchmetrics import MetricCollection
+def _check_model_and_loader(model: Any, loader: Any) -> None:
+    if not isinstance(model, nn.Module):
+        if isinstance(loader, nn.Module):
+            raise EvaluationError(
+                f"model= is a {type(model).__name__} and loader= an nn.Module: the order is "
+                "gf.evaluate(model, loader, metrics)"
+            )
+        what = "a function" if callable(model) else f"a {type(model).__name__}"
+        raise EvaluationError(
+            f"model= is {what}, not a torch.nn.Module: pass the module to evaluate (a plain "
+            "callable can be wrapped in an nn.Module whose forward calls it)"
+        )
+    if isinstance(loader, nn.Module) or not isinstance(loader, Iterable):
+        raise EvaluationError(
+            f"loader= is a {type(loader).__name__}: pass an iterable of batches, such as a "
+            "torch.utils.data.DataLoader"
+        )
 
+
+def _named_metrics(metrics: Metrics) -> list[tuple[str, Any]]:
+    """``metrics=`` in any accepted form as (name, metric) pairs, in order."""
+    if metrics is None:
+        return []
+    if isinstance(metrics, MetricCollection):
+        return list(metrics.items())
+    if isinstance(metrics, Metric):
+        return [(type(metrics).__name__, metrics)]
+    if isinstance(metrics, Mapping):
+        return list(metrics.items())
+    if isinstance(metrics, list | tuple):
+        named: dict[str, Metric] = {}
+        for index, metric in enumerate(metrics):
+            if not isinstance(metric, Metric):
+                raise EvaluationError(
+                    f"metrics[{index}] is a {type(metric).__name__}: a list holds torchmetrics "
+                    "Metrics (named from their class); name anything else in a dict, "
+                    "metrics={'name': fn}"
+                )
+            name = type(metric).__name__
+            if name in named:
+                raise EvaluationError(
+                    f"metrics= has two {name}s: pass a dict to name them, "
+                    "metrics={'name': metric, ...}"
+                )
+            named[name] = metric
+        return list(named.items())
+    what = "a function" if callable(metrics) else f"a {type(metrics).__name__}"
+    raise EvaluationError(
+        f"metrics= is {what}: pass a dict of names to torchmetrics Metrics or callables "
+        "(preds, target) -> tensor, e.g. metrics={'acc': fn}, a Metric, a list of Metrics "
+        "or a MetricCollection (a loss function goes in loss=)"
+    )
+
+
+def _build_slots(
+    named: list[tuple[str, Any]], loss: MetricFn | None, device: torch.device
+) -> list[MetricSlot]:
     slots: list[MetricSlot] = []
     seen: dict[int, str] = {}
-    for name, metric in (metrics or {}).items():
+    for name, metric in named:
         if isinstance(metric, Metric):
             if id(metric) in seen:  # it would be reset once and updated twice per batch
                 raise EvaluationError(
@@ -144,27 +282,56 @@ def _build_slots(
                 "metrics="
             )
         elif callable(metric):
-            slots.append(MeanSlot(name, metric, device))
+            slots.append(FunctionSlot(name, metric, device))
         else:
             raise EvaluationError(
                 f"metric {name!r} is a {type(metric).__name__}: pass a torchmetrics Metric "
                 "or a callable (preds, target) -> tensor"
             )
     if loss is not None:
-        if metrics is not None and "loss" in metrics:
+        if any(name == "loss" for name, _ in named):
             raise EvaluationError(
                 "a metric is named 'loss' and loss= is given too: rename the metric"
             )
-        slots.append(MeanSlot("loss", loss, device))
+        slots.append(FunctionSlot("loss", loss, device))
     return slots
 
 
-def _rank() -> int:
-    if distributed_world_size() == 1:
-        return 0
-    import torch.distributed as dist
+def _batch_limit(limit: int | float | None, loader: Iterable[Any]) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return limit
+    if isinstance(limit, float) and 0.0 < limit <= 1.0:
+        length = _length(loader)
+        if length is None:
+            raise EvaluationError(
+                f"limit_batches={limit} is a fraction of len(loader), but the loader has no "
+                "len(): pass a number of batches (an int)"
+            )
+        return max(1, int(length * limit))
+    raise EvaluationError(
+        f"limit_batches={limit!r}: pass a number of batches (an int >= 1) or a fraction of "
+        "the loader (a float in (0, 1])"
+    )
 
-    return dist.get_rank()
+
+def _autocast(
+    dtype: torch.dtype | None, device: torch.device
+) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise EvaluationError(
+            f"autocast={dtype!r}: pass torch.bfloat16 or torch.float16 (or None for no autocast)"
+        )
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _full_precision(preds: Any) -> Any:
+    if isinstance(preds, Tensor) and preds.dtype in AUTOCAST_DTYPES:
+        return preds.float()
+    return preds
 
 
 def _length(loader: Iterable[Any]) -> int | None:
@@ -174,70 +341,247 @@ def _length(loader: Iterable[Any]) -> int | None:
         return None
 
 
-def _warn_if_padded(loader: Iterable[Any]) -> None:
-    """Warn when the loader's sampler is a DistributedSampler that pads or drops samples."""
-    from torch.utils.data import DistributedSampler
-
-    candidates = (
+def _samplers(loader: Iterable[Any]) -> list[Any]:
+    return [
         getattr(loader, "sampler", None),
         getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
+
+
+def _warn_if_samples_left_out(loader: Iterable[Any]) -> None:
+    """Warn when the loader's sampler pads or drops samples, or its last batch is dropped."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    what = None
+    fix = (
+        "Use gf.ShardedSampler(dataset) for evaluation: it shards without padding, so the "
+        "result is exact."
     )
-    for sampler in candidates:
+    for sampler in _samplers(loader):
         if not isinstance(sampler, DistributedSampler):
             continue
         size = len(sampler.dataset)  # type: ignore[arg-type]
         if sampler.total_size > size:
             what = (
-                f"pads its {sampler.num_replicas} shards to {sampler.total_size} samples for a "
-                f"dataset of {size}: the result counts {sampler.total_size - size} duplicate(s)"
+                f"DistributedSampler pads its {sampler.num_replicas} shards to "
+                f"{sampler.total_size} samples for a dataset of {size}: the result counts "
+                f"{sampler.total_size - size} duplicate(s)"
             )
         elif sampler.total_size < size:
             what = (
-                f"drops {size - sampler.total_size} of {size} samples (drop_last=True): "
-                "the result misses them"
+                f"DistributedSampler drops {size - sampler.total_size} of {size} samples "
+                "(drop_last=True): the result misses them"
             )
-        else:
-            return
-        warnings.warn(
-            f"gf.evaluate: the loader's DistributedSampler {what}. Use "
-            "gf.ShardedSampler(dataset) for evaluation: it shards without padding, so the "
-            "result is exact.",
-            DuplicateSamplesWarning,
-            stacklevel=3,
-        )
+        break
+    if what is None and isinstance(loader, DataLoader) and loader.drop_last:
+        samples = _length(loader.sampler)
+        batch_size = loader.batch_size
+        if samples is not None and batch_size is not None and samples % batch_size:
+            what = (
+                f"DataLoader(drop_last=True) leaves out its last {samples % batch_size} of "
+                f"{samples} samples (an incomplete batch of {batch_size}): the result misses them"
+            )
+            fix = "Use drop_last=False for evaluation: every sample counts once."
+    if what is None:
         return
+    warnings.warn(f"gf.evaluate: the loader's {what}. {fix}", DuplicateSamplesWarning, stacklevel=3)
 
 
-def _default_step(model: nn.Module, batch: Any) -> tuple[Any, Any]:
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
+def _sample_order(loader: Iterable[Any], world_size: int) -> list[int] | None:
+    """The dataset index of each sample this rank's loader gives, in loader order.
+
+    Replayed from a DataLoader's sampler, which must then be deterministic: a
+    SequentialSampler, a gf.ShardedSampler or a DistributedSampler (seeded). ``None``
+    on one process for a loader that is not such a DataLoader (a list of batches, an
+    IterableDataset): predictions are kept in the order the loader gave them.
+    """
+    from torch.utils.data import (
+        DataLoader,
+        DistributedSampler,
+        IterableDataset,
+        SequentialSampler,
+    )
+
+    from gradfence.evaluation.sampler import ShardedSampler
+
+    replayable = (SequentialSampler, ShardedSampler, DistributedSampler)
+    sampler = None
+    if isinstance(loader, DataLoader):
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        if isinstance(sampler, replayable):
+            return list(sampler)
+        if not isinstance(loader.dataset, IterableDataset):
+            raise EvaluationError(
+                "return_predictions=True puts predictions in dataset order by replaying the "
+                f"loader's sampler, and a {type(sampler).__name__} cannot be replayed: use "
+                "shuffle=False, or gf.ShardedSampler(dataset, shuffle=True, seed=...)"
+            )
+    if world_size == 1:
+        return None
+    raise EvaluationError(
+        "return_predictions=True on several ranks needs a DataLoader whose sampler is "
+        f"gf.ShardedSampler (or DistributedSampler), not a {type(loader).__name__}: "
+        "predictions are put back in dataset order by their indices"
+    )
+
+
+def _prediction(preds: Any) -> Tensor:
+    if not isinstance(preds, Tensor) or preds.dim() == 0:
+        raise EvaluationError(
+            f"return_predictions=True needs preds as a tensor with one row per sample, got "
+            f"{_shape_of(preds)}: return such a tensor from step="
+        )
+    return preds.detach().cpu()
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _gather_predictions(
+    predictions: list[Tensor], order: list[int] | None, device: torch.device
+) -> Tensor:
+    try:
+        local = torch.cat(predictions) if predictions else torch.empty(0)
+    except RuntimeError:
+        shapes = sorted({tuple(p.shape[1:]) for p in predictions})
+        raise EvaluationError(
+            f"return_predictions=True: batches gave predictions of shapes (N, *{shapes[0]}) "
+            f"and (N, *{shapes[1]}), which cannot be concatenated: pad them to one shape "
+            "in step="
+        ) from None
+    if order is None:
+        return local
+    indices = torch.tensor(order[: len(local)], dtype=torch.int64)
+    if world()[0] > 1:
+        local = torch.cat([p.to(device) for p in gather_tensors(local.to(device))]).cpu()
+        indices = torch.cat([i.to(device) for i in gather_tensors(indices.to(device))]).cpu()
+    sorted_indices, by_index = torch.sort(indices, stable=True)
+    first = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first[1:] = sorted_indices[1:] != sorted_indices[:-1]  # a padded duplicate comes later
+    return local[by_index[first]]
+
+
+def _global_counts(batches: int, had_step_loss: bool, device: torch.device) -> tuple[int, bool]:
+    """This rank's batch count and step-loss flag, summed over every rank."""
+    if world()[0] == 1:
+        return batches, had_step_loss
+    import torch.distributed as dist
+
+    counts = torch.tensor([batches, int(had_step_loss)], dtype=torch.int64, device=device)
+    dist.all_reduce(counts)
+    return int(counts[0]), bool(counts[1])
+
+
+def _unpack(output: Any) -> tuple[Any, Any, Any]:
+    if isinstance(output, tuple | list):
+        if len(output) == 2:
+            return output[0], output[1], None
+        if len(output) == 3:
+            return output[0], output[1], output[2]
+    raise EvaluationError(
+        f"step= returned a {type(output).__name__}"
+        + (f" of {len(output)}" if isinstance(output, tuple | list) else "")
+        + ": return (preds, target) or (preds, target, loss)"
+    )
+
+
+_STEP_FIX = "pass step=lambda model, batch: (preds, target)"
+
+
+def _default_step(model: nn.Module, batch: Any) -> tuple[Any, ...]:
+    if isinstance(batch, Mapping):  # Hugging Face style: keywords, with the target in "labels"
+        if "labels" not in batch:
+            keys = ", ".join(repr(key) for key in list(batch)[:6])
+            raise EvaluationError(
+                f"gf.evaluate's default step passes a {type(batch).__name__} batch to the "
+                f"model as keywords and takes its 'labels' as the target, but it has no "
+                f"'labels' (keys: {keys}): {_STEP_FIX}"
+            )
+        output = model(**batch)
+        target = batch["labels"]
+    elif isinstance(batch, tuple | list) and len(batch) == 2:
+        inputs, target = batch
+        output = model(inputs)
+    else:
         shape = f"a {type(batch).__name__}" + (
             f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
         )
         raise EvaluationError(
-            f"gf.evaluate's default step expects batches of (inputs, target), got {shape}: "
-            "pass step=lambda model, batch: (preds, target)"
+            f"gf.evaluate's default step expects batches of (inputs, target) or a mapping "
+            f"with 'labels', got {shape}: {_STEP_FIX}"
         )
-    inputs, target = batch
-    return model(inputs), target
+    preds = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+    if not isinstance(preds, Tensor):
+        raise EvaluationError(
+            f"gf.evaluate's default step got a {type(output).__name__} from the model, "
+            f"neither a tensor nor an output with .logits: {_STEP_FIX}"
+        )
+    batch_loss = getattr(output, "loss", None)
+    if isinstance(batch_loss, Tensor):
+        return preds, target, batch_loss
+    return preds, target
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it on ``device``, its structure kept.
+
+    Tensors; tuples, lists, namedtuples; dicts and any other ``Mapping``; dataclass
+    instances; and objects with a ``.to()`` method (Hugging Face ``BatchEncoding``, a
+    graph batch), moved by that method. Anything else is left as it is.
+    """
     if isinstance(batch, Tensor):
         if batch.device == device:  # the common case, checked first: it runs per batch
             return batch
         # non_blocking only towards an accelerator: a non-blocking copy *to* the CPU may
         # be read before it has landed.
         return batch.to(device, non_blocking=device.type != "cpu")
-    if type(batch) is tuple:
-        return tuple([to_device(item, device) for item in batch])
+    batch_type = type(batch)
+    if batch_type is tuple or batch_type is list:
+        return batch_type([to_device(item, device) for item in batch])
+    if batch_type is dict:
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, str | bytes | int | float | bool | types.NoneType):
+        return batch
     if isinstance(batch, tuple):
         items = [to_device(item, device) for item in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+        return batch_type(*items) if hasattr(batch, "_fields") else batch_type(items)
     if isinstance(batch, list):
         return [to_device(item, device) for item in batch]
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
+    to = getattr(batch, "to", None)
+    if callable(to) and not isinstance(batch, type):
+        moved = to(device)
+        return batch if moved is None else moved  # a .to() that moves in place
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return _dataclass_to_device(batch, device)
+    if isinstance(batch, Mapping):
+        return _mapping_to_device(batch, device)
     return batch
+
+
+def _dataclass_to_device(batch: Any, device: torch.device) -> Any:
+    fields = dataclasses.fields(batch)
+    moved = dataclasses.replace(
+        batch,
+        **{f.name: to_device(getattr(batch, f.name), device) for f in fields if f.init},
+    )
+    for f in fields:
+        if not f.init:  # not a constructor argument: copy it over (frozen ones too)
+            object.__setattr__(moved, f.name, to_device(getattr(batch, f.name), device))
+    return moved
+
+
+def _mapping_to_device(batch: Mapping[Any, Any], device: torch.device) -> Any:
+    items = {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, defaultdict):
+        return defaultdict(batch.default_factory, items)
+    mapping_type: Any = type(batch)
+    try:
+        return mapping_type(items)
+    except TypeError:  # a mapping type that is not built from a dict: a plain dict then
+        return items
 
 
 def _batch_size(target: Any, preds: Any) -> int:

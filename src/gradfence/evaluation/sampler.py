@@ -7,14 +7,7 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the default process group, or (1, 0) when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from gradfence.evaluation.distributed import world
 
 
 class ShardedSampler(Sampler[int]):
@@ -46,7 +39,7 @@ class ShardedSampler(Sampler[int]):
         seed: int = 0,
     ) -> None:
         if num_replicas is None or rank is None:
-            world_size, world_rank = _world()
+            world_size, world_rank = world()
             num_replicas = world_size if num_replicas is None else num_replicas
             rank = world_rank if rank is None else rank
         if num_replicas < 1:
