@@ -16,8 +16,10 @@ Two measurements on a development set of public repositories (``benchmarks/lint_
 Repositories come as bare git mirrors (``/work/.mirror/OWNER+NAME/...``, from the fetch tool:
 ``github:OWNER/NAME``); trees are extracted with ``git ls-tree`` + ``git cat-file --batch``,
 so blobs missing from a partial mirror are skipped with a counted warning. The linter runs
-as a subprocess (``python -m gradfence lint --format json``), so ``--linter-src PATH`` can
-point at another checkout's ``src/``.
+as a subprocess (``python -m gradfence lint --format json --jobs 1``, with ``--no-cache`` where the
+linter has a summary cache, so every run is cold), so ``--linter-src PATH`` (or ``PYTHONPATH``) can
+point at another checkout's ``src/``. Crashes are the linter's "internal error" lines and any run
+that dies or prints no JSON.
 
     python benchmarks/lint_quality.py                      # cases + corpus, this checkout
     python benchmarks/lint_quality.py --preview --json     # include preview findings, JSON out
@@ -53,7 +55,17 @@ SYNTAX_ERROR = "GF000"
 # what a tree needs besides Python files for the linter's project context
 CONTEXT_FILES = ("pyproject.toml", "setup.py", "setup.cfg", ".gitignore")
 SKIP_DIRS = frozenset(
-    {".git", "__pycache__", "build", "dist", "node_modules", "site-packages", ".venv", "venv"}
+    {
+        ".git",
+        ".gradfence_cache",
+        "__pycache__",
+        "build",
+        "dist",
+        "node_modules",
+        "site-packages",
+        ".venv",
+        "venv",
+    }
 )
 
 
@@ -264,8 +276,14 @@ class Linter:
         self.env.pop("GRADFENCE_LINT_CACHE", None)
         self.src = src
         self.preview = preview
-        if preview and "--preview" not in self._help():
+        usage = self._help()
+        if preview and "--preview" not in usage:
             raise HarnessError("--preview: this linter has no --preview option")
+        # every run cold: no summary cache read from (or left in) the extracted trees, so a
+        # cache written by another linter version can never leak into the figures
+        self.options = ["--no-cache"] if "--no-cache" in usage else []
+        if preview:
+            self.options.append("--preview")
         self.startup = 0.0
         self.startup = min(self.run(Path(tempfile.gettempdir()), []).cpu for _ in range(2))
 
@@ -299,7 +317,7 @@ class Linter:
             paths = [str(Path(tempfile.gettempdir()) / "gf-empty-for-startup.py")]
             Path(paths[0]).write_text("")
         argv = [sys.executable, "-m", "gradfence", "lint", "--format", "json", "--exit-zero"]
-        argv += ["--jobs", "1", *(["--preview"] if self.preview else []), "--", *paths]
+        argv += ["--jobs", "1", *self.options, "--", *paths]
         before = os.times()
         done = subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True)
         after = os.times()
