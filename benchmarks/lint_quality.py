@@ -303,6 +303,11 @@ class Linter:
     def version(self) -> str:
         where = Path(self.src) if self.src else HERE.parent / "src"
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
+            subprocess.run(
+                ["git", "-C", str(where), "rev-parse", "--show-toplevel"],
+                capture_output=True,
+                check=True,
+            )
             head = subprocess.run(
                 ["git", "-C", str(where), "describe", "--always", "--dirty"],
                 capture_output=True,
@@ -310,7 +315,7 @@ class Linter:
                 check=True,
             )
             return head.stdout.strip()
-        return "unknown"
+        return f"not a git checkout: {where}"
 
     def run(self, cwd: Path, paths: Sequence[str]) -> LintRun:
         if not paths:
@@ -471,8 +476,15 @@ def summarise(cases: list[CaseResult], corpus: list[CorpusResult]) -> dict[str, 
     lines = sum(r.lines for r in corpus)
     total = sum(len(r.findings) for r in corpus)
     lint_cpu, parse_cpu = sum(r.lint_cpu for r in corpus), sum(r.parse_cpu for r in corpus)
+    by_code: dict[str, list[int]] = {}
+    for c in cases:
+        for code in c.codes:
+            tally = by_code.setdefault(code, [0, 0])
+            tally[0] += c.found
+            tally[1] += 1
     return {
         "cases": len(cases),
+        "recall_by_code": dict(sorted(by_code.items())),
         "found": len(found),
         "recall": len(found) / len(cases) if cases else None,
         "cases_current_codes": len(current),
@@ -545,6 +557,10 @@ def print_report(
             f"  (without cases that need issue 11's planned codes)"
         )
         print(f"  found cases the fix clears     {ratio(s['fix_cleared'], s['fix_checked'])}")
+        per_code = ", ".join(
+            f"{code} {n}/{total}" for code, (n, total) in s["recall_by_code"].items()
+        )
+        print(f"  found per code (any-of codes)  {per_code}")
         if s["case_errors"]:
             print(f"  cases not run (errors)         {s['case_errors']}")
     if corpus:
