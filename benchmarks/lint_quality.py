@@ -329,7 +329,8 @@ class Linter:
         cpu = (after.children_user - before.children_user) + (
             after.children_system - before.children_system
         )
-        crashes = [line for line in done.stderr.splitlines() if line.startswith("internal error")]
+        # the CLI reports a file it failed on as "gradfence: error: internal error on PATH: ..."
+        crashes = [line for line in done.stderr.splitlines() if "internal error" in line]
         try:
             raw = json.loads(done.stdout or "[]")
         except json.JSONDecodeError:
@@ -393,11 +394,12 @@ def run_case(case: Case, linter: Linter, mirrors: Path, trees: Path) -> CaseResu
         except HarnessError as exc:
             result.error = str(exc)
             return result
-        after = []
-        if (fix.root / case.path).is_file():
-            fixed = linter.run(fix.root, [case.path])
-            result.crashes += fixed.crashes
-            after = [f for f in fixed.findings if f.code in case.codes]
+        if not (fix.root / case.path).is_file():
+            result.error = f"{case.path} is not in the fix revision: cannot check that it clears"
+            return result
+        fixed = linter.run(fix.root, [case.path])
+        result.crashes += fixed.crashes
+        after = [f for f in fixed.findings if f.code in case.codes]
         result.cleared = len(after) < len(hits)
     return result
 

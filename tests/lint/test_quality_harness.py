@@ -187,3 +187,35 @@ def test_a_blob_missing_from_a_partial_mirror_is_skipped_and_counted(
     assert tree.missing == 1
     assert (tree.root / "pkg" / "evaluate.py").read_text() == FIXED
     assert not (tree.root / "pkg" / "other.py").exists()
+
+
+FAKE_LINTER = """\
+import json
+import sys
+
+args = sys.argv[2:]
+if "--help" in args:
+    print("usage: gradfence lint [--format {json}] [--jobs N] [--exit-zero] [PATH ...]")
+    raise SystemExit(0)
+paths = args[args.index("--") + 1 :]
+for path in paths:
+    if path.endswith("other.py"):
+        print(f"gradfence: error: internal error on {path}: RuntimeError: boom", file=sys.stderr)
+print(json.dumps([]))
+raise SystemExit(2 if any(p.endswith("other.py") for p in paths) else 0)
+"""
+
+
+def test_internal_errors_of_the_linter_count_as_crashes(
+    dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = tmp_path / "fake-src"
+    (fake / "gradfence" / "lint").mkdir(parents=True)
+    (fake / "gradfence" / "__init__.py").write_text("")
+    (fake / "gradfence" / "lint" / "__init__.py").write_text("")
+    (fake / "gradfence" / "__main__.py").write_text(FAKE_LINTER)
+    status, out, _ = run(capsys, dev, "--linter-src", str(fake))
+    assert status == 0
+    assert "crashes (1):" in out and "internal error on pkg/other.py" in out
+    assert "  crashes                        1" in out
+    assert "recall on fix commits          0/2 (0 %)" in out
