@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 from gradfence.factories import FactoryError, resolve
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from gradfence import __version__
-from gradfence.errors import GradfenceError
+from gradfence.errors import GradfenceError, MissingDependencyError, UsageError
 
 # Modules providing ``register(subparsers)``, in the order shown by --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -30,8 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 EXIT_USAGE = 2
 
 
-class UsageError(GradfenceError):
-    """Bad command-line input: reported as one line on stderr, exit status 2."""
+__all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"gradfence {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -65,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         status: int = handler(args)
+    except ModuleNotFoundError as exc:  # an optional dependency missing: one line
+        missing = MissingDependencyError.of(exc, f"gradfence {args.command}")
+        if missing is None:
+            raise
+        print(f"gradfence: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     except GradfenceError as exc:  # misuse: one line, no traceback
         print(f"gradfence: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

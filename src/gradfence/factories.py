@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 
 FORMS = "MODULE:FACTORY or path/to/file.py:FACTORY"
 

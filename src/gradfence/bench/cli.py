@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfence.bench.builtins import BUILTINS
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 
 DEFAULT_BATCH_SIZES = "1,8,32"
 DEFAULT_REPEATS = 30

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradfence.bench.builtins import BUILTINS
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 from gradfence.factories import is_file, one_line, resolve, split
 
 if TYPE_CHECKING:
