@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a user's exception is reported in one line.
+
+    >>> one_line(RuntimeError("no GPU here\\nsecond line"))
+    'RuntimeError: no GPU here'
+    """
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class GradfenceError(Exception):
     """Base class of every error gradfence raises on purpose."""
 

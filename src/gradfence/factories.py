@@ -18,19 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gradfence.errors import UsageError
+from gradfence.errors import UsageError, one_line
+
+__all__ = ["FORMS", "FactoryError", "is_file", "one_line", "resolve", "split"]
 
 FORMS = "MODULE:FACTORY or path/to/file.py:FACTORY"
 
 
 class FactoryError(UsageError, ValueError):
     """A factory named on the command line cannot be found, imported or called as given."""
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: how a user's exception is reported."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def is_file(location: str) -> bool:
