@@ -65,7 +65,9 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="measure with the model in train mode (default: eval mode for every grad mode)",
     )
-    parser.add_argument("--device", default="cpu", choices=DEVICES, help="default: cpu")
+    parser.add_argument(
+        "--device", default="cpu", choices=DEVICES, metavar="cpu|cuda", help="default: cpu"
+    )
     parser.add_argument(
         "--repeats",
         type=positive_int,
