@@ -47,6 +47,7 @@ class Flake8Plugin:
     @classmethod
     def parse_options(cls, options: Any) -> None:
         """Settle the target torch once per flake8 run; a bad one ends the run in one line."""
+        target: tuple[int, int] | None
         try:
             text = getattr(options, "gf_target_torch", None)
             if text:
