@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 from gradfence.factories import FactoryError, resolve
 
 
@@ -20,10 +21,25 @@ def test_file_factory_is_imported_once_and_can_import_its_neighbour(tmp_path: Pa
         "def build():\n"
         "    return helper_mod_for_factories.VALUE + len(LOADS)\n"
     )
+    path_before = list(sys.path)
     first = resolve(f"{user}:build", "--model")
     second = resolve(f"{user}:build", "--input")
     assert first is second, "the same file must not be executed twice"
     assert first() == 42
+    assert sys.path == path_before, "the file's folder is on sys.path only while it runs"
+
+
+def test_module_factory_leaves_sys_path_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd_factory_mod.py").write_text("def build():\n    return 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))]
+    )
+    path_before = list(sys.path)
+    assert resolve("cwd_factory_mod:build", "--model")() == 7
+    assert sys.path == path_before
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""gf.inference / gf.training: every numbered behaviour of the Foundation issue."""
+"""gf.inference / gf.training: exact restore of module trees and grad modes, overrides,
+errors, generators, async, threads and out-of-order exits."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """gradfence: PyTorch's grad-mode and train/eval contract, explicit, enforced and measured.
 
 The public API is what this module exports. Names are loaded on first use so that
-``gradfence lint`` and the flake8 plugin start without importing torch.
+``gradfence lint`` and the flake8 plugin start without importing torch, and work where
+torch is not installed at all (``pip install gradfence`` installs no torch; the runtime
+parts need ``pip install 'gradfence[torch]'``, and say so in one line when it is missing).
 
 >>> import gradfence as gf
 >>> import torch
@@ -23,6 +25,7 @@ from gradfence.errors import (
     EvaluationError,
     GradfenceError,
     GradfenceWarning,
+    MissingDependencyError,
     ScopeError,
     ScopeOverlapWarning,
 )
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from gradfence.evaluation.sampler import ShardedSampler
     from gradfence.scope import Scope, inference, training
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it from here
 
 # public name -> module that defines it (imported lazily, see module docstring)
 _LAZY: dict[str, str] = {
@@ -57,6 +60,7 @@ __all__ = [
     "Finding",
     "GradfenceError",
     "GradfenceWarning",
+    "MissingDependencyError",
     "Scope",
     "ScopeError",
     "ScopeOverlapWarning",
@@ -73,7 +77,13 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'gradfence' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        missing = MissingDependencyError.of(exc, f"gf.{name}")
+        if missing is None:
+            raise
+        raise missing from None
     globals()[name] = value
     return value
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from gradfence import __version__
-from gradfence.errors import GradfenceError
+from gradfence.errors import GradfenceError, MissingDependencyError, UsageError
 
 # Modules providing ``register(subparsers)``, in the order shown by --help.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -30,8 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 EXIT_USAGE = 2
 
 
-class UsageError(GradfenceError):
-    """Bad command-line input: reported as one line on stderr, exit status 2."""
+__all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main", "one_of", "positive_int"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +38,49 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- argument types: argparse reports their errors as "argument --OPTION: <message>" ---
+
+
+def positive_int(text: str) -> int:
+    """``type=`` of an option taking one integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """``type=`` of an option taking comma-separated integers >= 1, none repeated."""
+    return _distinct(text, [positive_int(part) for part in _parts(text, "positive integers")])
+
+
+def one_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """``type=`` of an option taking comma-separated names out of ``choices``, none repeated."""
+    allowed = ",".join(choices)
+
+    def names(text: str) -> tuple[str, ...]:
+        parts = _parts(text, f"some of {allowed}")
+        for part in parts:
+            if part not in choices:
+                raise argparse.ArgumentTypeError(f"unknown value {part!r}, use some of {allowed}")
+        return _distinct(text, parts)
+
+    names.__name__ = "one_of"
+    return names
+
+
+def _parts(text: str, expected: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"empty: give {expected}, comma-separated")
+    return parts
+
+
+def _distinct(text: str, values: Sequence[Any]) -> tuple[Any, ...]:
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+    return tuple(values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"gradfence {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -65,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         status: int = handler(args)
+    except ModuleNotFoundError as exc:  # an optional dependency missing: one line
+        missing = MissingDependencyError.of(exc, f"gradfence {args.command}")
+        if missing is None:
+            raise
+        print(f"gradfence: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     except GradfenceError as exc:  # misuse: one line, no traceback
         print(f"gradfence: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

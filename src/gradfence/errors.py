@@ -3,8 +3,63 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a user's exception is reported in one line.
+
+    >>> one_line(RuntimeError("no GPU here\\nsecond line"))
+    'RuntimeError: no GPU here'
+    """
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class GradfenceError(Exception):
     """Base class of every error gradfence raises on purpose."""
+
+
+class UsageError(GradfenceError):
+    """Bad command-line input: the CLI reports it as one line on stderr, exit status 2.
+
+    Library code behind a subcommand raises it (never one from :mod:`gradfence.cli`),
+    so that the layers depend downwards only.
+    """
+
+
+class MissingDependencyError(GradfenceError, ImportError):
+    """A part of gradfence needs a package that is not installed.
+
+    The message names the part, the package and the install command, e.g.
+    ``gf.inference needs torch, which is not installed: pip install 'gradfence[torch]'``.
+    The core distribution installs no heavy dependency (``gradfence lint`` and the flake8
+    plugin need none); :data:`EXTRAS` says which extra provides each optional package.
+    """
+
+    @classmethod
+    def of(cls, exc: ModuleNotFoundError, needed_by: str) -> MissingDependencyError | None:
+        """The error to raise for ``exc`` inside ``needed_by``; None when ``exc`` is not
+        about an optional dependency (a bug or a user's module: let it propagate)."""
+        package = (exc.name or "").partition(".")[0]
+        extra = EXTRAS.get(package)
+        if extra is None:
+            return None
+        return cls(
+            f"{needed_by} needs {package}, which is not installed: pip install 'gradfence[{extra}]'"
+        )
+
+
+# optional top-level module -> the extra of the gradfence distribution that installs it
+EXTRAS: dict[str, str] = {
+    "torch": "torch",
+    "torchmetrics": "torch",
+    "tqdm": "torch",
+    "matplotlib": "bench",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "transformers": "serve",
+    "safetensors": "serve",
+    "ray": "ray",
+}
 
 
 class ScopeError(GradfenceError, TypeError):

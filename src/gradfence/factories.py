@@ -8,29 +8,26 @@ not callable) is a :class:`FactoryError` whose message is one line naming the op
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError, one_line
+
+__all__ = ["FORMS", "FactoryError", "is_file", "one_line", "resolve", "split"]
 
 FORMS = "MODULE:FACTORY or path/to/file.py:FACTORY"
 
 
 class FactoryError(UsageError, ValueError):
     """A factory named on the command line cannot be found, imported or called as given."""
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: how a user's exception is reported."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def is_file(location: str) -> bool:
@@ -50,9 +47,11 @@ def resolve(spec: str, option: str, forms: str = FORMS) -> Callable[..., Any]:
     """Import what ``spec`` names and return it; it must be callable.
 
     A file is imported once per process (under a name derived from its absolute path),
-    with its folder on ``sys.path`` so it can import its neighbours, as when run as a
-    script. A module name is looked up like ``python -m`` does, the working directory
-    first.
+    with its folder on ``sys.path`` while it runs, so that its imports find its
+    neighbours as when run as a script. A module name is looked up like ``python -m``
+    does, the working directory first. Either way ``sys.path`` is put back afterwards:
+    an import that a factory makes only when called must find its module on the
+    caller's ``sys.path``.
     """
     location, attribute = split(spec, option, forms)
     module = _import(location, spec, option)
@@ -76,9 +75,8 @@ def _import(location: str, spec: str, option: str) -> ModuleType:
     try:
         if is_file(location):
             return _import_file(Path(location).expanduser().resolve())
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return importlib.import_module(location)
+        with _on_sys_path("" if "" in sys.path else os.getcwd()):
+            return importlib.import_module(location)
     except FileNotFoundError:
         raise FactoryError(f"{option} {spec!r}: no such file {location}") from None
     except Exception as exc:  # the module's own code may raise anything: bad input
@@ -101,11 +99,25 @@ def _import_file(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     # Registered before it runs (dataclasses and pickling look modules up by name).
     sys.modules[name] = module
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
+        with _on_sys_path(str(path.parent)):
+            spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
     return module
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: str) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` inside the block (unless already there), then
+    taken off again."""
+    if folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from gradfence.bench.measure import MODES
 from gradfence.bench.report import SCHEMA, UNITS
 from gradfence.cli import main
+from gradfence.modes import BENCH_MODES as MODES
 
 F32 = 4
 
@@ -306,17 +306,27 @@ def test_a_text_model_takes_a_list_of_texts(
 
 def test_builtin_sentiment_resolves_to_the_serve_model() -> None:
     pytest.importorskip("transformers")
-    from gradfence.bench.builtins import BUILTINS, sentiment_input
-    from gradfence.bench.factories import load, workload
+    from gradfence.bench.builtins import sentiment_input
+    from gradfence.bench.workload import workload
+    from gradfence.builtin_models import BUILTIN_MODELS
+    from gradfence.factories import resolve
     from gradfence.serve.model import heldout_dataset, load_default
 
     chosen = workload("sentiment", None)
-    assert load(chosen.model_spec, "--model") is load_default
+    assert resolve(chosen.model_spec, "--model") is load_default
     heldout = [text for text, _ in heldout_dataset().items]
-    assert load(chosen.input_spec, "--input") is sentiment_input
+    assert resolve(chosen.input_spec, "--input") is sentiment_input
     assert sentiment_input(3) == heldout[:3]
     assert chosen.make_input(2) == heldout[:2]  # a list of texts is a valid model input
-    assert "needs gradfence[serve]" in BUILTINS["sentiment"].description
+    assert "needs gradfence[serve]" in BUILTIN_MODELS["sentiment"].description
+
+
+def test_bench_and_eval_share_one_registry_of_builtin_models() -> None:
+    from gradfence.builtin_models import BUILTIN_MODELS
+    from gradfence.evaluation.registry import MODELS
+
+    assert {"mlp", "cnn", "toy", "sentiment"} <= set(BUILTIN_MODELS)
+    assert {name: entry.model for name, entry in BUILTIN_MODELS.items()} == MODELS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -338,14 +348,9 @@ def test_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "resnet"], "unknown model 'resnet': use a built-in (cnn, mlp, sentiment)"),
+        (["--model", "resnet"],
+         "unknown model 'resnet': use a built-in (cnn, mlp, sentiment, toy)"),
         (["--model", "pkg:build"], "--model pkg:build needs --input MODULE:FACTORY"),
-        (["--batch-sizes", "1,0"], "--batch-sizes: '0' is not a positive integer"),
-        (["--batch-sizes", "8,x"], "--batch-sizes: 'x' is not a positive integer"),
-        (["--batch-sizes", "8,8"], "--batch-sizes '8,8' repeats a value"),
-        (["--modes", "grad,eval"], "--modes: unknown mode 'eval'"),
-        (["--repeats", "0"], "--repeats: '0' is not a positive integer"),
-        (["--device", "tpu"], "--device 'tpu': use cpu or cuda"),
         (["--plot", "chart.jpg"], "--plot 'chart.jpg': the file name must end in .png"),
         (["--json", "/no/such/dir/r.json"], "no such directory /no/such/dir"),
         (["--model", "no/such/file.py:build", "--input", "x:y"], "no such file no/such/file.py"),
@@ -367,6 +372,31 @@ def test_bad_input_is_one_line_and_exit_2(
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("gradfence: error: ")
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "1,0"], "argument --batch-sizes: '0' is not a positive integer"),
+        (["--batch-sizes", "8,x"], "argument --batch-sizes: 'x' is not a positive integer"),
+        (["--batch-sizes", "8,8"], "argument --batch-sizes: '8,8' repeats a value"),
+        (["--batch-sizes", ","], "argument --batch-sizes: empty: give positive integers"),
+        (["--modes", "grad,eval"],
+         "argument --modes: unknown value 'eval', use some of grad,no_grad,inference_mode"),
+        (["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
+        (["--repeats", "2,3"], "argument --repeats: '2,3' is not a positive integer"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ],
+)  # fmt: skip
+def test_bad_numbers_and_choices_are_argparse_errors_in_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *args])
+    out, err = capsys.readouterr()
+    assert (exited.value.code, out) == (2, "")
+    assert err.startswith(f"gradfence bench: error: {message}")
+    assert err.endswith("(see 'gradfence bench --help')\n") and err.count("\n") == 1
 
 
 def test_an_output_path_that_is_a_directory_is_refused_before_measuring(

@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradfence.bench.factories import Workload
+from gradfence.batches import map_tensors, tensors_in, to_device
 from gradfence.bench.measure import (
-    MODES,
     Latency,
     MeasurementError,
     call,
@@ -20,10 +19,10 @@ from gradfence.bench.measure import (
     peak_cpu_in_child,
     peak_rss,
     scope,
-    tensors_in,
     time_modes,
-    to_device,
 )
+from gradfence.bench.workload import Workload
+from gradfence.modes import BENCH_MODES as MODES
 
 
 def model_with_frozen_bn() -> nn.Module:
@@ -79,6 +78,18 @@ def test_inputs_tuple_is_positional_mapping_is_keywords() -> None:
     pair = collections.namedtuple("pair", "a b")
     moved_pair = to_device(pair(one, two), "cpu")
     assert type(moved_pair) is pair and moved_pair.b is two
+
+
+def test_walking_a_batch_rebuilds_only_when_mapping() -> None:
+    class Odd(list[Any]):  # a list type that cannot be rebuilt from its items
+        def __init__(self, first: Any, second: Any) -> None:
+            super().__init__([first, second])
+
+    one, two = torch.tensor([1.0]), torch.tensor([3.0])
+    assert tensors_in(Odd(one, {"k": two})) == [one, two]
+    doubled = map_tensors({"a": [one, (two, "t")]}, lambda t: t * 2)
+    assert doubled["a"][0].item() == 2.0 and doubled["a"][1] == (doubled["a"][1][0], "t")
+    assert doubled["a"][1][0].item() == 6.0
 
 
 def test_latency_median_and_p95() -> None:

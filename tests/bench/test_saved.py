@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from gradfence.bench.builtins import build_cnn, build_mlp, cnn_input, mlp_input
-from gradfence.bench.measure import MODES, SavedForBackward, saved_for_backward
+from gradfence.bench.measure import SavedForBackward, saved_for_backward
+from gradfence.modes import BENCH_MODES as MODES
 
 F32 = 4
 

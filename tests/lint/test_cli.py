@@ -147,7 +147,7 @@ def test_sarif_uris(
 def test_github_format(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "bad.py", "--format", "github")
     assert out.splitlines()[0] == (
-        "::error file=bad.py,line=5,col=5,endLine=5,endColumn=15,"
+        "::warning file=bad.py,line=5,col=5,endLine=5,endColumn=15,"
         "title=GF301 mode-method-not-called::"
         "GF301 `model.eval` is not called: the mode does not change"
     )

@@ -70,7 +70,7 @@ def _add_note(exc: BaseException, note: str) -> None:
         if isinstance(notes, list):
             notes.append(note)
         else:
-            exc.__notes__ = [note]
+            setattr(exc, "__notes__", [note])  # noqa: B010 (3.10's BaseException types lack it)
     except (AttributeError, TypeError):  # an exception type that refuses attributes
         pass
 

@@ -17,19 +17,21 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure one configuration and print the JSON line; exit status 1 on failure."""
+    from gradfence.modes import BENCH_MODES
+
     parser = argparse.ArgumentParser(prog="python -m gradfence.bench._probe")
     parser.add_argument("--model", required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--mode", required=True)
+    parser.add_argument("--mode", choices=BENCH_MODES, required=True)
     parser.add_argument("--train-mode", action="store_true")
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args(argv)
 
     import torch
 
-    from gradfence.bench.factories import Workload
     from gradfence.bench.measure import call, peak_rss, scope
+    from gradfence.bench.workload import Workload
     from gradfence.errors import GradfenceError
 
     torch.set_num_threads(args.threads)

@@ -1,59 +1,17 @@
-"""The built-in models of ``gradfence bench``: a registry of name -> model and input factory.
+"""Factories of the built-in models that ``gradfence bench`` measures, and their inputs.
 
-Factories are given as ``"module:callable"`` strings, resolved only when a benchmark
-uses them, so listing the names (``gradfence bench --help``) imports no torch. Adding a
-model is one entry::
-
-    BUILTINS["sentiment"] = Builtin(
-        "DistilBERT-size sentiment classifier of gradfence serve",
-        model="gradfence.serve.model:build_model",
-        input="gradfence.serve.model:example_batch",
-    )
-
-``model`` is called with no arguments and returns an ``nn.Module``; ``input`` is called
-with the batch size and returns the model input (a tensor, a list of texts, a tuple of
-positional arguments, or a mapping of keyword arguments: see
-:func:`gradfence.bench.measure.call`).
+The registry naming them is :data:`gradfence.builtin_models.BUILTIN_MODELS` (shared with
+``gradfence eval``). An input factory takes the batch size and returns the model input
+(see :func:`gradfence.bench.measure.call`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """One built-in model: a description and its two factories as ``module:callable``."""
-
-    description: str
-    model: str
-    input: str
-
-
-BUILTINS: dict[str, Builtin] = {
-    "mlp": Builtin(
-        "MLP 784-1024-1024-10 with ReLU and Dropout(0.1), float32 inputs of shape (B, 784)",
-        model="gradfence.bench.builtins:build_mlp",
-        input="gradfence.bench.builtins:mlp_input",
-    ),
-    "cnn": Builtin(
-        "CNN conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, Dropout(0.1), Linear(4096, 10); "
-        "inputs of shape (B, 3, 32, 32)",
-        model="gradfence.bench.builtins:build_cnn",
-        input="gradfence.bench.builtins:cnn_input",
-    ),
-    "sentiment": Builtin(
-        "gradfence serve's default sentiment model (all-MiniLM-L6-v2 encoder and a linear "
-        "head; needs gradfence[serve]), inputs: lists of held-out tweets",
-        model="gradfence.serve.model:load_default",
-        input="gradfence.bench.builtins:sentiment_input",
-    ),
-}
 
 
 def build_mlp() -> nn.Module:
@@ -102,6 +60,13 @@ def cnn_input(batch_size: int) -> torch.Tensor:
     import torch
 
     return torch.randn(batch_size, 3, 32, 32)
+
+
+def toy_input(batch_size: int) -> torch.Tensor:
+    """A random batch for ``toy``: points of shape ``(batch_size, 2)``."""
+    import torch
+
+    return torch.randn(batch_size, 2)
 
 
 def sentiment_input(batch_size: int) -> list[str]:

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradfence.bench.builtins import BUILTINS
-from gradfence.cli import UsageError
+from gradfence.builtin_models import BUILTIN_MODELS
+from gradfence.cli import one_of, positive_int, positive_ints
+from gradfence.errors import UsageError, one_line
+from gradfence.modes import BENCH_MODES
 
 DEFAULT_BATCH_SIZES = "1,8,32"
 DEFAULT_REPEATS = 30
@@ -21,7 +23,7 @@ DEVICES = ("cpu", "cuda")
 
 def register(subparsers: Any) -> None:
     """Add the ``bench`` subcommand."""
-    builtins = "; ".join(f"{name}: {entry.description}" for name, entry in BUILTINS.items())
+    builtins = "; ".join(f"{name}: {entry.description}" for name, entry in BUILTIN_MODELS.items())
     parser = subparsers.add_parser(
         "bench",
         help="measure what no_grad, inference_mode and eval buy on your model",
@@ -46,14 +48,16 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--batch-sizes",
+        type=positive_ints,
         default=DEFAULT_BATCH_SIZES,
         metavar="1,8,32",
         help=f"comma-separated batch sizes (default: {DEFAULT_BATCH_SIZES})",
     )
     parser.add_argument(
         "--modes",
-        default="grad,no_grad,inference_mode",
-        metavar="grad,no_grad,inference_mode",
+        type=one_of(BENCH_MODES),
+        default=",".join(BENCH_MODES),
+        metavar=",".join(BENCH_MODES),
         help="comma-separated grad modes to measure (default: all three)",
     )
     parser.add_argument(
@@ -61,10 +65,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="measure with the model in train mode (default: eval mode for every grad mode)",
     )
-    parser.add_argument("--device", default="cpu", metavar="cpu|cuda", help="default: cpu")
+    parser.add_argument(
+        "--device", default="cpu", choices=DEVICES, metavar="cpu|cuda", help="default: cpu"
+    )
     parser.add_argument(
         "--repeats",
-        default=str(DEFAULT_REPEATS),
+        type=positive_int,
+        default=DEFAULT_REPEATS,
         metavar="N",
         help=f"timed calls per configuration, after 5 warm-up calls (default: {DEFAULT_REPEATS})",
     )
@@ -72,34 +79,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--markdown", metavar="FILE.md", help="write a Markdown table")
     parser.set_defaults(handler=run)
-
-
-def _positive_ints(option: str, text: str) -> tuple[int, ...]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts:
-        raise UsageError(f"{option} is empty: give comma-separated positive integers, e.g. 1,8,32")
-    values = []
-    for part in parts:
-        if not part.isdigit() or int(part) < 1:
-            raise UsageError(f"{option}: {part!r} is not a positive integer")
-        values.append(int(part))
-    if len(set(values)) != len(values):
-        raise UsageError(f"{option} {text!r} repeats a value")
-    return tuple(values)
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    from gradfence.bench.measure import MODES
-
-    modes = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not modes:
-        raise UsageError(f"--modes is empty: use some of {','.join(MODES)}")
-    for mode in modes:
-        if mode not in MODES:
-            raise UsageError(f"--modes: unknown mode {mode!r}, use some of {','.join(MODES)}")
-    if len(set(modes)) != len(modes):
-        raise UsageError(f"--modes {text!r} repeats a mode")
-    return modes
 
 
 def _output(option: str, value: str | None, suffix: str) -> Path | None:
@@ -120,22 +99,16 @@ def _write(option: str, path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(path)
     except OSError as exc:
-        text = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-        raise UsageError(f"{option} '{path}': cannot write: {detail}") from None
+        raise UsageError(f"{option} '{path}': cannot write: {one_line(exc)}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, run the benchmark, print the table and write the files."""
-    from gradfence.bench.factories import workload
+    from gradfence.bench.workload import workload
 
-    batch_sizes = _positive_ints("--batch-sizes", args.batch_sizes)
-    modes = _modes(args.modes)
-    repeats = _positive_ints("--repeats", args.repeats)
-    if len(repeats) != 1:
-        raise UsageError(f"--repeats {args.repeats!r}: give one positive integer")
-    if args.device not in DEVICES:
-        raise UsageError(f"--device {args.device!r}: use cpu or cuda")
+    batch_sizes: tuple[int, ...] = args.batch_sizes
+    modes: tuple[str, ...] = args.modes
+    repeats: int = args.repeats
     json_path = _output("--json", args.json, ".json")
     markdown_path = _output("--markdown", args.markdown, ".md")
     plot_path = _output("--plot", args.plot, ".png")
@@ -150,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device cuda: no CUDA device available to torch {torch.__version__}")
-    settings = Settings(chosen, batch_sizes, modes, args.train_mode, args.device, repeats[0])
+    settings = Settings(chosen, batch_sizes, modes, args.train_mode, args.device, repeats)
     command = " ".join(
         [
             "gradfence bench",
@@ -160,14 +133,13 @@ def run(args: argparse.Namespace) -> int:
             f"--modes {','.join(modes)}",
             *(["--train-mode"] if args.train_mode else []),
             f"--device {args.device}",
-            f"--repeats {repeats[0]}",
+            f"--repeats {repeats}",
         ]
     )
-    # imported by name: tqdm ships no type hints, and the bar is only used as Any
-    tqdm: Any = importlib.import_module("tqdm").tqdm
-    with tqdm(
-        total=steps(settings), disable=not sys.stderr.isatty(), leave=False, unit="step"
-    ) as bar:
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal only (tqdm's own check of its output stream)
+    with tqdm(total=steps(settings), disable=None, leave=False, unit="step") as bar:
 
         def advance(count: int, what: str) -> None:
             bar.set_description_str(what, refresh=False)

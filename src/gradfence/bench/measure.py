@@ -40,16 +40,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from gradfence.errors import GradfenceError
+from gradfence.batches import tensors_in
+from gradfence.errors import GradfenceError, one_line
+from gradfence.modes import BENCH_MODES, GradMode
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from gradfence.bench.factories import Workload
-    from gradfence.scope import GradMode
+    from gradfence.bench.workload import Workload
 
-MODES: tuple[str, ...] = ("grad", "no_grad", "inference_mode")
 WARMUP = 5
 
 
@@ -58,42 +58,6 @@ class MeasurementError(GradfenceError):
 
 
 # --- model inputs and outputs ------------------------------------------------------
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every tensor in ``value``, looking inside tuples, lists and mappings (in order)."""
-    import torch
-
-    found: list[torch.Tensor] = []
-
-    def visit(item: Any) -> None:
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif isinstance(item, Mapping):
-            for sub in item.values():
-                visit(sub)
-        elif isinstance(item, tuple | list):
-            for sub in item:
-                visit(sub)
-
-    visit(value)
-    return found
-
-
-def to_device(value: Any, device: str) -> Any:
-    """``value`` with every tensor moved to ``device`` (mappings become dicts)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: to_device(sub, device) for key, sub in value.items()}
-    if isinstance(value, tuple | list):
-        moved = [to_device(sub, device) for sub in value]
-        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
-            return type(value)(*moved)
-        return type(value)(moved)
-    return value
 
 
 def call(model: nn.Module, model_input: Any) -> Any:
@@ -117,18 +81,18 @@ def scope(model: nn.Module, mode: str, training: bool) -> contextlib.ExitStack:
 
     import gradfence as gf
 
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode not in BENCH_MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(BENCH_MODES)}")
     stack = contextlib.ExitStack()
     if training:
         stack.enter_context(gf.training(model))
         if mode != "grad":
-            stack.enter_context(gf.inference(mode=cast("GradMode", mode)))
+            stack.enter_context(gf.inference(mode=cast(GradMode, mode)))
     elif mode == "grad":
         stack.enter_context(gf.inference(model))
         stack.enter_context(torch.enable_grad())
     else:
-        stack.enter_context(gf.inference(model, mode=cast("GradMode", mode)))
+        stack.enter_context(gf.inference(model, mode=cast(GradMode, mode)))
     return stack
 
 
@@ -136,9 +100,7 @@ def _forward(model: nn.Module, model_input: Any, what: str) -> Any:
     try:
         return call(model, model_input)
     except Exception as exc:
-        first = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
-        raise MeasurementError(f"the model's forward failed {what}: {detail}") from None
+        raise MeasurementError(f"the model's forward failed {what}: {one_line(exc)}") from None
 
 
 # --- latency -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gradfence.bench.runner import BenchRun, ConfigResult
+from gradfence.tables import aligned
 
 SCHEMA = "gradfence.bench/1"
 
@@ -105,17 +106,9 @@ def headline(run: BenchRun) -> str:
 
 def render_terminal(run: BenchRun) -> str:
     """The aligned text table with the headline above and the notes below."""
-    rows = [HEADERS, *table(run)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
     lines = [f"gradfence bench: {headline(run)}", ""]
-    for index, row in enumerate(rows):
-        cells = [
-            cell.ljust(width) if column == 0 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
+    numbers = range(1, len(HEADERS))  # every column but the mode is right-aligned
+    lines.extend(aligned([HEADERS, *table(run)], right=numbers, header=True))
     lines.append("")
     lines.extend(f"note: {note}" for note in run.notes)
     return "\n".join(lines) + "\n"

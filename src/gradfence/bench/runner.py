@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradfence.batches import to_device
 from gradfence.bench import measure
-from gradfence.bench.factories import Workload
+from gradfence.bench.workload import Workload
 
 # peak-RSS child processes run at once on CPU (each measures only itself)
 CHILDREN_AT_ONCE = max(1, min(2, os.cpu_count() or 1))
@@ -132,7 +133,7 @@ def run_bench(
     threads = torch.get_num_threads()
     largest_input: Any = None
     for batch_size in settings.batch_sizes:
-        model_input = measure.to_device(settings.workload.make_input(batch_size), settings.device)
+        model_input = to_device(settings.workload.make_input(batch_size), settings.device)
         if batch_size == max(settings.batch_sizes):
             largest_input = model_input  # train vs eval is compared on the largest batch
         label = f"batch {batch_size}"
@@ -171,9 +172,7 @@ def _measure_peaks(
     peaks: dict[int, measure.PeakMemory] = {}
     if settings.device == "cuda":
         for index, item in enumerate(run.results):
-            model_input = measure.to_device(
-                settings.workload.make_input(item.batch_size), settings.device
-            )
+            model_input = to_device(settings.workload.make_input(item.batch_size), settings.device)
             peaks[index] = measure.peak_cuda(
                 model, model_input, item.mode, training=settings.training
             )

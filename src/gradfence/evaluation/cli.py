@@ -82,7 +82,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
 
     names: list[str] = args.metric or list(DEFAULT_METRICS)
     batch_size: int = args.batch_size
@@ -164,7 +164,7 @@ def _metric_names(text: str) -> list[str]:
 
 def _json_path(path: Path | None) -> Path | None:
     """``--json``, checked before anything is evaluated: its folder must exist."""
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
 
     if path is not None and not path.parent.is_dir():
         raise UsageError(f"--json '{path}': no such directory {path.parent}")
@@ -174,7 +174,7 @@ def _json_path(path: Path | None) -> Path | None:
 @contextlib.contextmanager
 def _failures_as_usage_errors(args: argparse.Namespace) -> Iterator[None]:
     """The model, data and metrics not fitting together is bad input: one line, exit 2."""
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
 
     try:
         yield
@@ -206,7 +206,7 @@ def _build_targets(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any,
     from torch import nn
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
     from gradfence.evaluation.registry import load_factory
 
     model_factory = load_factory(args.model, MODELS, "--model")
@@ -237,7 +237,7 @@ def _build_targets(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any,
 
 def _call(factory: Callable[[], Any], option: str, spec: str) -> Any:
     """Call a factory; an exception it raises is reported as one line, exit status 2."""
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
 
     try:
         return factory()
@@ -257,7 +257,7 @@ def _length(dataset: Any) -> int | None:
 def _output_width(model: Any, loader: Any, device: Any) -> int:
     """The number of classes, read off the model's output on the first batch."""
     import gradfence as gf
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
     from gradfence.evaluation.loop import resolve_device, to_device
 
     batch = next(iter(loader), None)

@@ -3,11 +3,11 @@
 Models and datasets are *factories*: callables taking no argument that return an
 ``nn.Module`` or a dataset. ``--model``/``--data`` take a built-in name from
 :data:`MODELS`/:data:`DATASETS`, or ``module.path:callable``, or
-``path/to/file.py:callable``. A built-in is registered by adding its
-``"module:callable"`` string here, so nothing is imported until it is used, e.g.
+``path/to/file.py:callable``. Built-in models are registered once, for ``gradfence
+bench`` too, in :data:`gradfence.builtin_models.BUILTIN_MODELS`; a built-in dataset is
+its ``"module:callable"`` string here, so nothing is imported until it is used, e.g.
 (the ``sentiment`` pair needs ``pip install 'gradfence[serve]'``)::
 
-    MODELS["sentiment"] = "gradfence.serve.model:load_default"
     DATASETS["sentiment-heldout"] = "gradfence.serve.model:heldout_dataset"
 
 Batches are collated by the default ``DataLoader``: a dataset of ``(text, label)`` pairs
@@ -21,14 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gradfence.builtin_models import BUILTIN_MODELS
 from gradfence.factories import FORMS, resolve
 
-# name -> "module:callable" returning an nn.Module
-MODELS: dict[str, str] = {
-    "toy": "gradfence.evaluation.toy:toy_model",
-    # gradfence serve's default model: texts -> logits (negative, neutral, positive)
-    "sentiment": "gradfence.serve.model:load_default",
-}
+# name -> "module:callable" returning an nn.Module (a view of the one registry)
+MODELS: dict[str, str] = {name: entry.model for name, entry in BUILTIN_MODELS.items()}
 
 # name -> "module:callable" returning a Dataset (or a DataLoader) of (inputs, target)
 DATASETS: dict[str, str] = {

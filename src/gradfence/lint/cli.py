@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
 
 def run_rules(args: argparse.Namespace) -> int:
     """``gradfence rules [CODE]``."""
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
     from gradfence.lint.docgen import render_page, render_table
     from gradfence.lint.rules import RULES
 
@@ -82,7 +82,7 @@ def run_rules(args: argparse.Namespace) -> int:
 
 
 def _split_codes(text: str | None, option: str) -> tuple[str, ...] | None:
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
     from gradfence.lint.rules import RULES
 
     if text is None:
@@ -97,7 +97,7 @@ def _split_codes(text: str | None, option: str) -> tuple[str, ...] | None:
 def run_lint(args: argparse.Namespace) -> int:
     """``gradfence lint``: lint, optionally fix, report; return the exit status."""
     from gradfence import __version__
-    from gradfence.cli import UsageError
+    from gradfence.errors import UsageError
     from gradfence.lint.config import ConfigError, find_pyproject, load_config, parse_torch_version
     from gradfence.lint.engine import Settings, lint_paths
     from gradfence.lint.files import discover

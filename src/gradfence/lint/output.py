@@ -14,8 +14,15 @@ from gradfence.lint.diagnostics import Diagnostic, Fix
 from gradfence.lint.rules import RULES
 
 FORMATS = ("text", "json", "sarif", "github")
+SYNTAX_ERROR = "GF000"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 INFORMATION_URI = "https://github.com/gradfence/gradfence/blob/main/docs/lint.md"
+
+
+def level(code: str) -> str:
+    """How severe a finding of ``code`` is, the same in SARIF and in GitHub annotations:
+    ``error`` for a file that does not parse, ``warning`` for every rule."""
+    return "error" if code == SYNTAX_ERROR else "warning"
 
 
 def format_text(diagnostics: Sequence[Diagnostic]) -> str:
@@ -95,7 +102,7 @@ def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
                 "fullDescription": {"text": rule.summary},
                 "help": {"text": rule.doc, "markdown": rule.doc},
                 "helpUri": f"https://github.com/gradfence/gradfence/blob/main/docs/rules/{code}.md",
-                "defaultConfiguration": {"level": "error" if code == "GF000" else "warning"},
+                "defaultConfiguration": {"level": level(code)},
                 "properties": {"fixable": rule.fixable},
             }
         )
@@ -105,7 +112,7 @@ def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
             {
                 "ruleId": d.code,
                 "ruleIndex": index.get(d.code, 0),
-                "level": "error" if d.code == "GF000" else "warning",
+                "level": level(d.code),
                 "message": {"text": d.message},
                 "locations": [
                     {
@@ -135,6 +142,9 @@ def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
                         "rules": rules,
                     }
                 },
+                # columns count characters (code points), as in the text report,
+                # not SARIF's default UTF-16 code units
+                "columnKind": "unicodeCodePoints",
                 "results": results,
             }
         ],
@@ -146,24 +156,26 @@ def format_sarif(diagnostics: Sequence[Diagnostic], version: str) -> str:
     return json.dumps(to_sarif(diagnostics, version), indent=2)
 
 
-def _escape_data(text: str) -> str:
+def escape_data(text: str) -> str:
+    """The message of a GitHub workflow command: ``%``, CR and LF percent-encoded."""
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+def escape_property(text: str) -> str:
+    """A property value of a GitHub workflow command: also ``:`` and ``,`` encoded."""
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def format_github(diagnostics: Sequence[Diagnostic]) -> str:
-    """GitHub Actions workflow commands: one ``::error`` annotation per finding."""
+    """GitHub Actions workflow commands: one annotation per finding, at :func:`level`."""
     lines = []
     for d in diagnostics:
         props = (
-            f"file={_escape_property(d.path)},line={d.line},col={d.col},"
+            f"file={escape_property(d.path)},line={d.line},col={d.col},"
             f"endLine={d.end_line},endColumn={d.end_col},"
-            f"title={_escape_property(f'{d.code} {d.name}')}"
+            f"title={escape_property(f'{d.code} {d.name}')}"
         )
-        lines.append(f"::error {props}::{_escape_data(f'{d.code} {d.message}')}")
+        lines.append(f"::{level(d.code)} {props}::{escape_data(f'{d.code} {d.message}')}")
     return "\n".join(lines)
 
 

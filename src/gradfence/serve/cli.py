@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gradfence.cli import UsageError
+from gradfence.errors import UsageError
 
 
 def register(subparsers: Any) -> None:

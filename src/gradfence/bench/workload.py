@@ -1,4 +1,7 @@
-"""``--model`` and ``--input`` specs: a built-in name, ``module:factory`` or ``file.py:factory``.
+"""What ``gradfence bench`` measures: ``--model``/``--input`` specs resolved to a workload.
+
+A spec is a built-in name (:data:`gradfence.builtin_models.BUILTIN_MODELS`),
+``module:factory`` or ``file.py:factory`` (resolved by :mod:`gradfence.factories`).
 
 A :class:`Workload` is the resolved pair. It is made of strings only (built-in name, or
 ``module:attr`` / absolute ``path.py:attr``) so that the child process measuring peak
@@ -11,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfence.bench.builtins import BUILTINS
-from gradfence.cli import UsageError
+from gradfence.batches import tensors_in
+from gradfence.builtin_models import BUILTIN_MODELS
+from gradfence.errors import UsageError
 from gradfence.factories import is_file, one_line, resolve, split
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ class Workload:
         import torch
         from torch import nn
 
-        factory = load(self.model_spec, "--model")
+        factory = resolve(self.model_spec, "--model")
         torch.manual_seed(SEED)
         model = factory if isinstance(factory, nn.Module) else _call(factory, self.model_spec)
         if not isinstance(model, nn.Module):
@@ -52,9 +56,7 @@ class Workload:
         """Call the input factory with ``batch_size`` (after seeding torch with :data:`SEED`)."""
         import torch
 
-        from gradfence.bench.measure import tensors_in
-
-        factory = load(self.input_spec, "--input")
+        factory = resolve(self.input_spec, "--input")
         torch.manual_seed(SEED)
         value = _call(factory, self.input_spec, batch_size)
         if not tensors_in(value) and not _is_texts(value):
@@ -73,12 +75,12 @@ def _is_texts(value: Any) -> bool:
 
 def workload(model: str, input_spec: str | None) -> Workload:
     """Check the ``--model``/``--input`` specs and normalise them (nothing is imported yet)."""
-    builtin = BUILTINS.get(model)
+    builtin = BUILTIN_MODELS.get(model)
     if builtin is not None:
         chosen_input = builtin.input if input_spec is None else _normalise(input_spec, "--input")
         return Workload(model, builtin.model, chosen_input)
     if ":" not in model:
-        names = ", ".join(sorted(BUILTINS))
+        names = ", ".join(sorted(BUILTIN_MODELS))
         raise UsageError(
             f"unknown model {model!r}: use a built-in ({names}), MODULE:FACTORY or "
             "path/to/file.py:FACTORY"
@@ -99,11 +101,6 @@ def _normalise(spec: str, option: str) -> str:
             raise UsageError(f"{option} {spec!r}: no such file {target}")
         return f"{path}:{attr}"
     return spec
-
-
-def load(spec: str, option: str) -> Any:
-    """Import the callable a normalised spec names (``module:attr`` or ``/abs/file.py:attr``)."""
-    return resolve(spec, option)
 
 
 def _call(factory: Any, spec: str, *args: Any) -> Any:
