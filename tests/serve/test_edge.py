@@ -269,15 +269,18 @@ def test_openapi_documents_bodies_errors_and_bearer_auth(serve_model: ServerFact
 def test_full_queue_refuses_before_the_body_and_logs_little(
     serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = StubClassifier()
+    model = EnteredStub()
     server = serve_model(model, max_batch_size=1, max_queue=2, max_wait_ms=0)
     model.gate.clear()
+    model.entered.clear()
 
     async def fill() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            held = [
-                asyncio.create_task(client.post("/v1/predict", json={"texts": [t]}))
-                for t in ("b", "g", "bb")  # one in the stalled batch, two queued
+            post = client.post
+            held = [asyncio.create_task(post("/v1/predict", json={"texts": ["b"]}))]
+            assert await asyncio.to_thread(model.entered.wait, 10)  # stalled in the model
+            held += [
+                asyncio.create_task(post("/v1/predict", json={"texts": [t]})) for t in ("g", "bb")
             ]
             deadline = time.monotonic() + 10
             while "gradfence_queue_depth 2.0" not in (await client.get("/metrics")).text:
@@ -304,6 +307,18 @@ def test_full_queue_refuses_before_the_body_and_logs_little(
     assert [r.status_code for r in asyncio.run(fill())] == [200, 200, 200]
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) <= 2, [r.getMessage() for r in warnings]
+
+
+class EnteredStub(StubClassifier):
+    """Sets ``entered`` when a batch reaches the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        self.entered.set()
+        return super().forward(texts)
 
 
 class TokenTimedStub(StubClassifier):

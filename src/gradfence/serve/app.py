@@ -60,10 +60,12 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
 # admit a request while the model work queued before it is estimated to take at most
-# this fraction of --request-timeout-s (the rest is headroom for batching and HTTP)
-ADMIT_FRACTION = 0.8
-# tokens the service must have run before its measured cost per token is trusted
-MIN_OBSERVED_TOKENS = 64
+# this fraction of --request-timeout-s (the rest is headroom for estimation error,
+# batching and HTTP)
+ADMIT_FRACTION = 0.6
+# tokens the service must have run before its measured cost per token is trusted; the
+# cost is then re-measured over every window of this many tokens (a moving average)
+MIN_OBSERVED_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -436,11 +438,13 @@ class WorkAdmission:
     """Admits a request only if the model can answer it within the request timeout.
 
     It counts the estimated tokens (:func:`estimate_tokens`) of every admitted request
-    not yet answered, and learns the model's seconds per token from the batches run
-    (``observe_batch``) and the tokens of the requests they answered (``finish``). A
-    request is refused (503) when the work queued ahead of it, plus its own, would take
-    longer than ``ADMIT_FRACTION`` of the timeout. Until ``MIN_OBSERVED_TOKENS`` tokens
-    have run, only the queue's text count limits admission.
+    not yet answered, and measures the model's seconds per token from the batches run
+    (``observe_batch``) and the tokens of the requests they answered (``finish``), over
+    windows of ``MIN_OBSERVED_TOKENS`` tokens, as a moving average that follows a
+    machine getting busier. A request is refused (503) when the work queued ahead of
+    it, plus its own, would take longer than ``ADMIT_FRACTION`` of the timeout; a
+    request alone is always admitted. Until the first window is measured, only the
+    queue's text count limits admission.
 
     >>> admission = WorkAdmission(timeout_s=30.0)
     >>> admission.estimated_wait_s(1000)
@@ -451,16 +455,14 @@ class WorkAdmission:
         self.budget_s = ADMIT_FRACTION * timeout_s
         self.parallelism = max(1, parallelism)
         self.outstanding = 0
-        self._model_seconds = 0.0
-        self._tokens_run = 0
+        self._cost: float | None = None  # seconds per token, moving average
+        self._window_seconds = 0.0
+        self._window_tokens = 0
         self._lock = threading.Lock()  # batches are observed from the inference thread
 
     def seconds_per_token(self) -> float | None:
-        """The measured model cost of one token, once enough tokens have run."""
-        with self._lock:
-            if self._tokens_run < MIN_OBSERVED_TOKENS:
-                return None
-            return self._model_seconds / self._tokens_run / self.parallelism
+        """The measured model cost of one token, once a window of tokens has run."""
+        return None if self._cost is None else self._cost / self.parallelism
 
     def estimated_wait_s(self, tokens: int = 0) -> float:
         """Model seconds until ``tokens`` more would be answered."""
@@ -484,14 +486,19 @@ class WorkAdmission:
     def finish(self, tokens: int, served: bool) -> None:
         """The admitted request of ``tokens`` ended (``served``: the model answered it)."""
         self.outstanding -= tokens
-        if served:
-            with self._lock:
-                self._tokens_run += tokens
+        if not served:
+            return
+        with self._lock:
+            self._window_tokens += tokens
+            if self._window_tokens >= MIN_OBSERVED_TOKENS:
+                cost = self._window_seconds / self._window_tokens
+                self._cost = cost if self._cost is None else 0.5 * (self._cost + cost)
+                self._window_seconds, self._window_tokens = 0.0, 0
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """Count the model time of one batch (called from the inference thread)."""
         with self._lock:
-            self._model_seconds += seconds
+            self._window_seconds += seconds
 
 
 class _Throttle:

@@ -26,9 +26,11 @@ import contextlib
 import http
 import json
 import logging
+import math
 import resource
 import signal
 import threading
+import time
 from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any
@@ -63,6 +65,36 @@ def raw_answer(status: int, detail: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class _ThrottledLog(logging.Filter):
+    """At most one record per message text per ``every_s``, with the count since.
+
+    uvicorn logs one WARNING per refused request head; a flood of bad heads must not
+    turn into a flood of log lines.
+    """
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        key = str(record.msg)
+        last, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, suppressed + 1)
+            return False
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} more like it since the last line)"
+        self._last[key] = (now, 0)
+        return True
+
+
+# what uvicorn's protocol logs about connections (bad heads, upgrades), throttled
+http_log = logging.getLogger("gradfence.serve.http")
+http_log.addFilter(_ThrottledLog())
+
+
 class _HeadLimitedConnection(h11.Connection):
     """h11's connection, remembering the status h11 suggests for a refused request."""
 
@@ -86,6 +118,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = http_log
         self.head_limited = _HeadLimitedConnection(h11.SERVER, self.settings.max_head_bytes)
         self.conn = self.head_limited
         self._head_timer: asyncio.TimerHandle | None = None
