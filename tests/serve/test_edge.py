@@ -92,6 +92,20 @@ def test_endless_head_is_431_at_once_and_stalls_nobody(
     assert good_request_ok(server)
 
 
+def test_a_flood_of_bad_heads_logs_one_line(
+    serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve_model(StubClassifier())
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            answer = raw_request(server, b"GET /health/live HTTP/1.1\r\n" + b"X: y\r\n" * 3000)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+            assert raw_request(server, b"\x00\x01 nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    lines = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]  # throttled: one per 10 s
+    assert good_request_ok(server)
+
+
 def test_slow_head_is_408_and_a_silent_connection_is_closed(
     serve_model: ServerFactory,
 ) -> None:
