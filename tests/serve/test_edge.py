@@ -96,11 +96,17 @@ def test_a_flood_of_bad_heads_logs_one_line(
     serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = serve_model(StubClassifier())
-    with caplog.at_level(logging.WARNING):
-        for _ in range(50):
-            answer = raw_request(server, b"GET /health/live HTTP/1.1\r\n" + b"X: y\r\n" * 3000)
-            assert answer.startswith(b"HTTP/1.1 431 ")
-            assert raw_request(server, b"\x00\x01 nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    uvicorn_log = logging.getLogger("uvicorn")  # does not propagate to caplog's root handler
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(50):
+                head = b"GET /health/live HTTP/1.1\r\n" + b"X: y\r\n" * 3000
+                assert raw_request(server, head).startswith(b"HTTP/1.1 431 ")
+                nonsense = b"\x00\x01 nonsense\r\n\r\n"
+                assert raw_request(server, nonsense).startswith(b"HTTP/1.1 400 ")
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
     lines = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
     assert len(lines) <= 1, [r.getMessage() for r in lines]  # throttled: one per 10 s
     assert good_request_ok(server)
