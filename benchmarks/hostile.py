@@ -189,14 +189,14 @@ def main() -> int:
         wait_ready(url, process)
         measure(url, port, texts, argparse.Namespace(clients=8, duration=3), None)  # warm-up
         print(f"{args.clients} good clients, {args.duration:g} s each, {os.cpu_count()} CPUs")
-        print(
-            f"{'attack':16} {'texts/s':>8} {'p99 ms':>8} {'errors':>6} {'goodput':>8} {'model':>6}"
-        )
-        base, p99, errors, model = measure(url, port, texts, args, None)
-        print(f"{'none':16} {base:8.1f} {p99:8.1f} {errors:6d} {1.0:8.2f} {model:6.1f}")
+        header = ("attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s")
+        print("{:16} {:>8} {:>8} {:>6} {:>8} {:>6} {:>5}".format(*header))
+        row = "{:16} {:8.1f} {:8.1f} {:6d} {:8.2f} {:6.1f} {:5.0f}"
+        base, p99, errors, model, late = measure(url, port, texts, args, None)
+        print(row.format("none", base, p99, errors, 1.0, model, late))
         for name in args.attacks.split(","):
-            rate, p99, errors, model = measure(url, port, texts, args, name)
-            print(f"{name:16} {rate:8.1f} {p99:8.1f} {errors:6d} {rate / base:8.2f} {model:6.1f}")
+            rate, p99, errors, model, late = measure(url, port, texts, args, name)
+            print(row.format(name, rate, p99, errors, rate / base, model, late))
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         methods = set(re.findall(r'method="([^"]*)"', metrics))
         print(f"/metrics: {len(metrics)} bytes, method labels {sorted(methods)}")
