@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -674,28 +675,13 @@ class _Edge:
 
     def _check(self, scope: Scope, path: str, method: str) -> None:
         settings = self.service.settings
-        headers = _Headers(scope)
+        headers = Headers(scope=scope)
         check_host(headers, settings.allowed_hosts)
         if path not in self.public:
             check_auth(headers, settings.api_key)
         if path == "/v1/predict" and method == "POST":
             check_json_content_type(headers)
             self.service.check_capacity(self.service.ready_batcher())
-
-
-class _Headers:
-    """Case-insensitive ``get`` over an ASGI scope's headers, decoded as latin-1."""
-
-    def __init__(self, scope: Scope) -> None:
-        self.scope = scope
-
-    def get(self, name: str, default: str = "") -> str:
-        key = name.encode("latin-1")
-        for header, value in self.scope["headers"]:
-            if header.lower() == key:
-                text: str = value.decode("latin-1")
-                return text
-        return default
 
 
 def create_app(
