@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Generator
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -222,8 +223,6 @@ def raise_fd_limit(settings: ServeSettings) -> ServeSettings:
             max(1, room),
             soft,
         )
-        from dataclasses import replace
-
         return replace(settings, max_connections=max(1, room))
     return settings
 
