@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gradfence.serve.app import ServeSettings, create_app
 from gradfence.serve.model import TextClassifier
+from gradfence.serve.server import uvicorn_config
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = ["good", "bad", "great", "awful", "day", "the", "movie", "was", "not", "very"]
@@ -115,8 +116,10 @@ class ThreadedServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        # the service's own HTTP edge (h11, head limits, connection cap)
+        settings = app.state.service.settings
+        config = uvicorn_config(
+            app, settings, host="127.0.0.1", port=self.port, log_level="warning"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -7,5 +7,5 @@ thread-local), fed by a dynamic batcher. Heavy imports live in the submodules:
   ``--model-dir`` checkpoints, the held-out tweets (``heldout_dataset()``);
 * :mod:`gradfence.serve.batcher`: the dynamic batcher and its inference thread;
 * :mod:`gradfence.serve.app`: the FastAPI app; :mod:`gradfence.serve.server`: uvicorn;
-* :mod:`gradfence.serve.ray`: the same model as a Ray Serve deployment.
+* :mod:`gradfence.serve.ray`: the same app on Ray Serve (``serve.ingress``).
 """

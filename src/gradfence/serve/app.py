@@ -1,8 +1,16 @@
-"""The HTTP API of ``gradfence serve``: a FastAPI app around a :class:`Batcher`.
+"""The HTTP API of ``gradfence serve``: one FastAPI app for the uvicorn and Ray backends.
 
 Routes: ``POST /v1/predict``, ``GET /v1/model``, ``GET /health/live``,
-``GET /health/ready``, ``GET /metrics``. Every error answer is JSON with a ``detail``
-string (and ``field`` for validation errors).
+``GET /health/ready``, ``GET /metrics`` (and ``GET /openapi.json`` with
+``ServeSettings.openapi``). Every error answer is JSON with a ``detail`` string (and
+``field`` when one field of the request is at fault). Request and response bodies are
+pydantic models, so ``/openapi.json`` documents them, every error answer and the bearer
+auth.
+
+The edge (:class:`_Edge`, in front of every route): bounded metric labels, the Host
+check (DNS rebinding), the API key, ``415`` for a body that is not JSON, cheap ``503``
+refusals before a body is read, ``nosniff`` / ``no-store`` on every answer. The HTTP
+layer under it (head size and time, idle connections) is :mod:`gradfence.serve.server`.
 """
 
 from __future__ import annotations
@@ -12,16 +20,21 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,12 +54,30 @@ T = TypeVar("T")
 MAX_TEXTS = 64
 MAX_TEXT_CHARS = 10_000
 MAX_BODY_BYTES = 1 << 20
-ROUTES = ("/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics")
+PUBLIC_ROUTES = ("/health/live", "/health/ready")
+ROUTES = ("/v1/predict", "/v1/model", *PUBLIC_ROUTES, "/metrics", "/openapi.json")
+# anything else is counted as method="other": made-up methods must not grow /metrics
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
+# admit a request while the model work queued before it is estimated to take at most
+# this fraction of --request-timeout-s (the rest is headroom for estimation error,
+# batching and HTTP)
+ADMIT_FRACTION = 0.6
+# tokens the service must have run before its measured cost per token is trusted; the
+# cost is then re-measured over every window of this many tokens (a moving average)
+MIN_OBSERVED_TOKENS = 512
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Everything the app needs besides the model (the CLI flags of ``gradfence serve``)."""
+    """Everything the app and its server need besides the model (``gradfence serve`` flags).
+
+    ``allowed_hosts``: Host header names accepted (``None``: any; the CLI sets the
+    loopback names when it binds to loopback). ``metrics_public``: ``/metrics`` without
+    the API key. ``openapi``: serve ``/openapi.json``. The ``max_head_bytes`` to
+    ``max_connections`` limits apply to the uvicorn backend's HTTP layer.
+    """
 
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -55,6 +86,81 @@ class ServeSettings:
     api_key: str | None = None
     retry_after_s: int = 1
     warmup: tuple[str, ...] = ("gradfence warm-up batch",)
+    allowed_hosts: tuple[str, ...] | None = None
+    metrics_public: bool = False
+    openapi: bool = False
+    shutdown_body_grace_s: float = 2.0
+    max_head_bytes: int = 16 * 1024
+    head_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 512
+
+
+# --- request and response bodies ---------------------------------------------------
+
+
+def _utf8_encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers refuse it
+        raise ValueError("is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_utf8_encodable)]
+
+
+class PredictRequest(BaseModel):
+    """``POST /v1/predict`` body: 1 to 64 texts of at most 10,000 characters each."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
+
+
+class PredictionBody(BaseModel):
+    """One text's prediction: the most probable label, its probability, every label's."""
+
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    """``POST /v1/predict`` answer: one prediction per text, in order."""
+
+    predictions: list[PredictionBody]
+    model: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer; ``field`` names the offending field when there is one
+    (``body``, ``texts``, ``texts[i]``, an unknown key, ``content-type``, ``host``)."""
+
+    detail: str
+    field: str | None = None
+
+
+class HealthBody(BaseModel):
+    """``/health/*`` answer; ``detail`` says why loading failed."""
+
+    status: str
+    detail: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """``GET /v1/model`` answer."""
+
+    model: str
+    labels: list[str]
+    backend: str
+    inference_thread: dict[str, Any]
+    batching: dict[str, float]
+    limits: dict[str, float]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
 
 
 class RequestError(Exception):
@@ -80,63 +186,77 @@ class RequestError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers refuse it
-        return False
-    return True
+def _field_name(loc: Sequence[int | str]) -> str:
+    """pydantic's error location as the client wrote it: ``("texts", 1)`` -> ``texts[1]``."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
 
 
 def validate_texts(body: Any) -> list[str]:
-    """The ``texts`` of a predict body, or a 422 :class:`RequestError` naming the field."""
-    if not isinstance(body, dict):
-        raise RequestError(422, 'the body must be a JSON object {"texts": [...]}', "body")
-    unknown = sorted(set(body) - {"texts"})
-    if unknown:
-        raise RequestError(422, f"unknown field {unknown[0]!r}", unknown[0])
-    if "texts" not in body:
-        raise RequestError(422, "field 'texts' is required", "texts")
-    texts = body["texts"]
-    if not isinstance(texts, list):
-        raise RequestError(422, "'texts' must be a list of strings", "texts")
-    if not texts:
-        raise RequestError(422, "'texts' must not be empty", "texts")
-    if len(texts) > MAX_TEXTS:
-        raise RequestError(422, f"'texts' holds {len(texts)} items, at most {MAX_TEXTS}", "texts")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            name = type(text).__name__ if text is not None else "null"
-            raise RequestError(422, f"texts[{i}] must be a string, not {name}", f"texts[{i}]")
-        if not _encodable(text):
+    """The ``texts`` of a predict body, or a 422 :class:`RequestError` naming the field.
+
+    >>> validate_texts({"texts": ["great phone"]})
+    ['great phone']
+    """
+    try:
+        return PredictRequest.model_validate(body).texts
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        if error["type"] == "model_type":
             raise RequestError(
-                422, f"texts[{i}] is not valid Unicode (a lone surrogate)", f"texts[{i}]"
-            )
-        if len(text) > MAX_TEXT_CHARS:
-            raise RequestError(
-                422,
-                f"texts[{i}] has {len(text)} characters, at most {MAX_TEXT_CHARS}",
-                f"texts[{i}]",
-            )
-    return texts
+                422, 'the body must be a JSON object {"texts": [...]}', "body"
+            ) from None
+        field = _field_name(error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        raise RequestError(422, f"{field}: {message[:1].lower()}{message[1:]}", field) from None
 
 
 async def read_body(
-    request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float | None = None
+    request: Request,
+    limit: int = MAX_BODY_BYTES,
+    timeout_s: float | None = None,
+    draining: asyncio.Event | None = None,
+    grace_s: float = 2.0,
 ) -> bytes:
     """The request body, or a :class:`RequestError`: 413 as soon as it exceeds ``limit``,
     408 when it has not fully arrived within ``timeout_s`` (a client that sends less than
     its ``Content-Length`` would otherwise hold the request, and a graceful shutdown,
-    forever), 499 when the client closed the connection before sending all of it."""
+    forever), 503 when it has not arrived ``grace_s`` after ``draining`` was set (the
+    server is shutting down), 499 when the client closed the connection before sending
+    all of it."""
     declared = request.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"body of {declared} bytes exceeds {limit} bytes")
+    reading = asyncio.ensure_future(_read_chunks(request, limit))
+    waits: list[asyncio.Future[Any]] = [reading]
+    if draining is not None:
+        waits.append(asyncio.ensure_future(draining.wait()))
     try:
-        return await asyncio.wait_for(_read_chunks(request, limit), timeout_s)
-    except asyncio.TimeoutError as exc:
-        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s") from exc
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when="FIRST_COMPLETED")
+        if reading not in done and len(done) == 1:  # draining: a short grace, then stop
+            await asyncio.wait([reading], timeout=grace_s)
+            if not reading.done():
+                raise RequestError(
+                    503,
+                    "shutting down: the body did not arrive in time",
+                    headers={"Connection": "close"},
+                )
+        if not reading.done():
+            raise RequestError(408, f"the body did not arrive within {timeout_s:g} s")
+        return reading.result()
     except ClientDisconnect as exc:
         raise RequestError(499, "the client closed the connection before its body") from exc
+    finally:
+        for wait in waits:
+            wait.cancel()
+        with contextlib.suppress(BaseException):
+            await reading
 
 
 async def _read_chunks(request: Request, limit: int) -> bytes:
@@ -150,14 +270,15 @@ async def _read_chunks(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_auth(request: Request, api_key: str | None) -> None:
+def check_auth(headers: Any, api_key: str | None) -> None:
     """Raise a 401 :class:`RequestError` unless the bearer token equals ``api_key``.
 
-    The comparison takes constant time (``hmac.compare_digest``); no key, no check.
+    ``headers``: the request's headers (a mapping). The comparison takes constant time
+    (``hmac.compare_digest``); no key, no check.
     """
     if api_key is None:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     # header values arrive decoded as latin-1: back to the bytes the client sent (UTF-8)
     ok = scheme.lower() == "bearer" and hmac.compare_digest(
         token.strip().encode("latin-1"), api_key.encode()
@@ -166,10 +287,49 @@ def check_auth(request: Request, api_key: str | None) -> None:
         raise RequestError(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def parse_predict(request: Request, timeout_s: float | None = None) -> list[str]:
-    """The texts of a ``POST /v1/predict`` request, or a 408/413/422/499
+def check_host(headers: Any, allowed: tuple[str, ...] | None) -> None:
+    """Raise a 400 :class:`RequestError` unless the Host header names an allowed host.
+
+    A service bound to loopback is reachable from any web page the user visits through
+    DNS rebinding (``evil.example`` resolving to 127.0.0.1): the browser then sends
+    ``Host: evil.example``, which this refuses.
+    """
+    if allowed is None:
+        return
+    host = headers.get("host", "").strip().lower()
+    if _host_name(host) not in allowed:
+        names = ", ".join(allowed)
+        raise RequestError(400, f"Host {host!r} is not served here (allowed: {names})", "host")
+
+
+def _host_name(host: str) -> str:
+    """``name:port`` -> ``name``; ``[::1]:8000`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0] if host.count(":") == 1 else host
+
+
+def check_json_content_type(headers: Any) -> None:
+    """Raise a 415 :class:`RequestError` unless the body is declared as JSON.
+
+    Browsers send cross-origin ``text/plain`` or form bodies without a preflight; a JSON
+    content type cannot be sent that way.
+    """
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        shown = media or "none"
+        raise RequestError(415, f"content-type {shown}: send application/json", "content-type")
+
+
+async def parse_predict(
+    request: Request,
+    timeout_s: float | None = None,
+    draining: asyncio.Event | None = None,
+    grace_s: float = 2.0,
+) -> list[str]:
+    """The texts of a ``POST /v1/predict`` request, or a 408/413/422/499/503
     :class:`RequestError` (see :func:`read_body`)."""
-    raw = await read_body(request, timeout_s=timeout_s)
+    raw = await read_body(request, timeout_s=timeout_s, draining=draining, grace_s=grace_s)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
@@ -193,8 +353,11 @@ async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
         raise RequestError(500, f"inference failed: {type(exc).__name__}") from exc
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client goes away first, cancel it and raise a 499.
+async def unless_disconnected(
+    request: Request, work: Awaitable[T], aborting: asyncio.Event | None = None
+) -> T:
+    """Await ``work``; if the client goes away first, cancel it and raise a 499; if
+    ``aborting`` is set first (a second Ctrl+C), cancel it and raise a 503.
 
     Call once the body has been read: the ASGI ``receive`` then only reports the
     disconnect. A cancelled prediction drops its queued texts, so a client that gave up
@@ -206,16 +369,21 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             pass
 
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(disconnected())
+    watches: list[asyncio.Future[Any]] = [asyncio.ensure_future(disconnected())]
+    if aborting is not None:
+        watches.append(asyncio.ensure_future(aborting.wait()))
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, *watches), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watch.cancel()
+        for watch in watches:
+            watch.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
     if task.cancelled():
+        if aborting is not None and aborting.is_set():
+            raise RequestError(503, "shutting down", headers={"Connection": "close"})
         raise RequestError(499, "the client closed the connection before its answer")
     return task.result()
 
@@ -249,8 +417,114 @@ def model_body(
     }
 
 
+# --- admission by estimated work ---------------------------------------------------
+
+
+def estimate_tokens(model: TextClassifier, texts: Sequence[str]) -> int:
+    """The model work of ``texts`` in tokens, as cheaply as the model can tell.
+
+    A model with a ``count_tokens(texts) -> list[int]`` method answers for itself;
+    otherwise about one token per 4 characters plus the two special tokens, capped at
+    the model's ``max_tokens`` (it truncates there). Only comparisons between requests
+    of one service matter: :class:`WorkAdmission` learns the cost of this unit.
+    """
+    count = getattr(model, "count_tokens", None)
+    if callable(count):
+        return int(sum(count(texts)))
+    cap = int(getattr(model, "max_tokens", 512))
+    return sum(min(cap, len(text) // 4 + 2) for text in texts)
+
+
+class WorkAdmission:
+    """Admits a request only if the model can answer it within the request timeout.
+
+    It counts the estimated tokens (:func:`estimate_tokens`) of every admitted request
+    not yet answered, and measures the model's seconds per token from the batches run
+    (``observe_batch``) and the tokens of the requests they answered (``finish``), over
+    windows of ``MIN_OBSERVED_TOKENS`` tokens, as a moving average that follows a
+    machine getting busier. A request is refused (503) when the work queued ahead of
+    it, plus its own, would take longer than ``ADMIT_FRACTION`` of the timeout; a
+    request alone is always admitted. Until the first window is measured, only the
+    queue's text count limits admission.
+
+    >>> admission = WorkAdmission(timeout_s=30.0)
+    >>> admission.estimated_wait_s(1000)
+    0.0
+    """
+
+    def __init__(self, timeout_s: float, parallelism: int = 1) -> None:
+        self.budget_s = ADMIT_FRACTION * timeout_s
+        self.parallelism = max(1, parallelism)
+        self.outstanding = 0
+        self._cost: float | None = None  # seconds per token, moving average
+        self._window_seconds = 0.0
+        self._window_tokens = 0
+        self._lock = threading.Lock()  # batches are observed from the inference thread
+
+    def seconds_per_token(self) -> float | None:
+        """The measured model cost of one token, once a window of tokens has run."""
+        return None if self._cost is None else self._cost / self.parallelism
+
+    def estimated_wait_s(self, tokens: int = 0) -> float:
+        """Model seconds until ``tokens`` more would be answered."""
+        cost = self.seconds_per_token()
+        return 0.0 if cost is None else cost * (self.outstanding + tokens)
+
+    def saturated(self) -> bool:
+        """True when the admitted work alone already fills the budget."""
+        return self.estimated_wait_s() > self.budget_s
+
+    def admit(self, tokens: int) -> None:
+        """Count ``tokens`` as admitted, or raise :class:`QueueFullError`."""
+        wait = self.estimated_wait_s(tokens)
+        if self.outstanding and wait > self.budget_s:
+            raise QueueFullError(
+                f"about {wait:.1f} s of model work queued with this request "
+                f"(limit {self.budget_s:.1f} s)"
+            )
+        self.outstanding += tokens
+
+    def finish(self, tokens: int, served: bool) -> None:
+        """The admitted request of ``tokens`` ended (``served``: the model answered it)."""
+        self.outstanding -= tokens
+        if not served:
+            return
+        with self._lock:
+            self._window_tokens += tokens
+            if self._window_tokens >= MIN_OBSERVED_TOKENS:
+                cost = self._window_seconds / self._window_tokens
+                self._cost = cost if self._cost is None else 0.5 * (self._cost + cost)
+                self._window_seconds, self._window_tokens = 0.0, 0
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        """Count the model time of one batch (called from the inference thread)."""
+        with self._lock:
+            self._window_seconds += seconds
+
+
+class _Throttle:
+    """At most one log line per ``every_s`` for a repeated event, with the count since.
+
+    A retry storm must not turn into thousands of WARNING lines a second.
+    """
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more like it since the last line)" if self._suppressed else ""
+        log.warning("%s%s", message, more)
+        self._last, self._suppressed = now, 0
+
+
 class _Service:
-    """The app's state: the model, its batcher, readiness."""
+    """The app's state: the model, its batcher, readiness, admission, shutdown events."""
 
     def __init__(
         self,
@@ -268,8 +542,14 @@ class _Service:
         self.status = "loading"
         self.error: str | None = None
         self.loader: threading.Thread | None = None
+        self.admission = WorkAdmission(settings.request_timeout_s)
+        self.refusals = _Throttle()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = asyncio.Event()
+        self.aborting = asyncio.Event()
 
     def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.loader = threading.Thread(target=self._load, name="gradfence-loader", daemon=True)
         self.loader.start()
 
@@ -283,12 +563,13 @@ class _Service:
                 max_batch_size=settings.max_batch_size,
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
-                on_batch=self.metrics.observe_batch,
+                on_batch=self._on_batch,
             )
-            self.metrics.track(lambda: batcher.queue_depth, batcher.stats.texts_per_second)
+            self.metrics.track(lambda: batcher.queue_depth)
             batcher.start(warmup=settings.warmup)
             self.model, self.batcher = model, batcher
-            self.status = "ready"
+            if self.status == "loading":
+                self.status = "ready"
             log.info(
                 "model %s ready in %.1f s (labels %s)",
                 model.model_id,
@@ -297,14 +578,35 @@ class _Service:
             )
         except BaseException as exc:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            log.exception("loading the model failed")
+            log.error("loading the model failed: %s", self.error)
             if self.on_fatal is not None:
                 self.on_fatal(exc)
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.observe_batch(size, seconds)
+        self.admission.observe_batch(size, seconds)
+
+    def begin_drain(self) -> None:
+        """The server is shutting down (first signal): not ready any more, bodies still
+        arriving get a short grace. Safe to call from a signal handler."""
+        self._set_soon(self.draining)
+
+    def abort(self) -> None:
+        """Stop waiting for the model (second signal): requests still waiting get 503."""
+        self._set_soon(self.draining)
+        self._set_soon(self.aborting)
+
+    def _set_soon(self, event: asyncio.Event) -> None:
+        if self.status in ("loading", "ready"):
+            self.status = "stopping"
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(event.set)
 
     def stop(self) -> None:
         if self.loader is not None:
             self.loader.join()
-        self.status = "stopping"
+        if self.status != "failed":
+            self.status = "stopping"
         if self.batcher is not None:
             self.batcher.stop()
 
@@ -316,13 +618,29 @@ class _Service:
             )
         return self.batcher
 
+    def check_capacity(self, batcher: Batcher) -> None:
+        """The cheap refusal before a body is read: 503 when the queue is full or the
+        admitted work already fills the time budget."""
+        full = batcher.queue_depth >= self.settings.max_queue
+        if full or self.admission.saturated():
+            what = "the queue is full" if full else "the queued model work fills the timeout"
+            raise RequestError(
+                503,
+                f"busy: {what}",
+                headers={"Retry-After": str(self.settings.retry_after_s), "Connection": "close"},
+            )
 
-class _Observe:
-    """ASGI middleware: per-request metrics and one debug log line per request."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+class _Edge:
+    """ASGI middleware in front of every route: metrics with bounded labels, one debug
+    line per request, security headers, then the Host check, the API key, the content
+    type and the cheap capacity check of ``POST /v1/predict``."""
+
+    def __init__(self, app: ASGIApp, service: _Service) -> None:
         self.app = app
-        self.metrics = metrics
+        self.service = service
+        settings = service.settings
+        self.public = PUBLIC_ROUTES + (("/metrics",) if settings.metrics_public else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -335,16 +653,35 @@ class _Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
             await send(message)
 
+        path, method = scope["path"], scope["method"]
         try:
+            try:
+                self._check(scope, path, method)
+            except RequestError as error:
+                if error.status == 503:
+                    self.service.refusals.warning(f"{method} {path} -> 503: {error.detail}")
+                await error.response()(scope, receive, send_and_record)
+                return
             await self.app(scope, receive, send_and_record)
         finally:
             seconds = time.perf_counter() - start
-            path = scope["path"]
             route = path if path in ROUTES else "other"
-            self.metrics.observe_request(route, scope["method"], status, seconds)
-            log.debug("%s %s %d %.1fms", scope["method"], path, status, seconds * 1000)
+            label = method if method in METHODS else "other"
+            self.service.metrics.observe_request(route, label, status, seconds)
+            log.debug("%s %s %d %.1fms", label, route, status, seconds * 1000)
+
+    def _check(self, scope: Scope, path: str, method: str) -> None:
+        settings = self.service.settings
+        headers = Headers(scope=scope)
+        check_host(headers, settings.allowed_hosts)
+        if path not in self.public:
+            check_auth(headers, settings.api_key)
+        if path == "/v1/predict" and method == "POST":
+            check_json_content_type(headers)
+            self.service.check_capacity(self.service.ready_batcher())
 
 
 def create_app(
@@ -352,36 +689,69 @@ def create_app(
     settings: ServeSettings | None = None,
     *,
     on_fatal: Callable[[BaseException], None] | None = None,
+    backend: str = "uvicorn",
 ) -> FastAPI:
     """The service as an ASGI app; ``load()`` runs in a background thread at startup.
 
     ``/health/ready`` answers 503 until the model is loaded, verified in eval mode from
     the inference thread, and a warm-up batch has run. ``on_fatal`` is called if that
-    fails (the CLI uses it to exit).
+    fails (the CLI uses it to exit). ``backend`` is reported by ``GET /v1/model``; the
+    Ray backend serves this same app in each replica.
     """
     settings = settings or ServeSettings()
     metrics = ServiceMetrics()
     service = _Service(load, settings, metrics, on_fatal)
+    retry = {"Retry-After": str(settings.retry_after_s)}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         service.start()
         yield
-        # uvicorn has answered every accepted request by now; the thread drains the rest
+        # every accepted request is answered by now; the thread drains the rest
         await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="gradfence serve", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="gradfence serve",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.openapi else None,
+    )
     app.state.service = service
     app.state.metrics = metrics
-    app.add_middleware(_Observe, metrics=metrics)
+    app.add_middleware(_Edge, service=service)
+    bearer = HTTPBearer(auto_error=False, description="--api-key-env: the service's key")
+    keyed = [Depends(bearer)] if settings.api_key is not None else []
+    metrics_keyed = keyed if not settings.metrics_public else []
+    edge_errors = _errors(400, 401) if settings.api_key is not None else _errors(400)
 
-    @app.post("/v1/predict")
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        dependencies=keyed,
+        responses={**edge_errors, **_errors(408, 413, 415, 422, 500, 503, 504)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
+                },
+            }
+        },
+    )
     async def predict(request: Request) -> Response:
         """One prediction per text, in order: label, its probability, every label's."""
+        tokens = 0
+        served = False
         try:
-            check_auth(request, settings.api_key)
             batcher = service.ready_batcher()
-            texts = await parse_predict(request, settings.request_timeout_s)
+            texts = await parse_predict(
+                request,
+                settings.request_timeout_s,
+                service.draining,
+                settings.shutdown_body_grace_s,
+            )
             if len(texts) > settings.max_queue:  # a 503 would invite retries that never fit
                 raise RequestError(
                     422,
@@ -389,32 +759,51 @@ def create_app(
                     f"{settings.max_queue} texts (--max-queue)",
                     "texts",
                 )
+            needed = estimate_tokens(batcher.model, texts)
+            try:
+                service.admission.admit(needed)
+            except QueueFullError as exc:
+                raise RequestError(503, f"busy: {exc}", headers=retry) from exc
+            tokens = needed
             work = guarded(batcher.predict(texts, settings.request_timeout_s), settings)
-            predictions = await unless_disconnected(request, work)
+            predictions = await unless_disconnected(request, work, service.aborting)
+            served = True
         except RequestError as error:
-            if error.status >= 500:
+            if error.status == 503:
+                service.refusals.warning(f"POST /v1/predict -> 503: {error.detail}")
+            elif error.status >= 500:
                 log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)
             return error.response()
+        finally:
+            service.admission.finish(tokens, served)
         return JSONResponse(predictions_body(predictions, batcher.model.model_id))
 
-    @app.get("/v1/model")
-    async def model_info(request: Request) -> Response:
+    @app.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        dependencies=keyed,
+        responses={**edge_errors, **_errors(503, 504)},
+    )
+    async def model_info() -> Response:
         """Model id, labels, and eval/grad mode as seen from the inference thread."""
         try:
-            check_auth(request, settings.api_key)
             batcher = service.ready_batcher()
             timeout = settings.request_timeout_s
             state = await guarded(batcher.inspect_thread(timeout), settings)
         except RequestError as error:
             return error.response()
-        return JSONResponse(model_body(batcher.model, state, settings, "uvicorn"))
+        return JSONResponse(model_body(batcher.model, state, settings, backend))
 
-    @app.get("/health/live")
+    @app.get("/health/live", response_model=HealthBody, responses=_errors(400))
     async def live() -> Response:
         """200 while the process is up."""
         return JSONResponse({"status": "live"})
 
-    @app.get("/health/ready")
+    @app.get(
+        "/health/ready",
+        response_model=HealthBody,
+        responses={400: {"model": ErrorBody}, 503: {"model": HealthBody}},
+    )
     async def ready() -> Response:
         """200 once the model serves; 503 while loading, after a failure, when stopping."""
         ok = service.status == "ready" and service.batcher is not None and service.batcher.alive
@@ -423,12 +812,29 @@ def create_app(
         body: dict[str, Any] = {"status": service.status}
         if service.error:
             body["detail"] = service.error
-        headers = {"Retry-After": str(settings.retry_after_s)}
-        return JSONResponse(body, status_code=503, headers=headers)
+        return JSONResponse(body, status_code=503, headers=retry)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        dependencies=metrics_keyed,
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+            **(edge_errors if not settings.metrics_public else _errors(400)),
+        },
+    )
     async def prometheus() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, description=__doc__
+            )
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas["PredictRequest"] = PredictRequest.model_json_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

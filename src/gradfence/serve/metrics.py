@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class ServiceMetrics:
-    """Request counts and latency by route and status, queue depth, batch sizes, texts/s.
+    """Request counts and latency by route and status, queue depth, batch sizes, texts.
 
     Each instance owns its :class:`~prometheus_client.CollectorRegistry`, so several
     apps (tests, benchmarks) can live in one process.
@@ -50,11 +50,6 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "gradfence_queue_depth", "Texts waiting for a batch.", registry=self.registry
         )
-        self.texts_per_second = Gauge(
-            "gradfence_texts_per_second",
-            "Texts run through the model per second, over the last 10 s.",
-            registry=self.registry,
-        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request."""
@@ -68,9 +63,10 @@ class ServiceMetrics:
         self.batch_duration.observe(seconds)
         self.texts.inc(size)
 
-    def track(
-        self, queue_depth: Callable[[], float], texts_per_second: Callable[[], float]
-    ) -> None:
-        """Read queue depth and throughput from these callables at scrape time."""
+    def track(self, queue_depth: Callable[[], float]) -> None:
+        """Read the queue depth from this callable at scrape time.
+
+        Throughput is not a gauge here: ``rate(gradfence_texts_total[1m])`` computes it
+        from the counter (Prometheus convention: export counters, not rates).
+        """
         self.queue_depth.set_function(queue_depth)
-        self.texts_per_second.set_function(texts_per_second)

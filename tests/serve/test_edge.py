@@ -1,0 +1,397 @@
+"""The service's HTTP edge against hostile clients (127.0.0.1 only, each bounded in time).
+
+Each test here is one scenario of a client trying to knock the service over or to reach
+it from where it should not: the answer must be cheap, well-formed, and leave the
+service serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+import pytest
+import torch
+
+from gradfence.serve.app import LOOPBACK_HOSTS, METHODS
+
+from .conftest import ServerFactory, StubClassifier, ThreadedServer
+
+JSON = {"content-type": "application/json"}
+
+
+def raw_request(server: ThreadedServer, data: bytes, timeout: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection; everything the server answers before closing."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return b"".join(chunks)
+
+
+def good_request_ok(server: ThreadedServer) -> bool:
+    response = httpx.post(f"{server.url}/v1/predict", json={"texts": ["bbb"]}, timeout=10)
+    return response.status_code == 200 and response.json()["predictions"][0]["label"] == (
+        "negative"
+    )
+
+
+# --- the request head ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_endless_head_is_431_at_once_and_stalls_nobody(
+    serve_model: ServerFactory, where: str
+) -> None:
+    server = serve_model(StubClassifier())
+    start = b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Endless: "
+    if where == "url":
+        start = b"GET /health/live?" + b"a" * 10
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sent = 0
+        answer = b""
+        sock.setblocking(False)
+        deadline = time.monotonic() + 10
+        sock.sendall(start)
+        while sent < 64 << 20 and time.monotonic() < deadline:  # up to 64 MiB
+            try:
+                sent += sock.send(b"a" * 65536)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                answer += sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                break
+            if answer:
+                assert good_request_ok(server)  # others are served meanwhile
+                break
+        sock.setblocking(True)
+        sock.settimeout(5)
+        answer += read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"request head over 16384 bytes" in answer
+    assert b"x-content-type-options: nosniff" in answer
+    assert sent < 4 << 20, f"the server read {sent} bytes of one head"
+    assert good_request_ok(server)
+
+
+def test_a_flood_of_bad_heads_logs_one_line(
+    serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve_model(StubClassifier())
+    uvicorn_log = logging.getLogger("uvicorn")  # does not propagate to caplog's root handler
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(50):
+                head = b"GET /health/live HTTP/1.1\r\n" + b"X: y\r\n" * 3000
+                assert raw_request(server, head).startswith(b"HTTP/1.1 431 ")
+                nonsense = b"\x00\x01 nonsense\r\n\r\n"
+                assert raw_request(server, nonsense).startswith(b"HTTP/1.1 400 ")
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    lines = [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]  # throttled: one per 10 s
+    assert good_request_ok(server)
+
+
+def test_slow_head_is_408_and_a_silent_connection_is_closed(
+    serve_model: ServerFactory,
+) -> None:
+    server = serve_model(StubClassifier(), head_timeout_s=0.5)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n")  # never finishes
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+            assert good_request_ok(server)
+            assert read_all(silent) == b""  # closed without a word
+        answer = read_all(slow)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"the request head did not arrive within 0.5 s" in answer
+    assert time.monotonic() - started < 5
+
+
+def test_slowloris_after_keep_alive_request_times_out(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), head_timeout_s=0.5, idle_timeout_s=30)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        for byte in b"GET /health/live HT":  # one byte every 0.1 s: never a whole head
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert time.monotonic() - started < 5
+
+
+def test_idle_connections_cannot_lock_clients_out(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), max_connections=20, head_timeout_s=60)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(40)]
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as half:
+            half.sendall(b"GET /health/live HTTP/1.1\r\n")  # a slowloris among them
+            for _ in range(5):
+                assert good_request_ok(server)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# --- what the app lets through ------------------------------------------------------
+
+
+def test_made_up_methods_do_not_grow_metrics(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for i in range(200):
+            assert client.request(f"M{i:04d}X", "/v1/predict").status_code == 405
+        text = client.get("/metrics").text
+    methods = {
+        line.split('method="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("gradfence_http_requests_total{")
+    }
+    assert methods <= METHODS | {"other"}
+    assert (
+        'gradfence_http_requests_total{method="other",route="/v1/predict",status="405"} 200.0'
+        in (text)
+    )
+    assert len(text) < 20_000
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_a_body_not_declared_json_is_415(
+    serve_model: ServerFactory, content_type: str | None
+) -> None:
+    server = serve_model(StubClassifier())
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(
+        f"{server.url}/v1/predict", content=b'{"texts": ["b"]}', headers=headers, timeout=10
+    )
+    assert response.status_code == 415
+    assert response.json()["field"] == "content-type"
+    ok = httpx.post(
+        f"{server.url}/v1/predict",
+        content=b'{"texts": ["b"]}',
+        headers={"content-type": "application/json; charset=utf-8"},
+        timeout=10,
+    )
+    assert ok.status_code == 200
+
+
+def test_host_header_checked_on_loopback_binds(serve_model: ServerFactory) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends its own Host."""
+    server = serve_model(StubClassifier(), allowed_hosts=LOOPBACK_HOSTS)
+    port = server.port
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+        answer = raw_request(
+            server,
+            b"POST /v1/predict HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 15\r\nConnection: close\r\n\r\n{"texts":["b"]}' % host.encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), (host, answer)
+        assert b'"field":"host"' in answer
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        response = httpx.post(
+            f"{server.url}/v1/predict", json={"texts": ["b"]}, headers={"host": host}
+        )
+        assert response.status_code == 200, host
+
+
+def test_every_answer_says_nosniff_and_no_store(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), api_key="k")
+    key = {"authorization": "Bearer k"}
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        answers = [
+            client.post("/v1/predict", json={"texts": ["b"]}, headers=key),
+            client.post("/v1/predict", json={"texts": []}, headers=key),
+            client.post("/v1/predict", json={"texts": ["b"]}),
+            client.get("/nope", headers=key),
+            client.get("/metrics", headers=key),
+            client.get("/health/ready"),
+        ]
+    assert [a.status_code for a in answers] == [200, 422, 401, 404, 200, 200]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["cache-control"] == "no-store"
+
+
+def test_the_key_protects_every_route_but_the_health_probes(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), api_key="k", openapi=True)
+    key = {"authorization": "Bearer k"}
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for path in ("/v1/model", "/metrics", "/openapi.json", "/docs", "/redoc", "/nope"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/health/ready").status_code == 200
+        assert client.get("/metrics", headers=key).status_code == 200
+        assert client.get("/openapi.json", headers=key).status_code == 200
+    public = serve_model(StubClassifier(), api_key="k", metrics_public=True)
+    assert httpx.get(f"{public.url}/metrics").status_code == 200
+    assert httpx.get(f"{public.url}/v1/model").status_code == 401
+
+
+def test_docs_routes_are_off_by_default_and_never_load_a_cdn(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier())
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(f"{server.url}{path}").status_code == 404, path
+    with_schema = serve_model(StubClassifier(), openapi=True)
+    assert httpx.get(f"{with_schema.url}/openapi.json").status_code == 200
+    assert httpx.get(f"{with_schema.url}/docs").status_code == 404
+
+
+def test_openapi_documents_bodies_errors_and_bearer_auth(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), api_key="k", openapi=True)
+    schema = httpx.get(f"{server.url}/openapi.json", headers={"authorization": "Bearer k"}).json()
+    predict = schema["paths"]["/v1/predict"]["post"]
+    body = predict["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/PredictRequest"}
+    request = schema["components"]["schemas"]["PredictRequest"]
+    texts = request["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"], texts["items"]["maxLength"]) == (1, 64, 10_000)
+    assert request["additionalProperties"] is False
+    ok = predict["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/PredictResponse"}
+    for status in ("400", "401", "408", "413", "415", "422", "500", "503", "504"):
+        error = predict["responses"][status]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorBody"}, status
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert predict["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/health/ready"]["get"]
+
+
+# --- overload: refusals must be cheap ---------------------------------------------
+
+
+def test_full_queue_refuses_before_the_body_and_logs_little(
+    serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = EnteredStub()
+    server = serve_model(model, max_batch_size=1, max_queue=2, max_wait_ms=0)
+    model.gate.clear()
+    model.entered.clear()
+
+    async def fill() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            post = client.post
+            held = [asyncio.create_task(post("/v1/predict", json={"texts": ["b"]}))]
+            assert await asyncio.to_thread(model.entered.wait, 10)  # stalled in the model
+            held += [
+                asyncio.create_task(post("/v1/predict", json={"texts": [t]})) for t in ("g", "bb")
+            ]
+            deadline = time.monotonic() + 10
+            while "gradfence_queue_depth 2.0" not in (await client.get("/metrics")).text:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            # the head of a big request, whose body never comes: refused at once
+            started = time.monotonic()
+            head = (
+                b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 500000\r\n\r\n"
+            )
+            answer = await asyncio.to_thread(raw_request, server, head, 5)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"retry-after: 1" in answer.lower() and b"connection: close" in answer
+            assert time.monotonic() - started < 2
+            with caplog.at_level(logging.WARNING, logger="gradfence.serve"):
+                storm = await asyncio.gather(
+                    *(client.post("/v1/predict", json={"texts": ["b"] * 64}) for _ in range(100))
+                )
+            assert {r.status_code for r in storm} == {503}
+            model.gate.set()
+            return await asyncio.gather(*held)
+
+    assert [r.status_code for r in asyncio.run(fill())] == [200, 200, 200]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) <= 2, [r.getMessage() for r in warnings]
+
+
+class EnteredStub(StubClassifier):
+    """Sets ``entered`` when a batch reaches the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        self.entered.set()
+        return super().forward(texts)
+
+
+class TokenTimedStub(StubClassifier):
+    """Model time proportional to the characters of the batch (like tokens on a CPU)."""
+
+    seconds_per_char = 0.0004
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        time.sleep(self.seconds_per_char * sum(len(t) for t in texts))
+        return super().forward(texts)
+
+
+def test_admission_counts_work_not_texts(serve_model: ServerFactory) -> None:
+    """Long texts: the queue has room for all of them, the timeout does not."""
+    model = TokenTimedStub()
+    server = serve_model(model, request_timeout_s=3.0, max_wait_ms=20, max_batch_size=64)
+    for _ in range(4):  # the service learns what a token costs
+        assert (
+            httpx.post(
+                f"{server.url}/v1/predict", json={"texts": ["b" * 400] * 4}, timeout=10
+            ).status_code
+            == 200
+        )
+    long_text = "bg " * 333  # ~1,000 characters: 0.4 s of model time each
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/predict", json={"texts": [long_text]}) for _ in range(24))
+            )
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert 504 not in codes, codes  # 24 x 0.4 s = 9.6 s against a 3 s timeout
+    assert codes.count(200) >= 3 and codes.count(503) >= 8, codes
+    assert good_request_ok(server)
+
+
+def test_connections_keep_working_from_other_threads(serve_model: ServerFactory) -> None:
+    """The edge state is per connection: concurrent keep-alive clients do not mix."""
+    server = serve_model(StubClassifier())
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=10) as c:
+                for _ in range(20):
+                    assert c.post("/v1/predict", json={"texts": ["ggg"]}).status_code == 200
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
