@@ -30,6 +30,7 @@ from gradfence.serve.batcher import (
     BatcherStoppedError,
     Prediction,
     QueueFullError,
+    available_cores,
 )
 from gradfence.serve.metrics import ServiceMetrics
 from gradfence.serve.model import TextClassifier
@@ -55,6 +56,7 @@ class ServeSettings:
     api_key: str | None = None
     retry_after_s: int = 1
     warmup: tuple[str, ...] = ("gradfence warm-up batch",)
+    workers: int | None = None  # model worker threads; None: one per core available
 
 
 class RequestError(Exception):
@@ -239,6 +241,7 @@ def model_body(
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,
+            "workers": settings.workers or available_cores(),
         },
         "limits": {
             "max_texts": MAX_TEXTS,
@@ -284,6 +287,7 @@ class _Service:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 on_batch=self.metrics.observe_batch,
+                workers=settings.workers or available_cores(),
             )
             self.metrics.track(lambda: batcher.queue_depth, batcher.stats.texts_per_second)
             batcher.start(warmup=settings.warmup)

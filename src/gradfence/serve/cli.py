@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -54,6 +55,21 @@ def register(subparsers: Any) -> None:
         help="answer 504 after this long (default 30)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="model worker threads, each single-threaded on its share of the cores "
+        "(default: one per core available)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="run the model with torch (default) or ONNX Runtime fp32 (extra 'onnx'; "
+        "exported on first use, checked against torch at start-up)",
+    )
+    parser.add_argument(
         "--api-key-env",
         metavar="NAME",
         default=None,
@@ -85,6 +101,10 @@ def _settings_from(args: argparse.Namespace) -> Any:
     for name in ("max_batch_size", "max_queue", "replicas"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.runtime == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise UsageError("--runtime onnx needs onnxruntime: pip install 'gradfence[onnx]'")
     if args.max_wait_ms < 0 or args.request_timeout_s <= 0:
         raise UsageError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
     if not 0 <= args.port <= 65535:
@@ -106,6 +126,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
         api_key=api_key,
+        workers=args.workers,
     )
 
 
@@ -127,7 +148,7 @@ def _handle(args: argparse.Namespace) -> int:
         from gradfence.serve.model import load_model
     except ImportError as exc:
         raise UsageError(f"{exc.name} is missing: pip install 'gradfence[serve]'") from exc
-    load = functools.partial(load_model, args.model_dir)
+    load = functools.partial(load_model, args.model_dir, args.runtime)
     if args.backend == "ray":
         try:
             from gradfence.serve.ray import serve_ray
