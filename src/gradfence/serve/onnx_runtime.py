@@ -34,7 +34,7 @@ RUNTIMES = ("torch", "onnx")
 TOLERANCE = 1e-5  # largest difference of any probability between torch and ONNX Runtime
 OPSET = 17
 CACHE_ENV = "GRADFENCE_CACHE_DIR"
-# texts of 3 to about 120 tokens, run as one padded batch: the check covers padding too
+# texts of 3 to 77 MiniLM tokens, run as one padded batch: the check covers padding too
 CHECK_TEXTS = (
     "ok",
     "The meeting is at 3pm.",
