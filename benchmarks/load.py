@@ -412,6 +412,7 @@ def ceiling_worker(args: argparse.Namespace) -> None:
         with gf.inference(model):
             model.forward_encoded(batches[0]).softmax(-1).tolist()  # warm-up
             barrier.wait()
+            go.wait()
             while time.perf_counter() < stop_at[0]:
                 with lock:
                     batch = batches[position[0] % len(batches)]
@@ -421,14 +422,16 @@ def ceiling_worker(args: argparse.Namespace) -> None:
                     done[0] += len(batch)
 
     barrier = threading.Barrier(workers + 1)
+    go = threading.Event()
     threads = [threading.Thread(target=work) for _ in range(workers)]
     for thread in threads:
         thread.start()
-    barrier.wait()
     me = psutil.Process()
-    cpu_before = sum(me.cpu_times()[:2])
+    barrier.wait()  # every worker is warm
     started = time.perf_counter()
+    cpu_before = sum(me.cpu_times()[:2])
     stop_at[0] = started + args.duration
+    go.set()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
