@@ -97,3 +97,37 @@ def test_importing_the_model_module_leaves_the_environment_alone() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--workers", "-3"], "--workers must be at least 1"),
+    ],
+)
+def test_bad_workers_flag_is_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradfence.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradfence: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_onnx_runtime_without_onnxruntime_is_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    from gradfence.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    assert main(["serve", "--runtime", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'gradfence[onnx]'" in err
