@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXTRAS := dev,bench,serve,ray
+EXTRAS := dev,bench,serve,ray,onnx
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: help venv serve test check format demo clean

@@ -1,25 +1,36 @@
-"""Load test of ``gradfence serve``: batched vs unbatched vs a plain FastAPI endpoint.
+"""Load test of ``gradfence serve`` against LitServe on the same model, side by side.
 
 Starts each server in turn as a subprocess on a free 127.0.0.1 port, drives it with N
-concurrent asyncio/httpx clients for a fixed duration (after a short unmeasured
-warm-up), and reports requests/s, texts/s, p50/p95/p99 latency, errors and the server's
-batch-size histogram (from /metrics). The three servers, run one after the other:
+concurrent asyncio/httpx clients (one text per request, whole held-out tweets by
+default) for a fixed duration after a short unmeasured warm-up, and reports texts/s,
+p50/p95/p99 latency, errors, texts per server CPU-second (user + system time of the
+server's whole process tree during the measured phase) and the batch sizes. Configs:
 
-* ``batched``:   ``gradfence serve`` with its defaults (--max-batch-size 32 --max-wait-ms 5);
-* ``unbatched``: the same service with ``--max-batch-size 1``;
-* ``plain``:     a plain FastAPI app whose sync ``def`` endpoint calls the same model per
-  request under ``gf.inference`` (FastAPI runs it in its thread pool: the correct
-  baseline, not an ``async def`` that blocks the event loop).
+* ``batched``:   ``gradfence serve`` with its defaults (one single-threaded worker per core);
+* ``workers1``:  the same with ``--workers 1`` (one worker using every core);
+* ``unbatched``: the same with ``--max-batch-size 1``;
+* ``onnx``:      the same with ``--runtime onnx``;
+* ``litserve``:  LitServe serving the same model (same encoder, head, tokenization,
+  eval + inference mode) with batching at the same 32 texts / 5 ms, in its best layout
+  here: ``workers_per_device`` = cores, one torch thread each (extra ``bench-peers``);
+* ``litserve1``: LitServe with one worker using every core;
+* ``plain``:     a plain FastAPI app, sync ``def`` endpoint, model called per request;
+* ``ceiling`` / ``ceiling-onnx``: no server: the model in-process, the same runtime and
+  worker layout as ``batched`` / ``onnx``, texts tokenized beforehand, taken ``--clients``
+  at a time (what the server's queue holds at most) and split into the same token-budget
+  batches. The server's texts/s over this is what the HTTP layer and batching leave.
 
     .venv/bin/python benchmarks/load.py --clients 32 --duration 20
 
-The client runs on the same machine as the server and competes with it for CPU.
+The client runs on the same machine as the servers and competes with them for CPU;
+``--budget-s`` bounds the whole run (configs that would start after it are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -27,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from pydantic import BaseModel
 
 HOST = "127.0.0.1"
+DEFAULT_CONFIGS = "ceiling,batched,litserve,workers1,unbatched,onnx,ceiling-onnx,litserve1"
+MAX_BATCH_SIZE = 32
+MAX_WAIT_S = 0.005
 
 
 class PredictBody(BaseModel):
@@ -57,7 +73,8 @@ class Result:
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: dict[str, float] = field(default_factory=dict)
-    model_busy: float = float("nan")  # fraction of the run the inference thread ran batches
+    model_busy: float = float("nan")  # worker-seconds in model batches per second
+    cpu_s: float = float("nan")  # server CPU seconds (user + system) in the measured phase
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -75,9 +92,15 @@ class Result:
             "p95_ms": self.percentile(95),
             "p99_ms": self.percentile(99),
             "errors": self.errors,
+            "server_cpu_s": self.cpu_s,
+            "texts_per_cpu_s": self.texts / self.cpu_s if self.cpu_s > 0 else float("nan"),
             "batch_size_histogram": self.batch_sizes,
-            "model_busy_fraction": self.model_busy,
+            "model_busy_worker_s_per_s": self.model_busy,
         }
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def free_port() -> int:
@@ -107,7 +130,7 @@ def batch_histogram(metrics_text: str) -> dict[float, float]:
 
 
 def model_seconds(metrics_text: str) -> float:
-    """Total seconds the inference thread spent in model batches so far."""
+    """Total worker-seconds spent in model batches so far."""
     match = re.search(r"^gradfence_batch_duration_seconds_sum (\S+)$", metrics_text, re.M)
     return float(match.group(1)) if match else float("nan")
 
@@ -127,16 +150,45 @@ def histogram_delta(before: dict[float, float], after: dict[float, float]) -> di
     return out
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its live descendants."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+# --- servers ------------------------------------------------------------------------
+
+
 def start_server(name: str, port: int, model_dir: Path | None) -> subprocess.Popen[bytes]:
     extra = ["--model-dir", str(model_dir)] if model_dir else []
+    me = [sys.executable, __file__, "--port", str(port), *extra]
     if name == "plain":
-        command = [sys.executable, __file__, "--plain-server", "--port", str(port), *extra]
-    else:
-        command = [sys.executable, "-m", "gradfence", "serve", "--port", str(port), *extra]
-        if name == "unbatched":
-            command += ["--max-batch-size", "1"]
-        command += ["--log-level", "warning"]
-    return subprocess.Popen(command)
+        return subprocess.Popen([*me, "--plain-server"])
+    if name.startswith("litserve"):
+        workers = 1 if name == "litserve1" else cores()
+        return subprocess.Popen([*me, "--litserve-server", "--workers", str(workers)])
+    command = [sys.executable, "-m", "gradfence", "serve", "--port", str(port), *extra]
+    command += {
+        "batched": [],
+        "workers1": ["--workers", "1"],
+        "unbatched": ["--max-batch-size", "1"],
+        "onnx": ["--runtime", "onnx"],
+    }[name]
+    return subprocess.Popen([*command, "--log-level", "warning"])
+
+
+def ready_path(name: str) -> str:
+    return "/health" if name.startswith("litserve") else "/health/ready"
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
@@ -145,7 +197,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+            if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -169,8 +221,10 @@ async def drive(
             start = time.perf_counter()
             try:
                 response = await http.post("/v1/predict", json={"texts": batch})
-                ok = response.status_code == 200
-            except httpx.HTTPError:
+                ok = response.status_code == 200 and len(response.json()["predictions"]) == len(
+                    batch
+                )
+            except (httpx.HTTPError, ValueError, KeyError):
                 ok = False
             if ok:
                 result.requests += 1
@@ -184,35 +238,47 @@ async def drive(
     return result
 
 
-def run_config(name: str, args: argparse.Namespace, texts: list[str]) -> Result:
+def run_server_config(name: str, args: argparse.Namespace, texts: list[str]) -> Result:
     port = free_port()
     url = f"http://{HOST}:{port}"
     process = start_server(name, port, args.model_dir)
+    gradfence = name in ("batched", "workers1", "unbatched", "onnx")
     try:
-        wait_ready(url, process)
+        wait_ready(url + ready_path(name), process)
         asyncio.run(drive(url, texts, args.clients, args.warmup, args.texts_per_request))
-        before = httpx.get(f"{url}/metrics").text if name != "plain" else ""
+        before = httpx.get(f"{url}/metrics").text if gradfence else ""
+        cpu_before = tree_cpu_seconds(process.pid)
         result = asyncio.run(drive(url, texts, args.clients, args.duration, args.texts_per_request))
-        if name != "plain":
+        result.cpu_s = tree_cpu_seconds(process.pid) - cpu_before
+        if gradfence:
             after = httpx.get(f"{url}/metrics").text
             result.batch_sizes = histogram_delta(batch_histogram(before), batch_histogram(after))
             result.model_busy = (model_seconds(after) - model_seconds(before)) / args.duration
         result.name = name
         return result
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 60 s; every descendant left behind is killed too."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def plain_server(port: int, model_dir: Path | None) -> None:
-    """The baseline: FastAPI, a sync endpoint, the model called once per request.
-
-    Gets the same OpenMP setting as ``gradfence serve`` (set before torch loads).
-    """
+    """The baseline: FastAPI, a sync endpoint, the model called once per request."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
     from fastapi import FastAPI
@@ -231,42 +297,196 @@ def plain_server(port: int, model_dir: Path | None) -> None:
     def predict(body: PredictBody) -> dict[str, Any]:
         with gf.inference(model, mode="inference_mode"):  # in this worker thread
             probs = model(body.texts).softmax(-1).tolist()
-        predictions = []
-        for row in probs:
-            best = max(range(len(row)), key=row.__getitem__)
-            scores = dict(zip(model.labels, row, strict=True))
-            predictions.append({"label": model.labels[best], "score": row[best], "scores": scores})
-        return {"predictions": predictions, "model": model.model_id}
+        return {"predictions": _predictions(model.labels, probs), "model": model.model_id}
 
     uvicorn.run(app, host=HOST, port=port, log_level="warning")
 
 
+def _predictions(labels: Sequence[str], probs: list[list[float]]) -> list[dict[str, Any]]:
+    out = []
+    for row in probs:
+        best = max(range(len(row)), key=row.__getitem__)
+        scores = dict(zip(labels, row, strict=True))
+        out.append({"label": labels[best], "score": row[best], "scores": scores})
+    return out
+
+
+try:  # the optional extra 'bench-peers'; module level: LitServe pickles the API object
+    from litserve import LitAPI
+except ImportError:  # pragma: no cover - litserve configs then fail with the reason
+    LitAPI = object
+
+
+class SentimentLitAPI(LitAPI):  # type: ignore[misc, valid-type]
+    """The same model under LitServe: same tokenization, eval + inference mode."""
+
+    def __init__(self, model_dir: Path | None, threads: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.model_dir = model_dir
+        self.threads = threads
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from gradfence.serve.model import load_model
+
+        torch.set_num_threads(self.threads)
+        self.model = load_model(self.model_dir)
+
+    def decode_request(self, request: PredictBody) -> list[str]:
+        return request.texts  # LitServe builds the body from this annotation
+
+    def predict(self, batch: list[list[str]]) -> list[dict[str, Any]]:
+        import gradfence as gf
+
+        texts = [text for request in batch for text in request]
+        with gf.inference(self.model, mode="inference_mode"):
+            probs = self.model(texts).softmax(-1).tolist()
+        out, start = [], 0
+        for request in batch:
+            rows = probs[start : start + len(request)]
+            start += len(request)
+            predictions = _predictions(self.model.labels, rows)
+            out.append({"predictions": predictions, "model": self.model.model_id})
+        return out
+
+    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        return output
+
+
+# LitServe reads these annotations to build its endpoint; with postponed annotations they
+# are strings it cannot resolve: give it the classes (the request body; no response model)
+SentimentLitAPI.decode_request.__annotations__["request"] = PredictBody
+del SentimentLitAPI.encode_response.__annotations__["return"]
+
+
+def litserve_server(port: int, model_dir: Path | None, workers: int) -> None:
+    """LitServe serving the same model, batching at 32 texts / 5 ms; each worker process
+    runs cores // workers torch threads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import litserve as ls
+
+    api = SentimentLitAPI(
+        model_dir,
+        max(1, cores() // workers),
+        max_batch_size=MAX_BATCH_SIZE,
+        batch_timeout=MAX_WAIT_S,
+        api_path="/v1/predict",
+    )
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60)
+    server.run(host=HOST, port=port, log_level="warning", generate_client_file=False)
+
+
+# --- the in-process ceiling ---------------------------------------------------------
+
+
+def ceiling_worker(args: argparse.Namespace) -> None:
+    """Print one JSON line: texts/s and CPU seconds of the model alone (see module doc)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    import gradfence as gf
+    from gradfence.serve.batcher import DEFAULT_MAX_BATCH_TOKENS, available_cores, plan_batch
+    from gradfence.serve.model import load_model
+
+    model = load_model(args.model_dir, args.runtime)
+    workers = available_cores()
+    texts = load_texts(2000, args.max_words)
+    encoded = model.encode(texts)
+    batches = []
+    for start in range(0, len(encoded), args.clients):  # what the queue holds at most
+        window = list(encoded[start : start + args.clients])
+        while window:
+            chosen = plan_batch(
+                [e.tokens for e in window], MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+            )
+            batches.append([window[i] for i in chosen])
+            window = [e for i, e in enumerate(window) if i not in set(chosen)]
+    lock = threading.Lock()
+    done = [0]
+    position = [0]
+    stop_at = [0.0]
+
+    def work() -> None:
+        torch.set_num_threads(max(1, available_cores() // workers))
+        with gf.inference(model):
+            model.forward_encoded(batches[0]).softmax(-1).tolist()  # warm-up
+            barrier.wait()
+            go.wait()
+            while time.perf_counter() < stop_at[0]:
+                with lock:
+                    batch = batches[position[0] % len(batches)]
+                    position[0] += 1
+                model.forward_encoded(batch).softmax(-1).tolist()
+                with lock:
+                    done[0] += len(batch)
+
+    barrier = threading.Barrier(workers + 1)
+    go = threading.Event()
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    me = psutil.Process()
+    barrier.wait()  # every worker is warm
+    started = time.perf_counter()
+    cpu_before = sum(me.cpu_times()[:2])
+    stop_at[0] = started + args.duration
+    go.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    cpu = sum(me.cpu_times()[:2]) - cpu_before
+    print(json.dumps({"texts": done[0], "elapsed_s": elapsed, "cpu_s": cpu}), flush=True)
+
+
+def run_ceiling(name: str, args: argparse.Namespace) -> Result:
+    runtime = "onnx" if name == "ceiling-onnx" else "torch"
+    command = [sys.executable, __file__, "--ceiling-worker", "--runtime", runtime]
+    command += ["--clients", str(args.clients), "--duration", str(args.duration)]
+    if args.model_dir:
+        command += ["--model-dir", str(args.model_dir)]
+    if args.max_words:
+        command += ["--max-words", str(args.max_words)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed: {out.stderr.strip().splitlines()[-1:]}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    result = Result(name, args.clients, measured["elapsed_s"], texts=measured["texts"])
+    result.cpu_s = measured["cpu_s"]
+    return result
+
+
+# --- report -------------------------------------------------------------------------
+
+
 def print_table(results: list[Result]) -> None:
-    header = f"{'config':<10} {'req/s':>8} {'texts/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-    print(header + f"{'p99 ms':>8} {'errors':>6} {'model':>6}  batch sizes (batches)")
+    header = f"{'config':<13} {'texts/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+    print(header + f"{'errors':>6} {'cpu s':>6} {'texts/cpu-s':>11} {'busy':>5}  batch sizes")
     for r in results:
         s = r.summary()
-        sizes = ", ".join(f"{k}: {int(v)}" for k, v in s["batch_size_histogram"].items()) or "n/a"
+        sizes = ", ".join(f"{k}: {int(v)}" for k, v in s["batch_size_histogram"].items()) or "-"
         print(
-            f"{r.name:<10} {s['requests_per_s']:8.1f} {s['texts_per_s']:8.1f} "
-            f"{s['p50_ms']:8.1f} {s['p95_ms']:8.1f} {s['p99_ms']:8.1f} {s['errors']:6d} "
-            f"{s['model_busy_fraction']:6.0%}  {sizes}"
+            f"{r.name:<13} {s['texts_per_s']:8.1f} {s['p50_ms']:8.1f} {s['p95_ms']:8.1f} "
+            f"{s['p99_ms']:8.1f} {s['errors']:6d} {s['server_cpu_s']:6.1f} "
+            f"{s['texts_per_cpu_s']:11.1f} {s['model_busy_worker_s_per_s']:5.2f}  {sizes}"
         )
-    by_name = {r.name: r.summary() for r in results}
-    if any(s["texts_per_s"] == 0 for s in by_name.values()):
-        return
-    if "batched" in by_name and "unbatched" in by_name:
-        b, u = by_name["batched"], by_name["unbatched"]
-        print(
-            f"batched / unbatched: {b['texts_per_s'] / u['texts_per_s']:.2f}x texts/s, "
-            f"p99 {b['p99_ms']:.0f} ms vs {u['p99_ms']:.0f} ms"
-        )
-    if "batched" in by_name and "plain" in by_name:
-        b, p = by_name["batched"], by_name["plain"]
-        print(
-            f"batched / plain FastAPI: {b['texts_per_s'] / p['texts_per_s']:.2f}x texts/s, "
-            f"p99 {b['p99_ms']:.0f} ms vs {p['p99_ms']:.0f} ms"
-        )
+    by_name = {r.name: r.summary() for r in results if r.texts}
+
+    def ratio(a: str, b: str, what: str, latency: bool = True) -> None:
+        if a in by_name and b in by_name:
+            x, y = by_name[a], by_name[b]
+            line = f"{a} / {b}: {x['texts_per_s'] / y['texts_per_s']:.2f}x texts/s"
+            if latency:
+                line += f", p99 {x['p99_ms']:.0f} vs {y['p99_ms']:.0f} ms"
+            print(f"{line}  ({what})")
+
+    ratio("batched", "litserve", "target >= 1.3x, p99 no worse")
+    ratio("batched", "ceiling", "target >= 0.9x", latency=False)
+    ratio("onnx", "litserve", "")
+    ratio("onnx", "ceiling-onnx", "target >= 0.9x", latency=False)
+    ratio("batched", "workers1", "")
+    ratio("batched", "unbatched", "")
+    ratio("batched", "plain", "")
 
 
 def main() -> int:
@@ -275,28 +495,63 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (20)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds (3)")
     parser.add_argument("--texts-per-request", type=int, default=1)
-    parser.add_argument("--configs", default="batched,unbatched,plain")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"({DEFAULT_CONFIGS})")
+    parser.add_argument(
+        "--budget-s", type=float, default=900.0, help="skip configs after this long (900)"
+    )
     parser.add_argument(
         "--max-words", type=int, default=None, help="cut each tweet to its first N words"
     )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--litserve-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_server:
         plain_server(args.port, args.model_dir)
         return 0
+    if args.litserve_server:
+        litserve_server(args.port, args.model_dir, args.workers)
+        return 0
+    if args.ceiling_worker:
+        ceiling_worker(args)
+        return 0
     if not 0 < args.duration <= 600 or args.clients < 1:
         parser.error("--duration must be in (0, 600] and --clients >= 1")
+    names = args.configs.split(",")
+    known = set(DEFAULT_CONFIGS.split(",")) | {"plain"}
+    if unknown := [n for n in names if n not in known]:
+        parser.error(f"unknown config {unknown[0]!r}; known: {', '.join(sorted(known))}")
     texts = load_texts(2000, args.max_words)
     words = sum(len(t.split()) for t in texts) / len(texts)
     print(
         f"{args.clients} clients, {args.duration:g} s each, {args.texts_per_request} text(s) "
-        f"per request ({words:.1f} words on average), {os.cpu_count()} CPUs",
+        f"per request ({words:.1f} words on average), {cores()} CPUs, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
-    results = [run_config(name, args, texts) for name in args.configs.split(",")]
+    results = []
+    started = time.monotonic()
+    for name in names:
+        if time.monotonic() - started > args.budget_s:
+            print(f"{name}: skipped (--budget-s {args.budget_s:g} spent)", flush=True)
+            continue
+        try:
+            if name.startswith("ceiling"):
+                result = run_ceiling(name, args)
+            else:
+                result = run_server_config(name, args, texts)
+        except Exception as exc:  # report the others; say which failed and why
+            print(f"{name}: failed: {exc}", flush=True)
+            continue
+        s = result.summary()
+        print(f"{name}: {s['texts_per_s']:.1f} texts/s, p99 {s['p99_ms']:.0f} ms", flush=True)
+        results.append(result)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps([r.summary() for r in results], indent=2))

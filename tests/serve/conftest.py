@@ -164,13 +164,18 @@ ServerFactory = Callable[..., ThreadedServer]
 
 @pytest.fixture
 def serve_model() -> Iterator[ServerFactory]:
-    """``serve_model(model_or_loader, **settings)`` -> a started, ready ThreadedServer."""
+    """``serve_model(model_or_loader, **settings)`` -> a started, ready ThreadedServer.
+
+    One model worker unless a test asks for more (``workers=2``): tests that stall the
+    model hold its only worker, whatever the cores of the machine running them.
+    """
     servers: list[ThreadedServer] = []
 
     def start(
         model: TextClassifier | Callable[[], TextClassifier], **settings: Any
     ) -> ThreadedServer:
         load = model if not isinstance(model, nn.Module) else (lambda: model)
+        settings.setdefault("workers", 1)
         server = ThreadedServer(create_app(load, ServeSettings(**settings)))
         servers.append(server.__enter__())
         server.wait_ready()

@@ -258,7 +258,7 @@ def test_queue_full_burst_every_accepted_request_answered(serve_model: ServerFac
 
 def test_request_timeout_is_504_and_server_recovers(serve_model: ServerFactory) -> None:
     model = StubClassifier()
-    server = serve_model(model, request_timeout_s=0.3)
+    server = serve_model(model, request_timeout_s=0.3, workers=1)  # one worker to stall
     model.gate.clear()
     response = predict(server, {"texts": ["bbb"]})
     assert response.status_code == 504
@@ -400,7 +400,7 @@ def test_nan_scores_are_an_error_for_that_request_only(serve_model: ServerFactor
 
 def test_client_leaving_while_queued_takes_its_texts_out(serve_model: ServerFactory) -> None:
     model = StubClassifier()
-    server = serve_model(model, max_wait_ms=0)
+    server = serve_model(model, max_wait_ms=0, workers=1)  # one worker to stall
     model.gate.clear()  # the next batch stalls in the model
     with pytest.raises(httpx.TimeoutException):
         predict(server, {"texts": ["held"]}, timeout=0.3)  # its batch runs: stays

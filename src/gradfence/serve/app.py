@@ -43,6 +43,7 @@ from gradfence.serve.batcher import (
     BatcherStoppedError,
     Prediction,
     QueueFullError,
+    available_cores,
 )
 from gradfence.serve.metrics import ServiceMetrics
 from gradfence.serve.model import TextClassifier
@@ -94,6 +95,7 @@ class ServeSettings:
     head_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 512
+    workers: int | None = None  # model worker threads; None: one per core available
 
 
 # --- request and response bodies ---------------------------------------------------
@@ -407,6 +409,7 @@ def model_body(
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,
+            "workers": settings.workers or available_cores(),
         },
         "limits": {
             "max_texts": MAX_TEXTS,
@@ -542,7 +545,9 @@ class _Service:
         self.status = "loading"
         self.error: str | None = None
         self.loader: threading.Thread | None = None
-        self.admission = WorkAdmission(settings.request_timeout_s)
+        self.admission = WorkAdmission(
+            settings.request_timeout_s, parallelism=settings.workers or available_cores()
+        )
         self.refusals = _Throttle()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = asyncio.Event()
@@ -564,6 +569,7 @@ class _Service:
                 max_wait_ms=settings.max_wait_ms,
                 max_queue=settings.max_queue,
                 on_batch=self._on_batch,
+                workers=settings.workers or available_cores(),
             )
             self.metrics.track(lambda: batcher.queue_depth)
             batcher.start(warmup=settings.warmup)

@@ -1,16 +1,26 @@
-"""Dynamic batching: requests from every client merged into model batches in one thread.
+"""Dynamic batching: requests from every client merged into model batches by workers.
 
 Grad mode is thread-local (pytorch/pytorch#82145): a ``no_grad`` entered by the main
-thread, or by an ``async def`` endpoint, does not cover the thread that runs the model.
-So the :class:`Batcher`'s own inference thread enters ``gf.inference(model)`` itself and
-runs every batch inside that scope.
+thread, or by an ``async def`` endpoint, does not cover the threads that run the model.
+So each of the :class:`Batcher`'s worker threads enters ``gf.inference(model)`` itself
+and runs every batch inside that scope.
 
-A batch is flushed when it holds ``max_batch_size`` texts, or ``max_wait_ms`` after the
-first of its texts arrived, whichever comes first; a request with more texts than a batch
-holds is spread over consecutive batches. Every batch must give exactly one row of
-scores per text; when it does not (or the model raises), each request of the batch is
-run again alone, and a request that fails alone gets the error: none is left waiting,
-and one bad request does not fail the others.
+Throughput per core: ``workers`` threads (default one per core available to the
+process), each running the model with ``cores // workers`` intra-op threads, all fed
+from one admission queue. A text is tokenized once, when it is queued, in the caller's
+thread (:meth:`~gradfence.serve.model.TextClassifier.encode`); its token count decides
+which texts share a batch.
+
+A worker takes a batch when the queue holds ``max_batch_size`` texts or
+``max_batch_tokens`` tokens, or ``max_wait_ms`` after the oldest queued text arrived,
+whichever comes first. The batch always holds the oldest queued text (no text waits
+behind newer ones for ever), completed from a window of the queue's first texts sorted
+by token count (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU
+time follows the padded tokens. A request with more texts than a batch holds is spread
+over several batches. Every batch must give exactly one row of scores per text; when it
+does not (or the model raises), each request of the batch is run again alone, and a
+request that fails alone gets the error: none is left waiting, and one bad request does
+not fail the others.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -30,7 +41,7 @@ import torch
 
 import gradfence as gf
 from gradfence.scope import GradMode
-from gradfence.serve.model import TextClassifier
+from gradfence.serve.model import EncodedText, TextClassifier
 
 log = logging.getLogger("gradfence.serve")
 
@@ -76,6 +87,59 @@ class _Item:
     request: _Request
     index: int
     arrived: float
+    encoded: EncodedText
+
+
+DEFAULT_MAX_BATCH_TOKENS = 2048
+OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def plan_batch(tokens: Sequence[int], max_texts: int, max_tokens: int) -> list[int]:
+    """Which of the queued texts (token counts ``tokens``, oldest first) form the next batch.
+
+    The batch holds text 0 (the oldest) and grows through the texts sorted by token
+    count, from its neighbours, one at a time: each time the neighbour that adds the
+    fewest padding tokens (ties: the longer one), as long
+    as the batch stays within ``max_texts`` texts and ``max_tokens`` padded tokens
+    (texts x longest). A text longer than ``max_tokens`` runs alone. Returns indices in
+    queue order.
+
+    >>> plan_batch([30, 12, 31, 60, 29], max_texts=3, max_tokens=1024)
+    [0, 2, 4]
+    """
+    if not tokens:
+        return []
+    order = sorted(range(len(tokens)), key=tokens.__getitem__)
+    low = order.index(0)
+    high = low + 1
+    longest = tokens[0]
+    while high - low < max_texts:
+        count = high - low
+        options: list[tuple[int, int, bool]] = []  # (padding added, preference, take left)
+        if high < len(order):
+            right = tokens[order[high]]
+            if (count + 1) * max(longest, right) <= max_tokens:
+                options.append((max(0, right - longest) * count, 0, False))
+        if low > 0:
+            left = tokens[order[low - 1]]
+            if (count + 1) * longest <= max_tokens:
+                options.append((longest - left, 1, True))
+        if not options:
+            break
+        _, _, take_left = min(options)
+        if take_left:
+            low -= 1
+        else:
+            longest = max(longest, tokens[order[high]])
+            high += 1
+    return sorted(order[low:high])
 
 
 @dataclass
@@ -88,17 +152,20 @@ class BatchStats:
 
     batches: int = 0
     texts: int = 0
+    tokens: int = 0
     window_s: float = 10.0
-    recent: deque[tuple[float, int]] = field(default_factory=deque)
+    recent: deque[tuple[float, int, int]] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, texts: int, now: float | None = None) -> None:
-        """Count one batch of ``texts`` texts, finished at ``now`` (monotonic seconds)."""
+    def record(self, texts: int, now: float | None = None, tokens: int = 0) -> None:
+        """Count one batch of ``texts`` texts (``tokens`` real tokens), finished at ``now``
+        (monotonic seconds)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self.batches += 1
             self.texts += texts
-            self.recent.append((now, texts))
+            self.tokens += tokens
+            self.recent.append((now, texts, tokens))
             self._prune(now)
 
     def texts_per_second(self, now: float | None = None) -> float:
@@ -106,7 +173,14 @@ class BatchStats:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._prune(now)
-            return sum(n for _, n in self.recent) / self.window_s
+            return sum(n for _, n, _ in self.recent) / self.window_s
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        """Real tokens served per second over the last ``window_s`` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._prune(now)
+            return sum(n for _, _, n in self.recent) / self.window_s
 
     def _prune(self, now: float) -> None:
         while self.recent and self.recent[0][0] < now - self.window_s:
@@ -129,9 +203,9 @@ def thread_state(model: torch.nn.Module) -> dict[str, Any]:
 
 
 class Batcher:
-    """Owns the inference thread; ``await batcher.predict(texts)`` from any event loop.
+    """Owns the worker threads; ``await batcher.predict(texts)`` from any event loop.
 
-    >>> batcher = Batcher(model, max_batch_size=32, max_wait_ms=5)  # doctest: +SKIP
+    >>> batcher = Batcher(model, max_batch_size=32, max_wait_ms=5, workers=2)  # doctest: +SKIP
     >>> batcher.start(warmup=["warm-up"])  # doctest: +SKIP
     >>> await batcher.predict(["great product"])  # doctest: +SKIP
     """
@@ -145,47 +219,69 @@ class Batcher:
         max_queue: int = 1024,
         mode: GradMode = "inference_mode",
         on_batch: BatchObserver | None = None,
+        workers: int = 1,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        window: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        if workers < 1 or max_batch_tokens < 1 or (window is not None and window < 1):
+            raise ValueError("workers, max_batch_tokens and window must be >= 1")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.mode = mode
         self.on_batch = on_batch
+        self.workers = workers
+        self.max_batch_tokens = max_batch_tokens
+        # texts sorted by length to complete a batch: a few batches' worth
+        self.window = window or 4 * max_batch_size
+        # one intra-op thread per core: N single-threaded workers beat one N-threaded one
+        self.threads_per_worker = max(1, available_cores() // workers)
         self.stats = BatchStats()
         self._items: deque[_Item] = deque()
+        self._queued_tokens = 0
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = 0
         self._failed: BaseException | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
     def start(self, warmup: Sequence[str] = ("warm-up",), timeout_s: float | None = None) -> None:
-        """Start the inference thread, run a warm-up batch in it, and wait until it ran.
+        """Start the workers, each running a warm-up batch in its own scope; wait for them.
 
-        Raises whatever the warm-up raised (e.g. a model that stays in train mode).
+        Raises whatever a worker's start raised (e.g. a model that stays in train mode).
         """
-        self._thread = threading.Thread(
-            target=self._run, args=(list(warmup),), name="gradfence-inference", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(timeout_s):
-            raise TimeoutError("the inference thread did not get ready in time")
+        barrier = threading.Barrier(self.workers + 1)
+        for _ in range(self.workers):
+            thread = threading.Thread(
+                target=self._run,
+                args=(list(warmup), barrier),
+                name="gradfence-inference",  # every worker: one role, one name in logs
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+        try:
+            barrier.wait(timeout_s)
+        except threading.BrokenBarrierError:
+            if self._failed is None:
+                raise TimeoutError("the inference threads did not get ready in time") from None
         if self._failed is not None:
+            self.stop()
             raise self._failed
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Stop accepting work, finish every text already queued, and end the thread."""
+        """Stop accepting work, finish every text already queued, and end the workers."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        for thread in self._threads:
+            thread.join(timeout_s)
 
     @property
     def queue_depth(self) -> int:
@@ -193,47 +289,86 @@ class Batcher:
         return len(self._items)
 
     @property
+    def queued_tokens(self) -> int:
+        """Tokens of the texts waiting for a batch (counted by the model's tokenizer)."""
+        return self._queued_tokens
+
+    @property
     def alive(self) -> bool:
-        """True while the inference thread runs and is not stopping."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        """True while every worker runs and the batcher is not stopping."""
+        return (
+            bool(self._threads)
+            and all(thread.is_alive() for thread in self._threads)
+            and not self._stopping
+        )
+
+    def estimate_tokens(self, texts: Sequence[str]) -> int:
+        """A cheap estimate of the tokens ``texts`` would add to the queue (no tokenizer
+        run): compare ``queued_tokens + estimate`` with ``stats.tokens_per_second()``
+        to admit by work rather than by texts."""
+        return self.model.estimate_tokens(texts)
 
     # --- submitting work ---------------------------------------------------------
 
-    def submit(self, texts: Sequence[str]) -> concurrent.futures.Future[list[Prediction]]:
+    def submit(
+        self, texts: Sequence[str], encoded: Sequence[EncodedText] | None = None
+    ) -> concurrent.futures.Future[list[Prediction]]:
         """Queue ``texts`` as one request; its future gets one prediction per text, in order.
 
-        Raises :class:`QueueFullError` when the queue cannot take all of them now.
+        The texts are tokenized here, in the caller's thread, unless ``encoded`` (what
+        ``model.encode(texts)`` returned) is given. Raises :class:`QueueFullError` when
+        the queue cannot take all of them now.
         """
-        return self.submit_many([texts])[0]
+        return self.submit_many([texts], None if encoded is None else [encoded])[0]
 
     def submit_many(
-        self, requests: Sequence[Sequence[str]]
+        self,
+        requests: Sequence[Sequence[str]],
+        encoded: Sequence[Sequence[EncodedText]] | None = None,
     ) -> list[concurrent.futures.Future[list[Prediction]]]:
         """Queue several requests at once (all or none), e.g. a batch another server formed."""
+        total = sum(len(texts) for texts in requests)
+        with self._cond:  # refuse before tokenizing
+            self._check_room(total)
+        if encoded is None:
+            flat = self.model.encode([text for texts in requests for text in texts])
+            encoded, start = [], 0
+            for texts in requests:
+                encoded.append(flat[start : start + len(texts)])
+                start += len(texts)
         pending = [
             _Request(texts, concurrent.futures.Future(), [None] * len(texts), len(texts))
             for texts in requests
         ]
-        total = sum(len(texts) for texts in requests)
         now = time.monotonic()
         with self._cond:
-            if self._stopping or not self.alive:
-                raise BatcherStoppedError("the inference thread is not running")
-            if len(self._items) + total > self.max_queue:
-                raise QueueFullError(
-                    f"queue holds {len(self._items)} of {self.max_queue} texts; "
-                    f"{total} more do not fit"
-                )
-            for request in pending:
-                self._items.extend(_Item(request, i, now) for i in range(len(request.texts)))
+            self._check_room(total)
+            for request, prepared in zip(pending, encoded, strict=True):
+                for i, item in enumerate(prepared):
+                    self._items.append(_Item(request, i, now, item))
+                    self._queued_tokens += item.tokens
             self._cond.notify_all()
         return [request.future for request in pending]
+
+    def _check_room(self, total: int) -> None:
+        if self._stopping or not self.alive:
+            raise BatcherStoppedError("the inference thread is not running")
+        if len(self._items) + total > self.max_queue:
+            raise QueueFullError(
+                f"queue holds {len(self._items)} of {self.max_queue} texts; {total} more do not fit"
+            )
 
     async def predict(
         self, texts: Sequence[str], timeout_s: float | None = None
     ) -> list[Prediction]:
-        """Await the predictions for ``texts``; on timeout their queued texts are dropped."""
-        future = self.submit(texts)
+        """Await the predictions for ``texts``; on timeout their queued texts are dropped.
+
+        Big requests are tokenized in a helper thread, so the event loop stays free.
+        """
+        encoded = None
+        if sum(len(text) for text in texts) > OFFLOAD_ENCODE_CHARS:
+            encoded = await asyncio.to_thread(self.model.encode, texts)
+        future = self.submit(texts, encoded)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -251,12 +386,13 @@ class Batcher:
             for item in self._items:
                 if item.request.future is future:
                     item.request.cancelled = True
+                    self._queued_tokens -= item.encoded.tokens
                 else:
                     kept.append(item)
             self._items = kept
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run ``fn()`` in the inference thread, inside its scope, between two batches."""
+        """Run ``fn()`` in a worker thread, inside its scope, between two batches."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
             if not self.alive:
@@ -266,15 +402,18 @@ class Batcher:
         return future
 
     async def inspect_thread(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """:func:`thread_state` of the model as the inference thread sees it."""
+        """:func:`thread_state` of the model as a worker thread sees it."""
         model = self.model
         future = self.call(lambda: thread_state(model))
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
-    # --- the inference thread ----------------------------------------------------
+    # --- the worker threads ------------------------------------------------------
 
-    def _run(self, warmup: list[str]) -> None:
+    def _run(self, warmup: list[str], barrier: threading.Barrier) -> None:
+        ready = False
         try:
+            # process-wide in torch, the same value from every worker
+            torch.set_num_threads(self.threads_per_worker)
             with gf.inference(self.model, mode=self.mode):
                 state = thread_state(self.model)
                 if not state["eval_mode"]:
@@ -282,78 +421,98 @@ class Batcher:
                         f"modules still in train mode: {state['modules_in_train_mode']}"
                     )
                 if warmup:
-                    self._scores(warmup)
-                self._ready.set()
+                    self._scores(self.model.encode(warmup))
+                ready = True
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    return  # another worker failed to start, or start() timed out
                 self._loop()
         except BaseException as exc:
-            self._failed = exc
+            if self._failed is None:
+                self._failed = exc
             log.exception("inference thread failed")
         finally:
+            if not ready:
+                barrier.abort()
             with self._cond:
                 self._stopping = True
                 pending, self._items = self._items, deque()
+                self._queued_tokens = 0
                 calls, self._calls = self._calls, deque()
+                self._cond.notify_all()
             error = BatcherStoppedError("the inference thread stopped")
             for item in pending:
                 _fail(item.request, error)
             for _, future in calls:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     future.set_exception(error)
-            self._ready.set()
+
+    def _run_calls(self) -> None:
+        """Run the queued :meth:`call` functions (holding the condition on entry and exit)."""
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            self._cond.release()
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+            finally:
+                self._cond.acquire()
 
     def _next_batch(self) -> list[_Item] | None:
         """Wait for work; return the next batch, or None when stopping with nothing left."""
         with self._cond:
             while True:
-                while self._calls:
-                    fn, future = self._calls.popleft()
-                    if not future.set_running_or_notify_cancel():
-                        continue  # its caller gave up
-                    self._cond.release()
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        future.set_exception(exc)
-                    finally:
-                        self._cond.acquire()
-                while self._items and self._items[0].request.cancelled:
-                    self._items.popleft()
-                if self._items:
-                    break
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            deadline = self._items[0].arrived + self.max_wait_s
-            while len(self._items) < self.max_batch_size and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            batch: list[_Item] = []
-            while self._items and len(batch) < self.max_batch_size:
-                item = self._items.popleft()
-                if not item.request.cancelled:
-                    batch.append(item)
-            return batch
+                self._run_calls()
+                if not self._items:  # (cancel() takes abandoned texts out at once)
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                full = (
+                    len(self._items) >= self.max_batch_size
+                    or self._queued_tokens >= self.max_batch_tokens
+                )
+                remaining = self._items[0].arrived + self.max_wait_s - time.monotonic()
+                if full or remaining <= 0 or self._stopping:
+                    return self._take_batch()
+                self._cond.wait(remaining)  # then look again: another worker may have taken it
+
+    def _take_batch(self) -> list[_Item]:
+        """Remove the next batch (see :func:`plan_batch`) from the queue."""
+        window: list[_Item] = []
+        while self._items and len(window) < self.window:
+            window.append(self._items.popleft())
+        chosen = plan_batch(
+            [item.encoded.tokens for item in window], self.max_batch_size, self.max_batch_tokens
+        )
+        taken = set(chosen)
+        self._items.extendleft(reversed([item for i, item in enumerate(window) if i not in taken]))
+        batch = [window[i] for i in chosen]
+        self._queued_tokens -= sum(item.encoded.tokens for item in batch)
+        return [item for item in batch if not item.request.cancelled]
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:
                 self._run_batch(batch)
 
-    def _scores(self, texts: list[str]) -> list[list[float]]:
+    def _scores(self, batch: Sequence[EncodedText]) -> list[list[float]]:
         """Probabilities per text, checked to be exactly one finite row per text."""
-        logits = self.model(texts)
+        logits = self.model.forward_encoded(batch)
         n_labels = len(self.model.labels)
-        if logits.ndim != 2 or logits.shape[0] != len(texts) or logits.shape[1] != n_labels:
+        if logits.ndim != 2 or logits.shape[0] != len(batch) or logits.shape[1] != n_labels:
             raise BatchMismatchError(
-                f"model returned shape {tuple(logits.shape)} for {len(texts)} texts "
+                f"model returned shape {tuple(logits.shape)} for {len(batch)} texts "
                 f"and {n_labels} labels"
             )
         probabilities = logits.float().softmax(dim=-1)
         if not bool(probabilities.isfinite().all()):
             raise NonFiniteScoresError(
-                f"model returned NaN or infinite scores for {len(texts)} texts"
+                f"model returned NaN or infinite scores for {len(batch)} texts"
             )
         rows: list[list[float]] = probabilities.tolist()
         return rows
@@ -361,7 +520,7 @@ class Batcher:
     def _run_batch(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
         try:
-            rows = self._scores([item.request.texts[item.index] for item in batch])
+            rows = self._scores([item.encoded for item in batch])
         except Exception as exc:
             requests = list({id(item.request): item.request for item in batch}.values())
             if len(requests) == 1:
@@ -380,7 +539,7 @@ class Batcher:
             best = max(range(len(row)), key=row.__getitem__)
             prediction = Prediction(labels[best], row[best], dict(zip(labels, row, strict=True)))
             _deliver(item.request, item.index, prediction)
-        self.stats.record(len(batch))
+        self.stats.record(len(batch), tokens=sum(item.encoded.tokens for item in batch))
         if self.on_batch is not None:
             self.on_batch(len(batch), elapsed)
 

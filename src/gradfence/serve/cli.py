@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -59,6 +60,21 @@ def register(subparsers: Any) -> None:
         type=float,
         default=30.0,
         help="answer 504 after this long (default 30)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="model worker threads, each single-threaded on its share of the cores "
+        "(default: one per core available)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="run the model with torch (default) or ONNX Runtime fp32 (extra 'onnx'; "
+        "exported on first use, checked against torch at start-up)",
     )
     parser.add_argument(
         "--api-key-env",
@@ -166,6 +182,10 @@ def _settings_from(args: argparse.Namespace) -> Any:
     for name in ("max_batch_size", "max_queue", "replicas", "max_connections"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.runtime == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise UsageError("--runtime onnx needs onnxruntime: pip install 'gradfence[onnx]'")
     if args.max_wait_ms < 0 or args.request_timeout_s <= 0:
         raise UsageError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
     if args.head_timeout_s <= 0 or args.idle_timeout_s <= 0:
@@ -201,6 +221,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         head_timeout_s=args.head_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
         max_connections=args.max_connections,
+        workers=args.workers,
     )
 
 
@@ -263,7 +284,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         from gradfence.serve.model import load_model
     except ImportError as exc:
         raise UsageError(f"{exc.name} is missing: pip install 'gradfence[serve]'") from exc
-    load = functools.partial(load_model, args.model_dir)
+    load = functools.partial(load_model, args.model_dir, args.runtime)
     if args.backend == "ray":
         try:
             from gradfence.serve.ray import serve_ray

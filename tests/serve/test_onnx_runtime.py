@@ -1,0 +1,77 @@
+"""``--runtime onnx``: same scores as torch within 1e-5, export cached by weight hash."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradfence as gf
+from gradfence.serve.batcher import Batcher
+from gradfence.serve.model import load_model, load_model_dir
+
+from .conftest import WORDS
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not available on this platform")
+from gradfence.serve import onnx_runtime
+
+TEXTS = [" ".join(WORDS[(i * 3 + k) % len(WORDS)] for k in range(1 + i % 11)) for i in range(40)]
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(onnx_runtime.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_onnx_scores_match_torch_through_the_workers(tiny_model_dir: Path, cache: Path) -> None:
+    reference = load_model_dir(tiny_model_dir)
+    model = load_model(tiny_model_dir, runtime="onnx")
+    assert isinstance(model, onnx_runtime.OnnxClassifier)
+    assert (model.labels, model.model_id) == (reference.labels, reference.model_id)
+    with gf.inference(reference):
+        expected = reference(TEXTS).softmax(-1)
+    batcher = Batcher(model, workers=2, max_batch_size=8, max_wait_ms=2)
+    batcher.start()
+    futures = [batcher.submit([text]) for text in TEXTS]
+    served = torch.tensor([list(f.result(30)[0].scores.values()) for f in futures])
+    batcher.stop()
+    assert (served - expected).abs().max().item() <= 1e-5
+
+
+def test_export_is_cached_by_weight_hash(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exports: list[Path] = []
+    real_export = onnx_runtime.export_onnx
+
+    def counted(model: onnx_runtime.TokenizedClassifier, path: Path) -> None:
+        exports.append(path)
+        real_export(model, path)
+
+    monkeypatch.setattr(onnx_runtime, "export_onnx", counted)
+    first = onnx_runtime.load_onnx(load_model_dir(tiny_model_dir))
+    again = onnx_runtime.load_onnx(load_model_dir(tiny_model_dir))
+    assert exports == [first.path] and again.path == first.path  # built once, then reused
+    assert first.path.parent == cache / "onnx" and first.path.is_file()
+
+    changed = load_model_dir(tiny_model_dir)
+    with torch.no_grad():
+        changed.model.classifier.bias.add_(0.5)  # other weights: another export
+    third = onnx_runtime.load_onnx(changed)
+    assert third.path != first.path and exports == [first.path, third.path]
+
+
+def test_an_export_that_disagrees_with_torch_fails_at_start(
+    tiny_model_dir: Path, cache: Path
+) -> None:
+    other = load_model_dir(tiny_model_dir)
+    with torch.no_grad():
+        other.model.classifier.weight.mul_(-1.0)
+    stale = onnx_runtime.load_onnx(other).path
+    model = load_model_dir(tiny_model_dir)
+    shutil.copyfile(stale, onnx_runtime.export_path(model))  # a damaged cache entry
+    with pytest.raises(onnx_runtime.RuntimeMismatchError, match="differ from torch by"):
+        onnx_runtime.load_onnx(model)
