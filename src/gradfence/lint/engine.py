@@ -22,7 +22,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 
-from gradfence.lint.diagnostics import Diagnostic, Fix, split_lines
+from gradfence.lint.analysis.project import ProjectConfig
+from gradfence.lint.diagnostics import HIGH, Diagnostic, Fix, split_lines
 from gradfence.lint.model import build_model
 from gradfence.lint.rules import RULES
 from gradfence.lint.rules.syntax import SYNTAX_ERROR
@@ -38,6 +39,10 @@ class Settings:
 
     selection: Selection = field(default_factory=Selection)
     target_torch: tuple[int, int] | None = None
+    # also report findings of low confidence (``--preview``)
+    preview: bool = False
+    # the project the files belong to: summaries of its modules reach across files
+    project: ProjectConfig | None = None
 
 
 @dataclass
@@ -76,18 +81,31 @@ def check_tree(
     """Lint an already parsed module (the flake8 plugin hands over its tree)."""
     settings = settings or Settings()
     selection = settings.selection
-    model = build_model(path, source, tree, settings.target_torch)
+    model = build_model(path, source, tree, settings.target_torch, settings.project)
     found: list[Diagnostic] = []
     try:
         for code, rule in RULES.items():
             if code == SYNTAX_ERROR or not selection.enabled(code, path):
                 continue
-            for node, message, fix in rule.check(model):
+            for hit in rule.check(model):
+                node, message, fix = hit[0], hit[1], hit[2]
+                confidence = hit[3] if len(hit) == 4 else HIGH
+                if confidence != HIGH and not settings.preview:
+                    continue
                 text = model.text
                 (line, col), (end_line, end_col) = text.start(node), text.end(node)
                 found.append(
                     Diagnostic(
-                        code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix
+                        code,
+                        rule.name,
+                        message,
+                        path,
+                        line,
+                        col + 1,
+                        end_line,
+                        end_col + 1,
+                        fix,
+                        confidence,
                     )
                 )
     finally:

@@ -10,7 +10,7 @@ from gradfence.lint.imports import dotted
 from gradfence.lint.model import AssignEvent, CallEvent, FileModel, FunctionModel, end_pos, pos
 from gradfence.lint.rules.evidence import backward_argument, callers, names_in
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _AUTOGRAD_CALLS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
 _INPLACE_UPDATES = frozenset(
@@ -203,7 +203,7 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
             elif not isinstance(target, ast.Call | ast.BinOp | ast.Subscript | ast.Attribute):
                 continue
             what = "`.backward()`" if call.attr == "backward" else f"`{call.qual}`"
-            mode = "inference_mode" if call.mode is GradMode.INFERENCE else "no_grad"
+            mode = "inference_mode" if call.mode is GradState.INFERENCE else "no_grad"
             yield (
                 call.node,
                 f"{what} on a value computed under {mode}: it has no grad_fn (RuntimeError)",
@@ -253,7 +253,7 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
     """
     for function in model.functions:
         for call in function.calls:
-            if call.mode.no_graph or call.mode is GradMode.UNKNOWN:
+            if call.mode.no_graph or call.mode is GradState.UNKNOWN:
                 continue
             target = _differentiated(call)
             name = _plain_path(target)
@@ -265,7 +265,7 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
                 continue
             if _gets_requires_grad(function, name, pos(last.node), here):
                 continue
-            mode = "inference_mode" if last.mode is GradMode.INFERENCE else "no_grad"
+            mode = "inference_mode" if last.mode is GradState.INFERENCE else "no_grad"
             yield (
                 call.node,
                 f"`{name}` was computed under {mode} (line {last.node.lineno}): "
@@ -485,7 +485,7 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
             yield from hits
 
 
-_GRAD_ON = frozenset({GradMode.DEFAULT, GradMode.ENABLED})
+_GRAD_ON = frozenset({GradState.DEFAULT, GradState.ENABLED})
 _REWRITABLE_OPS: dict[type[ast.operator], str] = {ast.Sub: "-=", ast.Add: "+="}
 
 

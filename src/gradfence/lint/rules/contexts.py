@@ -10,7 +10,7 @@ from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import (
     GRAD_CONTEXTS,
     NULLARY_GRAD_CONTEXTS,
-    GradMode,
+    GradState,
     mode_of_set_call,
 )
 
@@ -208,10 +208,10 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
             value = event.node.value
             if not isinstance(value, ast.Call):
                 continue
-            if mode_of_set_call(value, imports) is not GradMode.DISABLED:
+            if mode_of_set_call(value, imports) is not GradState.DISABLED:
                 continue
             here = pos(value)
-            restored = any(p > here and m is not GradMode.DISABLED for p, m in sets)
+            restored = any(p > here and m is not GradState.DISABLED for p, m in sets)
             if function.cls is not None and function.name not in {"__init__", "<module>"}:
                 # a context-manager-like class: __enter__ disables, __exit__ restores
                 restored = restored or _restored_by_sibling(model, function)
@@ -237,7 +237,7 @@ def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:
         for call in method.calls:
             if call.qual == "torch.set_grad_enabled":
                 mode = mode_of_set_call(call.node, model.imports)
-                if mode is not GradMode.DISABLED:
+                if mode is not GradState.DISABLED:
                     return True
     return False
 

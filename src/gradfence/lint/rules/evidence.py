@@ -141,7 +141,7 @@ def _module_evidence(model: FileModel, function: FunctionModel) -> set[str]:
 def module_names(model: FileModel, function: FunctionModel) -> set[str]:
     """Names shown to be modules in ``function`` (built from ``torch.nn``, iterated from
     ``.modules()``, used through Module-only methods), plus ``self.x`` shown anywhere."""
-    cache: dict[int, set[str]] | None = getattr(model, "_module_names", None)
+    cache: dict[int, set[str]] | None = model.memo.get("module_names")
     if cache is None:
         cache = {}
         attributes: set[str] = set()
@@ -150,7 +150,7 @@ def module_names(model: FileModel, function: FunctionModel) -> set[str]:
             cache[id(other)] = found
             attributes |= {n for n in found if n.startswith("self.")}
         cache[0] = attributes
-        model._module_names = cache  # type: ignore[attr-defined]
+        model.memo["module_names"] = cache
     return cache.get(id(function), set()) | cache[0]
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
+from gradfence.lint.analysis.context import covers, events, is_trained
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     CallEvent,
     FileModel,
     FunctionModel,
-    LoopModel,
     Pos,
     end_pos,
     mentions_training,
@@ -24,7 +24,6 @@ from gradfence.lint.rules.evidence import (
     is_eval_loop,
     is_framework_hook,
     is_module_ctor,
-    is_training_step,
     looks_like_module_name,
     mentions_mc_dropout,
     module_names,
@@ -32,7 +31,7 @@ from gradfence.lint.rules.evidence import (
     uses_gradients,
 )
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _DROPOUT_FUNCS = frozenset(
     {
@@ -151,82 +150,6 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
                 yield value, message, text.call_it(value)
 
 
-class _ModeFlow:
-    """Per-file summary for GF302: which functions leave eval on, train, or restore train."""
-
-    def __init__(self, model: FileModel) -> None:
-        self.model = model
-        self.callees: dict[int, list[tuple[CallEvent, list[FunctionModel]]]] = {}
-        for function in model.functions:
-            self.callees[id(function)] = [
-                (call, targets)
-                for call in function.calls
-                if call.attr is None or call.receiver in {"self", "cls"}
-                for targets in [resolve_callees(model, call)]
-                if targets
-            ]
-        self.leaks = self._fixpoint(self._leaks)
-        self.trains = self._fixpoint(
-            lambda f, known: (
-                any(is_training_step(c) for c in f.calls)
-                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
-            )
-        )
-        self.sets_train = self._fixpoint(
-            lambda f, known: (
-                any(_plain_train_call(c) for c in f.calls)
-                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
-            )
-        )
-
-    def _fixpoint(self, test: object) -> set[int]:
-        known: set[int] = set()
-        for _ in range(4):
-            grown = {
-                id(f)
-                for f in self.model.functions
-                if test(f, known)  # type: ignore[operator]
-            }
-            if grown == known:
-                break
-            known = grown
-        return known
-
-    def _leaks(self, function: FunctionModel, known: set[int]) -> bool:
-        switches: list[Pos] = [pos(c.node) for c in function.calls if is_eval_call(c)]
-        switches += [
-            pos(c.node)
-            for c, targets in self.callees[id(function)]
-            if any(id(t) in known for t in targets)
-        ]
-        if not switches:
-            return False
-        restores = [pos(c.node) for c in function.calls if is_train_call(c)]
-        last = max(switches)
-        return not any(r > last for r in restores)
-
-
-def _events_in(
-    loop: LoopModel, function: FunctionModel, flow: _ModeFlow
-) -> list[tuple[Pos, int, CallEvent]]:
-    """(position, kind, call) in the loop: kind 0 = back to train, 1 = training step, 2 = leak."""
-    events: list[tuple[Pos, int, CallEvent]] = []
-    callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
-    for call in function.calls:
-        if call.loop is None or loop not in list(call.loop.chain()):
-            continue
-        here = pos(call.node)
-        targets = callee_map.get(id(call), [])
-        if _plain_train_call(call) or any(id(t) in flow.sets_train for t in targets):
-            events.append((here, 0, call))
-        if is_training_step(call) or any(id(t) in flow.trains for t in targets):
-            events.append((here, 1, call))
-        if is_eval_call(call) or any(id(t) in flow.leaks for t in targets):
-            events.append((here, 2, call))
-    events.sort(key=lambda e: (e[0], e[1]))
-    return events
-
-
 @rule(
     "GF302",
     "eval-mode-leak",
@@ -282,45 +205,59 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.train`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
     """
-    if not any(is_training_step(c) for f in model.functions for c in f.calls):
-        return
-    flow = _ModeFlow(model)
-    reported: set[int] = set()
     for function in model.functions:
-        callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
-        for call in function.calls:
-            if call.loop is None or id(call.node) in reported:
+        if not function.loops:
+            continue
+        items = events(model, function)
+        if not any(kind == "diff" for _, _, kind, _ in items):
+            continue
+        reported: set[Pos] = set()
+        for loop in function.loops:
+            start, stop = pos(loop.node), end_pos(loop.node)
+            inside = [e for e in items if start <= (e[0], e[1]) <= stop]
+            if not any(kind == "diff" for _, _, kind, _ in inside):
                 continue
-            if not is_eval_call(call) and not any(
-                id(t) in flow.leaks for t in callee_map.get(id(call), [])
-            ):
-                continue
-            if _mode_chosen_by_branch(function, call):
-                continue
-            for loop in call.loop.chain():
-                events = _events_in(loop, function, flow)
-                if not any(kind == 1 for _, kind, _ in events):
+            for index, (line, col, kind, target) in enumerate(inside):
+                here = (line, col)
+                if kind != "eval" or here in reported:
                     continue
-                if not any(kind == 2 and c is call for _, kind, c in events):
-                    break
-                index = next(i for i, e in enumerate(events) if e[1] == 2 and e[2] is call)
-                rotated = events[index + 1 :] + events[: index + 1]
-                following = next((kind for _, kind, c in rotated if kind in (0, 1)), None)
-                if following == 1:
-                    reported.add(id(call.node))
-                    if not is_eval_call(call):
-                        what = f"`{dotted(call.node.func)}()`"
-                    elif call.attr == "eval":
-                        what = f"`{call.receiver}.eval()`"
-                    else:
+                if not is_trained(model, function, target):
+                    continue  # an EMA copy, a frozen backbone: eval on purpose
+                rotated = inside[index + 1 :] + inside[:index]
+                following = next(
+                    (
+                        k
+                        for _, _, k, t in rotated
+                        if k == "diff" or (k in {"train", "restore"} and covers(t, target))
+                    ),
+                    None,
+                )
+                if following != "diff":
+                    continue
+                call = call_at(function, here)
+                if call is None or _mode_chosen_by_branch(function, call):
+                    continue
+                reported.add(here)
+                if is_eval_call(call):
+                    what = f"`{call.receiver}.eval()`"
+                    if call.attr == "train":
                         what = f"`{call.receiver}.train(False)`"
-                    yield (
-                        call.node,
-                        f"{what} leaves the model in eval mode and the loop trains again "
-                        "without `.train()`",
-                        None,
-                    )
-                break
+                else:
+                    what = f"`{dotted(call.node.func)}()`"
+                yield (
+                    call.node,
+                    f"{what} leaves `{target}` in eval mode and the loop trains it again "
+                    "without `.train()`",
+                    None,
+                )
+
+
+def call_at(function: FunctionModel, here: Pos) -> CallEvent | None:
+    """The recorded call of ``function`` that starts at ``here``."""
+    for call in function.calls:
+        if (call.node.lineno, call.node.col_offset) == here:
+            return call
+    return None
 
 
 def _within(statements: list[ast.stmt], here: Pos) -> bool:
@@ -548,10 +485,10 @@ def _helper_evaluates_before(model: FileModel, function: FunctionModel, limit: P
 
 def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
     """First forward of each module in an evaluation context, per function (cached)."""
-    cached: list[tuple[FunctionModel, CallEvent, str]] | None = getattr(model, "_forwards", None)
+    cached: list[tuple[FunctionModel, CallEvent, str]] | None = model.memo.get("forwards")
     if cached is None:
         cached = list(_find_evaluation_forwards(model))
-        model._forwards = cached  # type: ignore[attr-defined]
+        model.memo["forwards"] = cached
     return cached
 
 
@@ -795,13 +732,13 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     """
     skip: dict[int, bool] = {}
     for function, call, target in _evaluation_forwards(model):
-        if call.mode is not GradMode.DEFAULT and call.mode is not GradMode.ENABLED:
+        if call.mode is not GradState.DEFAULT and call.mode is not GradState.ENABLED:
             continue
         key = id(function)
         if key not in skip:
             skip[key] = uses_gradients(function) or any(
                 site.mode.no_graph
-                or site.mode is GradMode.UNKNOWN
+                or site.mode is GradState.UNKNOWN
                 or uses_gradients(site.function)  # the caller differentiates the output
                 for site in callers(model, function)
             )

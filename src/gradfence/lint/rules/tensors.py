@@ -19,7 +19,7 @@ from gradfence.lint.model import (
 )
 from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
 _SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
@@ -360,7 +360,7 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
         if function.cls is None or not function.cls.is_module:
             continue
         for assign in function.assigns:
-            if assign.mode is not GradMode.INFERENCE or _scalar(assign.value):
+            if assign.mode is not GradState.INFERENCE or _scalar(assign.value):
                 continue
             for target in assign.targets:
                 text = dotted(target)
@@ -378,7 +378,7 @@ def _mutations(
 ) -> Iterator[tuple[tuple[int, int], ast.AST, str]]:
     for assign in function.assigns:
         node = assign.node
-        if assign.mode is GradMode.INFERENCE:
+        if assign.mode is GradState.INFERENCE:
             continue
         if isinstance(node, ast.AugAssign) and dotted(node.target) == name:
             yield pos(node), node, "augmented assignment"
@@ -389,7 +389,7 @@ def _mutations(
     for call in function.calls:
         attr = call.attr
         if (
-            call.mode is not GradMode.INFERENCE
+            call.mode is not GradState.INFERENCE
             and call.receiver == name
             and attr is not None
             and attr.endswith("_")
@@ -445,7 +445,7 @@ def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
     """
     for function in model.functions:
         for event in function.withs:
-            if event.mode is not GradMode.INFERENCE or event.outer_mode is GradMode.INFERENCE:
+            if event.mode is not GradState.INFERENCE or event.outer_mode is GradState.INFERENCE:
                 continue
             start, end = pos(event.node), end_pos(event.node)
             bound: dict[str, tuple[int, int]] = {}

@@ -1,0 +1,191 @@
+"""The questions the rules ask, answered from evidence (summaries), not from names.
+
+- :func:`events`: a function's events, callees included;
+- :func:`mode_at`: the mode a module is known to be in at a point (``eval``, ``train`` or
+  ``None`` for "cannot tell");
+- :func:`trained_targets`: modules whose parameters reach an optimiser in the file;
+- :func:`is_trained`: whether a module is trained (optimiser, or its output reaches the
+  differentiated loss when no optimiser is visible);
+- :func:`eval_evidence`: why a point is an evaluation (validation loader, metric, grad-off
+  function running a module it received, a script that never differentiates), each item
+  a short reason; names only break ties.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from gradfence.lint.analysis.effects import Event
+from gradfence.lint.imports import dotted
+from gradfence.lint.model import FileModel, FunctionModel, LoopModel, Pos
+from gradfence.lint.names import FRAMEWORK_EVAL_HOOKS, tokens
+
+# hooks that their framework already runs under eval() and no_grad()
+FRAMEWORK_HOOKS = FRAMEWORK_EVAL_HOOKS | frozenset({"valid_step", "inference_step", "eval_step"})
+_LOADER_WORDS = frozenset({"val", "valid", "validation", "test", "eval", "evaluation", "dev"})
+_METRIC_WORDS = frozenset(
+    {"accuracy", "acc", "correct", "precision", "recall", "f1", "auc", "bleu", "psnr", "ssim"}
+    | {"metric", "metrics", "score", "confusion", "miou", "iou", "top1", "top5", "mae", "rmse"}
+)
+_METRIC_CALL = re.compile(r"\.argmax\(|\.topk\(|\.eq\(|accuracy|f1_score|torchmetrics|sklearn")
+
+
+def events(facts: FileModel, function: FunctionModel) -> list[Event]:
+    """The function's events, calls into visible functions included (memoised)."""
+    cache: dict[int, list[Event]] = facts.memo.setdefault("events", {})
+    found = cache.get(id(function))
+    if found is None:
+        found = facts.analysis.events(function.qualname)
+        cache[id(function)] = found
+    return found
+
+
+def related(a: str, b: str) -> bool:
+    """``a`` is ``b``, or one contains the other (``model`` and ``model.encoder``)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def covers(outer: str, inner: str) -> bool:
+    """``outer`` is ``inner`` or an ancestor of it: a mode set on it reaches ``inner``."""
+    return inner == outer or inner.startswith(outer + ".")
+
+
+def mode_at(facts: FileModel, function: FunctionModel, target: str, here: Pos) -> str | None:
+    """The last mode set on ``target`` (or an ancestor) in the function before ``here``:
+    ``"eval"``, ``"train"``, ``"restore"``; None when the function sets none."""
+    last: str | None = None
+    for line, col, kind, subject in events(facts, function):
+        if (line, col) >= here:
+            break
+        if kind in {"eval", "train", "restore"} and covers(subject, target):
+            last = kind
+    return last
+
+
+def binding_before(facts: FileModel, function: FunctionModel, target: str, here: Pos) -> str | None:
+    """How ``target`` was last bound before ``here``: ``built`` (a class called),
+    ``bound_call`` (a factory the analysis cannot see into), ``opaque`` (traced, scripted,
+    copied, loaded)."""
+    last: str | None = None
+    for line, col, kind, subject in events(facts, function):
+        if (line, col) > here:
+            break
+        if kind in {"built", "bound_call", "opaque"} and subject == target:
+            last = kind
+    return last
+
+
+def trained_targets(facts: FileModel) -> set[str]:
+    """Modules whose parameters reach an optimiser anywhere in the file (last name parts
+    too, so that ``self.model`` and ``model`` meet)."""
+    found: set[str] | None = facts.memo.get("trained")
+    if found is None:
+        found = set()
+        for function in facts.functions:
+            for _, _, kind, subject in events(facts, function):
+                if kind == "optim" and subject:
+                    found.add(subject)
+                    found.add(subject.rsplit(".", 1)[-1])
+        facts.memo["trained"] = found
+    return found
+
+
+def is_trained(facts: FileModel, function: FunctionModel, target: str) -> bool:
+    """Whether ``target`` is trained: its parameters reach an optimiser, or (when no
+    optimiser is visible in the file) its output reaches a differentiated loss."""
+    optimised = trained_targets(facts)
+    if optimised:
+        last = target.rsplit(".", 1)[-1]
+        return any(related(target, o) or last == o for o in optimised) or any(
+            related(last, o) for o in optimised
+        )
+    items = events(facts, function)
+    forwarded = any(k == "forward" and related(s, target) for _, _, k, s in items)
+    return forwarded and any(k == "diff" for _, _, k, _ in items)
+
+
+def differentiates_between(facts: FileModel, function: FunctionModel, start: Pos, end: Pos) -> bool:
+    """Something is differentiated between two points of the function (callees included)."""
+    return any(
+        kind == "diff" and start <= (line, col) < end
+        for line, col, kind, _ in events(facts, function)
+    )
+
+
+def differentiates(facts: FileModel, function: FunctionModel) -> bool:
+    """The function differentiates anything, itself or through a callee."""
+    return any(kind == "diff" for _, _, kind, _ in events(facts, function))
+
+
+def is_framework_hook(function: FunctionModel) -> bool:
+    """A method the framework runs under eval() and no_grad() (Lightning, fairseq...)."""
+    return function.cls is not None and function.name in FRAMEWORK_HOOKS
+
+
+def loader_words(loop: LoopModel) -> bool:
+    """The loop iterates over validation/test data (by the loader's provenance)."""
+    return bool(loop.words & _LOADER_WORDS) and "train" not in loop.words
+
+
+def eval_loader_batch(facts: FileModel, function: FunctionModel) -> bool:
+    """``next(iter(val_loader))`` in the function: a batch pulled from evaluation data."""
+    node = function.node
+    for sub in ast.walk(node) if not isinstance(node, ast.Module) else ():
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Name)
+            and sub.func.id == "next"
+            and sub.args
+            and isinstance(sub.args[0], ast.Call)
+            and isinstance(sub.args[0].func, ast.Name)
+            and sub.args[0].func.id == "iter"
+            and sub.args[0].args
+        ):
+            text = dotted(sub.args[0].args[0]) or ""
+            words = tokens(text.rsplit(".", 1)[-1])
+            if words & _LOADER_WORDS and "train" not in words:
+                return True
+    return False
+
+
+def computes_metric(facts: FileModel, function: FunctionModel) -> bool:
+    """The function computes a metric on outputs (argmax/topk, accuracy, ``correct += ``)."""
+    found: dict[int, bool] = facts.memo.setdefault("metric", {})
+    key = id(function)
+    if key not in found:
+        node = function.node
+        start = getattr(node, "lineno", 1)
+        end = getattr(node, "end_lineno", start) or start
+        text = "\n".join(facts.lines[start - 1 : end])
+        hit = _METRIC_CALL.search(text) is not None
+        if not hit:
+            for assign in function.assigns:
+                for name in assign.target_names():
+                    if tokens(name.rsplit(".", 1)[-1]) & _METRIC_WORDS:
+                        hit = True
+                        break
+        found[key] = hit
+    return found[key]
+
+
+def eval_evidence(
+    facts: FileModel, function: FunctionModel, loop: LoopModel | None, grad_off: bool
+) -> list[str]:
+    """Why the code at this point evaluates; empty when nothing shows it."""
+    reasons: list[str] = []
+    if loop is not None and any(loader_words(outer) for outer in loop.chain()):
+        reasons.append("loop over evaluation data")
+    if eval_loader_batch(facts, function):
+        reasons.append("batch from evaluation data")
+    if computes_metric(facts, function):
+        reasons.append("metric computed")
+    if grad_off:
+        reasons.append("gradients off")
+    if (
+        grad_off
+        and not facts.analysis.summary.differentiates
+        and (function is facts.module or function.parent is facts.module)
+    ):
+        reasons.append("script never differentiates")
+    return reasons

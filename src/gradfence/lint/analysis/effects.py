@@ -1,0 +1,281 @@
+"""Summaries composed along the call graph: what a call does, seen from its caller.
+
+:class:`Analysis` answers, for one linted file, the questions the rules ask:
+
+- :meth:`Analysis.events`: a function's events with every resolvable call replaced by the
+  callee's effects, mapped onto the caller's arguments (``validate(model)`` where
+  ``validate`` calls ``m.eval()`` is an ``eval`` of ``model`` at the call);
+- :meth:`Analysis.effects`: the net effect of a function on its parameters and ``self``
+  attributes (final mode, forwards, differentiation, optimiser, detach, store).
+
+Callees are found in the same file (functions, ``self.method``, classes' ``__init__``) and
+in the project's own modules (``from .utils import validate``, ``import pkg.trainer``).
+Effects are computed on demand and memoised; a cycle in the call graph is iterated until
+nothing changes (at most a few rounds: effects only grow).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gradfence.lint.analysis.project import Project
+from gradfence.lint.analysis.summary import CallSite, FunctionSummary, ModuleSummary
+
+Event = tuple[int, int, str, str]
+_MODE_KINDS = ("eval", "train", "restore")
+
+
+@dataclass
+class Effects:
+    """What a function does to its parameters and ``self`` attributes, callees included."""
+
+    mode: dict[str, str] = field(default_factory=dict)  # target -> last mode set
+    evals: set[str] = field(default_factory=set)  # set to eval at some point
+    forwards: set[str] = field(default_factory=set)  # run with gradients on
+    forwards_off: set[str] = field(default_factory=set)  # run under no_grad
+    diffs: set[str] = field(default_factory=set)  # differentiated
+    differentiates: bool = False
+    optim: set[str] = field(default_factory=set)
+    detaches: set[str] = field(default_factory=set)
+    stores: set[str] = field(default_factory=set)
+
+    def key(self) -> tuple[object, ...]:
+        return (
+            tuple(sorted(self.mode.items())),
+            len(self.evals),
+            len(self.forwards),
+            len(self.forwards_off),
+            len(self.diffs),
+            self.differentiates,
+            len(self.optim),
+            len(self.detaches),
+            len(self.stores),
+        )
+
+
+_EMPTY = Effects()
+FunctionRef = tuple[str, str]  # (module name, function name)
+
+
+class Analysis:
+    """The composed view of one linted file within its project."""
+
+    def __init__(self, summary: ModuleSummary, module: str, project: Project) -> None:
+        self.summary = summary
+        self.module = module
+        self.project = project
+        self._effects: dict[FunctionRef, Effects] = {}
+        self._events: dict[FunctionRef, list[Event]] = {}
+        self._active: set[FunctionRef] = set()
+        self._cycle = False
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def _summary_of(self, module: str) -> ModuleSummary | None:
+        if module == self.module:
+            return self.summary
+        return self.project.module(module)
+
+    def function(self, name: str, module: str | None = None) -> FunctionSummary | None:
+        summary = self._summary_of(module or self.module)
+        return None if summary is None else summary.functions.get(name)
+
+    def resolve(self, site: CallSite, module: str, caller: str) -> FunctionRef | None:
+        """The function a call site calls, if the analysis can see it."""
+        summary = self._summary_of(module)
+        if summary is None:
+            return None
+        callee = site.callee
+        if callee.startswith(("self.", "cls.")):
+            cls = caller.rpartition(".")[0]
+            return self._method(module, cls, callee.split(".", 1)[1], 0)
+        if callee.startswith("qual:"):
+            return self._qual(callee[5:])
+        if callee.startswith("method:"):
+            return None
+        prefix = caller.rpartition(".")[0]
+        while True:  # nested functions see their enclosing function's names
+            name = f"{prefix}.{callee}" if prefix else callee
+            if name in summary.functions:
+                return (module, name)
+            if name in summary.bases:
+                return self._method(module, name, "__init__", 0)
+            if not prefix:
+                break
+            prefix = prefix.rpartition(".")[0]
+        qual = summary.imports.get(callee)
+        return self._qual(qual) if qual is not None else None
+
+    def _qual(self, qual: str) -> FunctionRef | None:
+        found = self.project.resolve(qual)
+        if found is None:
+            return None
+        module, summary, name = found
+        if name in summary.functions:
+            return (module, name)
+        if name in summary.bases:
+            return self._method(module, name, "__init__", 0)
+        return None
+
+    def _method(self, module: str, cls: str, name: str, depth: int) -> FunctionRef | None:
+        summary = self._summary_of(module)
+        if summary is None or depth > 4:
+            return None
+        if f"{cls}.{name}" in summary.functions:
+            return (module, f"{cls}.{name}")
+        for base in summary.bases.get(cls, ()):
+            if base in summary.bases:
+                found = self._method(module, base, name, depth + 1)
+            else:
+                qual = summary.imports.get(base.split(".", 1)[0])
+                if qual is None:
+                    continue
+                qual = qual + base[len(base.split(".", 1)[0]) :]
+                where = self.project.resolve(qual)
+                if where is None:
+                    continue
+                found = self._method(where[0], where[2], name, depth + 1)
+            if found is not None:
+                return found
+        return None
+
+    # -- composition ----------------------------------------------------------------------
+
+    def events(self, name: str, module: str | None = None) -> list[Event]:
+        """The function's events, with resolvable calls replaced by their effects."""
+        module = module or self.module
+        ref = (module, name)
+        cached = self._events.get(ref)
+        if cached is not None:
+            return cached
+        function = self.function(name, module)
+        if function is None:
+            return []
+        found = list(function.events)
+        for site in function.calls:
+            target = self.resolve(site, module, name)
+            if target is None or target == ref:
+                continue
+            callee = self.function(target[1], target[0])
+            if callee is None:
+                continue
+            effects = self.effects(target[1], target[0])
+            found.extend(_mapped(site, callee, effects))
+        found.sort(key=_order)
+        if not self._active:
+            self._events[ref] = found
+        return found
+
+    def effects(self, name: str, module: str | None = None) -> Effects:
+        """Net effects of a function on its parameters and ``self`` attributes."""
+        module = module or self.module
+        ref = (module, name)
+        if ref in self._active:
+            self._cycle = True
+            return self._effects.get(ref, _EMPTY)
+        if ref in self._effects and not self._active:
+            return self._effects[ref]
+        top = not self._active
+        for _ in range(4 if top else 1):
+            self._cycle = False
+            self._active.add(ref)
+            try:
+                result = self._compute(ref)
+            finally:
+                self._active.discard(ref)
+            previous = self._effects.get(ref)
+            self._effects[ref] = result
+            if not top or not self._cycle or (previous and previous.key() == result.key()):
+                break
+        return self._effects[ref]
+
+    def _compute(self, ref: FunctionRef) -> Effects:
+        function = self.function(ref[1], ref[0])
+        if function is None:
+            return Effects()
+        exported = set(function.params) | set(function.kwonly)
+        result = Effects()
+        for _, _, kind, target in self.events(ref[1], ref[0]):
+            if kind == "diff":
+                result.differentiates = True
+            if not target or not _exported(target, exported):
+                continue
+            if kind in _MODE_KINDS:
+                result.mode[target] = kind
+                if kind == "eval":
+                    result.evals.add(target)
+            elif kind == "forward":
+                result.forwards.add(target)
+            elif kind == "forward_off":
+                result.forwards_off.add(target)
+            elif kind == "diff":
+                result.diffs.add(target)
+            elif kind == "optim":
+                result.optim.add(target)
+            elif kind == "detach":
+                result.detaches.add(target)
+            elif kind == "store":
+                result.stores.add(target)
+        if function.grad_off:
+            result.forwards_off |= result.forwards
+            result.forwards = set()
+        return result
+
+
+_RANK = {"built": 0, "bound_call": 0, "opaque": 0, "eval": 1, "train": 1, "restore": 1}
+
+
+def _order(event: Event) -> tuple[int, int, int, str, str]:
+    """Position order; at one position (a call's effects) mode switches come first."""
+    return (event[0], event[1], _RANK.get(event[2], 2), event[2], event[3])
+
+
+def _exported(target: str, params: set[str]) -> bool:
+    head = target.split(".", 1)[0]
+    return head in params or head == "self"
+
+
+def _mapped(site: CallSite, callee: FunctionSummary, effects: Effects) -> list[Event]:
+    """The callee's effects as events of the caller, at the call's position."""
+    mapping: dict[str, str] = {}
+    for index, param in enumerate(callee.params):
+        if index < len(site.args):
+            arg = site.args[index]
+            if arg is not None:
+                mapping[param] = arg
+    for param in (*callee.params, *callee.kwonly):
+        if param in site.kwargs:
+            mapping[param] = site.kwargs[param]
+    if site.callee.startswith(("self.", "cls.")):
+        mapping["self"] = "self"
+    elif site.receiver is not None:
+        mapping["self"] = site.receiver
+
+    def onto(target: str) -> str | None:
+        head, dot, rest = target.partition(".")
+        base = mapping.get(head)
+        if base is None:
+            return None
+        return f"{base}{dot}{rest}"
+
+    out: list[Event] = []
+    at = (site.line, site.col)
+    for target, kind in effects.mode.items():
+        mapped = onto(target)
+        if mapped is not None:
+            out.append((*at, kind, mapped))
+    for kind, targets in (
+        ("forward_off" if site.grad_off else "forward", effects.forwards),
+        ("forward_off", effects.forwards_off),
+        ("diff", effects.diffs),
+        ("optim", effects.optim),
+        ("detach", effects.detaches),
+        ("store", effects.stores),
+    ):
+        for target in targets:
+            mapped = onto(target)
+            if mapped is not None:
+                out.append((*at, kind, mapped))
+    if effects.differentiates:
+        out.append((*at, "diff", ""))
+    return out

@@ -1,0 +1,597 @@
+"""Per-function summaries: what a function does to its parameters, ``self`` and its locals.
+
+One pass over a module's functions (the binder, in pyright's terms) records, per function,
+position-ordered *events* on *targets* and the *call sites* whose effects depend on other
+functions:
+
+- ``eval`` / ``train`` / ``restore``: the target module's mode is set (``restore`` is
+  ``m.train(flag)`` with a flag the analysis cannot read);
+- ``forward`` / ``forward_off``: the target module is run with gradients on, or under
+  ``no_grad`` / ``inference_mode``;
+- ``diff``: the target is differentiated (``.backward()``, ``torch.autograd.grad``,
+  ``accelerator.backward(x)``, ``scaler.scale(x).backward()``); the empty target means
+  "something" was differentiated;
+- ``optim``: the target's parameters reach an optimiser;
+- ``detach``: the target is detached or turned into a number;
+- ``store``: the target is kept in a long-lived sink (``self.x``, ``self.x.append``);
+- ``opaque``: the target is bound to something whose mode the analysis cannot see (the
+  result of a call it cannot resolve, ``torch.jit.trace``/``script``, ``copy.deepcopy``,
+  a ``self`` attribute injected through ``__init__``).
+
+Targets are canonical: ``model = model.to(device)``, ``.cuda()``, ``.half()``,
+``nn.DataParallel(model)``, ``DistributedDataParallel(model)``, ``torch.compile(model)`` and
+``wrapper.module`` all name the module they wrap (module identity). A summary holds only
+plain data, so it can be cached by the file's content hash and combined with the
+summaries of other files later (:mod:`gradfence.lint.analysis.effects`).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradfence.lint.imports import ImportMap, dotted
+from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
+
+# methods that return the module they are called on
+RETURNS_SELF = frozenset(
+    {"to", "cuda", "cpu", "float", "half", "double", "bfloat16", "type", "train", "eval"}
+    | {"requires_grad_", "share_memory", "to_empty", "xpu", "mps"}
+)
+# wrappers whose mode is the wrapped module's
+WRAPPERS = frozenset(
+    {
+        "torch.nn.DataParallel",
+        "torch.nn.parallel.DataParallel",
+        "torch.nn.parallel.DistributedDataParallel",
+        "torch.nn.DistributedDataParallel",
+        "torch.nn.parallel.distributed.DistributedDataParallel",
+        "torch.compile",
+        "torch.distributed.fsdp.FullyShardedDataParallel",
+    }
+)
+_WRAPPER_LASTS = frozenset(
+    {"DataParallel", "DistributedDataParallel", "DDP", "FullyShardedDataParallel", "FSDP"}
+)
+# whose result's mode the analysis cannot see
+OPAQUE_CALLS = frozenset(
+    {
+        "torch.jit.trace",
+        "torch.jit.script",
+        "torch.jit.load",
+        "torch.jit.freeze",
+        "torch.load",
+        "copy.deepcopy",
+        "copy.copy",
+        "torch.export.export",
+    }
+)
+DIFF_FUNCS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
+_DETACHERS = frozenset({"detach", "item", "tolist", "numpy", "cpu_numpy"})
+_MODES = frozenset({"eval", "train", "restore", "built", "bound_call", "opaque"})
+_NUMBER_FUNCS = frozenset({"float", "int", "round"})
+# methods of a module (or of anything) that do not run its forward
+_NOT_FORWARDS = RETURNS_SELF | frozenset(
+    {
+        "parameters",
+        "named_parameters",
+        "buffers",
+        "modules",
+        "children",
+        "state_dict",
+        "load_state_dict",
+        "zero_grad",
+        "step",
+        "apply",
+        "register_forward_hook",
+        "register_buffer",
+        "size",
+        "dim",
+    }
+)
+_OPTIMISER_HINT = ("optim", "SGD", "Adam", "RMSprop", "Lamb", "LARS", "Lion", "Adagrad")
+
+
+@dataclass
+class CallSite:
+    """A call whose effects come from another function's summary."""
+
+    line: int
+    col: int
+    # "name" (a function of the module or an import), "self.method", or "qual:pkg.mod.f"
+    callee: str
+    args: list[str | None]
+    kwargs: dict[str, str]
+    grad_off: bool
+    receiver: str | None = None
+
+    def as_data(self) -> list[Any]:
+        return [
+            self.line,
+            self.col,
+            self.callee,
+            self.args,
+            self.kwargs,
+            self.grad_off,
+            self.receiver,
+        ]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> CallSite:
+        return cls(*data)
+
+
+@dataclass
+class FunctionSummary:
+    """What one function does, before its callees are taken into account."""
+
+    name: str  # "f", "Class.method", "<module>"
+    params: list[str]
+    grad_off: bool  # decorated with no_grad / inference_mode (or gradfence.inference)
+    events: list[tuple[int, int, str, str]] = field(default_factory=list)
+    calls: list[CallSite] = field(default_factory=list)
+    kwonly: list[str] = field(default_factory=list)
+
+    def as_data(self) -> list[Any]:
+        return [
+            self.name,
+            self.params,
+            self.grad_off,
+            [list(e) for e in self.events],
+            [c.as_data() for c in self.calls],
+            self.kwonly,
+        ]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> FunctionSummary:
+        name, params, grad_off, events, calls, kwonly = data
+        return cls(
+            name,
+            list(params),
+            bool(grad_off),
+            [(int(a), int(b), str(c), str(d)) for a, b, c, d in events],
+            [CallSite.from_data(c) for c in calls],
+            list(kwonly),
+        )
+
+
+@dataclass
+class ModuleSummary:
+    """Summaries of every function of one file, and what its imports bind."""
+
+    functions: dict[str, FunctionSummary]
+    imports: dict[str, str]  # local name -> qualified name (relative imports resolved)
+    bases: dict[str, list[str]]  # class -> base names as written (dotted)
+    differentiates: bool  # the file differentiates anything at all
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "functions": {k: v.as_data() for k, v in self.functions.items()},
+            "imports": self.imports,
+            "bases": self.bases,
+            "differentiates": self.differentiates,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> ModuleSummary:
+        return cls(
+            {k: FunctionSummary.from_data(v) for k, v in data["functions"].items()},
+            dict(data["imports"]),
+            {k: list(v) for k, v in data["bases"].items()},
+            bool(data["differentiates"]),
+        )
+
+
+def module_imports(tree: ast.Module, package: str | None) -> tuple[ImportMap, dict[str, str]]:
+    """The file's import bindings: an :class:`ImportMap` for absolute names and a mapping
+    that also resolves relative imports against ``package`` (``from .utils import f``)."""
+    imports = ImportMap()
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports.add(node)
+            for alias in node.names:
+                if alias.asname is not None:
+                    bound[alias.asname] = alias.name
+                else:
+                    top = alias.name.split(".", 1)[0]
+                    bound.setdefault(top, top)
+        elif isinstance(node, ast.ImportFrom):
+            imports.add(node)
+            base = _absolute(node, package)
+            if base is None:
+                continue
+            for alias in node.names:
+                if alias.name != "*":
+                    local = alias.asname or alias.name
+                    bound[local] = f"{base}.{alias.name}" if base else alias.name
+    return imports, bound
+
+
+def _absolute(node: ast.ImportFrom, package: str | None) -> str | None:
+    if not node.level:
+        return node.module
+    if package is None:
+        return None
+    parts = package.split(".") if package else []
+    if node.level - 1 > len(parts):
+        return None
+    parts = parts[: len(parts) - (node.level - 1)]
+    if node.module:
+        parts.append(node.module)
+    return ".".join(parts)
+
+
+def _params(
+    node: ast.FunctionDef | ast.AsyncFunctionDef, method: bool
+) -> tuple[list[str], list[str]]:
+    args = node.args
+    positional = [a.arg for a in (*args.posonlyargs, *args.args)]
+    static = any(dotted(d) == "staticmethod" for d in node.decorator_list)
+    if method and positional and not static:
+        positional = positional[1:]
+    return positional, [a.arg for a in args.kwonlyargs]
+
+
+class _Binder:
+    """Walks one function body and records its summary."""
+
+    def __init__(
+        self,
+        summary: FunctionSummary,
+        imports: ImportMap,
+        local_functions: set[str],
+        in_class: bool,
+    ) -> None:
+        self.summary = summary
+        self.imports = imports
+        self.local_functions = local_functions
+        self.in_class = in_class
+        self.aliases: dict[str, str] = {}
+        self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
+
+    # -- identity -----------------------------------------------------------------------
+
+    def target(self, node: ast.expr | None) -> str | None:
+        """The canonical module/value a chain names: ``m.to(d).cuda()`` -> ``m``,
+        ``dp.module`` -> what ``dp`` wraps, ``x`` -> what ``x`` aliases."""
+        while node is not None:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in RETURNS_SELF
+            ):
+                node = node.func.value
+                continue
+            if isinstance(node, ast.Call) and self._wrapper(node) and node.args:
+                node = node.args[0]
+                continue
+            if isinstance(node, ast.Attribute) and node.attr == "module":
+                inner = self.target(node.value)
+                return inner
+            break
+        if node is None:
+            return None
+        text = dotted(node)
+        if text is None:
+            return None
+        seen = 0
+        while text in self.aliases and seen < 8:
+            text = self.aliases[text]
+            seen += 1
+        head, _, rest = text.partition(".")
+        if rest and head in self.aliases and head != "self":
+            text = f"{self.aliases[head]}.{rest}"
+        return text
+
+    def _wrapper(self, call: ast.Call) -> bool:
+        qual = self.imports.resolve(call.func)
+        if qual is not None:
+            return qual in WRAPPERS
+        last = dotted(call.func)
+        return last is not None and last.rsplit(".", 1)[-1] in _WRAPPER_LASTS
+
+    # -- walking ------------------------------------------------------------------------
+
+    def event(self, node: ast.AST, kind: str, target: str) -> None:
+        self.summary.events.append(
+            (getattr(node, "lineno", 0), getattr(node, "col_offset", 0), kind, target)
+        )
+
+    def block(self, body: list[ast.stmt]) -> None:
+        for stmt in body:
+            self.stmt(stmt)
+
+    def stmt(self, node: ast.stmt) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            return  # summarised on their own
+        if isinstance(node, ast.With | ast.AsyncWith):
+            saved = self.grad
+            for item in node.items:
+                self.expr(item.context_expr)
+                mode = mode_of_context(item.context_expr, self.imports)
+                if mode is not None:
+                    self.grad = mode
+            self.block(node.body)
+            self.grad = saved
+            return
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            mode = mode_of_set_call(node.value, self.imports)
+            if mode is not None:
+                self.grad = mode
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            if node.value is not None:
+                self.expr(node.value)
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if node.value is not None and not isinstance(node, ast.AugAssign):
+                for target in targets:
+                    self.bind(target, node.value, node)
+            return
+        if isinstance(node, ast.For | ast.AsyncFor):
+            self.expr(node.iter)
+            self.block(node.body)
+            self.block(node.orelse)
+            return
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.expr):
+                self.expr(child)
+        for name in ("body", "orelse", "finalbody"):
+            block = getattr(node, name, None)
+            if isinstance(block, list):
+                self.block([s for s in block if isinstance(s, ast.stmt)])
+        for handler in getattr(node, "handlers", ()) or ():
+            self.block(handler.body)
+        for case in getattr(node, "cases", ()) or ():
+            self.block(case.body)
+
+    def bind(self, target: ast.expr, value: ast.expr, node: ast.stmt) -> None:
+        name = dotted(target)
+        if name is None:
+            return
+        self.aliases.pop(name, None)
+        source = None
+        if isinstance(value, ast.Name | ast.Attribute) or (
+            isinstance(value, ast.Call)
+            and (
+                (isinstance(value.func, ast.Attribute) and value.func.attr in RETURNS_SELF)
+                or self._wrapper(value)
+            )
+        ):
+            source = self.target(value)
+        if source == name:
+            return  # ``model = model.to(device)``: the same module
+        if source is not None:
+            self.aliases[name] = source
+            if name.startswith("self.") and "." not in source:
+                self.event(node, "store", source)
+            return
+        if isinstance(value, ast.Call):
+            qual = self.imports.resolve(value.func)
+            if qual in OPAQUE_CALLS:
+                self.event(node, "opaque", name)
+            elif qual is None or not qual.startswith("torch."):
+                callee = dotted(value.func)
+                last = (callee or "").rsplit(".", 1)[-1]
+                if not last[:1].isupper():  # a factory, not a class: its result is opaque
+                    self.event(node, "bound_call", name)
+                else:
+                    self.event(node, "built", name)
+            else:
+                self.event(node, "built", name)
+
+    def expr(self, node: ast.expr) -> None:
+        stack: list[ast.AST] = [node]
+        while stack:
+            sub = stack.pop()
+            if isinstance(sub, ast.Lambda | ast.Constant | ast.Name):
+                continue
+            if isinstance(sub, ast.Call):
+                self.call(sub)
+            stack.extend(ast.iter_child_nodes(sub))
+
+    def call(self, node: ast.Call) -> None:
+        func = node.func
+        off = self.grad.no_graph or self.grad is GradState.UNKNOWN
+        attr = func.attr if isinstance(func, ast.Attribute) else None
+        if attr is not None:
+            assert isinstance(func, ast.Attribute)
+            receiver = self.target(func.value)
+            if attr == "eval" and not node.args and not node.keywords and receiver:
+                self.event(node, "eval", receiver)
+                return
+            if attr == "train" and receiver:
+                args = [*node.args, *(k.value for k in node.keywords if k.arg == "mode")]
+                if not args or (isinstance(args[0], ast.Constant) and args[0].value in (True, 1)):
+                    self.event(node, "train", receiver)
+                elif isinstance(args[0], ast.Constant) and args[0].value in (False, 0):
+                    self.event(node, "eval", receiver)
+                else:
+                    self.event(node, "restore", receiver)
+                return
+            if attr == "backward":
+                self.differentiate(node, func.value)
+                return
+            if attr in _DETACHERS and receiver:
+                self.event(node, "detach", receiver)
+            if attr in {"append", "extend", "add", "update", "insert", "log", "put"} and receiver:
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    value = self.target(arg)
+                    if value is not None and receiver.startswith("self."):
+                        self.event(node, "store", value)
+            if attr in _NOT_FORWARDS and not (
+                isinstance(func.value, ast.Name) and func.value.id in {"self", "cls"}
+            ):
+                return
+        qual = self.imports.resolve(func)
+        if qual in DIFF_FUNCS:
+            first = node.args[0] if node.args else None
+            self.differentiate(node, first, explicit=True)
+            return
+        if qual is not None and any(h in qual for h in _OPTIMISER_HINT) and "optim" in qual:
+            for arg in node.args[:1]:
+                root = _parameters_owner(arg)
+                target = self.target(root) if root is not None else None
+                if target is not None:
+                    self.event(node, "optim", target)
+            return
+        if isinstance(func, ast.Name) and func.id in _NUMBER_FUNCS and node.args:
+            value = self.target(node.args[0])
+            if value is not None:
+                self.event(node, "detach", value)
+            return
+        # a call of something: a module forward, or a function whose summary decides
+        callee = dotted(func)
+        if callee is None:
+            return
+        arg_targets = [None if isinstance(a, ast.Starred) else self.target(a) for a in node.args]
+        kwargs = {
+            k.arg: t
+            for k in node.keywords
+            if k.arg is not None
+            for t in [self.target(k.value)]
+            if t
+        }
+        receiver = None
+        head = callee.split(".", 1)[0]
+        if isinstance(func, ast.Name) and func.id not in self.imports.aliases:
+            site_callee = func.id
+        elif qual is not None and not qual.startswith("torch."):
+            site_callee = "qual:" + qual
+        elif callee.startswith(("self.", "cls.")) and callee.count(".") == 1:
+            site_callee = callee
+        elif attr is not None and head not in self.imports.aliases:
+            site_callee = "method:" + attr
+            receiver = self.target(func.value) if isinstance(func, ast.Attribute) else None
+        else:
+            site_callee = ""
+        if site_callee:
+            self.summary.calls.append(
+                CallSite(
+                    node.lineno, node.col_offset, site_callee, arg_targets, kwargs, off, receiver
+                )
+            )
+        if qual is None or not qual.startswith("torch."):
+            target = self.target(func)
+            if target is not None and target not in {"self", "super", "print"}:
+                self.event(node, "forward_off" if off else "forward", target)
+
+    def differentiate(self, node: ast.Call, value: ast.expr | None, explicit: bool = False) -> None:
+        """``x.backward()``, ``owner.backward(x)``, ``scaler.scale(x).backward()``."""
+        attr = node.func.attr if isinstance(node.func, ast.Attribute) else None
+        if attr == "backward" and node.args and not explicit and value is not None:
+            owner = dotted(value)
+            # ``accelerator.backward(loss)``: the argument is differentiated, not the owner
+            if owner is not None and not _is_tensor_like(owner):
+                value = node.args[0]
+        while (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Attribute)
+            and value.func.attr == "scale"
+            and value.args
+        ):
+            value = value.args[0]
+        roots = _names(value) if value is not None else set()
+        if not roots:
+            self.event(node, "diff", "")
+        for root in roots:
+            self.event(node, "diff", self.aliases.get(root, root))
+
+
+def _is_tensor_like(owner: str) -> bool:
+    last = owner.rsplit(".", 1)[-1].lower()
+    return not any(
+        word in last
+        for word in ("accelerator", "fabric", "engine", "strategy", "trainer", "booster", "scaler")
+    )
+
+
+def _names(node: ast.expr) -> set[str]:
+    """Root names read by a differentiated expression (``(loss / k)`` -> {loss})."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [node]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, ast.Name):
+            found.add(sub.id)
+        elif isinstance(sub, ast.Attribute):
+            text = dotted(sub)
+            if text is not None:
+                found.add(text)
+            else:
+                stack.append(sub.value)
+        elif isinstance(sub, ast.Call):
+            if isinstance(sub.func, ast.Attribute):
+                stack.append(sub.func.value)
+            stack.extend(sub.args)
+        else:
+            stack.extend(ast.iter_child_nodes(sub))
+    return found
+
+
+def _parameters_owner(arg: ast.expr) -> ast.expr | None:
+    """``model`` in ``model.parameters()``, ``filter(f, model.parameters())``,
+    ``[{"params": model.head.parameters()}]``."""
+    for sub in ast.walk(arg):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in {"parameters", "named_parameters"}
+        ):
+            return sub.func.value
+    return None
+
+
+def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
+    """Summaries of every function, method and the module body of ``tree``."""
+    imports, bound = module_imports(tree, package)
+    functions: dict[str, FunctionSummary] = {}
+    bases: dict[str, list[str]] = {}
+    local = {
+        n.name
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    }
+    differentiates = False
+
+    def visit(
+        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module, name: str, in_class: bool
+    ) -> None:
+        nonlocal differentiates
+        if isinstance(node, ast.Module):
+            params: list[str] = []
+            kwonly: list[str] = []
+            grad_off = False
+            body = node.body
+        else:
+            params, kwonly = _params(node, in_class)
+            grad_off = any(
+                (m := mode_of_context(d, imports)) is not None and m.no_graph
+                for d in node.decorator_list
+            )
+            body = node.body
+        summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        binder = _Binder(summary, imports, local, in_class)
+        binder.block(body)
+        summary.events.sort(key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
+        functions.setdefault(name, summary)
+        differentiates = differentiates or any(e[2] == "diff" for e in summary.events)
+
+    def walk(body: list[ast.stmt], prefix: str, in_class: bool) -> None:
+        for stmt in body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{prefix}{stmt.name}"
+                visit(stmt, name, in_class)
+                walk(stmt.body, f"{name}.", False)
+            elif isinstance(stmt, ast.ClassDef):
+                bases[f"{prefix}{stmt.name}"] = [b for b in map(dotted, stmt.bases) if b]
+                walk(stmt.body, f"{prefix}{stmt.name}.", True)
+            elif isinstance(stmt, ast.If | ast.Try) or type(stmt).__name__ == "TryStar":
+                for block in ("body", "orelse", "finalbody"):
+                    inner = getattr(stmt, block, None)
+                    if isinstance(inner, list):
+                        walk(inner, prefix, in_class)
+
+    visit(tree, "<module>", False)
+    walk(tree.body, "", False)
+    return ModuleSummary(functions, bound, bases, differentiates)
