@@ -128,8 +128,9 @@ def loader_words(loop: LoopModel) -> bool:
     return bool(loop.words & _LOADER_WORDS) and "train" not in loop.words
 
 
-def eval_loader_batch(facts: FileModel, function: FunctionModel) -> bool:
-    """``next(iter(val_loader))`` in the function: a batch pulled from evaluation data."""
+def eval_batches(facts: FileModel, function: FunctionModel) -> list[Pos]:
+    """Where ``next(iter(val_loader))`` pulls a batch from evaluation data in the function."""
+    found: list[Pos] = []
     node = function.node
     for sub in ast.walk(node) if not isinstance(node, ast.Module) else ():
         if (
@@ -145,8 +146,13 @@ def eval_loader_batch(facts: FileModel, function: FunctionModel) -> bool:
             text = dotted(sub.args[0].args[0]) or ""
             words = tokens(text.rsplit(".", 1)[-1])
             if words & _LOADER_WORDS and "train" not in words:
-                return True
-    return False
+                found.append((sub.lineno, sub.col_offset))
+    return found
+
+
+def eval_loader_batch(facts: FileModel, function: FunctionModel) -> bool:
+    """``next(iter(val_loader))`` in the function: a batch pulled from evaluation data."""
+    return bool(eval_batches(facts, function))
 
 
 def computes_metric(facts: FileModel, function: FunctionModel) -> bool:

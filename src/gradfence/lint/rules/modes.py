@@ -5,8 +5,21 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.analysis.context import covers, events, is_trained
-from gradfence.lint.diagnostics import Fix
+from gradfence.lint.analysis.context import (
+    binding_before,
+    covers,
+    differentiates,
+    differentiates_between,
+    eval_batches,
+    eval_evidence,
+    events,
+    is_framework_hook,
+    is_trained,
+    loader_words,
+    mode_at,
+)
+from gradfence.lint.analysis.effects import Event
+from gradfence.lint.diagnostics import HIGH, LOW, Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     CallEvent,
@@ -252,6 +265,17 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                 )
 
 
+def node_at(function: FunctionModel, here: Pos) -> ast.Call | None:
+    """The call expression of ``function`` that starts at ``here`` (recorded or not)."""
+    call = call_at(function, here)
+    if call is not None:
+        return call.node
+    for sub in ast.walk(function.node):
+        if isinstance(sub, ast.Call) and (sub.lineno, sub.col_offset) == here:
+            return sub
+    return None
+
+
 def call_at(function: FunctionModel, here: Pos) -> CallEvent | None:
     """The recorded call of ``function`` that starts at ``here``."""
     for call in function.calls:
@@ -483,38 +507,80 @@ def _helper_evaluates_before(model: FileModel, function: FunctionModel, limit: P
     return False
 
 
-def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
-    """First forward of each module in an evaluation context, per function (cached)."""
-    cached: list[tuple[FunctionModel, CallEvent, str]] | None = model.memo.get("forwards")
+def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str, str]]:
+    """First forward of each module where the evidence says "evaluation", per function,
+    with the finding's confidence (memoised: GF304 and GF305 share it)."""
+    cached: list[tuple[FunctionModel, CallEvent, str, str]] | None = model.memo.get("forwards")
     if cached is None:
         cached = list(_find_evaluation_forwards(model))
         model.memo["forwards"] = cached
     return cached
 
 
-def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
+def _eval_region_loop(model: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+    """The call is in a loop over evaluation data whose body differentiates nothing."""
+    if call.loop is None:
+        return False
+    for loop in call.loop.chain():
+        if loader_words(loop):
+            start, stop = pos(loop.node), end_pos(loop.node)
+            return not differentiates_between(model, function, start, stop)
+    return False
+
+
+def _after_eval_batch(model: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+    """A batch pulled from evaluation data (``next(iter(test_loader))``) before the call,
+    with nothing differentiated in between."""
+    here = pos(call.node)
+    return any(
+        start < here and not differentiates_between(model, function, start, here)
+        for start in eval_batches(model, function)
+    )
+
+
+def _find_evaluation_forwards(
+    model: FileModel,
+) -> Iterator[tuple[FunctionModel, CallEvent, str, str]]:
     for function in model.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
-        seen: set[str] = set()
-        evaluating = is_eval_function(function)
-        if not evaluating and not any(is_eval_loop(loop) for loop in function.loops):
+        named = is_eval_function(function)
+        loops = any(loader_words(loop) for loop in function.loops)
+        if not named and not loops and not function.calls:
             continue
-        modules = module_names(model, function)
-        # a method of a Module (or of a class derived from something we cannot resolve)
-        in_module_class = function.cls is not None and (
-            function.cls.is_module or bool(function.cls.node.bases)
-        )
+        trains = differentiates(model, function)
+        grad_off_function = function.entry_mode.no_graph
+        evidence = eval_evidence(model, function, None, grad_off_function)
+        seen: set[str] = set()
+        modules: set[str] | None = None
+        # a method of a Module: its submodules run in the caller's mode
+        in_module_class = function.cls is not None and function.cls.is_module
         for call in function.calls:
-            if not evaluating and not _is_eval_context(function, call):
-                continue
+            if _eval_region_loop(model, function, call):
+                confidence = HIGH
+            elif trains and not _after_eval_batch(model, function, call):
+                continue  # the function trains and the call is not in an evaluation region
+            elif trains:
+                confidence = HIGH if call.mode.no_graph else LOW
+            else:
+                here = evidence
+                if call.mode.no_graph and "gradients off" not in here:
+                    here = [*here, "gradients off"]
+                if here and (named or len(here) > 1):
+                    confidence = HIGH
+                elif named or here:
+                    confidence = LOW  # a name or one piece of evidence alone: --preview
+                else:
+                    continue
+            if modules is None:
+                modules = module_names(model, function)
             target = _forward_target(model, call, modules)
             if target is None or target in seen:
                 continue
             if in_module_class and target.startswith("self."):
-                continue  # a Module's own method: its caller owns the mode
+                continue
             seen.add(target)
-            yield function, call, target
+            yield function, call, target, confidence
 
 
 @rule(
@@ -661,30 +727,68 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     - wolny/pytorch-3dunet#53; asteroid-team/asteroid#643
     """
     skip: dict[int, bool] = {}
-    for function, call, target in _evaluation_forwards(model):
+    for function, call, target, confidence in _evaluation_forwards(model):
         key = id(function)
         if key not in skip:
-            skip[key] = (
-                uses_gradients(function)
-                or mentions_mc_dropout(model, function)
-                or _caller_evaluates(model, function)
-            )
+            skip[key] = mentions_mc_dropout(model, function) or _caller_evaluates(model, function)
         if skip[key]:
             continue
         here = pos(call.node)
-        if _switched_before(function, target, here, to_eval=True):
+        mode = mode_at(model, function, target, here)
+        if mode in {"eval", "restore"}:
             continue
-        if _switched_before(function, target, here, to_eval=False):
+        if mode == "train" and not _trained_since_train(model, function, target, here):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
+        if _switched_before(function, target, here, to_eval=True):
+            continue  # gradfence.inference(model)
+        if binding_before(model, function, target, here) in {"bound_call", "opaque"}:
+            continue  # loaded, traced, copied: its mode is set where the analysis cannot see
         if _locally_loaded(model, function, target, here):
             continue
         if _loaded_by_caller(model, function, target):
             continue
-        if _set_up_elsewhere(model, function, target):
+        if _set_up_elsewhere(model, function, target) or _injected(model, function, target):
             continue
         if _helper_evaluates_before(model, function, here):
             continue
-        yield call.node, f"`{target}` is run for evaluation without `{target}.eval()` first", None
+        yield (
+            call.node,
+            f"`{target}` is run for evaluation without `{target}.eval()` first",
+            None,
+            confidence,
+        )
+
+
+def _trained_since_train(model: FileModel, function: FunctionModel, target: str, here: Pos) -> bool:
+    """``model.train()`` then a training part that differentiates, then this forward: the
+    train mode was for training and is still on (a test loop after the training loop)."""
+    last: Pos | None = None
+    for line, col, kind, subject in events(model, function):
+        if (line, col) >= here:
+            break
+        if kind in {"train", "eval", "restore"} and covers(subject, target):
+            last = (line, col)
+    return last is not None and differentiates_between(model, function, last, here)
+
+
+def _injected(model: FileModel, function: FunctionModel, target: str) -> bool:
+    """``self.model = model`` in ``__init__``: a module handed in, whose mode the caller
+    sets where the analysis cannot see."""
+    if not target.startswith("self.") or function.cls is None:
+        return False
+    init = function.cls.methods.get("__init__")
+    if init is None or not isinstance(init.node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    params = {a.arg for a in (*init.node.args.args, *init.node.args.kwonlyargs)}
+    head = ".".join(target.split(".")[:2])
+    for assign in init.assigns:
+        if head in assign.target_names() and assign.value is not None:
+            source = assign.value
+            while isinstance(source, ast.Call) and isinstance(source.func, ast.Attribute):
+                source = source.func.value  # ``model.to(device)``
+            if isinstance(source, ast.Name) and source.id in params:
+                return True
+    return False
 
 
 @rule(
@@ -730,28 +834,64 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     ## References
     - pytorch/pytorch#7013; jhjacobsen/invertible-resnet#15; mindsdb/lightwood#154
     """
-    skip: dict[int, bool] = {}
-    for function, call, target in _evaluation_forwards(model):
-        if call.mode is not GradState.DEFAULT and call.mode is not GradState.ENABLED:
+    for function in model.functions:
+        if is_framework_hook(function) or function.entry_mode is not GradState.DEFAULT:
             continue
-        key = id(function)
-        if key not in skip:
-            skip[key] = uses_gradients(function) or any(
-                site.mode.no_graph
-                or site.mode is GradState.UNKNOWN
-                or uses_gradients(site.function)  # the caller differentiates the output
-                for site in callers(model, function)
+        items = events(model, function)
+        if not any(kind == "eval" for _, _, kind, _ in items):
+            continue
+        skip: bool | None = None
+        seen: set[str] = set()
+        for index, (line, col, kind, target) in enumerate(items):
+            if kind != "forward" or not target or target in seen:
+                continue
+            here = (line, col)
+            start = _eval_switch_before(items, index, target)
+            if start is None:
+                continue
+            stop = next(
+                (
+                    (ln, cl)
+                    for ln, cl, k, t in items[index:]
+                    if k in {"train", "restore"} and covers(t, target)
+                ),
+                (1 << 30, 0),
             )
-        if skip[key]:
-            continue
-        if not _switched_before(function, target, pos(call.node), to_eval=True):
-            continue
-        yield (
-            call.node,
-            f"`{target}` is evaluated after `.eval()` with gradients on: wrap it in "
-            "`torch.no_grad()`",
-            None,
-        )
+            if differentiates_between(model, function, start, stop):
+                continue  # the region after .eval() differentiates: gradients on purpose
+            node = node_at(function, here)
+            if node is None:
+                continue
+            if skip is None:
+                skip = any(
+                    site.mode.no_graph
+                    or site.mode is GradState.UNKNOWN
+                    or differentiates(model, site.function)  # the caller differentiates
+                    for site in callers(model, function)
+                )
+            if skip:
+                break
+            seen.add(target)
+            callee = dotted(node.func) or "the call"
+            if callee == target or callee.split(".", 1)[0] == target:
+                message = (
+                    f"`{target}` is evaluated after `.eval()` with gradients on: wrap it in "
+                    "`torch.no_grad()`"
+                )
+            else:
+                message = (
+                    f"`{callee}(...)` runs `{target}` after `.eval()` with gradients on: "
+                    "wrap it in `torch.no_grad()`"
+                )
+            yield node, message, None
+
+
+def _eval_switch_before(items: list[Event], index: int, target: str) -> Pos | None:
+    """Where ``target`` (or an ancestor) was last switched, if to eval, before event ``index``."""
+    for line, col, kind, subject in reversed(items[:index]):
+        if kind in {"eval", "train", "restore"} and covers(subject, target):
+            return (line, col) if kind == "eval" else None
+    return None
 
 
 @rule(
