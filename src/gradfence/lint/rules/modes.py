@@ -35,7 +35,6 @@ from gradfence.lint.rules.evidence import (
     callers,
     is_eval_function,
     is_eval_loop,
-    is_framework_hook,
     is_module_ctor,
     looks_like_module_name,
     mentions_mc_dropout,
