@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.model import FileModel, FunctionModel, pos
+from gradfence.lint.diagnostics import LOW
+from gradfence.lint.model import FileModel, FunctionModel, Pos, end_pos, pos
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import (
     GRAD_CONTEXTS,
@@ -216,7 +217,22 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
                 # a context-manager-like class: __enter__ disables, __exit__ restores
                 restored = restored or _restored_by_sibling(model, function)
             where = function.name
-            if where.startswith("<"):
+            if not model.analysis.summary.differentiates and (
+                _entry_point(model, function) or _under_main_guard(model, here)
+            ):
+                continue  # an inference-only script switching gradients off for its run
+            if function is model.module and _under_main_guard(model, here):
+                where = "__main__"
+            if where == "__main__":
+                if not restored:
+                    yield (
+                        value,
+                        "`set_grad_enabled(False)` under `__main__` disables gradients for the "
+                        "whole run, training included",
+                        None,
+                        LOW,
+                    )
+            elif where.startswith("<"):
                 yield value, "`set_grad_enabled(False)` at import time disables gradients", None
             elif where == "__init__":
                 yield value, "`set_grad_enabled(False)` in `__init__` disables gradients", None
@@ -226,6 +242,39 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
                     f"`set_grad_enabled(False)` in `{where}()` is never switched back",
                     None,
                 )
+
+
+def _entry_point(model: FileModel, function: FunctionModel) -> bool:
+    """A top-level function that the ``if __name__ == "__main__":`` block calls."""
+    if function.parent is not model.module:
+        return False
+    for node in model.tree.body:
+        if _is_main_guard(node):
+            for sub in ast.walk(node):
+                if (
+                    isinstance(sub, ast.Call)
+                    and isinstance(sub.func, ast.Name)
+                    and sub.func.id == function.name
+                ):
+                    return True
+    return False
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
+
+
+def _under_main_guard(model: FileModel, here: Pos) -> bool:
+    """``here`` is inside a top-level ``if __name__ == "__main__":`` block."""
+    for node in model.tree.body:
+        if _is_main_guard(node) and pos(node) <= here <= end_pos(node):
+            return True
+    return False
 
 
 def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:

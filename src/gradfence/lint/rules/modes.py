@@ -957,6 +957,9 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     continue
                 if any(k.arg == "training" for k in node.keywords):
                     continue
+                intent = _dropout_intent(model, function, node)
+                if intent == "always":
+                    continue  # the code says dropout applies at evaluation too
                 fix = None
                 if has_self:
                     last = max(
@@ -969,12 +972,14 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     fix = Fix(
                         "Add `training=self.training`",
                         (text.insert_after(last, ", training=self.training"),),
+                        safe=intent is None,
                     )
                 yield (
                     node,
                     f"`{text.segment(node.func)}` without `training=` drops activations in eval "
                     "mode too",
                     fix,
+                    HIGH if intent is None else LOW,
                 )
             elif call.qual == _SDPA:
                 value = next((k.value for k in node.keywords if k.arg == "dropout_p"), None)
@@ -990,6 +995,33 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     "use `p if self.training else 0.0`",
                     None,
                 )
+
+
+_ALWAYS = ("always", "at inference", "at test time", "in eval", "mc dropout", "monte carlo")
+
+
+def _dropout_intent(model: FileModel, function: FunctionModel, call: ast.Call) -> str | None:
+    """Why this dropout may be meant to stay on: ``"always"`` when a comment next to it or
+    in the function says so; ``"caller"`` when its probability is an argument of a method
+    other than ``forward`` (a sampling method: the caller chooses); else None."""
+    start = max(getattr(function.node, "lineno", 1), call.lineno - 3)
+    for line in model.lines[start - 1 : (call.end_lineno or call.lineno)]:
+        comment = line.partition("#")[2].lower()
+        if comment and any(word in comment for word in _ALWAYS):
+            return "always"
+    probability = call.args[1] if len(call.args) > 1 else None
+    for keyword in call.keywords:
+        if keyword.arg == "p":
+            probability = keyword.value
+    node = function.node
+    if (
+        isinstance(probability, ast.Name)
+        and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.name not in {"forward", "__call__"}
+        and probability.id in {a.arg for a in (*node.args.args, *node.args.kwonlyargs)}
+    ):
+        return "caller"
+    return None
 
 
 def _first_arg(function: FunctionModel) -> str | None:

@@ -1,0 +1,160 @@
+"""The analysis core: summaries across files, the cache, confidence, safe/unsafe fixes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from gradfence.lint import Selection, Settings, check_source
+from gradfence.lint.analysis.project import ProjectConfig, find_root, module_name
+from gradfence.lint.engine import lint_file
+
+UTILS = """
+import torch
+
+
+def validate(model, loader):
+    model.eval()
+    with torch.no_grad():
+        return [model(x) for x in loader]
+"""
+TRAIN = """
+import torch
+from .utils import validate
+
+
+def fit(model, optimizer, loader, val_loader):
+    for x in loader:
+        model(x).sum().backward()
+        optimizer.step()
+        validate(model, val_loader)
+"""
+
+
+def _project(tmp_path: Path, cache: bool = True) -> Settings:
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'p'\n", encoding="utf-8")
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "utils.py").write_text(UTILS, encoding="utf-8")
+    (package / "train.py").write_text(TRAIN, encoding="utf-8")
+    config = ProjectConfig(str(tmp_path), str(tmp_path / ".gradfence_cache") if cache else None)
+    return Settings(Selection(select=("GF302",)), project=config)
+
+
+def test_root_and_module_names(tmp_path: Path) -> None:
+    _project(tmp_path)
+    assert find_root(tmp_path / "pkg" / "train.py") == tmp_path.resolve()
+    assert module_name(tmp_path / "pkg" / "train.py", tmp_path) == "pkg.train"
+    assert module_name(tmp_path / "pkg" / "__init__.py", tmp_path) == "pkg"
+
+
+def test_effects_of_a_helper_in_another_file(tmp_path: Path) -> None:
+    settings = _project(tmp_path)
+    result = lint_file(str(tmp_path / "pkg" / "train.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF302", 10)]
+    # without the project, `validate` cannot be seen into: silent
+    alone = check_source(TRAIN, "train.py", Settings(Selection(select=("GF302",))))
+    assert alone == []
+
+
+def test_import_of_the_module_resolves_too(tmp_path: Path) -> None:
+    settings = _project(tmp_path)
+    source = TRAIN.replace("from .utils import validate", "import pkg.utils").replace(
+        "        validate(", "        pkg.utils.validate("
+    )
+    (tmp_path / "pkg" / "train.py").write_text(source, encoding="utf-8")
+    result = lint_file(str(tmp_path / "pkg" / "train.py"), settings)
+    assert [d.code for d in result.diagnostics] == ["GF302"]
+
+
+def test_cache_holds_summaries_by_content(tmp_path: Path) -> None:
+    settings = _project(tmp_path)
+    lint_file(str(tmp_path / "pkg" / "train.py"), settings)
+    cached = list((tmp_path / ".gradfence_cache").rglob("*.json"))
+    assert len(cached) == 2  # train.py and the utils.py it imports
+    assert all(json.loads(p.read_text())["functions"] for p in cached)
+    # a helper that restores train mode: the changed file is re-summarised
+    (tmp_path / "pkg" / "utils.py").write_text(
+        UTILS.replace("return [model(x) for x in loader]", "out = [model(x) for x in loader]")
+        + "    model.train()\n    return out\n",
+        encoding="utf-8",
+    )
+    fresh = subprocess.run(
+        [sys.executable, "-m", "gradfence", "lint", "--select", "GF302", "pkg/train.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert len(list((tmp_path / ".gradfence_cache").rglob("*.json"))) == 3
+
+
+def test_no_cache_writes_nothing(tmp_path: Path) -> None:
+    _project(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradfence", "lint", "--no-cache", "pkg"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "GF302" in done.stdout
+    assert not (tmp_path / ".gradfence_cache").exists()
+
+
+SAMPLER = textwrap.dedent(
+    """
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    class Sampler(nn.Module):
+        def sample(self, x, rate):
+            return F.dropout(x, rate)
+    """
+)
+
+
+def test_low_confidence_only_with_preview() -> None:
+    select = Selection(select=("GF306",))
+    assert check_source(SAMPLER, "s.py", Settings(select)) == []
+    [found] = check_source(SAMPLER, "s.py", Settings(select, preview=True))
+    assert found.confidence == "low"
+    assert found.fix is not None and not found.fix.safe
+
+
+def test_fix_applies_unsafe_fixes_only_on_request(tmp_path: Path) -> None:
+    path = tmp_path / "s.py"
+    path.write_text(SAMPLER, encoding="utf-8")
+    base = [sys.executable, "-m", "gradfence", "lint", "--no-cache", "--preview", "--fix"]
+    subprocess.run([*base, str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert path.read_text(encoding="utf-8") == SAMPLER
+    subprocess.run([*base, "--unsafe-fixes", str(path)], capture_output=True, cwd=tmp_path)
+    assert "training=self.training" in path.read_text(encoding="utf-8")
+
+
+def test_json_reports_confidence_and_applicability(tmp_path: Path) -> None:
+    path = tmp_path / "s.py"
+    path.write_text(SAMPLER, encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradfence",
+            "lint",
+            "--no-cache",
+            "--preview",
+            "--format",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    [item] = json.loads(done.stdout)
+    assert item["confidence"] == "low"
+    assert item["fix"]["applicability"] == "unsafe"
