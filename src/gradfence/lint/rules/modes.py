@@ -1102,6 +1102,18 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
             if target is None or not target.startswith("self.") or target.count(".") != 1:
                 continue
             value = node.value
+            if _rebound_later(init, target, node):
+                continue  # ``self.blocks = nn.Sequential(*self.blocks)`` registers them
+            if isinstance(value, ast.List) and not value.elts:
+                appended = _appended_module(model, init, target, node)
+                if appended is not None:
+                    yield (
+                        appended,
+                        f"modules appended to a plain list on `{target}` are not registered: "
+                        "`.eval()`, `.to()` and `.parameters()` skip them",
+                        None,
+                    )
+                continue
             container, fix_name, elements = _module_container(value)
             if container is None or not elements:
                 continue
@@ -1120,6 +1132,38 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
                 "`.eval()`, `.to()` and `.parameters()` skip them",
                 fix,
             )
+
+
+def _rebound_later(init: FunctionModel, target: str, node: ast.Assign) -> bool:
+    """A later assignment in ``__init__`` rebinds ``target`` from itself."""
+    for assign in init.assigns:
+        if pos(assign.node) <= pos(node) or assign.value is None:
+            continue
+        if target in assign.target_names() and any(
+            dotted(sub) == target for sub in ast.walk(assign.value) if isinstance(sub, ast.expr)
+        ):
+            return True
+    return False
+
+
+def _appended_module(
+    model: FileModel, init: FunctionModel, target: str, node: ast.Assign
+) -> ast.Call | None:
+    """``target.append(nn.Conv2d(...))`` after ``target = []`` in ``__init__``."""
+    for sub in ast.walk(init.node):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in {"append", "extend", "insert"}
+            and dotted(sub.func.value) == target
+            and pos(sub) > pos(node)
+            and sub.args
+        ):
+            value = sub.args[-1]
+            elements = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
+            if elements and all(is_module_ctor(model, e) for e in elements):
+                return sub
+    return None
 
 
 def _registers_explicitly(model: FileModel, init: FunctionModel) -> bool:

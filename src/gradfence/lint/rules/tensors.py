@@ -198,7 +198,7 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                 reported.add(id(call.node))
                 fix = None
                 if len(args) == 1 and isinstance(args[0], ast.Name):
-                    fix = _detach_fix(args[0], text)
+                    fix = _detach_fix(args[0], text, roots)
                 yield (
                     call.node,
                     f"`{call.receiver}.{call.attr}(...)` keeps the loss graph of every "
@@ -246,8 +246,14 @@ def _names_feeding_backward(function: FunctionModel) -> set[str]:
     return feeding
 
 
-def _detach_fix(name: ast.Name, text: SourceText) -> Fix:
-    return Fix(f"Detach: `{name.id}.detach()`", (text.insert_after(name, ".detach()"),))
+def _detach_fix(name: ast.Name, text: SourceText, roots: set[str]) -> Fix:
+    """``.detach()`` is safe only on a value known to be a tensor: one that is
+    differentiated (``loss`` of ``loss.backward()``); on anything else it may not exist."""
+    return Fix(
+        f"Detach: `{name.id}.detach()`",
+        (text.insert_after(name, ".detach()"),),
+        safe=name.id in roots,
+    )
 
 
 def _accumulation(
@@ -262,7 +268,7 @@ def _accumulation(
             return None
         if not graph_refs(node.value, tainted):
             return None
-        fix = _detach_fix(node.value, text) if isinstance(node.value, ast.Name) else None
+        fix = _detach_fix(node.value, text, roots) if isinstance(node.value, ast.Name) else None
         return (
             node,
             f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
@@ -281,7 +287,7 @@ def _accumulation(
             return None
         if not graph_refs(other, tainted - {target}):
             return None
-        fix = _detach_fix(other, text) if isinstance(other, ast.Name) else None
+        fix = _detach_fix(other, text, roots) if isinstance(other, ast.Name) else None
         return (
             node,
             f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
