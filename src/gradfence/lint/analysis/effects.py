@@ -30,6 +30,9 @@ class Effects:
     """What a function does to its parameters and ``self`` attributes, callees included."""
 
     mode: dict[str, str] = field(default_factory=dict)  # target -> last mode set
+    # target -> first mode set, when that comes before anything is differentiated
+    entry: dict[str, str] = field(default_factory=dict)
+    globals_: set[str] = field(default_factory=set)  # module-level names among the targets
     evals: set[str] = field(default_factory=set)  # set to eval at some point
     forwards: set[str] = field(default_factory=set)  # run with gradients on
     forwards_off: set[str] = field(default_factory=set)  # run under no_grad
@@ -42,6 +45,7 @@ class Effects:
     def key(self) -> tuple[object, ...]:
         return (
             tuple(sorted(self.mode.items())),
+            tuple(sorted(self.entry.items())),
             len(self.evals),
             len(self.forwards),
             len(self.forwards_off),
@@ -151,7 +155,7 @@ class Analysis:
         function = self.function(name, module)
         if function is None:
             return []
-        found = list(function.events)
+        found = sorted(function.events, key=_order)
         for site in function.calls:
             target = self.resolve(site, module, name)
             if target is None or target == ref:
@@ -160,8 +164,8 @@ class Analysis:
             if callee is None:
                 continue
             effects = self.effects(target[1], target[0])
-            found.extend(_mapped(site, callee, effects))
-        found.sort(key=_order)
+            found.extend(_mapped(site, callee, effects, target[0] == module))
+        found.sort(key=lambda event: (event[0], event[1]))  # stable: a call's order kept
         if not self._active:
             self._events[ref] = found
         return found
@@ -194,13 +198,26 @@ class Analysis:
         if function is None:
             return Effects()
         exported = set(function.params) | set(function.kwonly)
+        owner = self._summary_of(ref[0])
+        module_level = owner.functions.get("<module>") if owner is not None else None
+        shared = set(module_level.bound) if module_level is not None else set()
+        shared -= set(function.bound) | exported
+        if ref[1] == "<module>":
+            shared = set()
         result = Effects()
         for _, _, kind, target in self.events(ref[1], ref[0]):
             if kind == "diff":
                 result.differentiates = True
-            if not target or not _exported(target, exported):
+            if not target:
+                continue
+            head = target.split(".", 1)[0]
+            if head in shared:
+                result.globals_.add(head)
+            elif not _exported(target, exported):
                 continue
             if kind in _MODE_KINDS:
+                if target not in result.mode and not result.differentiates:
+                    result.entry[target] = kind
                 result.mode[target] = kind
                 if kind == "eval":
                     result.evals.add(target)
@@ -222,7 +239,8 @@ class Analysis:
         return result
 
 
-_RANK = {"built": 0, "bound_call": 0, "opaque": 0, "eval": 1, "train": 1, "restore": 1}
+_RANK = {"built": 0, "bound_call": 0, "opaque": 0, "loaded": 0}
+_RANK.update({"eval": 1, "train": 1, "restore": 1, "frozen": 1})
 
 
 def _order(event: Event) -> tuple[int, int, int, str, str]:
@@ -235,8 +253,12 @@ def _exported(target: str, params: set[str]) -> bool:
     return head in params or head == "self"
 
 
-def _mapped(site: CallSite, callee: FunctionSummary, effects: Effects) -> list[Event]:
-    """The callee's effects as events of the caller, at the call's position."""
+def _mapped(
+    site: CallSite, callee: FunctionSummary, effects: Effects, same_module: bool
+) -> list[Event]:
+    """The callee's effects as events of the caller, at the call's position, in the order
+    the callee has them: modes set on entry, then forwards and differentiation, then the
+    modes it leaves behind."""
     mapping: dict[str, str] = {}
     for index, param in enumerate(callee.params):
         if index < len(site.args):
@@ -250,6 +272,9 @@ def _mapped(site: CallSite, callee: FunctionSummary, effects: Effects) -> list[E
         mapping["self"] = "self"
     elif site.receiver is not None:
         mapping["self"] = site.receiver
+    if same_module:
+        for name in effects.globals_:
+            mapping.setdefault(name, name)
 
     def onto(target: str) -> str | None:
         head, dot, rest = target.partition(".")
@@ -260,17 +285,17 @@ def _mapped(site: CallSite, callee: FunctionSummary, effects: Effects) -> list[E
 
     out: list[Event] = []
     at = (site.line, site.col)
-    for target, kind in effects.mode.items():
+    for target, kind in effects.entry.items():
         mapped = onto(target)
         if mapped is not None:
             out.append((*at, kind, mapped))
     for kind, targets in (
         ("forward_off" if site.grad_off else "forward", effects.forwards),
         ("forward_off", effects.forwards_off),
-        ("diff", effects.diffs),
         ("optim", effects.optim),
         ("detach", effects.detaches),
         ("store", effects.stores),
+        ("diff", effects.diffs),
     ):
         for target in targets:
             mapped = onto(target)
@@ -278,4 +303,8 @@ def _mapped(site: CallSite, callee: FunctionSummary, effects: Effects) -> list[E
                 out.append((*at, kind, mapped))
     if effects.differentiates:
         out.append((*at, "diff", ""))
+    for target, kind in effects.mode.items():
+        mapped = onto(target)
+        if mapped is not None:
+            out.append((*at, kind, mapped))
     return out

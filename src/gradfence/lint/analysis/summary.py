@@ -61,15 +61,16 @@ OPAQUE_CALLS = frozenset(
         "torch.jit.script",
         "torch.jit.load",
         "torch.jit.freeze",
-        "torch.load",
         "copy.deepcopy",
         "copy.copy",
         "torch.export.export",
     }
 )
+# a pickled module comes back in the mode it was saved in: unknown, unless the file shows
+LOADERS = frozenset({"torch.load"})
 DIFF_FUNCS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
 _DETACHERS = frozenset({"detach", "item", "tolist", "numpy", "cpu_numpy"})
-_MODES = frozenset({"eval", "train", "restore", "built", "bound_call", "opaque"})
+_MODES = frozenset({"eval", "train", "restore", "built", "bound_call", "opaque", "loaded"})
 _NUMBER_FUNCS = frozenset({"float", "int", "round"})
 # methods of a module (or of anything) that do not run its forward
 _NOT_FORWARDS = RETURNS_SELF | frozenset(
@@ -132,6 +133,7 @@ class FunctionSummary:
     events: list[tuple[int, int, str, str]] = field(default_factory=list)
     calls: list[CallSite] = field(default_factory=list)
     kwonly: list[str] = field(default_factory=list)
+    bound: list[str] = field(default_factory=list)  # names the body binds (its locals)
 
     def as_data(self) -> list[Any]:
         return [
@@ -141,11 +143,12 @@ class FunctionSummary:
             [list(e) for e in self.events],
             [c.as_data() for c in self.calls],
             self.kwonly,
+            sorted(set(self.bound)),
         ]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> FunctionSummary:
-        name, params, grad_off, events, calls, kwonly = data
+        name, params, grad_off, events, calls, kwonly, bound = data
         return cls(
             name,
             list(params),
@@ -153,6 +156,7 @@ class FunctionSummary:
             [(int(a), int(b), str(c), str(d)) for a, b, c, d in events],
             [CallSite.from_data(c) for c in calls],
             list(kwonly),
+            list(bound),
         )
 
 
@@ -270,6 +274,9 @@ class _Binder:
             if isinstance(node, ast.Attribute) and node.attr == "module":
                 inner = self.target(node.value)
                 return inner
+            if isinstance(node, ast.Subscript):
+                node = node.value  # ``self.models[key]``: an element of the container
+                continue
             break
         if node is None:
             return None
@@ -317,9 +324,26 @@ class _Binder:
             self.grad = saved
             return
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            mode = mode_of_set_call(node.value, self.imports)
+            value = node.value
+            mode = mode_of_set_call(value, self.imports)
+            if (
+                mode is None
+                and isinstance(value.func, ast.Attribute)
+                and value.func.attr == "__enter__"
+            ):
+                mode = mode_of_context(value.func.value, self.imports)  # no_grad().__enter__()
             if mode is not None:
                 self.grad = mode
+            if (
+                isinstance(value.func, ast.Attribute)
+                and value.func.attr == "requires_grad_"
+                and value.args
+                and isinstance(value.args[0], ast.Constant)
+                and value.args[0].value in (False, 0)
+            ):
+                frozen = self.target(value.func.value)
+                if frozen is not None:
+                    self.event(value, "frozen", frozen)
         if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
             if node.value is not None:
                 self.expr(node.value)
@@ -330,6 +354,9 @@ class _Binder:
             return
         if isinstance(node, ast.For | ast.AsyncFor):
             self.expr(node.iter)
+            self._freezes(node)
+            for name in _bound_names(node.target):
+                self.summary.bound.append(name)
             self.block(node.body)
             self.block(node.orelse)
             return
@@ -345,7 +372,33 @@ class _Binder:
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
 
+    def _freezes(self, node: ast.For | ast.AsyncFor) -> None:
+        """``for p in model.parameters(): p.requires_grad = False``: ``model`` is frozen."""
+        owner = _parameters_owner(node.iter)
+        if owner is None or not isinstance(node.target, ast.Name):
+            return
+        variable = node.target.id
+        for stmt in node.body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and isinstance(stmt.value, ast.Constant)
+                and stmt.value.value in (False, 0)
+                and any(
+                    isinstance(t, ast.Attribute)
+                    and t.attr == "requires_grad"
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == variable
+                    for t in stmt.targets
+                )
+            ):
+                frozen = self.target(owner)
+                if frozen is not None:
+                    self.event(node, "frozen", frozen)
+                return
+
     def bind(self, target: ast.expr, value: ast.expr, node: ast.stmt) -> None:
+        for bound in _bound_names(target):
+            self.summary.bound.append(bound)
         name = dotted(target)
         if name is None:
             return
@@ -366,9 +419,18 @@ class _Binder:
             if name.startswith("self.") and "." not in source:
                 self.event(node, "store", source)
             return
+        while (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Attribute)
+            and value.func.attr in RETURNS_SELF
+            and isinstance(value.func.value, ast.Call)
+        ):
+            value = value.func.value  # ``Net(...).to(device)``: what ``Net(...)`` is
         if isinstance(value, ast.Call):
             qual = self.imports.resolve(value.func)
-            if qual in OPAQUE_CALLS:
+            if qual in LOADERS:
+                self.event(node, "loaded", name)
+            elif qual in OPAQUE_CALLS:
                 self.event(node, "opaque", name)
             elif qual is None or not qual.startswith("torch."):
                 callee = dotted(value.func)
@@ -472,9 +534,28 @@ class _Binder:
                 )
             )
         if qual is None or not qual.startswith("torch."):
-            target = self.target(func)
+            target = self._forwarded(func)
             if target is not None and target not in {"self", "super", "print"}:
                 self.event(node, "forward_off" if off else "forward", target)
+
+    def _forwarded(self, func: ast.expr) -> str | None:
+        """The module a call runs: ``m(...)``, ``self.m(...)``, ``m.forward(...)``,
+        ``self.models[k](...)``. A method (``m.generate``, ``m.names.items``) is not a
+        forward: what it does is the method's business."""
+        if isinstance(func, ast.Attribute) and func.attr in {"forward", "__call__"}:
+            return self.target(func.value)
+        inner = func
+        while isinstance(inner, ast.Subscript):
+            inner = inner.value
+        if isinstance(inner, ast.Name):
+            return self.target(func)
+        if (
+            isinstance(inner, ast.Attribute)
+            and isinstance(inner.value, ast.Name)
+            and inner.value.id in {"self", "cls"}
+        ):
+            return self.target(func)
+        return None
 
     def differentiate(self, node: ast.Call, value: ast.expr | None, explicit: bool = False) -> None:
         """``x.backward()``, ``owner.backward(x)``, ``scaler.scale(x).backward()``."""
@@ -496,6 +577,11 @@ class _Binder:
             self.event(node, "diff", "")
         for root in roots:
             self.event(node, "diff", self.aliases.get(root, root))
+
+
+def _bound_names(target: ast.expr) -> list[str]:
+    """Plain names a binding target binds (tuple elements included)."""
+    return [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
 
 
 def _is_tensor_like(owner: str) -> bool:

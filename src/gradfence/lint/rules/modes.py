@@ -235,16 +235,10 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                     continue
                 if not is_trained(model, function, target):
                     continue  # an EMA copy, a frozen backbone: eval on purpose
-                rotated = inside[index + 1 :] + inside[:index]
-                following = next(
-                    (
-                        k
-                        for _, _, k, t in rotated
-                        if k == "diff" or (k in {"train", "restore"} and covers(t, target))
-                    ),
-                    None,
-                )
-                if following != "diff":
+                same_iteration = _next_mode_or_step(inside[index + 1 :], target)
+                if same_iteration is not None:
+                    continue  # trained (in eval, on purpose) or switched back before the loop ends
+                if _next_mode_or_step(inside[:index], target) != "diff":
                     continue
                 call = call_at(function, here)
                 if call is None or _mode_chosen_by_branch(function, call):
@@ -262,6 +256,17 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                     "without `.train()`",
                     None,
                 )
+
+
+def _next_mode_or_step(items: list[Event], target: str) -> str | None:
+    """The first of: a differentiation (``"diff"``), a switch of ``target`` (or an ancestor)
+    back to train (``"train"``), another ``.eval()`` of it (``"eval"``, judged on its own)."""
+    for _, _, kind, subject in items:
+        if kind == "diff":
+            return "diff"
+        if kind in {"train", "restore", "eval"} and covers(subject, target):
+            return "train" if kind == "restore" else kind
+    return None
 
 
 def node_at(function: FunctionModel, here: Pos) -> ast.Call | None:
