@@ -195,3 +195,170 @@ def eval_evidence(
     ):
         reasons.append("script never differentiates")
     return reasons
+
+
+# decorators that do not change the grad mode of the function they wrap
+_PLAIN_DECORATORS = frozenset(
+    {
+        "staticmethod",
+        "classmethod",
+        "property",
+        "abstractmethod",
+        "abc.abstractmethod",
+        "override",
+        "typing.override",
+        "functools.wraps",
+        "functools.lru_cache",
+        "functools.cache",
+        "functools.cached_property",
+        "contextlib.contextmanager",
+        "dataclasses.dataclass",
+        "torch.jit.export",
+        "torch.jit.ignore",
+        "torch.jit.unused",
+        "torch.compile",
+        "pytest.fixture",
+    }
+)
+
+
+def unknown_decorator(facts: FileModel, function: FunctionModel) -> bool:
+    """A decorator the analysis cannot see through (``@smart_inference_mode()``,
+    ``@eval_decorator``): it may set the grad mode or the module's mode around the body."""
+    for decorator, mode in function.decorators:
+        if mode is not None:
+            continue
+        func = decorator.func if isinstance(decorator, ast.Call) else decorator
+        text = dotted(func) or ""
+        qual = facts.imports.resolve(func) or text
+        last = text.rsplit(".", 1)[-1]
+        if (
+            qual in _PLAIN_DECORATORS
+            or text in _PLAIN_DECORATORS
+            or last in {"setter", "getter", "deleter", "register", "wraps"}
+            or qual.startswith(("pytest.", "typing.", "unittest."))
+        ):
+            continue
+        return True
+    return False
+
+
+def is_test_code(facts: FileModel, function: FunctionModel) -> bool:
+    """A unit test: a ``test_*`` function, or any function of a ``test_*.py`` / ``*_test.py``
+    file. Its forwards compare outputs; they do not evaluate a model on data."""
+    name = facts.path.replace("\\", "/").rsplit("/", 1)[-1]
+    if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
+        return True
+    return function.name.startswith("test_")
+
+
+_RANDOM = frozenset(
+    {"rand", "randn", "randint", "zeros", "ones", "empty", "full", "tensor", "arange"}
+    | {"rand_like", "randn_like", "zeros_like", "ones_like", "linspace", "eye"}
+)
+
+
+def _is_probe_value(node: ast.expr, probes: set[str]) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in probes
+    if isinstance(node, ast.Call):
+        func = node.func
+        last = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if last in _RANDOM:
+            return True
+        if isinstance(func, ast.Attribute) and func.attr in {"to", "cuda", "float", "half"}:
+            return _is_probe_value(func.value, probes)
+    if isinstance(node, ast.Tuple | ast.List):
+        return all(_is_probe_value(e, probes) for e in node.elts)
+    return False
+
+
+def is_probe(facts: FileModel, function: FunctionModel, call: ast.Call) -> bool:
+    """A forward on made-up input (``torch.randn(...)``, constants): a smoke test or a shape
+    probe, not an evaluation on data."""
+    arguments = [*call.args, *(k.value for k in call.keywords)]
+    if not arguments:
+        return False
+    probes: set[str] = set()
+    for assign in function.assigns:
+        if assign.value is not None and _is_probe_value(assign.value, probes):
+            probes.update(n for n in assign.target_names() if "." not in n)
+    if not function.assigns and isinstance(function.node, ast.Module | ast.FunctionDef):
+        for sub in ast.walk(function.node):
+            if isinstance(sub, ast.Assign) and _is_probe_value(sub.value, probes):
+                for target in sub.targets:
+                    if isinstance(target, ast.Name):
+                        probes.add(target.id)
+    return all(_is_probe_value(a, probes) for a in arguments)
+
+
+def is_frozen(items: list[Event], index: int, target: str) -> bool:
+    """``target`` (or an ancestor) had every parameter frozen before event ``index``."""
+    return any(
+        kind == "frozen" and covers(subject, target) for _, _, kind, subject in items[:index]
+    )
+
+
+def call_sites(
+    facts: FileModel, function: FunctionModel
+) -> list[tuple[FunctionModel, int, int, bool]]:
+    """Where the file calls ``function``: (caller, line, column, under grad-off), from the
+    summaries (every call, whatever words its line holds)."""
+    sites: dict[int, list[tuple[FunctionModel, int, int, bool]]] | None = facts.memo.get("sites")
+    if sites is None:
+        sites = {}
+        by_name = {f.qualname: f for f in facts.functions}
+        analysis = facts.analysis
+        for caller in facts.functions:
+            summary = analysis.function(caller.qualname)
+            if summary is None:
+                continue
+            for site in summary.calls:
+                ref = analysis.resolve(site, analysis.module, caller.qualname)
+                if ref is None or ref[0] != analysis.module:
+                    continue
+                callee = by_name.get(ref[1])
+                if callee is not None:
+                    sites.setdefault(id(callee), []).append(
+                        (caller, site.line, site.col, site.grad_off)
+                    )
+        facts.memo["sites"] = sites
+    return sites.get(id(function), [])
+
+
+def result_differentiated(facts: FileModel, caller: FunctionModel, line: int, col: int) -> bool:
+    """What the call at (line, col) returns is differentiated by the caller (an attack
+    calling ``predict(model, x)``): on the call's own line, or through the names it is
+    assigned to."""
+    names: set[str] = set()
+    assigns = [
+        sub
+        for sub in ast.walk(caller.node)
+        if isinstance(sub, ast.Assign | ast.AnnAssign) and sub.value is not None
+    ]
+    for assign in assigns:
+        value = assign.value
+        assert value is not None
+        if any(
+            isinstance(sub, ast.Call) and (sub.lineno, sub.col_offset) == (line, col)
+            for sub in ast.walk(value)
+        ):
+            targets = assign.targets if isinstance(assign, ast.Assign) else [assign.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    for _ in range(3):  # ``adv = predict(...)``; ``loss = adv.sum()``; ``loss.backward()``
+        for assign in assigns:
+            value = assign.value
+            assert value is not None
+            if any(isinstance(sub, ast.Name) and sub.id in names for sub in ast.walk(value)):
+                targets = assign.targets if isinstance(assign, ast.Assign) else [assign.target]
+                for target in targets:
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    for ln, _, kind, subject in events(facts, caller):
+        if kind != "diff":
+            continue
+        if ln == line or (subject and subject.split(".", 1)[0] in names):
+            return True
+    return False

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from gradfence.lint.analysis.context import (
     binding_before,
+    call_sites,
     covers,
     differentiates,
     differentiates_between,
@@ -14,9 +15,14 @@ from gradfence.lint.analysis.context import (
     eval_evidence,
     events,
     is_framework_hook,
+    is_frozen,
+    is_probe,
+    is_test_code,
     is_trained,
     loader_words,
     mode_at,
+    result_differentiated,
+    unknown_decorator,
 )
 from gradfence.lint.analysis.effects import Event
 from gradfence.lint.diagnostics import HIGH, LOW, Fix
@@ -841,6 +847,8 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     for function in model.functions:
         if is_framework_hook(function) or function.entry_mode is not GradState.DEFAULT:
             continue
+        if unknown_decorator(model, function) or is_test_code(model, function):
+            continue
         items = events(model, function)
         if not any(kind == "eval" for _, _, kind, _ in items):
             continue
@@ -851,8 +859,10 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
                 continue
             here = (line, col)
             start = _eval_switch_before(items, index, target)
-            if start is None:
-                continue
+            if start is None or start == here:
+                continue  # the callee's own .eval() and forward: reported there, once
+            if is_frozen(items, index, target):
+                continue  # no parameter requires grad: no graph is recorded
             stop = next(
                 (
                     (ln, cl)
@@ -864,15 +874,13 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
             if differentiates_between(model, function, start, stop):
                 continue  # the region after .eval() differentiates: gradients on purpose
             node = node_at(function, here)
-            if node is None:
+            if node is None or is_probe(model, function, node):
                 continue
             if skip is None:
                 skip = any(
-                    site.mode.no_graph
-                    or site.mode is GradState.UNKNOWN
-                    or differentiates(model, site.function)  # the caller differentiates
-                    for site in callers(model, function)
-                )
+                    grad_off or result_differentiated(model, caller, line, col)
+                    for caller, line, col, grad_off in call_sites(model, function)
+                )  # run under no_grad by its callers, or an attack: gradients on purpose
             if skip:
                 break
             seen.add(target)
