@@ -1,0 +1,323 @@
+"""Graph recording against the code's intent.
+
+- GF108: ``Variable(x, volatile=True)``, a no-op since torch 0.4: the graph is recorded
+- GF207: grad off inside ``forward`` of a module whose output feeds a loss: the input's
+  gradient is cut
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+from gradfence.lint.imports import ImportMap, dotted
+from gradfence.lint.model import FileModel
+from gradfence.lint.rules.frames import (
+    Function,
+    decorated_grad_off,
+    grad_off_ranges,
+    inside,
+    is_true,
+    local_nodes,
+    names_read,
+    target_names,
+)
+from gradfence.lint.rules.registry import Hit, rule
+from gradfence.lint.scopes import mode_of_context
+
+# -- GF108 ------------------------------------------------------------------------------------
+
+_VARIABLE = frozenset({"torch.autograd.Variable", "torch.autograd.variable.Variable"})
+
+
+@rule(
+    "GF108",
+    "volatile-does-nothing",
+    "`volatile=True` has had no effect since torch 0.4: the graph is recorded",
+)
+def volatile_does_nothing(facts: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Reports `Variable(x, volatile=True)` and `x.volatile = True`.
+
+    ## Why is this a problem?
+    Before PyTorch 0.4, a volatile input switched graph recording off for everything
+    computed from it, and evaluation code relied on it to save memory. Since 0.4
+    `Variable` is an alias that returns a plain tensor and `volatile` is ignored (torch
+    only warns once: "volatile was removed and now has no effect"). Code written this
+    way records the whole autograd graph of its evaluation: it holds every activation
+    in memory until the outputs die, and runs out of memory on inputs that used to fit.
+
+    **Hidden detail.** Nothing fails: the outputs are the same, only memory and time
+    grow, so old evaluation scripts keep running long after the flag stopped working.
+
+    **Evidence.** The call resolves to `torch.autograd.Variable` through the file's
+    imports (or is spelled `Variable(...)`/`autograd.Variable(...)`) with a literal
+    `volatile=True`, or `.volatile` is assigned `True`.
+
+    ## Example
+    ```python
+    import torch
+    from torch.autograd import Variable
+
+    def evaluate(model, images):
+        images = Variable(images, volatile=True)
+        return model(images)
+    ```
+
+    ## Use instead
+    ```python
+    import torch
+
+    def evaluate(model, images):
+        with torch.no_grad():
+            return model(images)
+    ```
+
+    ## References
+    - PyTorch 0.4 migration guide, "Deprecation of volatile flag":
+      https://pytorch.org/blog/pytorch-0_4_0-migration-guide/
+    """
+    if "volatile" not in facts.source:
+        return
+    imports = facts.imports
+    for node in ast.walk(facts.tree):
+        if isinstance(node, ast.Call):
+            flag = next((k for k in node.keywords if k.arg == "volatile"), None)
+            if flag is None or not is_true(flag.value):
+                continue
+            qual = imports.resolve(node.func)
+            text = dotted(node.func) or ""
+            if qual in _VARIABLE or (qual is None and text.rsplit(".", 1)[-1] == "Variable"):
+                yield (
+                    node,
+                    "`volatile=True` has had no effect since torch 0.4: this code records the "
+                    "whole graph (use `with torch.no_grad():`)",
+                    None,
+                )
+        elif isinstance(node, ast.Assign) and is_true(node.value):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute) and target.attr == "volatile":
+                    yield (
+                        node,
+                        "`.volatile = True` has had no effect since torch 0.4: the graph is "
+                        "still recorded (use `with torch.no_grad():`)",
+                        None,
+                    )
+
+
+# -- GF207 ------------------------------------------------------------------------------------
+
+_PARAMETER_CTORS = frozenset({"torch.nn.Parameter", "torch.nn.parameter.Parameter"})
+
+
+def _is_loss_class(cls: ast.ClassDef) -> bool:
+    names = [cls.name, *((dotted(b) or "").rsplit(".", 1)[-1] for b in cls.bases)]
+    return any(n.endswith(("Loss", "Criterion")) for n in names)
+
+
+def _parameter_attrs(cls: ast.ClassDef, imports: ImportMap) -> set[str]:
+    """``self.w`` bound to ``nn.Parameter(...)`` in the class."""
+    found: set[str] = set()
+    for sub in ast.walk(cls):
+        if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Call):
+            qual = imports.resolve(sub.value.func) or ""
+            last = (dotted(sub.value.func) or "").rsplit(".", 1)[-1]
+            if qual in _PARAMETER_CTORS or (not qual and last == "Parameter"):
+                for target in sub.targets:
+                    found.update(n for n in target_names(target) if n.startswith("self."))
+    return found
+
+
+def _fed_parameters(classes: dict[str, ast.ClassDef], imports: ImportMap) -> set[str]:
+    """Classes of the file whose instances another class calls on one of its parameters:
+    their ``forward`` input needs a gradient."""
+    fed: set[str] = set()
+    for cls in classes.values():
+        parameters = _parameter_attrs(cls, imports)
+        if not parameters:
+            continue
+        instances: dict[str, str] = {}
+        for sub in ast.walk(cls):
+            if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Call):
+                kind = dotted(sub.value.func)
+                if kind in classes:
+                    for target in sub.targets:
+                        for name in target_names(target):
+                            instances[name] = kind
+        for sub in ast.walk(cls):
+            if isinstance(sub, ast.Call):
+                kind = instances.get(dotted(sub.func) or "")
+                if kind is not None and any(dotted(a) in parameters for a in sub.args):
+                    fed.add(kind)
+    return fed
+
+
+@rule(
+    "GF207",
+    "no-grad-cuts-input-gradient",
+    "grad off inside `forward` of a module whose output feeds a loss: its input gets no gradient",
+)
+def no_grad_cuts_input_gradient(facts: FileModel) -> Iterator[Hit]:
+    """
+    ## What it does
+    Reports `@torch.no_grad()` on `forward` (or a method it calls), or a
+    `with torch.no_grad():` block inside `forward`, that computes the module's result from
+    its input, when that input needs a gradient: the module is a loss (its first input is
+    the prediction), or the file calls it on a parameter of another module.
+
+    ## Why is this a problem?
+    A grad-off region cuts the graph for everything computed inside it, the *input* of the
+    module included, not only its own parameters (that case is GF203). A feature
+    transform (STFT, filterbank, normalisation) written under `no_grad` for speed and then
+    used inside a loss makes the loss a constant for the network that produced the
+    prediction; a constraint applied to another module's parameter under `no_grad`
+    stops that parameter from learning. Training runs, the loss moves through the other
+    terms, and the cut part silently stops learning.
+
+    **Hidden detail.** `no_grad` is often right in `forward`: on the *target* side of a
+    loss, or on raw input data that has no gradient to lose. Those are not reported: only
+    the loss's first input, and inputs the file shows are parameters, count.
+
+    **Evidence.** A class named like a loss (`...Loss`, `...Criterion`, or a base that
+    is), or a class whose instance another class of the file calls on one of its
+    `nn.Parameter` attributes; a value computed from that input inside the grad-off
+    region reaches the `return`.
+
+    ## Example
+    ```python
+    import torch
+
+    class SpectralLoss(torch.nn.Module):
+        @torch.no_grad()
+        def forward(self, prediction, target):
+            return (torch.stft(prediction, 512).abs() - torch.stft(target, 512).abs()).mean()
+    ```
+
+    ## Use instead
+    ```python
+    import torch
+
+    class SpectralLoss(torch.nn.Module):
+        def forward(self, prediction, target):
+            with torch.no_grad():
+                reference = torch.stft(target, 512).abs()
+            return (torch.stft(prediction, 512).abs() - reference).mean()
+    ```
+
+    ## References
+    - PyTorch docs, "Locally disabling gradient computation":
+      https://pytorch.org/docs/stable/notes/autograd.html#locally-disabling-gradient-computation
+    """
+    if "no_grad" not in facts.source and "inference_mode" not in facts.source:
+        return
+    imports = facts.imports
+    classes = {n.name: n for n in ast.walk(facts.tree) if isinstance(n, ast.ClassDef)}
+    fed = _fed_parameters(classes, imports)
+    for cls in classes.values():
+        loss = _is_loss_class(cls)
+        if not loss and cls.name not in fed:
+            continue
+        methods = {f.name: f for f in cls.body if isinstance(f, Function)}
+        forward = methods.get("forward") or methods.get("__call__")
+        if forward is None:
+            continue
+        args = [a.arg for a in (*forward.args.posonlyargs, *forward.args.args)][1:]
+        if not args:
+            continue
+        needs = {args[0]} if loss else set(args)
+        decorator = next(
+            (
+                d
+                for d in forward.decorator_list
+                if (mode := mode_of_context(d, imports)) is not None and mode.no_graph
+            ),
+            None,
+        )
+        if decorator is not None:
+            yield (
+                decorator,
+                f"`{cls.name}.{forward.name}` runs under no_grad: its input `{args[0]}` gets "
+                f"no gradient through it (keep grad on for the input that is learned)",
+                None,
+            )
+            continue
+        yield from _cut_inside(forward, cls, methods, needs, imports)
+
+
+def _cut_inside(
+    forward: Function,
+    cls: ast.ClassDef,
+    methods: dict[str, Function],
+    needs: set[str],
+    imports: ImportMap,
+) -> Iterator[Hit]:
+    off = grad_off_ranges(forward, imports)
+    derived = set(needs)
+    cut: dict[str, ast.AST] = {}
+    statements = sorted(
+        (s for s in local_nodes(forward) if isinstance(s, ast.stmt)),
+        key=lambda s: (s.lineno, s.col_offset),
+    )
+    for stmt in statements:
+        if isinstance(stmt, ast.Assign):
+            reads = names_read(stmt.value)
+            if not reads & derived:
+                continue
+            names = [n for t in stmt.targets for n in target_names(t)]
+            calls_off = _calls_grad_off_method(stmt.value, methods, derived, imports)
+            if inside(stmt.lineno, off) or calls_off:
+                for name in names:
+                    cut[name] = calls_off or _enclosing_with(forward, stmt, imports) or stmt
+            else:
+                derived.update(names)
+        elif isinstance(stmt, ast.Return) and stmt.value is not None:
+            reads = names_read(stmt.value)
+            if inside(stmt.lineno, off) and reads & derived:
+                where = _enclosing_with(forward, stmt, imports) or stmt
+                yield _cut_hit(cls, where, sorted(reads & derived)[0])
+                return
+            called = _calls_grad_off_method(stmt.value, methods, derived, imports)
+            if called is not None:
+                yield _cut_hit(cls, called, sorted(reads & derived)[0])
+                return
+            for name in sorted(reads & set(cut)):
+                yield _cut_hit(cls, cut[name], name)
+                return
+
+
+def _cut_hit(cls: ast.ClassDef, where: ast.AST, name: str) -> Hit:
+    return (
+        where,
+        f"`{name}` is computed from the input of `{cls.name}.forward` under no_grad and "
+        f"returned: the input gets no gradient through it (keep grad on for the learned input)",
+        None,
+    )
+
+
+def _calls_grad_off_method(
+    value: ast.expr, methods: dict[str, Function], derived: set[str], imports: ImportMap
+) -> ast.Call | None:
+    """A call ``self.m(x)`` of a grad-off decorated method on a value that needs grad."""
+    for sub in ast.walk(value):
+        if isinstance(sub, ast.Call):
+            name = dotted(sub.func) or ""
+            method = methods.get(name[5:]) if name.startswith("self.") else None
+            if (
+                method is not None
+                and decorated_grad_off(method, imports)
+                and any(names_read(a) & derived for a in sub.args)
+            ):
+                return sub
+    return None
+
+
+def _enclosing_with(function: ast.AST, node: ast.stmt, imports: ImportMap) -> ast.AST | None:
+    best: ast.AST | None = None
+    for sub in local_nodes(function):
+        if isinstance(sub, ast.With | ast.AsyncWith) and any(n is node for n in ast.walk(sub)):
+            for item in sub.items:
+                mode = mode_of_context(item.context_expr, imports)
+                if mode is not None and mode.no_graph:
+                    best = sub
+    return best
