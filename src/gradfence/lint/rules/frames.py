@@ -74,9 +74,13 @@ def inside(line: int, ranges: Iterable[tuple[int, int]]) -> bool:
 
 
 def is_backward(call: ast.Call) -> bool:
-    """``x.backward()``, ``accelerator.backward(x)``, ``self.manual_backward(x)``."""
+    """``x.backward()``, ``accelerator.backward(x)``, ``self.manual_backward(x)``: a backward
+    that adds into ``.grad`` (distributed autograd keeps its gradients per context)."""
     func = call.func
-    return isinstance(func, ast.Attribute) and func.attr in {"backward", "manual_backward"}
+    if not isinstance(func, ast.Attribute) or func.attr not in {"backward", "manual_backward"}:
+        return False
+    owner = dotted(func.value) or ""
+    return not ("dist" in owner and "autograd" in owner)
 
 
 def names_read(node: ast.AST) -> set[str]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 from collections.abc import Callable, Iterator
 
@@ -314,7 +315,15 @@ def _statement_of(loop: Loop, node: ast.AST) -> ast.stmt | None:
 # -- GF404 ------------------------------------------------------------------------------------
 
 _DETACHING = re.compile(r"detach|repackage|\.data\b|\.item\(|\.cpu\(|numpy", re.IGNORECASE)
-_NOT_FORWARD_HEADS = frozenset({"torch", "np", "numpy", "math", "F", "random", "len", "list"})
+_NOT_FORWARD_HEADS = frozenset({"torch", "np", "numpy", "math", "F", "random"}) | frozenset(
+    name for name in dir(builtins) if not name.startswith("_")
+)
+# reading the input only for its type, device or shape does not connect it to the graph
+_SHAPE_ONLY_CALLS = frozenset(
+    {"type_as", "to", "view_as", "expand_as", "reshape_as", "size", "dim", "new_zeros"}
+    | {"new_ones", "new_empty", "new_full", "new_tensor", "get_device"}
+)
+_SHAPE_ONLY_ATTRS = frozenset({"device", "dtype", "shape", "ndim", "is_cuda"})
 
 
 @rule(
@@ -486,7 +495,7 @@ def _running_state(facts: FileModel) -> Iterator[Hit]:
             (s for s in local_nodes(function) if isinstance(s, ast.Assign)),
             key=lambda s: (s.lineno, s.col_offset),
         ):
-            reads = names_read(stmt.value)
+            reads = _values_read(stmt.value)
             text = ast.unparse(stmt.value)
             clean = not _DETACHING.search(text)
             for target in stmt.targets:
@@ -511,6 +520,30 @@ def _running_state(facts: FileModel) -> Iterator[Hit]:
                             None,
                             LOW,
                         )
+
+
+def _values_read(node: ast.expr) -> set[str]:
+    """Names whose *values* an expression uses: ``self.mean.type_as(x)`` reads ``self.mean``
+    but only the dtype of ``x``."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [node]
+    while stack:
+        sub = stack.pop()
+        if isinstance(sub, ast.Attribute) and sub.attr in _SHAPE_ONLY_ATTRS:
+            continue
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in _SHAPE_ONLY_CALLS
+        ):
+            stack.append(sub.func.value)
+            continue
+        if isinstance(sub, ast.Name | ast.Attribute) and isinstance(sub.ctx, ast.Load):
+            text = dotted(sub)
+            if text is not None:
+                found.add(text)
+        stack.extend(ast.iter_child_nodes(sub))
+    return found
 
 
 def _guarded_by_eval(function: Function, stmt: ast.stmt) -> bool:

@@ -10,6 +10,7 @@ import ast
 import re
 from collections.abc import Iterator
 
+from gradfence.lint.diagnostics import LOW
 from gradfence.lint.imports import ImportMap, dotted
 from gradfence.lint.model import FileModel
 from gradfence.lint.rules.frames import (
@@ -54,6 +55,15 @@ def _is_pretrained_load(value: ast.expr) -> bool:
         ):
             return True
     return False
+
+
+def _built_elsewhere(value: ast.expr, imports: ImportMap) -> bool:
+    """A module made by a call that is not a ``torch.nn`` layer constructor: a model of the
+    project or of a library, whose weights a freeze suggests were loaded."""
+    if not isinstance(value, ast.Call):
+        return False
+    qual = imports.resolve(value.func) or ""
+    return not qual.startswith("torch.") and dotted(value.func) is not None
 
 
 def _is_from_pretrained(value: ast.expr) -> bool:
@@ -203,28 +213,35 @@ def frozen_module_left_training(facts: FileModel) -> Iterator[Hit]:
     """
     if "requires_grad" not in facts.source:
         return
+    imports = facts.imports
     for cls in (n for n in ast.walk(facts.tree) if isinstance(n, ast.ClassDef)):
-        pretrained: dict[str, ast.AST] = {}
+        loaded: dict[str, bool] = {}  # attribute -> proven pretrained (else: built by a call)
         for function in cls.body:
             if isinstance(function, Function) and function.name == "__init__":
                 for sub in ast.walk(function):
-                    if isinstance(sub, ast.Assign) and _is_pretrained_load(sub.value):
-                        for target in sub.targets:
-                            for name in target_names(target):
-                                if name.startswith("self."):
-                                    pretrained.setdefault(name, sub)
-        if not pretrained:
+                    if not isinstance(sub, ast.Assign):
+                        continue
+                    sure = _is_pretrained_load(sub.value)
+                    if not sure and not _built_elsewhere(sub.value, imports):
+                        continue
+                    for target in sub.targets:
+                        for name in target_names(target):
+                            if name.startswith("self.") and not loaded.get(name):
+                                loaded[name] = sure
+        if not loaded:
             continue
-        frozen = _frozen_targets(cls)
-        for name, where in frozen.items():
-            if name in pretrained and not _keeps_eval(cls, name):
-                yield (
-                    where,
-                    f"`{name}` is pretrained and frozen but never kept in eval mode: the "
-                    f"parent's `train()` turns its dropout and BatchNorm updates back on "
-                    f"(override `train()` to call `{name}.eval()`)",
-                    None,
-                )
+        for name, where in _frozen_targets(cls).items():
+            if name not in loaded or _keeps_eval(cls, name):
+                continue
+            message = (
+                f"`{name}` is frozen but never kept in eval mode: the parent's `train()` "
+                f"turns its dropout and BatchNorm updates back on (override `train()` to call "
+                f"`{name}.eval()`)"
+            )
+            if loaded[name]:
+                yield where, message, None
+            else:
+                yield where, message, None, LOW
 
 
 @rule(
@@ -384,6 +401,10 @@ def _escapes(
     """The model is given to a function that may set its mode: one this file defines
     and that calls ``.train()`` on its parameter, or one the analysis cannot see."""
     for sub in local_nodes(function):
+        if isinstance(sub, ast.Return | ast.Yield) and sub.value is not None:
+            if names_read(sub.value) & aliases:
+                return True  # the caller trains it, and may set its mode
+            continue
         if not isinstance(sub, ast.Call):
             continue
         given = [a for a in [*sub.args, *(k.value for k in sub.keywords)] if dotted(a) in aliases]
