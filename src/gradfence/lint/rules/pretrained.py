@@ -120,12 +120,13 @@ def _frozen_targets(node: ast.AST) -> dict[str, ast.AST]:
 
 def _keeps_eval(cls: ast.ClassDef, name: str) -> bool:
     """The class keeps ``name`` in eval outside ``__init__``: ``.eval()`` or ``.train(False)``
-    in another method, a ``train()`` override that mentions it, or ``name.train = ...``."""
+    in another method, a ``train()`` override (it may reach the child by name, as
+    ``named_children()`` does), or ``name.train = ...``."""
     for function in cls.body:
         if not isinstance(function, Function):
             continue
-        if function.name == "train" and name in names_read(function):
-            return True
+        if function.name == "train":
+            return True  # the class decides its children's modes itself
         for sub in ast.walk(function):
             if isinstance(sub, ast.Assign):
                 for target in sub.targets:
