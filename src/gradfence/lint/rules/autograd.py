@@ -9,6 +9,7 @@ from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import AssignEvent, CallEvent, FileModel, FunctionModel, end_pos, pos
 from gradfence.lint.rules.evidence import backward_argument, callers, names_in
+from gradfence.lint.rules.recording import in_place_parameter_writes
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradState
 
@@ -410,15 +411,24 @@ def _called_without_grad(model: FileModel, function: FunctionModel) -> bool:
 @rule(
     "GF204",
     "manual-update-outside-no-grad",
-    "in-place update of a parameter from its `.grad` while grad mode is on (RuntimeError)",
+    "in-place write to a parameter while grad mode is on (RuntimeError)",
 )
 def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags an in-place update of a tensor from its own gradient — `p -= lr * p.grad`,
-    `p.add_(p.grad, alpha=-lr)`, `p.sub_(...)`, `p.copy_(...)` — where gradients are
-    enabled (no enclosing `no_grad`, no `@torch.no_grad()`, and no caller in the file that
-    calls it under `no_grad`). Updates through `p.data` are not flagged.
+    Flags an in-place write to a parameter where gradients are enabled (no enclosing
+    `no_grad`, no `@torch.no_grad()`, and no caller in the file that calls it under
+    `no_grad`): an update from its own gradient (`p -= lr * p.grad`,
+    `p.add_(p.grad, alpha=-lr)`), and any other in-place write — slice assignment
+    (`w[:, :k] = 0`), `+=`, `zero_()`, `fill_()`, `copy_()`, `normal_()`, `uniform_()` —
+    including through a name bound to the parameter (`w = self.fc.weight`). Writes
+    through `p.data` are not flagged, nor `_init_weights` (frameworks call it under
+    `no_grad`).
+
+    **Evidence.** The written tensor is proven a parameter: an update from its own
+    `.grad`, a loop variable over `m.parameters()`, an attribute bound to
+    `nn.Parameter(...)` in the class, a layer's `self.<layer>.weight`/`.bias`, or a name
+    bound to one of these.
 
     ## Why is this a problem?
     A parameter is a leaf tensor that requires grad. Autograd refuses to modify it in place
@@ -448,6 +458,8 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
     - PyTorch tutorial, "Learning PyTorch with examples" (manual weight update under no_grad)
     - discuss.pytorch.org/t/leaf-variable-was-used-in-an-inplace-operation/308
     """
+    source = model.source
+    widen = any(word in source for word in ("weight", "bias", "Parameter", "parameters()"))
     for function in model.functions:
         hits: list[Hit] = []
         for assign in function.assigns:
@@ -481,6 +493,10 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
                         None,
                     )
                 )
+        if widen:
+            cls = function.cls.node if function.cls is not None else None
+            for written, message in in_place_parameter_writes(function.node, cls, model.imports):
+                hits.append((written, message, None))
         if hits and not _called_without_grad(model, function):
             yield from hits
 

@@ -321,3 +321,112 @@ def _enclosing_with(function: ast.AST, node: ast.stmt, imports: ImportMap) -> as
                 if mode is not None and mode.no_graph:
                     best = sub
     return best
+
+
+# -- GF204, widened: any in-place write to a parameter while grad is on ---------------------
+
+_INPLACE_WRITES = frozenset(
+    {"zero_", "fill_", "copy_", "normal_", "uniform_", "add_", "sub_", "mul_", "div_"}
+    | {"clamp_", "clamp_min_", "clamp_max_", "masked_fill_", "index_fill_", "scatter_"}
+    | {"exponential_", "bernoulli_", "random_", "fill_diagonal_", "addcmul_", "addcdiv_"}
+)
+# hooks frameworks call under no_grad (Hugging Face wraps ``_init_weights`` so)
+_INIT_HOOKS = frozenset({"_init_weights"})
+
+
+def _parameters_named(function: ast.AST, cls: ast.ClassDef | None, imports: ImportMap) -> set[str]:
+    """What the function can prove is a parameter: ``self.w`` bound to ``nn.Parameter``,
+    ``self.layer.weight``/``.bias``, a loop variable over ``m.parameters()``, and local
+    names bound to any of these (``w = self.fc.weight``)."""
+    proven: set[str] = set()
+    if cls is not None:
+        proven |= _class_parameters(cls, imports)
+    for sub in local_nodes(function):
+        if isinstance(sub, ast.For | ast.AsyncFor) and isinstance(sub.iter, ast.Call):
+            func = sub.iter.func
+            if isinstance(func, ast.Attribute) and func.attr == "parameters":
+                proven.update(target_names(sub.target))
+            elif (
+                isinstance(func, ast.Attribute)
+                and func.attr == "named_parameters"
+                and isinstance(sub.target, ast.Tuple)
+                and len(sub.target.elts) == 2
+            ):
+                proven.update(target_names(sub.target.elts[1]))
+    for sub in sorted(
+        (s for s in local_nodes(function) if isinstance(s, ast.Assign)),
+        key=lambda s: (s.lineno, s.col_offset),
+    ):
+        source = dotted(sub.value)
+        if source is not None and _is_parameter(source, proven):
+            for target in sub.targets:
+                if isinstance(target, ast.Name):
+                    proven.add(target.id)
+    return proven
+
+
+def _class_parameters(cls: ast.ClassDef, imports: ImportMap) -> set[str]:
+    found: set[str] = set()
+    for sub in ast.walk(cls):
+        if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Call):
+            qual = imports.resolve(sub.value.func) or ""
+            last = (dotted(sub.value.func) or "").rsplit(".", 1)[-1]
+            if qual in _PARAMETER_CTORS or (not qual and last == "Parameter"):
+                for target in sub.targets:
+                    found.update(n for n in target_names(target) if n.startswith("self."))
+    return found
+
+
+def _is_parameter(text: str, proven: set[str]) -> bool:
+    if text in proven:
+        return True
+    parts = text.split(".")
+    # ``self.fc.weight``: a layer's own weight or bias
+    return len(parts) == 3 and parts[0] == "self" and parts[2] in {"weight", "bias"}
+
+
+def in_place_parameter_writes(
+    function: ast.AST, cls: ast.ClassDef | None, imports: ImportMap
+) -> list[tuple[ast.AST, str]]:
+    """In-place writes to a parameter in ``function`` while grad mode is on: slice
+    assignment, augmented assignment and in-place methods, through ``.data`` excepted."""
+    if isinstance(function, Function) and (
+        function.name in _INIT_HOOKS or decorated_grad_off(function, imports)
+    ):
+        return []
+    proven = _parameters_named(function, cls, imports)
+    off = grad_off_ranges(function, imports)
+    found: list[tuple[ast.AST, str]] = []
+    for sub in local_nodes(function):
+        target: ast.expr | None = None
+        how = ""
+        if isinstance(sub, ast.Assign):
+            for item in sub.targets:
+                if isinstance(item, ast.Subscript):
+                    target, how = item.value, "slice assignment"
+        elif isinstance(sub, ast.AugAssign) and not _reads_grad(sub.value):
+            target, how = sub.target, "augmented assignment"
+        elif (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in _INPLACE_WRITES
+            and not any(_reads_grad(a) for a in sub.args)
+        ):
+            target, how = sub.func.value, f"`.{sub.func.attr}()`"
+        if target is None or inside(getattr(sub, "lineno", 0), off):
+            continue
+        text = dotted(target)
+        if text is None or not _is_parameter(text, proven):
+            continue
+        found.append(
+            (
+                sub,
+                f"in-place write to parameter `{text}` ({how}) with grad enabled: a leaf "
+                f"that requires grad cannot change in place (wrap it in `torch.no_grad()`)",
+            )
+        )
+    return found
+
+
+def _reads_grad(node: ast.AST) -> bool:
+    return any(isinstance(sub, ast.Attribute) and sub.attr == "grad" for sub in ast.walk(node))
