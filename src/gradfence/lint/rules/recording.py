@@ -368,13 +368,43 @@ def _parameters_named(function: ast.AST, cls: ast.ClassDef | None, imports: Impo
 def _class_parameters(cls: ast.ClassDef, imports: ImportMap) -> set[str]:
     found: set[str] = set()
     for sub in ast.walk(cls):
-        if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Call):
-            qual = imports.resolve(sub.value.func) or ""
-            last = (dotted(sub.value.func) or "").rsplit(".", 1)[-1]
-            if qual in _PARAMETER_CTORS or (not qual and last == "Parameter"):
-                for target in sub.targets:
-                    found.update(n for n in target_names(target) if n.startswith("self."))
+        if isinstance(sub, ast.Assign) and _new_parameter(sub.value, imports):
+            for target in sub.targets:
+                found.update(n for n in target_names(target) if n.startswith("self."))
     return found
+
+
+def _new_parameter(value: ast.expr, imports: ImportMap) -> bool:
+    """``nn.Parameter(...)`` that requires grad (``requires_grad=False`` is a constant)."""
+    if not isinstance(value, ast.Call):
+        return False
+    qual = imports.resolve(value.func) or ""
+    last = (dotted(value.func) or "").rsplit(".", 1)[-1]
+    if qual not in _PARAMETER_CTORS and (qual or last != "Parameter"):
+        return False
+    flag = [k.value for k in value.keywords if k.arg == "requires_grad"] + value.args[1:2]
+    return not (flag and isinstance(flag[0], ast.Constant) and flag[0].value is False)
+
+
+def _bound_here(function: ast.AST, name: str, line: int, imports: ImportMap) -> bool | None:
+    """What the function's last binding of ``name`` before ``line`` makes it: a parameter
+    (True), something else (False), or None when the function binds it nowhere before."""
+    latest: ast.Assign | None = None
+    for sub in local_nodes(function):
+        if (
+            isinstance(sub, ast.Assign)
+            and sub.lineno < line
+            and any(name in target_names(t) for t in sub.targets)
+            and (latest is None or sub.lineno > latest.lineno)
+        ):
+            latest = sub
+    if latest is None:
+        return None
+    return _new_parameter(latest.value, imports) or _is_parameter_text(dotted(latest.value))
+
+
+def _is_parameter_text(text: str | None) -> bool:
+    return text is not None and _is_parameter(text, set())
 
 
 def _is_parameter(text: str, proven: set[str]) -> bool:
@@ -418,6 +448,9 @@ def in_place_parameter_writes(
         text = dotted(target)
         if text is None or not _is_parameter(text, proven):
             continue
+        here = _bound_here(function, text, getattr(sub, "lineno", 0), imports)
+        if here is False:
+            continue  # bound to a plain tensor first (and wrapped in a Parameter later)
         found.append(
             (
                 sub,
