@@ -50,6 +50,13 @@ def functions(tree: ast.Module) -> Iterator[tuple[Function, ast.ClassDef | None]
                 stack.append((child, cls))
 
 
+def code_blocks(tree: ast.Module) -> Iterator[ast.Module | Function]:
+    """The module body (a script's top level) and then every function of the file."""
+    yield tree
+    for function, _cls in functions(tree):
+        yield function
+
+
 def grad_off_ranges(function: ast.AST, imports: ImportMap) -> list[tuple[int, int]]:
     """Line ranges of ``with no_grad()``/``inference_mode()`` blocks inside ``function``."""
     ranges: list[tuple[int, int]] = []

@@ -17,6 +17,7 @@ from gradfence.lint.model import FileModel
 from gradfence.lint.rules.frames import (
     Function,
     Loop,
+    code_blocks,
     constructs_optimiser,
     decorated_grad_off,
     functions,
@@ -257,7 +258,7 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     tree = facts.tree
     built = _optimisers_built(tree, facts.imports)
     callees = local_callees(tree)
-    for function, _cls in functions(tree):
+    for function in code_blocks(tree):
         for loop, call in _innermost_loops(function):
             stepped = _stepped_optimiser(call, built)
             if stepped is None:
@@ -400,8 +401,8 @@ def state_carries_graph(facts: FileModel) -> Iterator[Hit]:
 
 def _loop_carried(facts: FileModel) -> Iterator[Hit]:
     imports = facts.imports
-    for function, _cls in functions(facts.tree):
-        if decorated_grad_off(function, imports):
+    for function in code_blocks(facts.tree):
+        if isinstance(function, Function) and decorated_grad_off(function, imports):
             continue
         off = grad_off_ranges(function, imports)
         for loop in (n for n in local_nodes(function) if isinstance(n, Loop)):
