@@ -158,3 +158,63 @@ def test_json_reports_confidence_and_applicability(tmp_path: Path) -> None:
     [item] = json.loads(done.stdout)
     assert item["confidence"] == "low"
     assert item["fix"]["applicability"] == "unsafe"
+
+
+def _gf304(source: str, path: str = "decode.py") -> list[int]:
+    found = check_source(textwrap.dedent(source), path, Settings(Selection(select=("GF304",))))
+    return [d.line for d in found]
+
+
+def test_inference_script_that_never_differentiates() -> None:
+    source = """
+    import torch
+    from models import Generator
+
+
+    def main(config, loader, device):
+        model = Generator(**config)
+        model.load_state_dict(torch.load(config["checkpoint"]))
+        model = model.to(device)  # the same module
+        with torch.no_grad():
+            for batch in loader:
+                model(batch)
+    """
+    assert _gf304(source) == [12]
+    # the file calls .eval() on it: fine
+    evaluated = source.replace("model = model.to(device)", "model = model.to(device).eval()")
+    assert _gf304(evaluated) == []
+    fixed = source.replace("        model = model.to(device)", "        model.eval()")
+    assert _gf304(fixed) == []
+
+
+def test_unpickled_module_in_an_inference_script() -> None:
+    source = """
+    import torch
+
+    with open("model.pt", "rb") as f:
+        model = torch.load(f)
+    with torch.no_grad():
+        for i in range(10):
+            word = model(torch.tensor([[i]]))
+    """
+    assert _gf304(source, "generate.py") == [8]
+    training = source + "\nmodel.train()\n"  # the file sets modes: the pickled mode is unknown
+    assert _gf304(training, "generate.py") == []
+
+
+def test_evaluation_helper_with_a_metric_in_a_file_without_backward() -> None:
+    source = """
+    import torch
+
+
+    def eval_net(net, dataset):
+        total = 0
+        for image, mask in dataset:
+            prediction = net(image)
+            total += dice_coefficient(prediction, mask)
+        return total / len(dataset)
+    """
+    assert _gf304(source, "eval.py") == [8]
+    # a function that only runs the network in a file without backward: thin evidence
+    plain = source.replace("eval_net", "run_net").replace("dice_coefficient", "compare")
+    assert _gf304(plain, "eval.py") == []

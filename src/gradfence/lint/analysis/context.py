@@ -27,8 +27,11 @@ _LOADER_WORDS = frozenset({"val", "valid", "validation", "test", "eval", "evalua
 _METRIC_WORDS = frozenset(
     {"accuracy", "acc", "correct", "precision", "recall", "f1", "auc", "bleu", "psnr", "ssim"}
     | {"metric", "metrics", "score", "confusion", "miou", "iou", "top1", "top5", "mae", "rmse"}
+    | {"dice", "wer", "cer", "map", "perplexity", "ppl"}
 )
-_METRIC_CALL = re.compile(r"\.argmax\(|\.topk\(|\.eq\(|accuracy|f1_score|torchmetrics|sklearn")
+_METRIC_CALL = re.compile(
+    r"\.argmax\(|\.topk\(|\.eq\(|accuracy|f1_score|torchmetrics|sklearn|dice|\bwer\("
+)
 
 
 def events(facts: FileModel, function: FunctionModel) -> list[Event]:
@@ -71,7 +74,7 @@ def binding_before(facts: FileModel, function: FunctionModel, target: str, here:
     for line, col, kind, subject in events(facts, function):
         if (line, col) > here:
             break
-        if kind in {"built", "bound_call", "opaque"} and subject == target:
+        if kind in {"built", "bound_call", "opaque", "loaded"} and subject == target:
             last = kind
     return last
 
@@ -188,13 +191,32 @@ def eval_evidence(
         reasons.append("metric computed")
     if grad_off:
         reasons.append("gradients off")
-    if (
-        grad_off
-        and not facts.analysis.summary.differentiates
-        and (function is facts.module or function.parent is facts.module)
+    if not facts.analysis.summary.differentiates and (
+        function is facts.module or function.parent is facts.module
     ):
-        reasons.append("script never differentiates")
+        reasons.append("file never differentiates")
     return reasons
+
+
+def sets_no_mode(facts: FileModel) -> bool:
+    """Nothing in the file calls ``.eval()``, ``.train()`` or ``.train(flag)``."""
+    found: bool | None = facts.memo.get("sets_no_mode")
+    if found is None:
+        found = not any(
+            kind in {"eval", "train", "restore"}
+            for summary in facts.analysis.summary.functions.values()
+            for _, _, kind, _ in summary.events
+        )
+        facts.memo["sets_no_mode"] = found
+    return found
+
+
+def class_trains(facts: FileModel, function: FunctionModel) -> bool:
+    """Some method of the function's class differentiates: the class trains its modules,
+    so it owns their mode (even for a module handed to its ``__init__``)."""
+    if function.cls is None:
+        return False
+    return any(differentiates(facts, method) for method in function.cls.methods.values())
 
 
 # decorators that do not change the grad mode of the function they wrap
@@ -246,10 +268,13 @@ def unknown_decorator(facts: FileModel, function: FunctionModel) -> bool:
 def is_test_code(facts: FileModel, function: FunctionModel) -> bool:
     """A unit test: a ``test_*`` function, or any function of a ``test_*.py`` / ``*_test.py``
     file. Its forwards compare outputs; they do not evaluate a model on data."""
+    return is_test_file(facts) or function.name.startswith("test_")
+
+
+def is_test_file(facts: FileModel) -> bool:
+    """``test_*.py``, ``*_test.py``, ``conftest.py``: a unit-test module."""
     name = facts.path.replace("\\", "/").rsplit("/", 1)[-1]
-    if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
-        return True
-    return function.name.startswith("test_")
+    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
 
 
 _RANDOM = frozenset(

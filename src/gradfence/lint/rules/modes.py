@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from gradfence.lint.analysis.context import (
     binding_before,
     call_sites,
+    class_trains,
     covers,
     differentiates,
     differentiates_between,
@@ -18,10 +19,12 @@ from gradfence.lint.analysis.context import (
     is_frozen,
     is_probe,
     is_test_code,
+    is_test_file,
     is_trained,
     loader_words,
     mode_at,
     result_differentiated,
+    sets_no_mode,
     unknown_decorator,
 )
 from gradfence.lint.analysis.effects import Event
@@ -554,6 +557,9 @@ def _find_evaluation_forwards(
     for function in model.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
+        if unknown_decorator(model, function):
+            continue  # a decorator the analysis cannot see through may set the mode
+        testing = is_test_code(model, function)
         named = is_eval_function(function)
         loops = any(loader_words(loop) for loop in function.loops)
         if not named and not loops and not function.calls:
@@ -567,7 +573,7 @@ def _find_evaluation_forwards(
         in_module_class = function.cls is not None and function.cls.is_module
         for call in function.calls:
             if _eval_region_loop(model, function, call):
-                confidence = HIGH
+                confidence = LOW if is_test_file(model) else HIGH
             elif trains and not _after_eval_batch(model, function, call):
                 continue  # the function trains and the call is not in an evaluation region
             elif trains:
@@ -576,7 +582,7 @@ def _find_evaluation_forwards(
                 here = evidence
                 if call.mode.no_graph and "gradients off" not in here:
                     here = [*here, "gradients off"]
-                if here and (named or len(here) > 1):
+                if here and (named or len(here) > 1) and not testing:
                     confidence = HIGH
                 elif named or here:
                     confidence = LOW  # a name or one piece of evidence alone: --preview
@@ -751,14 +757,21 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
         if _switched_before(function, target, here, to_eval=True):
             continue  # gradfence.inference(model)
-        if binding_before(model, function, target, here) in {"bound_call", "opaque"}:
-            continue  # loaded, traced, copied: its mode is set where the analysis cannot see
-        if _locally_loaded(model, function, target, here):
+        binding = binding_before(model, function, target, here)
+        if binding in {"bound_call", "opaque"}:
+            continue  # built by a factory, traced, copied: its mode is set out of sight
+        if binding == "loaded" and not (
+            sets_no_mode(model) and not model.analysis.summary.differentiates
+        ):
+            continue  # unpickled in the mode it was saved in, unless an inference script
+        if binding != "loaded" and _locally_loaded(model, function, target, here):
             continue
         if _loaded_by_caller(model, function, target):
             continue
-        if _set_up_elsewhere(model, function, target) or _injected(model, function, target):
+        if binding != "loaded" and _set_up_elsewhere(model, function, target):
             continue
+        if _injected(model, function, target) and not class_trains(model, function):
+            continue  # handed in, and this class never trains it: its mode is set outside
         if _helper_evaluates_before(model, function, here):
             continue
         yield (
