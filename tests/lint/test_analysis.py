@@ -218,3 +218,33 @@ def test_evaluation_helper_with_a_metric_in_a_file_without_backward() -> None:
     # a function that only runs the network in a file without backward: thin evidence
     plain = source.replace("eval_net", "run_net").replace("dice_coefficient", "compare")
     assert _gf304(plain, "eval.py") == []
+
+
+def test_declared_torch_requirement(tmp_path: Path) -> None:
+    from gradfence.lint.config import declared_torch
+
+    assert declared_torch(tmp_path) is None
+    (tmp_path / "requirements.txt").write_text("numpy\ntorchvision>=0.2\ntorch>=1.8.1\n")
+    assert declared_torch(tmp_path) == (1, 8)
+    (tmp_path / "setup.py").write_text('setup(install_requires=["torch==1.7.0", "tqdm"])\n')
+    assert declared_torch(tmp_path) == (1, 7)
+    (tmp_path / "requirements.txt").unlink()
+    (tmp_path / "setup.py").write_text('setup(install_requires=["torch<2.0"])\n')
+    assert declared_torch(tmp_path) == (1, 0)
+    (tmp_path / "setup.py").write_text('setup(install_requires=["torch>=2.2"])\n')
+    assert declared_torch(tmp_path) == (2, 2)
+
+
+def test_gf106_reads_the_declared_requirement(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("torch>=1.9\n", encoding="utf-8")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "asr.py").write_text(
+        "import torch\n\n\n@torch.no_grad\ndef transcribe(model, x):\n    return model(x)\n",
+        encoding="utf-8",
+    )
+    command = [sys.executable, "-m", "gradfence", "lint", "--no-cache", "asr.py"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert "GF106" in done.stdout, done.stdout + done.stderr
+    (tmp_path / "requirements.txt").write_text("torch>=2.1\n", encoding="utf-8")
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert "GF106" not in done.stdout

@@ -151,6 +151,10 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
     there (`grads = [p.grad for p in params]`) may carry a graph from before and are not
     flagged.
 
+    ## Evidence
+    A differentiation (`.backward()`, `torch.autograd.grad`) of a value assigned under
+    no_grad in the same function. Confidence: high.
+
     ## Why is this a problem?
     Under `no_grad` no operation is recorded, so a value computed there has no `grad_fn`
     and there is nothing to differentiate.
@@ -223,6 +227,10 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
     when `x` was last assigned inside a `no_grad` / `inference_mode` block of the same
     function and was not given `requires_grad` since. `outputs.loss.backward()` counts
     when `outputs` was computed in such a block.
+
+    ## Evidence
+    A value computed inside a no_grad block and differentiated after it. Confidence:
+    high.
 
     ## Why is this a problem?
     The value was computed without recording a graph. Leaving the block does not add one
@@ -308,6 +316,10 @@ def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
     (registered in `__init__`) and a value computed in the block reaches `forward`'s return
     value. Modules that freeze parameters on purpose (`requires_grad` appears in the class)
     are left alone.
+
+    ## Evidence
+    A parameter of the Module (`self.<name>` registered as `nn.Parameter` or a
+    submodule's parameter) read under no_grad in `forward`. Confidence: high.
 
     ## Why is this a problem?
     Everything computed in the block is cut from the graph. The loss still has a gradient
@@ -420,6 +432,10 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
     enabled (no enclosing `no_grad`, no `@torch.no_grad()`, and no caller in the file that
     calls it under `no_grad`). Updates through `p.data` are not flagged.
 
+    ## Evidence
+    An in-place update of a parameter from its `.grad` with grad mode on, where no
+    caller in the file runs the function under no_grad. Confidence: high.
+
     ## Why is this a problem?
     A parameter is a leaf tensor that requires grad. Autograd refuses to modify it in place
     while recording, because the modification itself would have to be differentiated.
@@ -501,6 +517,9 @@ def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
     Flags `w = w - lr * w.grad` (any assignment of an expression reading `w.grad` back to
     the name `w`) inside a `no_grad` / `inference_mode` scope. The fix rewrites
     `w = w - <expr>` / `w = w + <expr>` to the in-place `w -= <expr>` / `w += <expr>`.
+
+    ## Evidence
+    A rebinding `w = w - lr * w.grad` under no_grad. Confidence: high.
 
     ## Why is this a problem?
     Under `no_grad` the right-hand side is a *new* tensor with `requires_grad=False`, and

@@ -74,6 +74,11 @@ def grad_context_not_instantiated(model: FileModel) -> Iterator[Hit]:
     Flags `with torch.no_grad:`, `with torch.enable_grad:` and `with torch.inference_mode:`
     (any import alias) where the class is used as the context manager without being called.
 
+    ## Evidence
+    The `with` item resolves through the file's imports to `torch.no_grad`,
+    `torch.enable_grad` or `torch.inference_mode` (any alias or re-export) and is not
+    called. Confidence: high.
+
     ## Why is this a problem?
     `no_grad`, `enable_grad` and `inference_mode` are classes. The `with` statement needs
     an *instance* that has `__enter__`/`__exit__`; the class object has neither.
@@ -116,6 +121,10 @@ def discarded_grad_context(model: FileModel) -> Iterator[Hit]:
     ## What it does
     Flags `torch.no_grad()`, `torch.enable_grad()` and `torch.inference_mode()` written as
     a statement of their own, outside a `with` or decorator.
+
+    ## Evidence
+    An expression statement that is a call resolving to a grad-mode context. Confidence:
+    high.
 
     ## Why is this a problem?
     These objects change the grad mode only in `__enter__`, i.e. when a `with` statement
@@ -165,6 +174,13 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
     Flags `torch.set_grad_enabled(False)` (any alias) called as a statement rather than
     used in a `with`, when it runs at module level, in `__init__`, or in a function that
     never switches the mode back.
+
+    ## Evidence
+    A statement `set_grad_enabled(False)` (resolved through imports) not switched back
+    later in the function (or by a sibling method such as `__exit__`). Not evidence of a
+    bug: inside the entry point of a script that never differentiates (`main()` called
+    from `if __name__ == "__main__":`, or the guard itself). Under the `__main__` guard
+    of a script that does differentiate: low confidence (`--preview`).
 
     ## Why is this a problem?
     As a plain call, `set_grad_enabled(False)` turns gradient recording off for the rest
@@ -303,6 +319,10 @@ def grad_decorator_on_coroutine(model: FileModel) -> Iterator[Hit]:
     `@torch.set_grad_enabled(...)` (with or without parentheses) on an `async def`
     function, coroutine or async generator.
 
+    ## Evidence
+    A grad-mode decorator (resolved through imports) on an `async def`. Confidence:
+    high.
+
     ## Why is this a problem?
     The decorator wraps the *call* of the function. Calling an `async def` function only
     creates the coroutine object; the body runs later, when the coroutine is awaited, by
@@ -360,6 +380,10 @@ def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
     `torch.enable_grad()`, `torch.set_grad_enabled(...)` or `torch.inference_mode()` block
     of an `async def` function.
 
+    ## Evidence
+    An `await`, `async for` or `async with` lexically inside a grad-mode `with` block of
+    an `async def`. Confidence: high.
+
     ## Why is this a problem?
     Grad mode belongs to the thread, and every asyncio task of an event loop shares one
     thread. While the coroutine is suspended at the `await`, other tasks run with the mode
@@ -411,10 +435,16 @@ def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
 def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    When the configured target is older than torch 2.1 (`--target-torch 2.0`, or
-    `target-torch = "2.0"` in `[tool.gradfence]`), flags `@torch.no_grad`,
-    `@torch.enable_grad` and `@torch.inference_mode` used as decorators without
-    parentheses. Without a target version the rule is silent.
+    When the target is older than torch 2.1 (`--target-torch 2.0`, `target-torch = "2.0"`
+    in `[tool.gradfence]`, or else the lower bound of the torch requirement the project
+    declares in pyproject.toml, setup.py, setup.cfg or requirements*.txt), flags
+    `@torch.no_grad`, `@torch.enable_grad` and `@torch.inference_mode` used as decorators
+    without parentheses. Without a target version the rule is silent.
+
+    ## Evidence
+    A bare grad-mode decorator, and a target older than torch 2.1: `--target-torch`,
+    `[tool.gradfence] target-torch`, or the lower bound of the project's declared torch
+    requirement. Confidence: high.
 
     ## Why is this a problem?
     Before torch 2.1 the bare form passes the decorated function to the constructor, which
@@ -471,6 +501,11 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
     when called inside a `no_grad` / `inference_mode` scope. A worker that is a function of
     the file setting its own mode (a `no_grad`/`inference_mode` decorator, or a body that
     is one such `with` block) is not flagged.
+
+    ## Evidence
+    A thread/executor start (resolved through imports, or `submit`/`map` on an executor
+    created in the file) under no_grad/inference_mode, whose worker is not a function of
+    the file that sets its own mode. Confidence: high.
 
     ## Why is this a problem?
     Grad mode is thread-local. The other thread does not inherit the mode of the thread

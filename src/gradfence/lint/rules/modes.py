@@ -135,6 +135,9 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
     ## What it does
     Flags `model.eval` and `model.train` written as a statement without being called.
 
+    ## Evidence
+    An expression statement `x.eval` / `x.train` that is not called. Confidence: high.
+
     ## Why is this a problem?
     The statement evaluates the bound method and throws it away. The module's mode does not
     change.
@@ -179,13 +182,25 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
 def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags a call, inside a loop that also trains (`.backward()`, `optimizer.step()`), to a
-    function of the same file that switches a module to eval (`.eval()`, `.train(False)`)
-    without switching it back, when no `.train()` runs between that call and the next
-    training step. A direct `.eval()` in such a loop is flagged the same way. The call
-    graph is followed through functions and methods (`self.validate()`). A switch to eval
-    in one branch of an `if` whose other branch calls `.train()` (`if phase == "train":
-    model.train() else: model.eval()`) chooses the mode per iteration and is not flagged.
+    Flags an `.eval()` inside a loop that trains — directly, or as the effect of a helper
+    of the file or of another module of the project (`validate(model)`,
+    `self.validate()`, `from .utils import evaluate`) — when the next iteration trains the
+    same module again before anything switches it (or an ancestor) back to `.train()`. A
+    switch to eval in one branch of an `if` whose other branch calls `.train()` (`if phase
+    == "train": model.train() else: model.eval()`) chooses the mode per iteration and is
+    not flagged.
+
+    ## Evidence
+    From the analysis core: in a loop whose body differentiates (itself or through a
+    callee), an `.eval()` of a module — directly or as the effect of a helper in this
+    file or another module of the project — that the next iteration reaches before any
+    `.train()` of that module or an ancestor (or through
+    `DataParallel`/`.module`/`.to()`, the same module). The module must be trained: its
+    parameters reach an optimiser, or, when no optimiser is visible, its output reaches
+    the differentiated loss. Not evidence: `.train()` on another module; an EMA copy or
+    frozen backbone that is never optimised; an `.eval()` followed by a backward in the
+    same iteration (a linear probe training in eval on purpose); a helper that sets
+    `.train()` on entry. Confidence: high.
 
     ## Why is this a problem?
     `eval()` is a persistent flag on every submodule, not a scope. After the periodic
@@ -613,6 +628,12 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     at the end, and functions that talk about dropout sampling (MC dropout) or compute
     gradients on purpose, are not flagged.
 
+    ## Evidence
+    `.train()` of a module under no_grad/inference_mode or in a function named like an
+    evaluation, followed by a forward of that module in the same function; no MC-dropout
+    wording, no differentiation in the function, no recalibration (`update_bn`).
+    Confidence: high.
+
     ## Why is this a problem?
     `no_grad` controls gradient recording; it does not change what the layers compute. In
     train mode, dropout drops activations and BatchNorm normalises with the batch
@@ -702,16 +723,29 @@ def _recalibrates(function: FunctionModel) -> bool:
 def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags the first forward call of a module in an evaluation context — a function named
-    like `validate`/`evaluate`/`test`/`predict`/`infer`, or a loop over a validation/test
-    loader — when no `.eval()` (or `.train(False)`, or `gradfence.inference(model)`) is
-    applied to that module earlier in the function or in a caller of it in the same file.
-    Not flagged: Lightning hooks (`validation_step`, `test_step`, `predict_step`),
-    functions that compute gradients on purpose, MC-dropout code, models returned by a
-    loader function (here or in a caller that passes the model in), loss modules
-    (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls that take a module as argument
-    (`reparameterize_model(model)`). A model built from a class and then given weights
-    (`model = Net(); model.load_state_dict(...)`) is in train mode, and is flagged.
+    Flags the first forward of a module where the evidence says the code evaluates (see
+    Evidence) when nothing switched that module to eval first: no `.eval()`,
+    `.train(False)` or `gradfence.inference(model)` earlier in the function, in a helper
+    it calls, or in a caller in the file. A module whose mode is set where the analysis
+    cannot see (loaded by a factory, traced, injected, decorated) is not flagged. A model
+    built from a class and then given weights (`model = Net(); model.load_state_dict(...)`)
+    is in train mode, and is flagged.
+
+    ## Evidence
+    From the analysis core, evidence that the forward evaluates: a loop over
+    validation/test data whose body differentiates nothing (high on its own); a batch
+    pulled with `next(iter(test_loader))` with nothing differentiated before the
+    forward; a metric computed on outputs (argmax/topk, accuracy, dice, WER...);
+    gradients off (`no_grad`, `inference_mode`, grad-off decorator); a file that never
+    differentiates. Two pieces, or one plus an evaluation name, give high confidence;
+    one piece or a name alone gives low confidence (`--preview`). The module's mode must
+    be known: silent when it was built by a factory the analysis cannot see into,
+    traced/scripted/copied, handed to `__init__` of a class that never trains it, set up
+    in another method, given by a caller that loaded it, wrapped by a decorator the
+    analysis cannot see through, or a framework hook (Lightning `validation_step`,
+    fairseq `valid_step`...). `torch.load` counts only in a file that never
+    differentiates and never sets a mode. A `.train()` before the forward is on purpose
+    unless a training part (differentiation) lies between them.
 
     ## Why is this a problem?
     Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
@@ -822,11 +856,20 @@ def _injected(model: FileModel, function: FunctionModel, target: str) -> bool:
 def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags the first forward call of a module after its `.eval()` in an evaluation function
-    or loop when the call is outside any `no_grad` / `inference_mode` scope, nothing in the
-    function differentiates (`backward`, `torch.autograd.grad`, `requires_grad`), and no
-    caller in the file runs the function under `no_grad` or differentiates itself (an
-    attack calling `predict(model, x)`). Lightning hooks are not flagged.
+    Flags a forward of a module with gradients on in the region after its `.eval()` (up to
+    its next `.train()`) where nothing is differentiated — in the function, or in a helper
+    that received the module (`model.eval(); run(model, loader)`). A function that trains
+    first and evaluates after is judged by the region after `.eval()`, not as a whole.
+
+    ## Evidence
+    From the analysis core: a forward with gradients on (directly, or in a callee that
+    received the module) in the region after `.eval()` of that module up to its next
+    `.train()`, where nothing is differentiated (the region, not the whole function).
+    Reported once, where the `.eval()` and the forward meet. Silent when the function's
+    callers run it under no_grad or differentiate what it returns (an attack), after
+    `torch.no_grad().__enter__()`, when the module's parameters are all frozen, on
+    made-up input (`torch.randn(...)`: a smoke test), in unit tests, under a decorator
+    the analysis cannot see through, and in framework hooks. Confidence: high.
 
     ## Why is this a problem?
     `eval()` changes what dropout and BatchNorm compute; it does not turn off gradient
@@ -933,6 +976,14 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
     `F.scaled_dot_product_attention(..., dropout_p=p)` where `p` is not zero and does not
     depend on `self.training`. Calls under `if self.training:` are not flagged. The fix
     adds `training=self.training` to the dropout call.
+
+    ## Evidence
+    A call resolving to `torch.nn.functional.dropout` (and variants) in a method of an
+    `nn.Module` without `training=`, not under `if self.training:`. Intent: a comment
+    near the call or in the function saying dropout always applies ("always", "at
+    inference", "MC dropout") silences it; a probability that is an argument of a method
+    other than `forward` (a sampling method, where the caller chooses) makes it low
+    confidence with an unsafe fix.
 
     ## Why is this a problem?
     Functional dropout has no module flag to consult: `F.dropout(x, p)` defaults to
@@ -1084,6 +1135,13 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
     (`nn.Linear(...)`, `nn.Dropout()`, modules defined in the file) assigned to `self.x`,
     including list and dict comprehensions. The fix wraps a list or tuple in
     `nn.ModuleList(...)` and a dict with string keys in `nn.ModuleDict(...)`.
+
+    ## Evidence
+    In `__init__` of an `nn.Module`, `self.x` bound to a list/tuple/dict whose elements
+    are all module constructions (`torch.nn` classes or Module classes of the file), or
+    `self.x = []` followed by `self.x.append(<module>)`. Not evidence: a later
+    assignment rebinding `self.x` from itself (`nn.Sequential(*self.x)`), or
+    `add_module`/`register_module` in `__init__`. Confidence: high.
 
     ## Why is this a problem?
     `nn.Module` registers a submodule only when the attribute value *is* a module.
@@ -1237,6 +1295,11 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
     file, iterated from `.modules()`/`.children()`, used through Module methods, or named
     like one: `model`, `encoder`, `backbone`...), and the typo `x.require_grad = ...` on
     anything. The fix rewrites the statement to `m.requires_grad_(...)`.
+
+    ## Evidence
+    `x.requires_grad = ...` where `x` is shown to be a module (built from `torch.nn`,
+    iterated from `.modules()`, used through Module methods) or named like one; any
+    `x.require_grad = ...`. Confidence: high.
 
     ## Why is this a problem?
     `requires_grad` is a property of tensors. On a module it is just a new Python attribute:

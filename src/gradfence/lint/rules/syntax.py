@@ -17,6 +17,9 @@ def syntax_error(model: FileModel) -> Iterator[Hit]:
     Reports a file that Python's parser rejects, with the parser's own message, at the
     position the parser gives.
 
+    ## Evidence
+    The parser's error. Confidence: high.
+
     ## Why is this a problem?
     A file that does not parse cannot be checked by any other rule, so its grad-mode bugs
     would go unreported. The linter says so instead of skipping the file silently, and it

@@ -107,6 +107,13 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
     name itself, the fix adds `.detach()`.
 
+    ## Evidence
+    In a loop that differentiates a value, that value (or one computed from it)
+    accumulated without `.item()`/`.detach()`/`float()`: augmented or self-referencing
+    assignment, or a collector call (`append`, `update`, `add`...). The `.detach()` fix
+    is safe only on the differentiated tensor itself; on a derived value it is unsafe.
+    Confidence: high.
+
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
     the forward pass. Adding it to a running total (or keeping it in a list) links each
@@ -328,6 +335,9 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
     method decorated with `@torch.inference_mode()`, of an `nn.Module`. Constants, sizes,
     `.item()` values and other plain Python values are not flagged.
 
+    ## Evidence
+    A tensor assigned to `self.<x>` inside an inference_mode block. Confidence: high.
+
     ## Why is this a problem?
     Every tensor created under inference mode is an *inference tensor*. Cached on the
     module, it outlives the block: the next training step that uses the cache fails.
@@ -415,6 +425,10 @@ def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
     Flags an in-place modification — `x /= n`, `x.add_(...)`, `x[i] = v` — of a name that
     was bound to a tensor inside a `with torch.inference_mode():` block, when it happens
     after the block and the name was not rebound in between.
+
+    ## Evidence
+    An in-place operation, after an inference_mode block, on a name assigned inside it.
+    Confidence: high.
 
     ## Why is this a problem?
     Values computed inside the block are inference tensors, and inference tensors may only
