@@ -552,7 +552,7 @@ class Walker:
         if (
             self.full
             or node.name == "__init__"
-            or _any_between(self.model.hot_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.hot_lines, node.lineno, node.end_lineno)
         ):
             self.block(node.body)
         # else: no word any rule looks for, and no context that needs every call: skip it
@@ -641,7 +641,7 @@ class Walker:
         # training loops and evaluation loops need every call (losses, forwards, helpers)
         self.full = (
             self.full
-            or _any_between(self.model.training_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.training_lines, node.lineno, node.end_lineno)
             or is_eval_loader(loop.words)
         )
         self.block(node.body)
@@ -663,7 +663,7 @@ class Walker:
         if self.full:
             return True
         start = getattr(node, "lineno", 0)
-        return _any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
+        return any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
 
     def expr(self, node: ast.expr) -> None:
         if not self.full and not self.is_hot(node):
@@ -690,7 +690,7 @@ class Walker:
                 function.awaits.append(sub)
             elif kind is ast.Name or kind is ast.Constant:
                 continue
-            for field in _child_fields(kind):
+            for field in child_fields(kind):
                 value = getattr(sub, field, None)
                 if value is None:
                     continue
@@ -704,7 +704,7 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 _LEAF_FIELDS = frozenset({"ctx", "id", "attr", "arg", "kind", "type_comment", "is_async"})
 
 
-def _child_fields(kind: type) -> tuple[str, ...]:
+def child_fields(kind: type) -> tuple[str, ...]:
     """Fields of an AST node type that may hold child nodes."""
     fields = _FIELDS.get(kind)
     if fields is None:
@@ -713,7 +713,7 @@ def _child_fields(kind: type) -> tuple[str, ...]:
     return fields
 
 
-def _any_between(lines: list[int], start: int, end: int | None) -> bool:
+def any_between(lines: list[int], start: int, end: int | None) -> bool:
     """Whether the sorted ``lines`` hold a number in ``[start, end]``."""
     index = bisect.bisect_left(lines, start)
     return index < len(lines) and lines[index] <= (end if end is not None else start)

@@ -135,7 +135,13 @@ def eval_batches(facts: FileModel, function: FunctionModel) -> list[Pos]:
     """Where ``next(iter(val_loader))`` pulls a batch from evaluation data in the function."""
     found: list[Pos] = []
     node = function.node
-    for sub in ast.walk(node) if not isinstance(node, ast.Module) else ():
+    if "iter(" not in facts.source or isinstance(node, ast.Module):
+        return found
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", start) or start
+    if not any("next(" in line for line in facts.lines[start - 1 : end]):
+        return found
+    for sub in ast.walk(node):
         if (
             isinstance(sub, ast.Call)
             and isinstance(sub.func, ast.Name)

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from gradfence.lint.imports import ImportMap, dotted
+from gradfence.lint.model import child_fields
 from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
 
 # methods that return the module they are called on
@@ -192,7 +194,7 @@ def module_imports(tree: ast.Module, package: str | None) -> tuple[ImportMap, di
     that also resolves relative imports against ``package`` (``from .utils import f``)."""
     imports = ImportMap()
     bound: dict[str, str] = {}
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             imports.add(node)
             for alias in node.names:
@@ -211,6 +213,19 @@ def module_imports(tree: ast.Module, package: str | None) -> tuple[ImportMap, di
                     local = alias.asname or alias.name
                     bound[local] = f"{base}.{alias.name}" if base else alias.name
     return imports, bound
+
+
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Every statement, nested blocks included, without descending into expressions (an
+    import can only be a statement: this is much cheaper than ``ast.walk``)."""
+    stack = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, name, None)
+            if block:
+                stack.extend(reversed(block))
 
 
 def _absolute(node: ast.ImportFrom, package: str | None) -> str | None:
@@ -444,13 +459,22 @@ class _Binder:
 
     def expr(self, node: ast.expr) -> None:
         stack: list[ast.AST] = [node]
+        pop, push, extend = stack.pop, stack.append, stack.extend
         while stack:
-            sub = stack.pop()
-            if isinstance(sub, ast.Lambda | ast.Constant | ast.Name):
+            sub = pop()
+            kind = type(sub)
+            if kind is ast.Name or kind is ast.Constant or kind is ast.Lambda:
                 continue
-            if isinstance(sub, ast.Call):
-                self.call(sub)
-            stack.extend(ast.iter_child_nodes(sub))
+            if kind is ast.Call:
+                self.call(sub)  # type: ignore[arg-type]
+            for name in child_fields(kind):
+                value = getattr(sub, name, None)
+                if value is None:
+                    continue
+                if type(value) is list:
+                    extend(v for v in value if isinstance(v, ast.AST))
+                elif isinstance(value, ast.AST):
+                    push(value)
 
     def call(self, node: ast.Call) -> None:
         func = node.func

@@ -39,6 +39,7 @@ from gradfence.lint.model import (
     mentions_training,
     pos,
 )
+from gradfence.lint.model import any_between
 from gradfence.lint.names import tokens
 from gradfence.lint.rules.evidence import (
     callers,
@@ -242,8 +243,11 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
     """
     for function in model.functions:
-        if not function.loops:
-            continue
+        if not any(
+            any_between(model.training_lines, loop.node.lineno, loop.node.end_lineno)
+            for loop in function.loops
+        ):
+            continue  # no loop that may train (cheap, before any analysis)
         items = events(model, function)
         if not any(kind == "diff" for _, _, kind, _ in items):
             continue
@@ -577,9 +581,19 @@ def _find_evaluation_forwards(
         testing = is_test_code(model, function)
         named = is_eval_function(function)
         loops = any(loader_words(loop) for loop in function.loops)
-        if not named and not loops and not function.calls:
-            continue
-        trains = differentiates(model, function)
+        if not function.calls or not (
+            named
+            or loops
+            or function.entry_mode.no_graph
+            or any(call.mode.no_graph for call in function.calls)
+            or eval_batches(model, function)
+        ):
+            continue  # no evidence to weigh (cheap, before any analysis)
+        node = function.node
+        start = getattr(node, "lineno", 1)
+        trains = any_between(
+            model.training_lines, start, getattr(node, "end_lineno", None) or start
+        ) and differentiates(model, function)
         grad_off_function = function.entry_mode.no_graph
         evidence = eval_evidence(model, function, None, grad_off_function)
         seen: set[str] = set()
@@ -784,13 +798,13 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
         if skip[key]:
             continue
         here = pos(call.node)
+        if _switched_before(function, target, here, to_eval=True):
+            continue  # .eval() or gradfence.inference(model) (cheap, before any analysis)
         mode = mode_at(model, function, target, here)
         if mode in {"eval", "restore"}:
             continue
         if mode == "train" and not _trained_since_train(model, function, target, here):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
-        if _switched_before(function, target, here, to_eval=True):
-            continue  # gradfence.inference(model)
         binding = binding_before(model, function, target, here)
         if binding in {"bound_call", "opaque"}:
             continue  # built by a factory, traced, copied: its mode is set out of sight
@@ -905,6 +919,8 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
             continue
         if unknown_decorator(model, function) or is_test_code(model, function):
             continue
+        if not any(is_eval_call(call) for call in function.calls):
+            continue  # no .eval() here (cheap, before any analysis)
         items = events(model, function)
         if not any(kind == "eval" for _, _, kind, _ in items):
             continue
