@@ -28,8 +28,8 @@ summaries of other files later (:mod:`gradfence.lint.analysis.effects`).
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from gradfence.lint.imports import ImportMap, dotted

@@ -35,11 +35,11 @@ from gradfence.lint.model import (
     FileModel,
     FunctionModel,
     Pos,
+    any_between,
     end_pos,
     mentions_training,
     pos,
 )
-from gradfence.lint.model import any_between
 from gradfence.lint.names import tokens
 from gradfence.lint.rules.evidence import (
     callers,
