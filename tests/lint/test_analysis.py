@@ -178,8 +178,14 @@ def test_inference_script_that_never_differentiates() -> None:
         with torch.no_grad():
             for batch in loader:
                 model(batch)
+
+
+    if __name__ == "__main__":
+        main(CONFIG, LOADER, "cpu")
     """
     assert _gf304(source) == [12]
+    library = source.split("\n\n\n    if __name__")[0] + "\n"  # a library: defines main()
+    assert _gf304(library) == []
     # the file calls .eval() on it: fine
     evaluated = source.replace("model = model.to(device)", "model = model.to(device).eval()")
     assert _gf304(evaluated) == []

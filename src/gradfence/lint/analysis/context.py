@@ -104,7 +104,14 @@ def is_trained(facts: FileModel, function: FunctionModel, target: str) -> bool:
             related(last, o) for o in optimised
         )
     items = events(facts, function)
-    forwarded = any(k == "forward" and related(s, target) for _, _, k, s in items)
+    if any(k == "frozen" and covers(s, target) for _, _, k, s in items):
+        return False
+    own = facts.analysis.function(function.qualname)
+    # run by this function itself with gradients on (not only inside a helper, which may
+    # evaluate it), and something is differentiated
+    forwarded = own is not None and any(
+        k == "forward" and related(s, target) for _, _, k, s in own.events
+    )
     return forwarded and any(k == "diff" for _, _, k, _ in items)
 
 
@@ -197,11 +204,28 @@ def eval_evidence(
         reasons.append("metric computed")
     if grad_off:
         reasons.append("gradients off")
-    if not facts.analysis.summary.differentiates and (
-        function is facts.module or function.parent is facts.module
+    if (
+        not facts.analysis.summary.differentiates
+        and (function is facts.module or function.parent is facts.module)
+        and is_script(facts)
     ):
-        reasons.append("file never differentiates")
+        reasons.append("script never differentiates")
     return reasons
+
+
+def is_script(facts: FileModel) -> bool:
+    """A file meant to be run: an ``if __name__ == "__main__":`` block, or a loop or a
+    ``with`` block at module level (a library module only defines things)."""
+    return any(
+        isinstance(node, ast.For | ast.While | ast.With)
+        or (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__"
+        )
+        for node in facts.tree.body
+    )
 
 
 def sets_no_mode(facts: FileModel) -> bool:

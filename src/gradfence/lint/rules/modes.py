@@ -365,8 +365,10 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         )
     ):
         return None
-    if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
-        return None  # a function of this file, not a module
+    if isinstance(call.node.func, ast.Name) and (
+        model.functions_named(callee) or callee in model.imports.aliases
+    ):
+        return None  # a function of this file or an imported one, not a module
     if _is_criterion(model, call.function, callee):
         return None  # a loss module: no mode-dependent layers
     for arg in call.node.args:
@@ -431,9 +433,8 @@ def _caller_evaluates(model: FileModel, function: FunctionModel, depth: int = 2)
     """Some caller in the file (or its caller) switches a module to eval before the call."""
     if depth == 0 or function.name.startswith("<"):
         return False
-    for site in callers(model, function):
-        caller = site.function
-        if any(is_eval_call(c) and pos(c.node) < pos(site.node) for c in caller.calls):
+    for caller, line, col, _ in call_sites(model, function):
+        if any(is_eval_call(c) and pos(c.node) < (line, col) for c in caller.calls):
             return True
         if any(c.qual == "gradfence.inference" for c in caller.calls):
             return True
@@ -1219,7 +1220,8 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
                 continue
             if not all(is_module_ctor(model, e) for e in elements):
                 continue
-            fix = None
+            if all(_stateless(model, e) for e in elements):
+                continue  # nothing to register: no parameters, buffers or mode
             local = model.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
             if local is not None:
                 source = text.segment(value)
@@ -1232,6 +1234,30 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
                 "`.eval()`, `.to()` and `.parameters()` skip them",
                 fix,
             )
+
+
+_STATE_WORDS = ("Parameter", "register_buffer", "training", "nn.", "torch.nn")
+
+
+def _stateless(model: FileModel, element: ast.expr) -> bool:
+    """A Module class of this file that holds no parameters, buffers or submodules and
+    never reads ``self.training``: registering it changes nothing."""
+    if not isinstance(element, ast.Call) or not isinstance(element.func, ast.Name):
+        return False
+    cls = model.classes.get(element.func.id)
+    if cls is None:
+        return False
+    node = cls.node
+    start, end = node.lineno, node.end_lineno or node.lineno
+    body = "\n".join(line.partition("#")[0] for line in model.lines[start:end])
+    if any(word in body for word in _STATE_WORDS):
+        return False
+    init = cls.methods.get("__init__")
+    return init is None or not any(
+        name.startswith("self.") and assign.value is not None and isinstance(assign.value, ast.Call)
+        for assign in init.assigns
+        for name in assign.target_names()
+    )
 
 
 def _rebound_later(init: FunctionModel, target: str, node: ast.Assign) -> bool:
