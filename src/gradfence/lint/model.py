@@ -360,6 +360,7 @@ class FileModel:
         self.bare_with_items: list[tuple[ast.expr, FunctionModel]] = []
         self.hot_lines, self.training_lines = line_numbers(source)
         self.by_name: dict[str, list[FunctionModel]] = {}
+        self._qualnames: set[str] = set()
         self._text: SourceText | None = None
         self.project = project
         self._analysis: Analysis | None = None
@@ -427,6 +428,9 @@ class FileModel:
         """Register a function, method or pseudo-function."""
         self.functions.append(function)
         self.by_name.setdefault(function.name, []).append(function)
+        if function.qualname in self._qualnames:  # a redefinition, named as summaries do
+            function.qualname = f"{function.qualname}@{getattr(function.node, 'lineno', 0)}"
+        self._qualnames.add(function.qualname)
 
 
 class Walker:

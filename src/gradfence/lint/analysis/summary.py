@@ -684,7 +684,9 @@ def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
         binder = _Binder(summary, imports, local, in_class)
         binder.block(body)
         summary.events.sort(key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
-        functions.setdefault(name, summary)
+        if name in functions:  # a redefinition: its own key, as the file model names it
+            summary.name = name = f"{name}@{getattr(node, 'lineno', 0)}"
+        functions[name] = summary
         differentiates = differentiates or any(e[2] == "diff" for e in summary.events)
 
     def walk(body: list[ast.stmt], prefix: str, in_class: bool) -> None:

@@ -452,6 +452,13 @@ def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limi
     for assign in function.assigns:
         if pos(assign.node) < limit and target in assign.target_names():
             value = assign.value
+            while (
+                isinstance(value, ast.Call)
+                and isinstance(value.func, ast.Attribute)
+                and value.func.attr in _RETURNS_SELF
+                and isinstance(value.func.value, ast.Call)
+            ):
+                value = value.func.value  # ``Net(...).to(device)`` is what ``Net(...)`` is
             if not isinstance(value, ast.Call) or is_module_ctor(model, value):
                 return False
             return not (
@@ -592,12 +599,14 @@ def _find_evaluation_forwards(
             continue  # no evidence to weigh (cheap, before any analysis)
         node = function.node
         start = getattr(node, "lineno", 1)
-        trains = any_between(
-            model.training_lines, start, getattr(node, "end_lineno", None) or start
-        ) and differentiates(model, function)
+        end = len(model.lines) if isinstance(node, ast.Module) else node.end_lineno
+        trains = any_between(model.training_lines, start, end or start) and differentiates(
+            model, function
+        )
         grad_off_function = function.entry_mode.no_graph
         evidence = eval_evidence(model, function, None, grad_off_function)
         seen: set[str] = set()
+        weak: dict[str, CallEvent] = {}
         modules: set[str] | None = None
         # a method of a Module: its submodules run in the caller's mode
         in_module_class = function.cls is not None and function.cls.is_module
@@ -625,8 +634,14 @@ def _find_evaluation_forwards(
                 continue
             if in_module_class and target.startswith("self."):
                 continue
-            seen.add(target)
-            yield function, call, target, confidence
+            if confidence == HIGH:
+                seen.add(target)
+                yield function, call, target, confidence
+            else:
+                weak.setdefault(target, call)  # reported only if no stronger evidence follows
+        for target, call in weak.items():
+            if target not in seen:
+                yield function, call, target, LOW
 
 
 @rule(
@@ -813,11 +828,11 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
             sets_no_mode(model) and not model.analysis.summary.differentiates
         ):
             continue  # unpickled in the mode it was saved in, unless an inference script
-        if binding != "loaded" and _locally_loaded(model, function, target, here):
-            continue
+        if binding is None and _locally_loaded(model, function, target, here):
+            continue  # (a class called: built in train mode; judged by the analysis)
         if _loaded_by_caller(model, function, target):
             continue
-        if binding != "loaded" and _set_up_elsewhere(model, function, target):
+        if binding is None and _set_up_elsewhere(model, function, target):
             continue
         if _injected(model, function, target) and not class_trains(model, function):
             continue  # handed in, and this class never trains it: its mode is set outside
