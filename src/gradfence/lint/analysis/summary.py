@@ -268,6 +268,7 @@ class _Binder:
         self.local_functions = local_functions
         self.in_class = in_class
         self.aliases: dict[str, str] = {}
+        self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
         self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
 
     # -- identity -----------------------------------------------------------------------
@@ -366,6 +367,7 @@ class _Binder:
             if node.value is not None and not isinstance(node, ast.AugAssign):
                 for target in targets:
                     self.bind(target, node.value, node)
+                    self._volatile(target, node.value)
             return
         if isinstance(node, ast.For | ast.AsyncFor):
             self.expr(node.iter)
@@ -386,6 +388,27 @@ class _Binder:
             self.block(handler.body)
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
+
+    def _volatile(self, target: ast.expr, value: ast.expr) -> None:
+        """``x = Variable(x, volatile=True)`` (torch < 0.4): what runs on ``x`` records no
+        graph, as under ``no_grad``."""
+        if isinstance(target, ast.Tuple | ast.List) and isinstance(value, ast.Tuple | ast.List):
+            for inner, item in zip(target.elts, value.elts, strict=False):
+                self._volatile(inner, item)
+            return
+        if not isinstance(target, ast.Name):
+            return
+        if (
+            isinstance(value, ast.Call)
+            and (dotted(value.func) or "").rsplit(".", 1)[-1] == "Variable"
+            and any(
+                k.arg == "volatile" and isinstance(k.value, ast.Constant) and k.value.value
+                for k in value.keywords
+            )
+        ):
+            self.volatile.add(target.id)
+        else:
+            self.volatile.discard(target.id)
 
     def _freezes(self, node: ast.For | ast.AsyncFor) -> None:
         """``for p in model.parameters(): p.requires_grad = False``: ``model`` is frozen."""
@@ -479,6 +502,10 @@ class _Binder:
     def call(self, node: ast.Call) -> None:
         func = node.func
         off = self.grad.no_graph or self.grad is GradState.UNKNOWN
+        if self.volatile and any(
+            isinstance(a, ast.Name) and a.id in self.volatile for a in node.args
+        ):
+            off = True  # run on a volatile Variable: no graph (torch < 0.4)
         attr = func.attr if isinstance(func, ast.Attribute) else None
         if attr is not None:
             assert isinstance(func, ast.Attribute)

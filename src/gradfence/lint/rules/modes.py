@@ -252,6 +252,8 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
         if not any(kind == "diff" for _, _, kind, _ in items):
             continue
         reported: set[Pos] = set()
+        own = model.analysis.function(function.qualname)
+        own_evals = {(e[0], e[1]) for e in (own.events if own else ()) if e[2] == "eval"}
         for loop in function.loops:
             start, stop = pos(loop.node), end_pos(loop.node)
             inside = [e for e in items if start <= (e[0], e[1]) <= stop]
@@ -264,9 +266,16 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                 if not is_trained(model, function, target):
                     continue  # an EMA copy, a frozen backbone: eval on purpose
                 same_iteration = _next_mode_or_step(inside[index + 1 :], target)
-                if same_iteration is not None:
-                    continue  # trained (in eval, on purpose) or switched back before the loop ends
-                if _next_mode_or_step(inside[:index], target) != "diff":
+                if same_iteration == "diff":
+                    # trained in eval in the same iteration: on purpose after a direct
+                    # .eval() or inside a helper that trains (a linear probe's frozen
+                    # BatchNorm); the bug after a helper that only evaluates
+                    helper_trains = any(k == "diff" and (ln, cl) == here for ln, cl, k, _ in inside)
+                    if here in own_evals or helper_trains:
+                        continue
+                elif same_iteration is not None:
+                    continue  # switched back before the loop ends
+                elif _next_mode_or_step(inside[:index], target) != "diff":
                     continue
                 call = call_at(function, here)
                 if call is None or _mode_chosen_by_branch(function, call):
