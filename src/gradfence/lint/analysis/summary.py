@@ -733,4 +733,17 @@ def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
 
     visit(tree, "<module>", False)
     walk(tree.body, "", False)
+    for name, summary in functions.items():
+        # ``self.helper(x)`` calls a method of the class: not a forward of a submodule
+        cls = name.rpartition(".")[0]
+        if cls in bases:
+            summary.events = [
+                e
+                for e in summary.events
+                if not (
+                    e[2] in {"forward", "forward_off"}
+                    and e[3].startswith("self.")
+                    and f"{cls}.{e[3][5:]}" in functions
+                )
+            ]
     return ModuleSummary(functions, bound, bases, differentiates)

@@ -577,6 +577,22 @@ def _eval_region_loop(model: FileModel, function: FunctionModel, call: CallEvent
     return False
 
 
+def _helper_forwards(model: FileModel, function: FunctionModel) -> dict[Pos, str]:
+    """Calls of the function that run a ``self`` module through a method of the class."""
+    callees = {pos(c.node): c.callee for c in function.calls}
+    found: dict[Pos, str] = {}
+    for line, col, kind, subject in events(model, function):
+        if (
+            kind in {"forward", "forward_off"}
+            and subject.startswith("self.")
+            and subject.count(".") == 1
+            and callees.get((line, col), subject) != subject
+            and not _is_criterion(model, function, subject)
+        ):
+            found.setdefault((line, col), subject)
+    return found
+
+
 def _after_eval_batch(model: FileModel, function: FunctionModel, call: CallEvent) -> bool:
     """A batch pulled from evaluation data (``next(iter(test_loader))``) before the call,
     with nothing differentiated in between."""
@@ -616,6 +632,7 @@ def _find_evaluation_forwards(
         evidence = eval_evidence(model, function, None, grad_off_function)
         seen: set[str] = set()
         weak: dict[str, CallEvent] = {}
+        via_helpers: dict[Pos, str] | None = None
         modules: set[str] | None = None
         # a method of a Module: its submodules run in the caller's mode
         in_module_class = function.cls is not None and function.cls.is_module
@@ -639,6 +656,11 @@ def _find_evaluation_forwards(
             if modules is None:
                 modules = module_names(model, function)
             target = _forward_target(model, call, modules)
+            if target is None and call.attr is not None and call.receiver in {"self", "cls"}:
+                # ``self._forward_pass(x)``: a helper that runs the module
+                if via_helpers is None:
+                    via_helpers = _helper_forwards(model, function)
+                target = via_helpers.get(pos(call.node))
             if target is None or target in seen:
                 continue
             if in_module_class and target.startswith("self."):
