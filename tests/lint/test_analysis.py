@@ -74,8 +74,8 @@ def test_import_of_the_module_resolves_too(tmp_path: Path) -> None:
 def test_cache_holds_summaries_by_content(tmp_path: Path) -> None:
     settings = _project(tmp_path)
     lint_file(str(tmp_path / "pkg" / "train.py"), settings)
-    cached = list((tmp_path / ".gradfence_cache").rglob("*.json"))
-    assert len(cached) == 2  # train.py and the utils.py it imports
+    cached = list((tmp_path / ".gradfence_cache" / "summaries").rglob("*.json"))
+    assert len(cached) == 1  # the utils.py it imports (train.py is summarised on demand)
     assert all(json.loads(p.read_text())["functions"] for p in cached)
     # a helper that restores train mode: the changed file is re-summarised
     (tmp_path / "pkg" / "utils.py").write_text(
@@ -90,7 +90,7 @@ def test_cache_holds_summaries_by_content(tmp_path: Path) -> None:
         text=True,
     )
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-    assert len(list((tmp_path / ".gradfence_cache").rglob("*.json"))) == 3
+    assert len(list((tmp_path / ".gradfence_cache" / "summaries").rglob("*.json"))) == 2
 
 
 def test_no_cache_writes_nothing(tmp_path: Path) -> None:
@@ -254,3 +254,24 @@ def test_gf106_reads_the_declared_requirement(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("torch>=2.1\n", encoding="utf-8")
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert "GF106" not in done.stdout
+
+
+def test_results_are_reused_until_a_dependency_changes(tmp_path: Path) -> None:
+    settings = _project(tmp_path)
+    train = str(tmp_path / "pkg" / "train.py")
+    first = lint_file(train, settings)
+    assert [d.code for d in first.diagnostics] == ["GF302"]
+    results = list((tmp_path / ".gradfence_cache" / "results").rglob("*.json"))
+    assert len(results) == 1
+    # a cached entry is what the next run returns, without analysing again
+    entry = json.loads(results[0].read_text())
+    assert "pkg.utils" in entry["deps"]
+    assert [d.code for d in lint_file(train, settings).diagnostics] == ["GF302"]
+    # the helper now restores train mode: train.py's cached result must not be used
+    fixed = UTILS.replace("return [model(x) for x in loader]", "out = [model(x) for x in loader]")
+    (tmp_path / "pkg" / "utils.py").write_text(
+        fixed + "    model.train()\n    return out\n", encoding="utf-8"
+    )
+    command = [sys.executable, "-m", "gradfence", "lint", "--select", "GF302", "pkg/train.py"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -175,12 +175,32 @@ def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileR
     except OSError as exc:
         return FileResult(path, [], f"cannot read {path}: {exc.strerror or exc}")
     try:
-        diagnostics = check_source(source, path, settings)
+        diagnostics = _check_cached(source, path, settings)
     except RecursionError:
         return FileResult(path, [], f"internal error on {path}: nesting too deep to analyse")
     except Exception as exc:  # the contract: one line per file, never a traceback
         return FileResult(path, [], f"internal error on {path}: {type(exc).__name__}: {exc}")
     return FileResult(path, diagnostics, None, source if keep_source else None)
+
+
+def _check_cached(source: str, path: str, settings: Settings) -> list[Diagnostic]:
+    """``check_source``, through the project's result cache when there is one."""
+    config = settings.project
+    if config is None or config.cache_dir is None or "torch" not in source:
+        return check_source(source, path, settings)
+    from gradfence.lint.analysis.project import project_for
+    from gradfence.lint.analysis.results import ResultCache
+
+    project = project_for(config)
+    cache = ResultCache(project, config.cache_dir)
+    key = cache.key(source, path, repr(settings))
+    found = cache.get(key, path)
+    if found is not None:
+        return found
+    project.touched = {}
+    diagnostics = check_source(source, path, settings)
+    cache.put(key, diagnostics, {name: project.module_key(name) for name in project.touched})
+    return diagnostics
 
 
 # Collect young objects every 50,000 allocations instead of every 700 while linting.

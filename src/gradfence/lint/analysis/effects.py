@@ -58,6 +58,10 @@ class Effects:
 
 
 _EMPTY = Effects()
+# how far down the call graph effects are followed (the pitfalls are a few calls deep; a
+# large library's whole call graph is not needed to judge a training loop)
+MAX_DEPTH = 4
+MAX_CROSS_DEPTH = 2
 FunctionRef = tuple[str, str]  # (module name, function name)
 
 
@@ -71,6 +75,7 @@ class Analysis:
         self._effects: dict[FunctionRef, Effects] = {}
         self._events: dict[FunctionRef, list[Event]] = {}
         self._active: set[FunctionRef] = set()
+        self._depth: dict[FunctionRef, int] = {}  # how deep in the call graph each was computed
         self._cycle = False
 
     # -- lookup ---------------------------------------------------------------------------
@@ -156,9 +161,14 @@ class Analysis:
         if function is None:
             return []
         found = sorted(function.events, key=_order)
+        deep = len(self._active) >= MAX_DEPTH  # callees this far down are not followed
         for site in function.calls:
+            if deep:
+                break
             target = self.resolve(site, module, name)
             if target is None or target == ref:
+                continue
+            if target[0] != module and len(self._active) >= MAX_CROSS_DEPTH:
                 continue
             callee = self.function(target[1], target[0])
             if callee is None:
@@ -177,8 +187,9 @@ class Analysis:
         if ref in self._active:
             self._cycle = True
             return self._effects.get(ref, _EMPTY)
-        if ref in self._effects and not self._active:
-            return self._effects[ref]
+        depth = len(self._active)
+        if ref in self._effects and self._depth.get(ref, 0) <= depth and not self._cycle:
+            return self._effects[ref]  # computed with at least this much depth to spare
         top = not self._active
         for _ in range(4 if top else 1):
             self._cycle = False
@@ -189,6 +200,7 @@ class Analysis:
                 self._active.discard(ref)
             previous = self._effects.get(ref)
             self._effects[ref] = result
+            self._depth[ref] = depth
             if not top or not self._cycle or (previous and previous.key() == result.key()):
                 break
         return self._effects[ref]

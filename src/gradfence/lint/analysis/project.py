@@ -18,10 +18,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradfence.lint.analysis.summary import ModuleSummary, summarise
+from gradfence.lint.analysis.summary import ModuleSummary, summarise, summarise_lazily
 
 # bump when summaries change shape or meaning: old cache entries are then ignored
-ANALYSIS_VERSION = "5"
+ANALYSIS_VERSION = "6"
 CACHE_DIR_NAME = ".gradfence_cache"
 ROOT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 # a file bigger than this is not summarised for other files' sake (generated code)
@@ -131,6 +131,9 @@ class Project:
         self.root = Path(config.root) if config is not None else None
         self.cache = SummaryCache(config.cache_dir if config is not None else None)
         self._modules: dict[str, ModuleSummary | None] = {}
+        self._keys: dict[str, str | None] = {}
+        # project modules read for the file being linted (its findings depend on them)
+        self.touched: dict[str, str | None] = {}
 
     def summary_for(self, source: str, tree: ast.Module, path: str) -> ModuleSummary:
         """The summary of a file being linted (from the cache when its text is unchanged)."""
@@ -138,16 +141,30 @@ class Project:
         key = SummaryCache.key(source, package)
         found = self.cache.get(key)
         if found is None:
-            found = summarise(tree, package)
-            self.cache.put(key, found)
-        if self.root is not None:
-            name = module_name(path, self.root)
-            if name is not None:
-                self._modules.setdefault(name, found)
+            # only what the rules ask about; other files summarise it in full if they import it
+            found = summarise_lazily(tree, source, package)
         return found
+
+    def module_key(self, name: str) -> str | None:
+        """The content hash of project module ``name`` (None when it has no file), read
+        once per process."""
+        if name not in self._keys:
+            path = self._locate(name)
+            key = None
+            if path is not None:
+                try:
+                    source = path.read_bytes().decode("utf-8", errors="replace")
+                except OSError:
+                    source = None
+                if source is not None:
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    key = SummaryCache.key(source, package)
+            self._keys[name] = key
+        return self._keys[name]
 
     def module(self, name: str) -> ModuleSummary | None:
         """The summary of project module ``name``; None if it is not part of the project."""
+        self.touched.setdefault(name, None)
         if name in self._modules:
             return self._modules[name]
         self._modules[name] = None  # also guards against import cycles
@@ -163,6 +180,7 @@ class Project:
         source = raw.decode("utf-8", errors="replace")
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         key = SummaryCache.key(source, package)
+        self._keys[name] = key
         found = self.cache.get(key)
         if found is None:
             try:

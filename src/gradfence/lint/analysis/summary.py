@@ -169,11 +169,29 @@ class ModuleSummary:
     functions: dict[str, FunctionSummary]
     imports: dict[str, str]  # local name -> qualified name (relative imports resolved)
     bases: dict[str, list[str]]  # class -> base names as written (dotted)
-    differentiates: bool  # the file differentiates anything at all
+    differentiates_: bool  # the file differentiates anything at all
+    # summarised lazily: whether the text may differentiate (then functions are asked)
+    lazy_differentiates: bool | None = None
+
+    @property
+    def differentiates(self) -> bool:
+        """Whether any function of the file differentiates anything."""
+        if self.lazy_differentiates is not None:
+            functions = self.functions
+            if self.lazy_differentiates and isinstance(functions, LazyFunctions):
+                functions.complete()
+            self.differentiates_ = self.lazy_differentiates and any(
+                e[2] == "diff" for f in functions.values() for e in f.events
+            )
+            self.lazy_differentiates = None
+        return self.differentiates_
 
     def as_data(self) -> dict[str, Any]:
+        functions = self.functions
+        if isinstance(functions, LazyFunctions):
+            functions.complete()
         return {
-            "functions": {k: v.as_data() for k, v in self.functions.items()},
+            "functions": {k: v.as_data() for k, v in functions.items()},
             "imports": self.imports,
             "bases": self.bases,
             "differentiates": self.differentiates,
@@ -679,71 +697,112 @@ def _parameters_owner(arg: ast.expr) -> ast.expr | None:
     return None
 
 
-def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
-    """Summaries of every function, method and the module body of ``tree``."""
-    imports, bound = module_imports(tree, package)
-    functions: dict[str, FunctionSummary] = {}
-    bases: dict[str, list[str]] = {}
-    local = {
-        n.name
-        for n in tree.body
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-    }
-    differentiates = False
+class _Index:
+    """Where each function of a module is, and what its imports and classes are: a walk
+    over statements only, cheap next to summarising bodies."""
 
-    def visit(
-        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module, name: str, in_class: bool
-    ) -> None:
-        nonlocal differentiates
-        if isinstance(node, ast.Module):
-            params: list[str] = []
-            kwonly: list[str] = []
-            grad_off = False
-            body = node.body
-        else:
-            params, kwonly = _params(node, in_class)
-            grad_off = any(
-                (m := mode_of_context(d, imports)) is not None and m.no_graph
-                for d in node.decorator_list
-            )
-            body = node.body
-        summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
-        binder = _Binder(summary, imports, local, in_class)
-        binder.block(body)
-        summary.events.sort(key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
-        if name in functions:  # a redefinition: its own key, as the file model names it
-            summary.name = name = f"{name}@{getattr(node, 'lineno', 0)}"
-        functions[name] = summary
-        differentiates = differentiates or any(e[2] == "diff" for e in summary.events)
+    def __init__(self, tree: ast.Module, package: str | None) -> None:
+        self.imports, self.bound = module_imports(tree, package)
+        self.bases: dict[str, list[str]] = {}
+        self.local = {
+            n.name
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        }
+        self.nodes: dict[str, tuple[ast.FunctionDef | ast.AsyncFunctionDef | ast.Module, bool]]
+        self.nodes = {"<module>": (tree, False)}
+        self._walk(tree.body, "", False)
 
-    def walk(body: list[ast.stmt], prefix: str, in_class: bool) -> None:
+    def _walk(self, body: list[ast.stmt], prefix: str, in_class: bool) -> None:
         for stmt in body:
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 name = f"{prefix}{stmt.name}"
-                visit(stmt, name, in_class)
-                walk(stmt.body, f"{name}.", False)
+                if name in self.nodes:  # a redefinition: its own key, as the file model has it
+                    name = f"{name}@{stmt.lineno}"
+                self.nodes[name] = (stmt, in_class)
+                self._walk(stmt.body, f"{prefix}{stmt.name}.", False)
             elif isinstance(stmt, ast.ClassDef):
-                bases[f"{prefix}{stmt.name}"] = [b for b in map(dotted, stmt.bases) if b]
-                walk(stmt.body, f"{prefix}{stmt.name}.", True)
+                self.bases[f"{prefix}{stmt.name}"] = [b for b in map(dotted, stmt.bases) if b]
+                self._walk(stmt.body, f"{prefix}{stmt.name}.", True)
             elif isinstance(stmt, ast.If | ast.Try) or type(stmt).__name__ == "TryStar":
                 for block in ("body", "orelse", "finalbody"):
                     inner = getattr(stmt, block, None)
                     if isinstance(inner, list):
-                        walk(inner, prefix, in_class)
+                        self._walk(inner, prefix, in_class)
 
-    visit(tree, "<module>", False)
-    walk(tree.body, "", False)
-    for name, summary in functions.items():
-        # ``self.helper(x)`` calls a method of the class: not a forward of a submodule
+    def summarise(self, name: str) -> FunctionSummary:
+        node, in_class = self.nodes[name]
+        if isinstance(node, ast.Module):
+            params: list[str] = []
+            kwonly: list[str] = []
+            grad_off = False
+        else:
+            params, kwonly = _params(node, in_class)
+            grad_off = any(
+                (m := mode_of_context(d, self.imports)) is not None and m.no_graph
+                for d in node.decorator_list
+            )
+        summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        _Binder(summary, self.imports, self.local, in_class).block(node.body)
+        events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
         cls = name.rpartition(".")[0]
-        if cls in bases:
-            summary.events = [
+        if cls in self.bases:
+            # ``self.helper(x)`` calls a method of the class: not a forward of a submodule
+            events = [
                 e
-                for e in summary.events
+                for e in events
                 if not (
                     e[2] in {"forward", "forward_off"}
                     and e[3].startswith("self.")
-                    and f"{cls}.{e[3][5:]}" in functions
+                    and f"{cls}.{e[3][5:]}" in self.nodes
                 )
             ]
-    return ModuleSummary(functions, bound, bases, differentiates)
+        summary.events = events
+        return summary
+
+
+class LazyFunctions(dict[str, FunctionSummary]):
+    """Function summaries computed when first asked for: a linted file's rules usually ask
+    about a few functions, not all of them."""
+
+    def __init__(self, index: _Index) -> None:
+        super().__init__()
+        self._index = index
+
+    def __missing__(self, key: str) -> FunctionSummary:
+        if key not in self._index.nodes:
+            raise KeyError(key)
+        summary = self._index.summarise(key)
+        self[key] = summary
+        return summary
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index.nodes
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._index.nodes else default
+
+    def complete(self) -> LazyFunctions:
+        for key in self._index.nodes:
+            if not dict.__contains__(self, key):
+                self[key] = self._index.summarise(key)
+        return self
+
+
+def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
+    """Summaries of every function, method and the module body of ``tree``."""
+    index = _Index(tree, package)
+    functions = {name: index.summarise(name) for name in index.nodes}
+    differentiates = any(e[2] == "diff" for f in functions.values() for e in f.events)
+    return ModuleSummary(functions, index.bound, index.bases, differentiates)
+
+
+def summarise_lazily(tree: ast.Module, source: str, package: str | None = None) -> ModuleSummary:
+    """Like :func:`summarise`, but each function is summarised when first asked for. The
+    file "differentiates" only if its text holds a word that may (checked first)."""
+    index = _Index(tree, package)
+    functions = LazyFunctions(index)
+    maybe = any(word in source for word in ("backward", "grad("))
+    summary = ModuleSummary(functions, index.bound, index.bases, False)
+    summary.lazy_differentiates = maybe
+    return summary
