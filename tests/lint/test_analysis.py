@@ -263,10 +263,12 @@ def test_results_are_reused_until_a_dependency_changes(tmp_path: Path) -> None:
     assert [d.code for d in first.diagnostics] == ["GF302"]
     results = list((tmp_path / ".gradfence_cache" / "results").rglob("*.json"))
     assert len(results) == 1
-    # a cached entry is what the next run returns, without analysing again
     entry = json.loads(results[0].read_text())
     assert "pkg.utils" in entry["deps"]
-    assert [d.code for d in lint_file(train, settings).diagnostics] == ["GF302"]
+    # an unchanged file is answered from the cache, without being read
+    entry["diagnostics"][0][2] = "from the cache"
+    results[0].write_text(json.dumps(entry))
+    assert [d.message for d in lint_file(train, settings).diagnostics] == ["from the cache"]
     # the helper now restores train mode: train.py's cached result must not be used
     fixed = UTILS.replace("return [model(x) for x in loader]", "out = [model(x) for x in loader]")
     (tmp_path / "pkg" / "utils.py").write_text(

@@ -21,8 +21,12 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING
 
 from gradfence.lint.analysis.project import ProjectConfig
+
+if TYPE_CHECKING:
+    from gradfence.lint.analysis.results import ResultCache
 from gradfence.lint.diagnostics import HIGH, Diagnostic, Fix, split_lines
 from gradfence.lint.model import build_model
 from gradfence.lint.rules import RULES
@@ -170,37 +174,37 @@ def read_source(path: str) -> str:
 
 def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileResult:
     """Lint one file; never raises (an internal failure becomes ``FileResult.error``)."""
+    cache = None if keep_source else _result_cache(settings)
+    if cache is not None:
+        found = cache.get(path, repr(settings))
+        if found is not None:
+            return FileResult(path, found)
     try:
         source = read_source(path)
     except OSError as exc:
         return FileResult(path, [], f"cannot read {path}: {exc.strerror or exc}")
     try:
-        diagnostics = _check_cached(source, path, settings)
+        if cache is not None:
+            cache.project.touched = {}
+        diagnostics = check_source(source, path, settings)
     except RecursionError:
         return FileResult(path, [], f"internal error on {path}: nesting too deep to analyse")
     except Exception as exc:  # the contract: one line per file, never a traceback
         return FileResult(path, [], f"internal error on {path}: {type(exc).__name__}: {exc}")
+    if cache is not None and "torch" in source:
+        cache.put(path, repr(settings), diagnostics, list(cache.project.touched))
     return FileResult(path, diagnostics, None, source if keep_source else None)
 
 
-def _check_cached(source: str, path: str, settings: Settings) -> list[Diagnostic]:
-    """``check_source``, through the project's result cache when there is one."""
+def _result_cache(settings: Settings) -> ResultCache | None:
+    """The project's cache of findings, when linting inside a project with a cache."""
     config = settings.project
-    if config is None or config.cache_dir is None or "torch" not in source:
-        return check_source(source, path, settings)
+    if config is None or config.cache_dir is None:
+        return None
     from gradfence.lint.analysis.project import project_for
     from gradfence.lint.analysis.results import ResultCache
 
-    project = project_for(config)
-    cache = ResultCache(project, config.cache_dir)
-    key = cache.key(source, path, repr(settings))
-    found = cache.get(key, path)
-    if found is not None:
-        return found
-    project.touched = {}
-    diagnostics = check_source(source, path, settings)
-    cache.put(key, diagnostics, {name: project.module_key(name) for name in project.touched})
-    return diagnostics
+    return ResultCache(project_for(config), config.cache_dir)
 
 
 # Collect young objects every 50,000 allocations instead of every 700 while linting.

@@ -132,6 +132,7 @@ class Project:
         self.cache = SummaryCache(config.cache_dir if config is not None else None)
         self._modules: dict[str, ModuleSummary | None] = {}
         self._keys: dict[str, str | None] = {}
+        self._located: dict[str, Path | None] = {}
         # project modules read for the file being linted (its findings depend on them)
         self.touched: dict[str, str | None] = {}
 
@@ -149,7 +150,7 @@ class Project:
         """The content hash of project module ``name`` (None when it has no file), read
         once per process."""
         if name not in self._keys:
-            path = self._locate(name)
+            path = self.locate(name)
             key = None
             if path is not None:
                 try:
@@ -168,7 +169,7 @@ class Project:
         if name in self._modules:
             return self._modules[name]
         self._modules[name] = None  # also guards against import cycles
-        path = self._locate(name)
+        path = self.locate(name)
         if path is None:
             return None
         try:
@@ -196,6 +197,12 @@ class Project:
             self.cache.put(key, found)
         self._modules[name] = found
         return found
+
+    def locate(self, name: str) -> Path | None:
+        """The file of project module ``name``, if it has one (memoised)."""
+        if name not in self._located:
+            self._located[name] = self._locate(name)
+        return self._located[name]
 
     def _locate(self, name: str) -> Path | None:
         if self.root is None or not all(p.isidentifier() for p in name.split(".")):

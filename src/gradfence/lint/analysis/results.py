@@ -56,41 +56,60 @@ def _diagnostic_from(path: str, data: list[Any]) -> Diagnostic:
     )
 
 
+def _stamp(path: str | Path) -> list[int] | None:
+    """(modification time in ns, size) of a file; None when it does not exist."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_mtime_ns, info.st_size]
+
+
 class ResultCache:
-    """Findings by (content, settings), valid while the modules they depend on are unchanged."""
+    """Findings per (file, settings), valid while the file and the project modules its
+    analysis read keep their modification time and size (checked with ``stat`` only, as
+    ruff does: an unchanged project is re-linted without reading its sources)."""
 
     def __init__(self, project: Project, directory: str) -> None:
         self.project = project
         self.directory = Path(directory) / "results"
 
-    def _path(self, key: str) -> Path:
+    def _path(self, path: str, settings: str) -> Path:
+        key = SummaryCache.key(f"{settings}\0{os.path.abspath(path)}", None)
         return self.directory / key[:2] / f"{key}.json"
 
-    def key(self, source: str, path: str, settings: str) -> str:
-        return SummaryCache.key(f"{settings}\0{path}\0{source}", None)
-
-    def get(self, key: str, path: str) -> list[Diagnostic] | None:
+    def get(self, path: str, settings: str) -> list[Diagnostic] | None:
+        """The cached findings of ``path``, or None when it (or a dependency) changed."""
         try:
-            with open(self._path(key), encoding="utf-8") as handle:
+            with open(self._path(path, settings), encoding="utf-8") as handle:
                 data = json.load(handle)
-            for module, expected in data["deps"].items():
-                if self.project.module_key(module) != expected:
+            if data["stamp"] != _stamp(path):
+                return None
+            for module, stamp in data["deps"].items():
+                where = self.project.locate(module)
+                if (_stamp(where) if where is not None else None) != stamp:
                     return None  # a module it depends on changed: lint it again
             return [_diagnostic_from(path, d) for d in data["diagnostics"]]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put(self, key: str, diagnostics: list[Diagnostic], deps: dict[str, str | None]) -> None:
-        path = self._path(key)
+    def put(self, path: str, settings: str, diagnostics: list[Diagnostic], deps: list[str]) -> None:
+        """Remember the findings of ``path`` and the modules they depend on."""
+        target = self._path(path, settings)
+        stamps = {}
+        for module in deps:
+            where = self.project.locate(module)
+            stamps[module] = _stamp(where) if where is not None else None
+        data = {
+            "stamp": _stamp(path),
+            "deps": stamps,
+            "diagnostics": [_diagnostic_data(d) for d in diagnostics],
+        }
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(f".{os.getpid()}.tmp")
             with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(
-                    {"deps": deps, "diagnostics": [_diagnostic_data(d) for d in diagnostics]},
-                    handle,
-                    separators=(",", ":"),
-                )
-            os.replace(temporary, path)
+                json.dump(data, handle, separators=(",", ":"))
+            os.replace(temporary, target)
         except OSError:
             pass
