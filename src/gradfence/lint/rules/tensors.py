@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
+from gradfence.lint.analysis.context import events
 from gradfence.lint.diagnostics import Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
@@ -14,6 +15,7 @@ from gradfence.lint.model import (
     FunctionModel,
     LoopModel,
     Pos,
+    any_between,
     end_pos,
     pos,
 )
@@ -153,6 +155,8 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     text = model.text
     for function in model.functions:
         backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
+        helpers = _helper_backwards(model, function)
+        backward_calls += [c for c in helpers if c not in backward_calls]
         if not backward_calls:
             continue
         reported: set[int] = set()
@@ -160,7 +164,7 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
         for backward in backward_calls:
             loop = backward.loop
             assert loop is not None
-            roots = _backward_roots(backward)
+            roots = helpers.get(backward) or _backward_roots(backward)
             if not roots:
                 continue
             assigns = sorted(
@@ -212,6 +216,24 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                     "iteration alive: use `.item()` or `.detach()`",
                     fix,
                 )
+
+
+def _helper_backwards(model: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
+    """Calls in a loop to a helper that differentiates its argument (``self.optimize(loss)``
+    where ``optimize`` calls ``loss.backward()``), with the names of what they differentiate."""
+    loop_calls = [c for c in function.calls if c.loop is not None and c.attr != "backward"]
+    node = function.node
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", start) or start
+    if not loop_calls or not any_between(model.training_lines, start, end):
+        return {}
+    at = {pos(c.node): c for c in loop_calls}
+    found: dict[CallEvent, set[str]] = {}
+    for line, col, kind, target in events(model, function):
+        call = at.get((line, col))
+        if kind == "diff" and call is not None and target and "." not in target:
+            found.setdefault(call, set()).add(target)
+    return found
 
 
 def _still_tainted(tainted: set[str], assigns: list[AssignEvent], here: Pos) -> set[str]:
