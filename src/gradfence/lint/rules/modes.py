@@ -847,6 +847,10 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
         here = pos(call.node)
         if _switched_before(function, target, here, to_eval=True):
             continue  # .eval() or gradfence.inference(model) (cheap, before any analysis)
+        if _method_not_module(function, target):
+            continue  # ``self.feed_data(...)``: a method (maybe inherited), not a module
+        if _enclosing_evaluates(model, function, target):
+            continue  # a closure run by a function that set the mode first
         mode = mode_at(model, function, target, here)
         if mode in {"eval", "restore"}:
             continue
@@ -875,6 +879,34 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
             None,
             confidence,
         )
+
+
+def _method_not_module(function: FunctionModel, target: str) -> bool:
+    """``self.x`` is called but never bound in the class: a method (perhaps of a base class
+    in another file), not a submodule."""
+    cls = function.cls
+    if cls is None or not target.startswith("self.") or target.count(".") != 1:
+        return False
+    if target[5:] in cls.methods:
+        return True
+    return not any(
+        target in assign.target_names()
+        for method in cls.methods.values()
+        for assign in method.assigns
+    )
+
+
+def _enclosing_evaluates(model: FileModel, function: FunctionModel, target: str) -> bool:
+    """A nested function whose enclosing function switches ``target`` to eval (it runs the
+    closure afterwards: ``def validate(model): model.eval(); run_validate(loader)``)."""
+    parent = function.parent
+    if (
+        parent is None
+        or parent is model.module
+        or not isinstance(parent.node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ):
+        return False
+    return any(is_eval_call(c) and _related(c.receiver, target) for c in parent.calls)
 
 
 def _trained_since_train(model: FileModel, function: FunctionModel, target: str, here: Pos) -> bool:
