@@ -47,7 +47,29 @@ def _worker_sets_own_mode(model: FileModel, worker: ast.expr | None) -> bool:
     else:
         return False
     functions = model.functions_named(name)
-    return bool(functions) and all(_owns_no_grad(f) for f in functions)
+    return bool(functions) and all(
+        _owns_no_grad(f) or _delegates_to_no_grad(model, f) for f in functions
+    )
+
+
+_BUILTINS = frozenset({"print", "len", "range", "enumerate", "zip", "isinstance", "str", "int"})
+
+
+def _delegates_to_no_grad(model: FileModel, function: FunctionModel) -> bool:
+    """The worker runs nothing itself with gradients on, and hands the work to a function
+    of the file that disables grad (``@torch.no_grad()`` on the method it calls)."""
+    analysis = model.analysis
+    summary = analysis.function(function.qualname)
+    if summary is None or any(
+        kind == "forward" and subject not in _BUILTINS for _, _, kind, subject in summary.events
+    ):
+        return False  # it runs something itself, with gradients on
+    for site in summary.calls:
+        target = analysis.resolve(site, analysis.module, function.qualname)
+        callee = analysis.function(target[1], target[0]) if target is not None else None
+        if callee is not None and callee.grad_off:
+            return True
+    return False
 
 
 def _owns_no_grad(function: FunctionModel) -> bool:
