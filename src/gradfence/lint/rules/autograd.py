@@ -142,7 +142,7 @@ def _gets_requires_grad(
     "backward-in-no-grad",
     "`.backward()` / `torch.autograd.grad` on a value computed under no_grad",
 )
-def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
+def backward_in_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `.backward()`, `torch.autograd.grad(...)` and `torch.autograd.backward(...)`
@@ -191,7 +191,7 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#locally-disabling-gradient-computation
     - Trusted-AI/adversarial-robustness-toolbox#498; Lightning-AI/pytorch-lightning#13948
     """
-    for function in model.functions:
+    for function in facts.functions:
         for call in function.calls:
             if not call.mode.no_graph:
                 continue
@@ -220,7 +220,7 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
     "backward-on-no-grad-result",
     "`.backward()` later on a value computed inside a no_grad block",
 )
-def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
+def backward_on_no_grad_result(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `x.backward()` (or `torch.autograd.grad(x, ...)`) outside any disabled-grad scope
@@ -259,7 +259,7 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
     ## References
     - Lightning-AI/pytorch-lightning#19517; nianticlabs/monodepth2#24
     """
-    for function in model.functions:
+    for function in facts.functions:
         for call in function.calls:
             if call.mode.no_graph or call.mode is GradState.UNKNOWN:
                 continue
@@ -282,14 +282,14 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
             )
 
 
-def _parametric_attrs(model: FileModel, init: FunctionModel) -> set[str]:
+def _parametric_attrs(facts: FileModel, init: FunctionModel) -> set[str]:
     """``self.X`` assigned a Parameter or a layer with parameters in ``__init__``."""
     attrs: set[str] = set()
     for assign in init.assigns:
         value = assign.value
         if not isinstance(value, ast.Call):
             continue
-        qual = model.imports.resolve(value.func)
+        qual = facts.imports.resolve(value.func)
         if qual is None:
             continue
         if qual in {"torch.nn.Parameter", "torch.nn.parameter.Parameter"}:
@@ -308,7 +308,7 @@ def _parametric_attrs(model: FileModel, init: FunctionModel) -> set[str]:
     "no-grad-in-forward",
     "a parameter used under no_grad in `forward` never receives a gradient",
 )
-def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
+def no_grad_in_forward(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags a `with torch.no_grad():` (or `inference_mode`) block in the `forward` of an
@@ -351,15 +351,15 @@ def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch docs, `torch.no_grad`: https://pytorch.org/docs/stable/generated/torch.no_grad.html
     """
-    for cls in model.classes.values():
+    for cls in facts.classes.values():
         forward = cls.methods.get("forward")
         init = cls.methods.get("__init__")
         if not cls.is_module or forward is None or init is None or not forward.withs:
             continue
         start, end = cls.node.lineno, cls.node.end_lineno or cls.node.lineno
-        if any("requires_grad" in line for line in model.lines[start - 1 : end]):
+        if any("requires_grad" in line for line in facts.lines[start - 1 : end]):
             continue
-        params = _parametric_attrs(model, init)
+        params = _parametric_attrs(facts, init)
         if not params:
             continue
         for event in forward.withs:
@@ -413,10 +413,10 @@ def _grad_of(node: ast.AST, target: str) -> bool:
     )
 
 
-def _called_without_grad(model: FileModel, function: FunctionModel) -> bool:
+def _called_without_grad(facts: FileModel, function: FunctionModel) -> bool:
     if function.name.startswith("<"):
         return False
-    return any(call.mode.no_graph for call in callers(model, function))
+    return any(call.mode.no_graph for call in callers(facts, function))
 
 
 @rule(
@@ -424,7 +424,7 @@ def _called_without_grad(model: FileModel, function: FunctionModel) -> bool:
     "manual-update-outside-no-grad",
     "in-place update of a parameter from its `.grad` while grad mode is on (RuntimeError)",
 )
-def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
+def manual_update_outside_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags an in-place update of a tensor from its own gradient — `p -= lr * p.grad`,
@@ -464,7 +464,7 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
     - PyTorch tutorial, "Learning PyTorch with examples" (manual weight update under no_grad)
     - discuss.pytorch.org/t/leaf-variable-was-used-in-an-inplace-operation/308
     """
-    for function in model.functions:
+    for function in facts.functions:
         hits: list[Hit] = []
         for assign in function.assigns:
             node = assign.node
@@ -497,7 +497,7 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
                         None,
                     )
                 )
-        if hits and not _called_without_grad(model, function):
+        if hits and not _called_without_grad(facts, function):
             yield from hits
 
 
@@ -511,7 +511,7 @@ _REWRITABLE_OPS: dict[type[ast.operator], str] = {ast.Sub: "-=", ast.Add: "+="}
     "`w = w - lr * w.grad` under no_grad rebinds `w` to a tensor that no longer requires grad",
     fixable=True,
 )
-def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
+def rebinding_update_in_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `w = w - lr * w.grad` (any assignment of an expression reading `w.grad` back to
@@ -550,8 +550,8 @@ def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch tutorial, "Learning PyTorch with examples" (in-place updates under no_grad)
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         for assign in function.assigns:
             node = assign.node
             if not isinstance(node, ast.Assign) or not assign.mode.no_graph:

@@ -131,7 +131,7 @@ def _plain_train_call(call: CallEvent) -> bool:
     "`model.eval` / `model.train` without `()` does nothing",
     fixable=True,
 )
-def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
+def mode_method_not_called(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `model.eval` and `model.train` written as a statement without being called.
@@ -166,8 +166,8 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.eval`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.eval
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         for event in function.exprs:
             value = event.node.value
             if isinstance(value, ast.Attribute) and value.attr in {"eval", "train"}:
@@ -180,7 +180,7 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
     "eval-mode-leak",
     "a helper leaves the model in eval mode inside a training loop",
 )
-def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
+def eval_mode_leak(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags an `.eval()` inside a loop that trains — directly, or as the effect of a helper
@@ -242,17 +242,17 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.train`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
     """
-    for function in model.functions:
+    for function in facts.functions:
         if not any(
-            any_between(model.training_lines, loop.node.lineno, loop.node.end_lineno)
+            any_between(facts.training_lines, loop.node.lineno, loop.node.end_lineno)
             for loop in function.loops
         ):
             continue  # no loop that may train (cheap, before any analysis)
-        items = events(model, function)
+        items = events(facts, function)
         if not any(kind == "diff" for _, _, kind, _ in items):
             continue
         reported: set[Pos] = set()
-        own = model.analysis.function(function.qualname)
+        own = facts.analysis.function(function.qualname)
         own_evals = {(e[0], e[1]) for e in (own.events if own else ()) if e[2] == "eval"}
         for loop in function.loops:
             start, stop = pos(loop.node), end_pos(loop.node)
@@ -263,7 +263,7 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
                 here = (line, col)
                 if kind != "eval" or here in reported:
                     continue
-                if not is_trained(model, function, target):
+                if not is_trained(facts, function, target):
                     continue  # an EMA copy, a frozen backbone: eval on purpose
                 same_iteration = _next_mode_or_step(inside[index + 1 :], target)
                 if same_iteration == "diff":
@@ -357,7 +357,7 @@ def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
     return call.loop is not None and any(is_eval_loop(loop) for loop in call.loop.chain())
 
 
-def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str | None:
+def _forward_target(facts: FileModel, call: CallEvent, modules: set[str]) -> str | None:
     """``R`` when the call is ``R(...)`` on something that is a module."""
     callee = dotted(call.node.func)
     if (
@@ -375,10 +375,10 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
     ):
         return None
     if isinstance(call.node.func, ast.Name) and (
-        model.functions_named(callee) or callee in model.imports.aliases
+        facts.functions_named(callee) or callee in facts.imports.aliases
     ):
         return None  # a function of this file or an imported one, not a module
-    if _is_criterion(model, call.function, callee):
+    if _is_criterion(facts, call.function, callee):
         return None  # a loss module: no mode-dependent layers
     for arg in call.node.args:
         text = dotted(arg)
@@ -397,18 +397,18 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
 _CRITERION_WORDS = frozenset({"criterion", "criteria", "loss", "losses"})
 
 
-def _is_criterion(model: FileModel, function: FunctionModel, name: str) -> bool:
+def _is_criterion(facts: FileModel, function: FunctionModel, name: str) -> bool:
     """``criterion``, ``loss_fn``, or a name built from ``torch.nn.<X>Loss``."""
     if tokens(name.rsplit(".", 1)[-1]) & _CRITERION_WORDS:
         return True
-    owners = [function, model.module]
+    owners = [function, facts.module]
     if function.cls is not None:
         owners += function.cls.methods.values()
     for owner in owners:
         for assign in owner.assigns:
             value = assign.value
             if isinstance(value, ast.Call) and name in assign.target_names():
-                qual = model.imports.resolve(value.func) or ""
+                qual = facts.imports.resolve(value.func) or ""
                 if qual.startswith("torch.nn.") and qual.endswith("Loss"):
                     return True
     return False
@@ -438,21 +438,21 @@ def _switched_before(function: FunctionModel, target: str, limit: Pos, *, to_eva
     return False
 
 
-def _caller_evaluates(model: FileModel, function: FunctionModel, depth: int = 2) -> bool:
+def _caller_evaluates(facts: FileModel, function: FunctionModel, depth: int = 2) -> bool:
     """Some caller in the file (or its caller) switches a module to eval before the call."""
     if depth == 0 or function.name.startswith("<"):
         return False
-    for caller, line, col, _ in call_sites(model, function):
+    for caller, line, col, _ in call_sites(facts, function):
         if any(is_eval_call(c) and pos(c.node) < (line, col) for c in caller.calls):
             return True
         if any(c.qual == "gradfence.inference" for c in caller.calls):
             return True
-        if _caller_evaluates(model, caller, depth - 1):
+        if _caller_evaluates(facts, caller, depth - 1):
             return True
     return False
 
 
-def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
+def _locally_loaded(facts: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
     """``target = load_model(...)``: built by a call we cannot see into (may set eval).
 
     ``target = Net(...)`` followed by ``target.load_state_dict(...)`` is not opaque: a class
@@ -468,7 +468,7 @@ def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limi
                 and isinstance(value.func.value, ast.Call)
             ):
                 value = value.func.value  # ``Net(...).to(device)`` is what ``Net(...)`` is
-            if not isinstance(value, ast.Call) or is_module_ctor(model, value):
+            if not isinstance(value, ast.Call) or is_module_ctor(facts, value):
                 return False
             return not (
                 _constructs_class(value) and _loads_weights(function, target, pos(assign.node))
@@ -503,7 +503,7 @@ def _bound_locally(function: FunctionModel, name: str) -> bool:
     return any(name in assign.target_names() for assign in function.assigns)
 
 
-def _loaded_by_caller(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _loaded_by_caller(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """``target`` is a parameter, and some caller in the file passes a module it got from a
     call we cannot see into (``model = get_setup(); generate_predictions(model, ...)``)."""
     node = function.node
@@ -516,102 +516,102 @@ def _loaded_by_caller(model: FileModel, function: FunctionModel, target: str) ->
     if target not in params and target not in {a.arg for a in node.args.kwonlyargs}:
         return False
     index = params.index(target) if target in params else None
-    for site in callers(model, function):
+    for site in callers(facts, function):
         call = site.node
         passed = next((k.value for k in call.keywords if k.arg == target), None)
         if passed is None and index is not None and index < len(call.args):
             passed = call.args[index]
         name = dotted(passed) if passed is not None else None
-        if name is not None and _locally_loaded(model, site.function, name, pos(call)):
+        if name is not None and _locally_loaded(facts, site.function, name, pos(call)):
             return True
     return False
 
 
-def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _set_up_elsewhere(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """The module is switched to eval, or loaded by an opaque call, where it is set up:
     another method of the class for ``self.x`` (``__init__``), module level for globals."""
     if target.startswith("self.") and function.cls is not None:
         owners = [m for m in function.cls.methods.values() if m is not function]
-    elif function is not model.module and _bound_locally(function, target.split(".", 1)[0]):
+    elif function is not facts.module and _bound_locally(function, target.split(".", 1)[0]):
         return False  # a parameter or local of the function, not the global of that name
     else:
-        owners = [model.module]
+        owners = [facts.module]
     end = (1 << 30, 0)
     for owner in owners:
         if _switched_before(owner, target, end, to_eval=True):
             return True
-        if _locally_loaded(model, owner, target, end):
+        if _locally_loaded(facts, owner, target, end):
             return True
     return False
 
 
-def _helper_evaluates_before(model: FileModel, function: FunctionModel, limit: Pos) -> bool:
+def _helper_evaluates_before(facts: FileModel, function: FunctionModel, limit: Pos) -> bool:
     """``prepare(model)`` before the forward, where ``prepare`` calls ``.eval()``."""
     for call in function.calls:
         if pos(call.node) >= limit:
             break  # calls are sorted by position
-        for callee in resolve_callees(model, call):
+        for callee in resolve_callees(facts, call):
             if callee is not function and any(is_eval_call(c) for c in callee.calls):
                 return True
     return False
 
 
-def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str, str]]:
+def _evaluation_forwards(facts: FileModel) -> list[tuple[FunctionModel, CallEvent, str, str]]:
     """First forward of each module where the evidence says "evaluation", per function,
     with the finding's confidence (memoised: GF304 and GF305 share it)."""
-    cached: list[tuple[FunctionModel, CallEvent, str, str]] | None = model.memo.get("forwards")
+    cached: list[tuple[FunctionModel, CallEvent, str, str]] | None = facts.memo.get("forwards")
     if cached is None:
-        cached = list(_find_evaluation_forwards(model))
-        model.memo["forwards"] = cached
+        cached = list(_find_evaluation_forwards(facts))
+        facts.memo["forwards"] = cached
     return cached
 
 
-def _eval_region_loop(model: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+def _eval_region_loop(facts: FileModel, function: FunctionModel, call: CallEvent) -> bool:
     """The call is in a loop over evaluation data whose body differentiates nothing."""
     if call.loop is None:
         return False
     for loop in call.loop.chain():
         if loader_words(loop):
             start, stop = pos(loop.node), end_pos(loop.node)
-            return not differentiates_between(model, function, start, stop)
+            return not differentiates_between(facts, function, start, stop)
     return False
 
 
-def _helper_forwards(model: FileModel, function: FunctionModel) -> dict[Pos, str]:
+def _helper_forwards(facts: FileModel, function: FunctionModel) -> dict[Pos, str]:
     """Calls of the function that run a ``self`` module through a method of the class."""
     callees = {pos(c.node): c.callee for c in function.calls}
     found: dict[Pos, str] = {}
-    for line, col, kind, subject in events(model, function):
+    for line, col, kind, subject in events(facts, function):
         if (
             kind in {"forward", "forward_off"}
             and subject.startswith("self.")
             and subject.count(".") == 1
             and callees.get((line, col), subject) != subject
-            and not _is_criterion(model, function, subject)
+            and not _is_criterion(facts, function, subject)
         ):
             found.setdefault((line, col), subject)
     return found
 
 
-def _after_eval_batch(model: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+def _after_eval_batch(facts: FileModel, function: FunctionModel, call: CallEvent) -> bool:
     """A batch pulled from evaluation data (``next(iter(test_loader))``) before the call,
     with nothing differentiated in between."""
     here = pos(call.node)
     return any(
-        start < here and not differentiates_between(model, function, start, here)
-        for start in eval_batches(model, function)
+        start < here and not differentiates_between(facts, function, start, here)
+        for start in eval_batches(facts, function)
     )
 
 
 def _find_evaluation_forwards(
-    model: FileModel,
+    facts: FileModel,
 ) -> Iterator[tuple[FunctionModel, CallEvent, str, str]]:
-    for function in model.functions:
+    for function in facts.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
-        if unknown_decorator(model, function):
+        if unknown_decorator(facts, function):
             continue  # a decorator the analysis cannot see through may set the mode
-        testing = is_test_code(model, function)
+        testing = is_test_code(facts, function)
         named = is_eval_function(function)
         loops = any(loader_words(loop) for loop in function.loops)
         if not function.calls or not (
@@ -619,17 +619,17 @@ def _find_evaluation_forwards(
             or loops
             or function.entry_mode.no_graph
             or any(call.mode.no_graph for call in function.calls)
-            or eval_batches(model, function)
+            or eval_batches(facts, function)
         ):
             continue  # no evidence to weigh (cheap, before any analysis)
         node = function.node
         start = getattr(node, "lineno", 1)
-        end = len(model.lines) if isinstance(node, ast.Module) else node.end_lineno
-        trains = any_between(model.training_lines, start, end or start) and differentiates(
-            model, function
+        end = len(facts.lines) if isinstance(node, ast.Module) else node.end_lineno
+        trains = any_between(facts.training_lines, start, end or start) and differentiates(
+            facts, function
         )
         grad_off_function = function.entry_mode.no_graph
-        evidence = eval_evidence(model, function, None, grad_off_function)
+        evidence = eval_evidence(facts, function, None, grad_off_function)
         seen: set[str] = set()
         weak: dict[str, CallEvent] = {}
         via_helpers: dict[Pos, str] | None = None
@@ -637,9 +637,9 @@ def _find_evaluation_forwards(
         # a method of a Module: its submodules run in the caller's mode
         in_module_class = function.cls is not None and function.cls.is_module
         for call in function.calls:
-            if _eval_region_loop(model, function, call):
-                confidence = LOW if is_test_file(model) else HIGH
-            elif trains and not _after_eval_batch(model, function, call):
+            if _eval_region_loop(facts, function, call):
+                confidence = LOW if is_test_file(facts) else HIGH
+            elif trains and not _after_eval_batch(facts, function, call):
                 continue  # the function trains and the call is not in an evaluation region
             elif trains:
                 confidence = HIGH if call.mode.no_graph else LOW
@@ -654,12 +654,12 @@ def _find_evaluation_forwards(
                 else:
                     continue
             if modules is None:
-                modules = module_names(model, function)
-            target = _forward_target(model, call, modules)
+                modules = module_names(facts, function)
+            target = _forward_target(facts, call, modules)
             if target is None and call.attr is not None and call.receiver in {"self", "cls"}:
                 # ``self._forward_pass(x)``: a helper that runs the module
                 if via_helpers is None:
-                    via_helpers = _helper_forwards(model, function)
+                    via_helpers = _helper_forwards(facts, function)
                 target = via_helpers.get(pos(call.node))
             if target is None or target in seen:
                 continue
@@ -680,7 +680,7 @@ def _find_evaluation_forwards(
     "train-in-inference",
     "`.train()` inside no_grad or an evaluation function, then the module is run",
 )
-def train_in_inference(model: FileModel) -> Iterator[Hit]:
+def train_in_inference(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `m.train()` / `m.train(True)` inside a `no_grad` / `inference_mode` scope or
@@ -724,17 +724,17 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     - pliang279/MultiBench#26
     - PyTorch source, `torch/nn/modules/batchnorm.py`
     """
-    for function in model.functions:
+    for function in facts.functions:
         candidates = [
             c
             for c in function.calls
             if _plain_train_call(c) and (c.mode.no_graph or is_eval_function(function))
         ]
-        if not candidates or mentions_mc_dropout(model, function) or uses_gradients(function):
+        if not candidates or mentions_mc_dropout(facts, function) or uses_gradients(function):
             continue
         if _recalibrates(function):
             continue
-        modules = module_names(model, function)
+        modules = module_names(facts, function)
         for call in candidates:
             receiver = call.receiver or ""
             later = [
@@ -742,7 +742,7 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
                 for other in function.calls
                 if pos(other.node) > pos(call.node)
                 and (
-                    _forward_target(model, other, modules | {receiver}) == receiver
+                    _forward_target(facts, other, modules | {receiver}) == receiver
                     or (other.attr == "forward" and other.receiver == receiver)
                 )
             ]
@@ -781,7 +781,7 @@ def _recalibrates(function: FunctionModel) -> bool:
     "inference-without-eval",
     "a module is run for evaluation without `.eval()` first",
 )
-def inference_without_eval(model: FileModel) -> Iterator[Hit]:
+def inference_without_eval(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags the first forward of a module where the evidence says the code evaluates (see
@@ -838,10 +838,10 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     - wolny/pytorch-3dunet#53; asteroid-team/asteroid#643
     """
     skip: dict[int, bool] = {}
-    for function, call, target, confidence in _evaluation_forwards(model):
+    for function, call, target, confidence in _evaluation_forwards(facts):
         key = id(function)
         if key not in skip:
-            skip[key] = mentions_mc_dropout(model, function) or _caller_evaluates(model, function)
+            skip[key] = mentions_mc_dropout(facts, function) or _caller_evaluates(facts, function)
         if skip[key]:
             continue
         here = pos(call.node)
@@ -849,29 +849,29 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
             continue  # .eval() or gradfence.inference(model) (cheap, before any analysis)
         if _method_not_module(function, target):
             continue  # ``self.feed_data(...)``: a method (maybe inherited), not a module
-        if _enclosing_evaluates(model, function, target):
+        if _enclosing_evaluates(facts, function, target):
             continue  # a closure run by a function that set the mode first
-        mode = mode_at(model, function, target, here)
+        mode = mode_at(facts, function, target, here)
         if mode in {"eval", "restore"}:
             continue
-        if mode == "train" and not _trained_since_train(model, function, target, here):
+        if mode == "train" and not _trained_since_train(facts, function, target, here):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
-        binding = binding_before(model, function, target, here)
+        binding = binding_before(facts, function, target, here)
         if binding in {"bound_call", "opaque"}:
             continue  # built by a factory, traced, copied: its mode is set out of sight
         if binding == "loaded" and not (
-            sets_no_mode(model) and not model.analysis.summary.differentiates
+            sets_no_mode(facts) and not facts.analysis.summary.differentiates
         ):
             continue  # unpickled in the mode it was saved in, unless an inference script
-        if binding is None and _locally_loaded(model, function, target, here):
+        if binding is None and _locally_loaded(facts, function, target, here):
             continue  # (a class called: built in train mode; judged by the analysis)
-        if _loaded_by_caller(model, function, target):
+        if _loaded_by_caller(facts, function, target):
             continue
-        if binding is None and _set_up_elsewhere(model, function, target):
+        if binding is None and _set_up_elsewhere(facts, function, target):
             continue
-        if _injected(model, function, target) and not class_trains(model, function):
+        if _injected(facts, function, target) and not class_trains(facts, function):
             continue  # handed in, and this class never trains it: its mode is set outside
-        if _helper_evaluates_before(model, function, here):
+        if _helper_evaluates_before(facts, function, here):
             continue
         yield (
             call.node,
@@ -896,32 +896,32 @@ def _method_not_module(function: FunctionModel, target: str) -> bool:
     )
 
 
-def _enclosing_evaluates(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _enclosing_evaluates(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """A nested function whose enclosing function switches ``target`` to eval (it runs the
     closure afterwards: ``def validate(model): model.eval(); run_validate(loader)``)."""
     parent = function.parent
     if (
         parent is None
-        or parent is model.module
+        or parent is facts.module
         or not isinstance(parent.node, ast.FunctionDef | ast.AsyncFunctionDef)
     ):
         return False
     return any(is_eval_call(c) and _related(c.receiver, target) for c in parent.calls)
 
 
-def _trained_since_train(model: FileModel, function: FunctionModel, target: str, here: Pos) -> bool:
+def _trained_since_train(facts: FileModel, function: FunctionModel, target: str, here: Pos) -> bool:
     """``model.train()`` then a training part that differentiates, then this forward: the
     train mode was for training and is still on (a test loop after the training loop)."""
     last: Pos | None = None
-    for line, col, kind, subject in events(model, function):
+    for line, col, kind, subject in events(facts, function):
         if (line, col) >= here:
             break
         if kind in {"train", "eval", "restore"} and covers(subject, target):
             last = (line, col)
-    return last is not None and differentiates_between(model, function, last, here)
+    return last is not None and differentiates_between(facts, function, last, here)
 
 
-def _injected(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _injected(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """``self.model = model`` in ``__init__``: a module handed in, whose mode the caller
     sets where the analysis cannot see."""
     if not target.startswith("self.") or function.cls is None:
@@ -946,7 +946,7 @@ def _injected(model: FileModel, function: FunctionModel, target: str) -> bool:
     "eval-without-no-grad",
     "forwards after `.eval()` for evaluation still record an autograd graph",
 )
-def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
+def eval_without_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags a forward of a module with gradients on in the region after its `.eval()` (up to
@@ -993,14 +993,14 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     ## References
     - pytorch/pytorch#7013; jhjacobsen/invertible-resnet#15; mindsdb/lightwood#154
     """
-    for function in model.functions:
+    for function in facts.functions:
         if is_framework_hook(function) or function.entry_mode is not GradState.DEFAULT:
             continue
-        if unknown_decorator(model, function) or is_test_code(model, function):
+        if unknown_decorator(facts, function) or is_test_code(facts, function):
             continue
         if not any(is_eval_call(call) for call in function.calls):
             continue  # no .eval() here (cheap, before any analysis)
-        items = events(model, function)
+        items = events(facts, function)
         if not any(kind == "eval" for _, _, kind, _ in items):
             continue
         skip: bool | None = None
@@ -1022,15 +1022,15 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
                 ),
                 (1 << 30, 0),
             )
-            if differentiates_between(model, function, start, stop):
+            if differentiates_between(facts, function, start, stop):
                 continue  # the region after .eval() differentiates: gradients on purpose
             node = node_at(function, here)
-            if node is None or is_probe(model, function, node):
+            if node is None or is_probe(facts, function, node):
                 continue
             if skip is None:
                 skip = any(
-                    grad_off or result_differentiated(model, caller, line, col)
-                    for caller, line, col, grad_off in call_sites(model, function)
+                    grad_off or result_differentiated(facts, caller, line, col)
+                    for caller, line, col, grad_off in call_sites(facts, function)
                 )  # run under no_grad by its callers, or an attack: gradients on purpose
             if skip:
                 break
@@ -1063,7 +1063,7 @@ def _eval_switch_before(items: list[Event], index: int, target: str) -> Pos | No
     "functional dropout in a Module that does not follow `self.training`",
     fixable=True,
 )
-def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
+def ungated_functional_dropout(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Inside an `nn.Module`, flags `F.dropout(...)` (and `dropout1d/2d/3d`, `alpha_dropout`,
@@ -1109,8 +1109,8 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.nn.functional.dropout.html
     - pytorch/pytorch#26338, #124464
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         if function.cls is None or not function.cls.is_module:
             continue
         has_self = _first_arg(function) == "self"
@@ -1129,7 +1129,7 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     continue
                 if any(k.arg == "training" for k in node.keywords):
                     continue
-                intent = _dropout_intent(model, function, node)
+                intent = _dropout_intent(facts, function, node)
                 if intent == "always":
                     continue  # the code says dropout applies at evaluation too
                 fix = None
@@ -1172,12 +1172,12 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
 _ALWAYS = ("always", "at inference", "at test time", "in eval", "mc dropout", "monte carlo")
 
 
-def _dropout_intent(model: FileModel, function: FunctionModel, call: ast.Call) -> str | None:
+def _dropout_intent(facts: FileModel, function: FunctionModel, call: ast.Call) -> str | None:
     """Why this dropout may be meant to stay on: ``"always"`` when a comment next to it or
     in the function says so; ``"caller"`` when its probability is an argument of a method
     other than ``forward`` (a sampling method: the caller chooses); else None."""
     start = max(getattr(function.node, "lineno", 1), call.lineno - 3)
-    for line in model.lines[start - 1 : (call.end_lineno or call.lineno)]:
+    for line in facts.lines[start - 1 : (call.end_lineno or call.lineno)]:
         comment = line.partition("#")[2].lower()
         if comment and any(word in comment for word in _ALWAYS):
             return "always"
@@ -1223,7 +1223,7 @@ def _depends_on_training(function: FunctionModel, value: ast.expr) -> bool:
     "modules kept in a plain list/tuple/dict on `self` are invisible to `.eval()`",
     fixable=True,
 )
-def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
+def unregistered_submodules(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags, in an `nn.Module`'s `__init__`, a list, tuple or dict of freshly built modules
@@ -1268,10 +1268,10 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `nn.ModuleList`:
       https://pytorch.org/docs/stable/generated/torch.nn.ModuleList.html
     """
-    text = model.text
-    for cls in model.classes.values():
+    text = facts.text
+    for cls in facts.classes.values():
         init = cls.methods.get("__init__")
-        if not cls.is_module or init is None or _registers_explicitly(model, init):
+        if not cls.is_module or init is None or _registers_explicitly(facts, init):
             continue
         for assign in init.assigns:
             node = assign.node
@@ -1284,7 +1284,7 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
             if _rebound_later(init, target, node):
                 continue  # ``self.blocks = nn.Sequential(*self.blocks)`` registers them
             if isinstance(value, ast.List) and not value.elts:
-                appended = _appended_module(model, init, target, node)
+                appended = _appended_module(facts, init, target, node)
                 if appended is not None:
                     yield (
                         appended,
@@ -1296,11 +1296,11 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
             container, fix_name, elements = _module_container(value)
             if container is None or not elements:
                 continue
-            if not all(is_module_ctor(model, e) for e in elements):
+            if not all(is_module_ctor(facts, e) for e in elements):
                 continue
-            if all(_stateless(model, e) for e in elements):
+            if all(_stateless(facts, e) for e in elements):
                 continue  # nothing to register: no parameters, buffers or mode
-            local = model.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
+            local = facts.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
             if local is not None:
                 source = text.segment(value)
                 if isinstance(value, ast.Tuple) and not _parenthesized(value, source):
@@ -1317,17 +1317,17 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
 _STATE_WORDS = ("Parameter", "register_buffer", "training", "nn.", "torch.nn")
 
 
-def _stateless(model: FileModel, element: ast.expr) -> bool:
+def _stateless(facts: FileModel, element: ast.expr) -> bool:
     """A Module class of this file that holds no parameters, buffers or submodules and
     never reads ``self.training``: registering it changes nothing."""
     if not isinstance(element, ast.Call) or not isinstance(element.func, ast.Name):
         return False
-    cls = model.classes.get(element.func.id)
+    cls = facts.classes.get(element.func.id)
     if cls is None:
         return False
     node = cls.node
     start, end = node.lineno, node.end_lineno or node.lineno
-    body = "\n".join(line.partition("#")[0] for line in model.lines[start:end])
+    body = "\n".join(line.partition("#")[0] for line in facts.lines[start:end])
     if any(word in body for word in _STATE_WORDS):
         return False
     init = cls.methods.get("__init__")
@@ -1351,7 +1351,7 @@ def _rebound_later(init: FunctionModel, target: str, node: ast.Assign) -> bool:
 
 
 def _appended_module(
-    model: FileModel, init: FunctionModel, target: str, node: ast.Assign
+    facts: FileModel, init: FunctionModel, target: str, node: ast.Assign
 ) -> ast.Call | None:
     """``target.append(nn.Conv2d(...))`` after ``target = []`` in ``__init__``."""
     for sub in ast.walk(init.node):
@@ -1365,17 +1365,17 @@ def _appended_module(
         ):
             value = sub.args[-1]
             elements = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
-            if elements and all(is_module_ctor(model, e) for e in elements):
+            if elements and all(is_module_ctor(facts, e) for e in elements):
                 return sub
     return None
 
 
-def _registers_explicitly(model: FileModel, init: FunctionModel) -> bool:
+def _registers_explicitly(facts: FileModel, init: FunctionModel) -> bool:
     """``self.add_module(name, layer)`` for each element: the plain list is only a view."""
     start = getattr(init.node, "lineno", 1)
     end = getattr(init.node, "end_lineno", start) or start
     return any(
-        "add_module(" in line or "register_module(" in line for line in model.lines[start - 1 : end]
+        "add_module(" in line or "register_module(" in line for line in facts.lines[start - 1 : end]
     )
 
 
@@ -1408,7 +1408,7 @@ def _parenthesized(value: ast.Tuple, source: str) -> bool:
     "`module.requires_grad = False` (or the typo `.require_grad`) freezes nothing",
     fixable=True,
 )
-def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
+def module_requires_grad_attribute(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `m.requires_grad = ...` when `m` is an `nn.Module` (built from `torch.nn` in the
@@ -1449,8 +1449,8 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.requires_grad_
     - pytorch/test-infra#4687 (TorchFix TOR002, the typo)
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         modules: set[str] | None = None
         for assign in function.assigns:
             node = assign.node
@@ -1462,7 +1462,7 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
                     continue
                 if target.attr == "requires_grad":
                     if modules is None:
-                        modules = module_names(model, function)
+                        modules = module_names(facts, function)
                     if owner == "self" or not (owner in modules or looks_like_module_name(owner)):
                         continue
                     message = f"`{owner}.requires_grad = ...` sets a plain attribute on a module"

@@ -11,7 +11,7 @@ SYNTAX_ERROR = "GF000"
 
 
 @rule(SYNTAX_ERROR, "syntax-error", "the file does not parse; no other rule can check it")
-def syntax_error(model: FileModel) -> Iterator[Hit]:
+def syntax_error(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Reports a file that Python's parser rejects, with the parser's own message, at the

@@ -97,7 +97,7 @@ def _backward_roots(call: CallEvent) -> set[str]:
     "the loss tensor is accumulated across iterations, keeping every graph alive",
     fixable=True,
 )
-def accumulated_graph(model: FileModel) -> Iterator[Hit]:
+def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
@@ -152,10 +152,10 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/faq.html
     - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
-        helpers = _helper_backwards(model, function)
+        helpers = _helper_backwards(facts, function)
         backward_calls += [c for c in helpers if c not in backward_calls]
         if not backward_calls:
             continue
@@ -218,18 +218,18 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                 )
 
 
-def _helper_backwards(model: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
+def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
     """Calls in a loop to a helper that differentiates its argument (``self.optimize(loss)``
     where ``optimize`` calls ``loss.backward()``), with the names of what they differentiate."""
     loop_calls = [c for c in function.calls if c.loop is not None and c.attr != "backward"]
     node = function.node
     start = getattr(node, "lineno", 1)
     end = getattr(node, "end_lineno", start) or start
-    if not loop_calls or not any_between(model.training_lines, start, end):
+    if not loop_calls or not any_between(facts.training_lines, start, end):
         return {}
     at = {pos(c.node): c for c in loop_calls}
     found: dict[CallEvent, set[str]] = {}
-    for line, col, kind, target in events(model, function):
+    for line, col, kind, target in events(facts, function):
         call = at.get((line, col))
         if kind == "diff" and call is not None and target and "." not in target:
             found.setdefault(call, set()).add(target)
@@ -350,7 +350,7 @@ def _scalar(value: ast.expr | None) -> bool:
     "inference-tensor-stored",
     "a tensor stored on `self` under inference_mode breaks later training",
 )
-def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
+def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags assignments to `self.<attr>` inside a `torch.inference_mode()` block, or in a
@@ -394,7 +394,7 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - facebookresearch/dinov2#472; unslothai/unsloth#2434
     """
-    for function in model.functions:
+    for function in facts.functions:
         if function.cls is None or not function.cls.is_module:
             continue
         for assign in function.assigns:
@@ -441,7 +441,7 @@ def _mutations(
     "inference-tensor-mutated-outside",
     "a tensor from an inference_mode block is modified in place after it (RuntimeError)",
 )
-def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
+def inference_tensor_mutated_outside(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags an in-place modification — `x /= n`, `x.add_(...)`, `x[i] = v` — of a name that
@@ -485,7 +485,7 @@ def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - mrdbourke/pytorch-deep-learning#397; ultralytics/yolov5#11186
     """
-    for function in model.functions:
+    for function in facts.functions:
         for event in function.withs:
             if event.mode is not GradState.INFERENCE or event.outer_mode is GradState.INFERENCE:
                 continue
