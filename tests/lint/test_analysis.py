@@ -75,7 +75,7 @@ def test_cache_holds_summaries_by_content(tmp_path: Path) -> None:
     settings = _project(tmp_path)
     lint_file(str(tmp_path / "pkg" / "train.py"), settings)
     cached = list((tmp_path / ".gradfence_cache" / "summaries").rglob("*.json"))
-    assert len(cached) == 1  # the utils.py it imports (train.py is summarised on demand)
+    assert len(cached) == 2  # train.py and the utils.py it imports
     assert all(json.loads(p.read_text())["functions"] for p in cached)
     # a helper that restores train mode: the changed file is re-summarised
     (tmp_path / "pkg" / "utils.py").write_text(
@@ -90,7 +90,7 @@ def test_cache_holds_summaries_by_content(tmp_path: Path) -> None:
         text=True,
     )
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-    assert len(list((tmp_path / ".gradfence_cache" / "summaries").rglob("*.json"))) == 2
+    assert len(list((tmp_path / ".gradfence_cache" / "summaries").rglob("*.json"))) == 3
 
 
 def test_no_cache_writes_nothing(tmp_path: Path) -> None:
@@ -277,3 +277,12 @@ def test_results_are_reused_until_a_dependency_changes(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "gradfence", "lint", "--select", "GF302", "pkg/train.py"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_project_files_are_linted_imports_first(tmp_path: Path) -> None:
+    from gradfence.lint.engine import _imports_first
+
+    _project(tmp_path)
+    train, utils = str(tmp_path / "pkg" / "train.py"), str(tmp_path / "pkg" / "utils.py")
+    assert _imports_first([train, utils]) == [utils, train]
+    assert sorted(_imports_first([utils, train])) == sorted([utils, train])

@@ -140,10 +140,24 @@ class Project:
         """The summary of a file being linted (from the cache when its text is unchanged)."""
         package = package_of(path, self.root) if self.root is not None else None
         key = SummaryCache.key(source, package)
+        name = module_name(path, self.root) if self.root is not None else None
+        known = self._modules.get(name) if name is not None else None
+        if known is not None and name is not None and self._keys.get(name) == key:
+            return known  # summarised already, for a file importing it
         found = self.cache.get(key)
-        if found is None:
-            # only what the rules ask about; other files summarise it in full if they import it
+        if found is None and name is not None:
+            # a module of the project: summarised in full once, for itself and its importers
+            # (files are linted imports first), so that no file is parsed twice
+            found = summarise(tree, package)
+            self.cache.put(key, found)
+            self._modules[name] = found
+            self._keys[name] = key
+        elif found is None:
+            # outside a project: only what the rules ask about
             found = summarise_lazily(tree, source, package)
+        elif name is not None:
+            self._modules.setdefault(name, found)  # complete: importers may use it as is
+            self._keys.setdefault(name, key)
         return found
 
     def module_key(self, name: str) -> str | None:
