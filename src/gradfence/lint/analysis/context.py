@@ -110,7 +110,7 @@ def is_trained(facts: FileModel, function: FunctionModel, target: str) -> bool:
     # run by this function itself with gradients on (not only inside a helper, which may
     # evaluate it), and something is differentiated
     forwarded = own is not None and any(
-        k == "forward" and related(s, target) for _, _, k, s in own.events
+        k.split("|", 1)[0] == "forward" and related(s, target) for _, _, k, s in own.events
     )
     return forwarded and any(k == "diff" for _, _, k, _ in items)
 
@@ -233,7 +233,7 @@ def sets_no_mode(facts: FileModel) -> bool:
     found: bool | None = facts.memo.get("sets_no_mode")
     if found is None:
         found = not any(
-            kind in {"eval", "train", "restore"}
+            kind.split("|", 1)[0] in {"eval", "train", "restore"}
             for summary in facts.analysis.summary.functions.values()
             for _, _, kind, _ in summary.events
         )

@@ -16,6 +16,7 @@ nothing changes (at most a few rounds: effects only grow).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from gradfence.lint.analysis.project import Project
@@ -33,6 +34,8 @@ class Effects:
     # target -> first mode set, when that comes before anything is differentiated
     entry: dict[str, str] = field(default_factory=dict)
     globals_: set[str] = field(default_factory=set)  # module-level names among the targets
+    # (kind, target, "param|op|value"): effects only when a parameter has a given value
+    guarded: list[tuple[str, str, str]] = field(default_factory=list)
     evals: set[str] = field(default_factory=set)  # set to eval at some point
     forwards: set[str] = field(default_factory=set)  # run with gradients on
     forwards_off: set[str] = field(default_factory=set)  # run under no_grad
@@ -54,6 +57,7 @@ class Effects:
             len(self.optim),
             len(self.detaches),
             len(self.stores),
+            len(self.guarded),
         )
 
 
@@ -151,7 +155,14 @@ class Analysis:
     # -- composition ----------------------------------------------------------------------
 
     def events(self, name: str, module: str | None = None) -> list[Event]:
-        """The function's events, with resolvable calls replaced by their effects."""
+        """The function's events, with resolvable calls replaced by their effects (an event
+        under ``if <parameter>:`` counts: inside the function the value is not known)."""
+        return [
+            (line, col, kind.split("|", 1)[0], target)
+            for line, col, kind, target in self._raw_events(name, module)
+        ]
+
+    def _raw_events(self, name: str, module: str | None = None) -> list[Event]:
         module = module or self.module
         ref = (module, name)
         cached = self._events.get(ref)
@@ -217,7 +228,12 @@ class Analysis:
         if ref[1] == "<module>":
             shared = set()
         result = Effects()
-        for _, _, kind, target in self.events(ref[1], ref[0]):
+        for _, _, kind, target in self._raw_events(ref[1], ref[0]):
+            if "|" in kind:
+                kind, guard = kind.split("|", 1)
+                if not target or _exported(target, exported):
+                    result.guarded.append((kind, target, guard))
+                continue
             if kind == "diff":
                 result.differentiates = True
             if not target:
@@ -319,4 +335,38 @@ def _mapped(
         mapped = onto(target)
         if mapped is not None:
             out.append((*at, kind, mapped))
+    for kind, target, guard in effects.guarded:
+        holds = _holds(guard, site, callee)
+        if holds is False:
+            continue  # ``run_epoch(model, loader, train=False)``: not this branch
+        if holds is None and kind in {"eval", "train"}:
+            kind = "restore"  # depends on a value the call does not fix: mode unknown
+        mapped = onto(target) if target else ""
+        if mapped is not None:
+            out.append((*at, kind, mapped))
     return out
+
+
+def _holds(guard: str, site: CallSite, callee: FunctionSummary) -> bool | None:
+    """Whether ``param|op|value`` holds for this call (None: the call does not say)."""
+    param, op, expected = guard.split("|", 2)
+    given: object = _MISSING
+    if param in site.consts:
+        given = site.consts[param]
+    elif param in callee.params and str(callee.params.index(param)) in site.consts:
+        given = site.consts[str(callee.params.index(param))]
+    elif param in site.kwargs or (
+        param in callee.params and callee.params.index(param) < len(site.args)
+    ):
+        return None  # passed, but not as a constant
+    elif param in callee.defaults:
+        given = callee.defaults[param]
+    if given is _MISSING:
+        return None
+    if op == "truthy":
+        return bool(given) == (expected == "true")
+    same = json.dumps(given) == expected
+    return same if op == "eq" else not same
+
+
+_MISSING = object()

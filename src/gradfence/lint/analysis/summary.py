@@ -28,6 +28,7 @@ summaries of other files later (:mod:`gradfence.lint.analysis.effects`).
 from __future__ import annotations
 
 import ast
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ class CallSite:
     kwargs: dict[str, str]
     grad_off: bool
     receiver: str | None = None
+    # constant arguments: "0", "1"... for positions, names for keywords
+    consts: dict[str, Any] = field(default_factory=dict)
 
     def as_data(self) -> list[Any]:
         return [
@@ -118,6 +121,7 @@ class CallSite:
             self.kwargs,
             self.grad_off,
             self.receiver,
+            self.consts,
         ]
 
     @classmethod
@@ -136,6 +140,7 @@ class FunctionSummary:
     calls: list[CallSite] = field(default_factory=list)
     kwonly: list[str] = field(default_factory=list)
     bound: list[str] = field(default_factory=list)  # names the body binds (its locals)
+    defaults: dict[str, Any] = field(default_factory=dict)  # constant parameter defaults
 
     def as_data(self) -> list[Any]:
         return [
@@ -146,11 +151,12 @@ class FunctionSummary:
             [c.as_data() for c in self.calls],
             self.kwonly,
             sorted(set(self.bound)),
+            self.defaults,
         ]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> FunctionSummary:
-        name, params, grad_off, events, calls, kwonly, bound = data
+        name, params, grad_off, events, calls, kwonly, bound, defaults = data
         return cls(
             name,
             list(params),
@@ -159,6 +165,7 @@ class FunctionSummary:
             [CallSite.from_data(c) for c in calls],
             list(kwonly),
             list(bound),
+            dict(defaults),
         )
 
 
@@ -181,7 +188,7 @@ class ModuleSummary:
             if self.lazy_differentiates and isinstance(functions, LazyFunctions):
                 functions.complete()
             self.differentiates_ = self.lazy_differentiates and any(
-                e[2] == "diff" for f in functions.values() for e in f.events
+                e[2].split("|", 1)[0] == "diff" for f in functions.values() for e in f.events
             )
             self.lazy_differentiates = None
         return self.differentiates_
@@ -287,6 +294,7 @@ class _Binder:
         self.in_class = in_class
         self.aliases: dict[str, str] = {}
         self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
+        self.guard: str | None = None  # "param|op|json value" of the enclosing ``if``
         self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
 
     # -- identity -----------------------------------------------------------------------
@@ -336,9 +344,36 @@ class _Binder:
     # -- walking ------------------------------------------------------------------------
 
     def event(self, node: ast.AST, kind: str, target: str) -> None:
+        if self.guard is not None:
+            kind = f"{kind}|{self.guard}"  # only when a parameter has a given value
         self.summary.events.append(
             (getattr(node, "lineno", 0), getattr(node, "col_offset", 0), kind, target)
         )
+
+    def _guard_of(self, test: ast.expr) -> tuple[str, str] | None:
+        """``(when true, when false)`` guards for ``if train:``, ``if not eval:``,
+        ``if mode == "train":``, ``if optimizer is not None:`` on a parameter."""
+        negate = False
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            test, negate = test.operand, True
+        params = self.summary.params + self.summary.kwonly
+        if isinstance(test, ast.Name) and test.id in params:
+            yes, no = f"{test.id}|truthy|true", f"{test.id}|truthy|false"
+        elif (
+            isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id in params
+            and len(test.ops) == 1
+            and isinstance(test.comparators[0], ast.Constant)
+            and isinstance(test.ops[0], ast.Eq | ast.NotEq | ast.Is | ast.IsNot)
+        ):
+            value = json.dumps(test.comparators[0].value)
+            yes, no = f"{test.left.id}|eq|{value}", f"{test.left.id}|ne|{value}"
+            if isinstance(test.ops[0], ast.NotEq | ast.IsNot):
+                yes, no = no, yes
+        else:
+            return None
+        return (no, yes) if negate else (yes, no)
 
     def block(self, body: list[ast.stmt]) -> None:
         for stmt in body:
@@ -395,6 +430,15 @@ class _Binder:
             self.block(node.body)
             self.block(node.orelse)
             return
+        if isinstance(node, ast.If) and self.guard is None:
+            guards = self._guard_of(node.test)
+            if guards is not None:
+                self.expr(node.test)
+                for guard, branch in zip(guards, (node.body, node.orelse), strict=True):
+                    self.guard = guard
+                    self.block(branch)
+                self.guard = None
+                return
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.expr):
                 self.expr(child)
@@ -597,9 +641,28 @@ class _Binder:
         else:
             site_callee = ""
         if site_callee:
+            consts = {
+                str(i): a.value
+                for i, a in enumerate(node.args)
+                if isinstance(a, ast.Constant) and isinstance(a.value, str | int | float | None)
+            }
+            consts.update(
+                (k.arg, k.value.value)
+                for k in node.keywords
+                if k.arg is not None
+                and isinstance(k.value, ast.Constant)
+                and isinstance(k.value.value, str | int | float | None)
+            )
             self.summary.calls.append(
                 CallSite(
-                    node.lineno, node.col_offset, site_callee, arg_targets, kwargs, off, receiver
+                    node.lineno,
+                    node.col_offset,
+                    site_callee,
+                    arg_targets,
+                    kwargs,
+                    off,
+                    receiver,
+                    consts,
                 )
             )
         if qual is None or not qual.startswith("torch."):
@@ -646,6 +709,23 @@ class _Binder:
             self.event(node, "diff", "")
         for root in roots:
             self.event(node, "diff", self.aliases.get(root, root))
+
+
+def _defaults(node: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
+    """Constant default values of the parameters (``train=True``, ``optimizer=None``)."""
+    args = node.args
+    positional = [*args.posonlyargs, *args.args]
+    found: dict[str, Any] = {}
+    pairs = list(
+        zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True)
+    )
+    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d]
+    for arg, default in pairs:
+        if isinstance(default, ast.Constant) and isinstance(
+            default.value, str | int | float | None
+        ):
+            found[arg.arg] = default.value
+    return found
 
 
 def _bound_names(target: ast.expr) -> list[str]:
@@ -743,6 +823,8 @@ class _Index:
                 for d in node.decorator_list
             )
         summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        if not isinstance(node, ast.Module):
+            summary.defaults = _defaults(node)
         _Binder(summary, self.imports, self.local, in_class).block(node.body)
         events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
         cls = name.rpartition(".")[0]
@@ -793,7 +875,9 @@ def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
     """Summaries of every function, method and the module body of ``tree``."""
     index = _Index(tree, package)
     functions = {name: index.summarise(name) for name in index.nodes}
-    differentiates = any(e[2] == "diff" for f in functions.values() for e in f.events)
+    differentiates = any(
+        e[2].split("|", 1)[0] == "diff" for f in functions.values() for e in f.events
+    )
     return ModuleSummary(functions, index.bound, index.bases, differentiates)
 
 

@@ -61,7 +61,8 @@ def _delegates_to_no_grad(facts: FileModel, function: FunctionModel) -> bool:
     analysis = facts.analysis
     summary = analysis.function(function.qualname)
     if summary is None or any(
-        kind == "forward" and subject not in _BUILTINS for _, _, kind, subject in summary.events
+        kind.split("|", 1)[0] == "forward" and subject not in _BUILTINS
+        for _, _, kind, subject in summary.events
     ):
         return False  # it runs something itself, with gradients on
     for site in summary.calls:

@@ -253,7 +253,9 @@ def eval_mode_leak(facts: FileModel) -> Iterator[Hit]:
             continue
         reported: set[Pos] = set()
         own = facts.analysis.function(function.qualname)
-        own_evals = {(e[0], e[1]) for e in (own.events if own else ()) if e[2] == "eval"}
+        own_evals = {
+            (e[0], e[1]) for e in (own.events if own else ()) if e[2].split("|", 1)[0] == "eval"
+        }
         for loop in function.loops:
             start, stop = pos(loop.node), end_pos(loop.node)
             inside = [e for e in items if start <= (e[0], e[1]) <= stop]
