@@ -3,7 +3,7 @@
 - :func:`events`: a function's events, callees included;
 - :func:`mode_at`: the mode a module is known to be in at a point (``eval``, ``train`` or
   ``None`` for "cannot tell");
-- :func:`trained_targets`: modules whose parameters reach an optimiser in the file;
+- :func:`trained_targets`: modules whose parameters reach an optimiser in view;
 - :func:`is_trained`: whether a module is trained (optimiser, or its output reaches the
   differentiated loss when no optimiser is visible);
 - :func:`eval_evidence`: why a point is an evaluation (validation loader, metric, grad-off
@@ -79,25 +79,26 @@ def binding_before(facts: FileModel, function: FunctionModel, target: str, here:
     return last
 
 
-def trained_targets(facts: FileModel) -> set[str]:
-    """Modules whose parameters reach an optimiser anywhere in the file (last name parts
-    too, so that ``self.model`` and ``model`` meet)."""
-    found: set[str] | None = facts.memo.get("trained")
-    if found is None:
-        found = set()
-        for function in facts.functions:
-            for _, _, kind, subject in events(facts, function):
-                if kind == "optim" and subject:
-                    found.add(subject)
-                    found.add(subject.rsplit(".", 1)[-1])
-        facts.memo["trained"] = found
+def trained_targets(facts: FileModel, function: FunctionModel) -> set[str]:
+    """Modules whose parameters reach an optimiser where ``function`` can see it: in the
+    function (callees included) or in a method of its class (last name parts too, so that
+    ``self.model`` and ``model`` meet)."""
+    found: set[str] = set()
+    scopes = [function]
+    if function.cls is not None:
+        scopes += function.cls.methods.values()
+    for scope in scopes:
+        for _, _, kind, subject in events(facts, scope):
+            if kind == "optim" and subject:
+                found.add(subject)
+                found.add(subject.rsplit(".", 1)[-1])
     return found
 
 
 def is_trained(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """Whether ``target`` is trained: its parameters reach an optimiser, or (when no
-    optimiser is visible in the file) its output reaches a differentiated loss."""
-    optimised = trained_targets(facts)
+    optimiser is visible) the function itself runs it with gradients on and differentiates."""
+    optimised = trained_targets(facts, function)
     if optimised:
         last = target.rsplit(".", 1)[-1]
         return any(related(target, o) or last == o for o in optimised) or any(

@@ -304,19 +304,17 @@ def _mapped(
         for name in effects.globals_:
             mapping.setdefault(name, name)
 
-    def onto(target: str) -> str | None:
+    def onto(target: str) -> list[str]:
         head, dot, rest = target.partition(".")
         base = mapping.get(head)
         if base is None:
-            return None
-        return f"{base}{dot}{rest}"
+            return []
+        return [f"{one}{dot}{rest}" for one in base.split(",")]  # a list literal: each
 
     out: list[Event] = []
     at = (site.line, site.col)
     for target, kind in effects.entry.items():
-        mapped = onto(target)
-        if mapped is not None:
-            out.append((*at, kind, mapped))
+        out.extend((*at, kind, mapped) for mapped in onto(target))
     for kind, targets in (
         ("forward_off" if site.grad_off else "forward", effects.forwards),
         ("forward_off", effects.forwards_off),
@@ -326,24 +324,18 @@ def _mapped(
         ("diff", effects.diffs),
     ):
         for target in targets:
-            mapped = onto(target)
-            if mapped is not None:
-                out.append((*at, kind, mapped))
+            out.extend((*at, kind, mapped) for mapped in onto(target))
     if effects.differentiates:
         out.append((*at, "diff", ""))
     for target, kind in effects.mode.items():
-        mapped = onto(target)
-        if mapped is not None:
-            out.append((*at, kind, mapped))
+        out.extend((*at, kind, mapped) for mapped in onto(target))
     for kind, target, guard in effects.guarded:
         holds = _holds(guard, site, callee)
         if holds is False:
             continue  # ``run_epoch(model, loader, train=False)``: not this branch
         if holds is None and kind in {"eval", "train"}:
             kind = "restore"  # depends on a value the call does not fix: mode unknown
-        mapped = onto(target) if target else ""
-        if mapped is not None:
-            out.append((*at, kind, mapped))
+        out.extend((*at, kind, mapped) for mapped in (onto(target) if target else [""]))
     return out
 
 

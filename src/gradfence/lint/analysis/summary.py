@@ -425,6 +425,18 @@ class _Binder:
         if isinstance(node, ast.For | ast.AsyncFor):
             self.expr(node.iter)
             self._freezes(node)
+            element = node.iter
+            if (
+                isinstance(element, ast.Call)
+                and isinstance(element.func, ast.Attribute)
+                and element.func.attr in {"values", "children", "modules"}
+            ):
+                element = element.func.value  # ``for m in self.models.values():``
+            container = (
+                self.target(element) if isinstance(element, ast.Name | ast.Attribute) else None
+            )
+            if isinstance(node.target, ast.Name) and container is not None:
+                self.aliases[node.target.id] = container  # an element stands for its container
             for name in _bound_names(node.target):
                 self.summary.bound.append(name)
             self.block(node.body)
@@ -619,7 +631,7 @@ class _Binder:
         callee = dotted(func)
         if callee is None:
             return
-        arg_targets = [None if isinstance(a, ast.Starred) else self.target(a) for a in node.args]
+        arg_targets = [self._argument(a) for a in node.args]
         kwargs = {
             k.arg: t
             for k in node.keywords
@@ -669,6 +681,17 @@ class _Binder:
             target = self._forwarded(func)
             if target is not None and target not in {"self", "super", "print"}:
                 self.event(node, "forward_off" if off else "forward", target)
+
+    def _argument(self, node: ast.expr) -> str | None:
+        """The target an argument names; a list or tuple of names gives them all, joined
+        by commas (``set_mode("eval", [encoder, decoder])``)."""
+        if isinstance(node, ast.Starred):
+            return None
+        if isinstance(node, ast.List | ast.Tuple):
+            names = [self.target(e) for e in node.elts]
+            found = [n for n in names if n is not None]
+            return ",".join(found) if found else None
+        return self.target(node)
 
     def _forwarded(self, func: ast.expr) -> str | None:
         """The module a call runs: ``m(...)``, ``self.m(...)``, ``m.forward(...)``,
