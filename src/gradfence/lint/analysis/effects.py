@@ -101,7 +101,9 @@ class Analysis:
         callee = site.callee
         if callee.startswith(("self.", "cls.")):
             cls = caller.rpartition(".")[0]
-            return self._method(module, cls, callee.split(".", 1)[1], 0)
+            while cls and cls not in summary.bases:
+                cls = cls.rpartition(".")[0]  # a closure inside a method: the method's class
+            return self._method(module, cls, callee.split(".", 1)[1], 0) if cls else None
         if callee.startswith("qual:"):
             return self._qual(callee[5:])
         if callee.startswith("method:"):

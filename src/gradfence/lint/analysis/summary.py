@@ -851,6 +851,8 @@ class _Index:
         _Binder(summary, self.imports, self.local, in_class).block(node.body)
         events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
         cls = name.rpartition(".")[0]
+        while cls and cls not in self.bases:
+            cls = cls.rpartition(".")[0]  # a closure inside a method: the method's class
         if cls in self.bases:
             # ``self.helper(x)`` calls a method of the class: not a forward of a submodule
             events = [
