@@ -12,6 +12,7 @@ from gradfence.lint.rules import RULES
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "rules"
 SECTIONS = [
     "## What it does",
+    "## Evidence",
     "## Why is this a problem?",
     "## Example",
     "## Use instead",

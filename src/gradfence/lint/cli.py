@@ -116,7 +116,13 @@ def run_lint(args: argparse.Namespace) -> int:
     """``gradfence lint``: lint, optionally fix, report; return the exit status."""
     from gradfence import __version__
     from gradfence.cli import UsageError
-    from gradfence.lint.config import ConfigError, find_pyproject, load_config, parse_torch_version
+    from gradfence.lint.config import (
+        ConfigError,
+        declared_torch,
+        find_pyproject,
+        load_config,
+        parse_torch_version,
+    )
     from gradfence.lint.engine import Settings, lint_paths
     from gradfence.lint.files import discover
     from gradfence.lint.selection import Selection
@@ -143,11 +149,14 @@ def run_lint(args: argparse.Namespace) -> int:
         per_file_ignores=config.per_file_ignores,
         root=str(root) if root is not None else None,
     )
+    project = _project(args, first if first.exists() else Path.cwd())
+    if target is None and project is not None:
+        target = declared_torch(Path(project.root))  # what the project says it supports
     settings = Settings(
         selection=selection,
         target_torch=target,
         preview=args.preview,
-        project=_project(args, first if first.exists() else Path.cwd()),
+        project=project,
     )
     base = str(root) if root is not None else "."
     files = list(discover(args.paths, config.exclude, base=base))

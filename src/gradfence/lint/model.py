@@ -360,6 +360,7 @@ class FileModel:
         self.bare_with_items: list[tuple[ast.expr, FunctionModel]] = []
         self.hot_lines, self.training_lines = line_numbers(source)
         self.by_name: dict[str, list[FunctionModel]] = {}
+        self._qualnames: set[str] = set()
         self._text: SourceText | None = None
         self.project = project
         self._analysis: Analysis | None = None
@@ -427,6 +428,9 @@ class FileModel:
         """Register a function, method or pseudo-function."""
         self.functions.append(function)
         self.by_name.setdefault(function.name, []).append(function)
+        if function.qualname in self._qualnames:  # a redefinition, named as summaries do
+            function.qualname = f"{function.qualname}@{getattr(function.node, 'lineno', 0)}"
+        self._qualnames.add(function.qualname)
 
 
 class Walker:
@@ -552,7 +556,7 @@ class Walker:
         if (
             self.full
             or node.name == "__init__"
-            or _any_between(self.model.hot_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.hot_lines, node.lineno, node.end_lineno)
         ):
             self.block(node.body)
         # else: no word any rule looks for, and no context that needs every call: skip it
@@ -641,7 +645,7 @@ class Walker:
         # training loops and evaluation loops need every call (losses, forwards, helpers)
         self.full = (
             self.full
-            or _any_between(self.model.training_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.training_lines, node.lineno, node.end_lineno)
             or is_eval_loader(loop.words)
         )
         self.block(node.body)
@@ -663,7 +667,7 @@ class Walker:
         if self.full:
             return True
         start = getattr(node, "lineno", 0)
-        return _any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
+        return any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
 
     def expr(self, node: ast.expr) -> None:
         if not self.full and not self.is_hot(node):
@@ -690,7 +694,7 @@ class Walker:
                 function.awaits.append(sub)
             elif kind is ast.Name or kind is ast.Constant:
                 continue
-            for field in _child_fields(kind):
+            for field in child_fields(kind):
                 value = getattr(sub, field, None)
                 if value is None:
                     continue
@@ -704,7 +708,7 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 _LEAF_FIELDS = frozenset({"ctx", "id", "attr", "arg", "kind", "type_comment", "is_async"})
 
 
-def _child_fields(kind: type) -> tuple[str, ...]:
+def child_fields(kind: type) -> tuple[str, ...]:
     """Fields of an AST node type that may hold child nodes."""
     fields = _FIELDS.get(kind)
     if fields is None:
@@ -713,7 +717,7 @@ def _child_fields(kind: type) -> tuple[str, ...]:
     return fields
 
 
-def _any_between(lines: list[int], start: int, end: int | None) -> bool:
+def any_between(lines: list[int], start: int, end: int | None) -> bool:
     """Whether the sorted ``lines`` hold a number in ``[start, end]``."""
     index = bisect.bisect_left(lines, start)
     return index < len(lines) and lines[index] <= (end if end is not None else start)

@@ -3,7 +3,7 @@
 - :func:`events`: a function's events, callees included;
 - :func:`mode_at`: the mode a module is known to be in at a point (``eval``, ``train`` or
   ``None`` for "cannot tell");
-- :func:`trained_targets`: modules whose parameters reach an optimiser in the file;
+- :func:`trained_targets`: modules whose parameters reach an optimiser in view;
 - :func:`is_trained`: whether a module is trained (optimiser, or its output reaches the
   differentiated loss when no optimiser is visible);
 - :func:`eval_evidence`: why a point is an evaluation (validation loader, metric, grad-off
@@ -27,8 +27,11 @@ _LOADER_WORDS = frozenset({"val", "valid", "validation", "test", "eval", "evalua
 _METRIC_WORDS = frozenset(
     {"accuracy", "acc", "correct", "precision", "recall", "f1", "auc", "bleu", "psnr", "ssim"}
     | {"metric", "metrics", "score", "confusion", "miou", "iou", "top1", "top5", "mae", "rmse"}
+    | {"dice", "wer", "cer", "map", "perplexity", "ppl"}
 )
-_METRIC_CALL = re.compile(r"\.argmax\(|\.topk\(|\.eq\(|accuracy|f1_score|torchmetrics|sklearn")
+_METRIC_CALL = re.compile(
+    r"\.argmax\(|\.topk\(|\.eq\(|accuracy|f1_score|torchmetrics|sklearn|dice|\bwer\("
+)
 
 
 def events(facts: FileModel, function: FunctionModel) -> list[Event]:
@@ -71,37 +74,45 @@ def binding_before(facts: FileModel, function: FunctionModel, target: str, here:
     for line, col, kind, subject in events(facts, function):
         if (line, col) > here:
             break
-        if kind in {"built", "bound_call", "opaque"} and subject == target:
+        if kind in {"built", "bound_call", "opaque", "loaded"} and subject == target:
             last = kind
     return last
 
 
-def trained_targets(facts: FileModel) -> set[str]:
-    """Modules whose parameters reach an optimiser anywhere in the file (last name parts
-    too, so that ``self.model`` and ``model`` meet)."""
-    found: set[str] | None = facts.memo.get("trained")
-    if found is None:
-        found = set()
-        for function in facts.functions:
-            for _, _, kind, subject in events(facts, function):
-                if kind == "optim" and subject:
-                    found.add(subject)
-                    found.add(subject.rsplit(".", 1)[-1])
-        facts.memo["trained"] = found
+def trained_targets(facts: FileModel, function: FunctionModel) -> set[str]:
+    """Modules whose parameters reach an optimiser where ``function`` can see it: in the
+    function (callees included) or in a method of its class (last name parts too, so that
+    ``self.model`` and ``model`` meet)."""
+    found: set[str] = set()
+    scopes = [function]
+    if function.cls is not None:
+        scopes += function.cls.methods.values()
+    for scope in scopes:
+        for _, _, kind, subject in events(facts, scope):
+            if kind == "optim" and subject:
+                found.add(subject)
+                found.add(subject.rsplit(".", 1)[-1])
     return found
 
 
 def is_trained(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """Whether ``target`` is trained: its parameters reach an optimiser, or (when no
-    optimiser is visible in the file) its output reaches a differentiated loss."""
-    optimised = trained_targets(facts)
+    optimiser is visible) the function itself runs it with gradients on and differentiates."""
+    optimised = trained_targets(facts, function)
     if optimised:
         last = target.rsplit(".", 1)[-1]
         return any(related(target, o) or last == o for o in optimised) or any(
             related(last, o) for o in optimised
         )
     items = events(facts, function)
-    forwarded = any(k == "forward" and related(s, target) for _, _, k, s in items)
+    if any(k == "frozen" and covers(s, target) for _, _, k, s in items):
+        return False
+    own = facts.analysis.function(function.qualname)
+    # run by this function itself with gradients on (not only inside a helper, which may
+    # evaluate it), and something is differentiated
+    forwarded = own is not None and any(
+        k.split("|", 1)[0] == "forward" and related(s, target) for _, _, k, s in own.events
+    )
     return forwarded and any(k == "diff" for _, _, k, _ in items)
 
 
@@ -132,7 +143,13 @@ def eval_batches(facts: FileModel, function: FunctionModel) -> list[Pos]:
     """Where ``next(iter(val_loader))`` pulls a batch from evaluation data in the function."""
     found: list[Pos] = []
     node = function.node
-    for sub in ast.walk(node) if not isinstance(node, ast.Module) else ():
+    if "iter(" not in facts.source or isinstance(node, ast.Module):
+        return found
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", start) or start
+    if not any("next(" in line for line in facts.lines[start - 1 : end]):
+        return found
+    for sub in ast.walk(node):
         if (
             isinstance(sub, ast.Call)
             and isinstance(sub.func, ast.Name)
@@ -189,12 +206,48 @@ def eval_evidence(
     if grad_off:
         reasons.append("gradients off")
     if (
-        grad_off
-        and not facts.analysis.summary.differentiates
+        not facts.analysis.summary.differentiates
         and (function is facts.module or function.parent is facts.module)
+        and is_script(facts)
     ):
         reasons.append("script never differentiates")
     return reasons
+
+
+def is_script(facts: FileModel) -> bool:
+    """A file meant to be run: an ``if __name__ == "__main__":`` block, or a loop or a
+    ``with`` block at module level (a library module only defines things)."""
+    return any(
+        isinstance(node, ast.For | ast.While | ast.With)
+        or (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__"
+        )
+        for node in facts.tree.body
+    )
+
+
+def sets_no_mode(facts: FileModel) -> bool:
+    """Nothing in the file calls ``.eval()``, ``.train()`` or ``.train(flag)``."""
+    found: bool | None = facts.memo.get("sets_no_mode")
+    if found is None:
+        found = not any(
+            kind.split("|", 1)[0] in {"eval", "train", "restore"}
+            for summary in facts.analysis.summary.functions.values()
+            for _, _, kind, _ in summary.events
+        )
+        facts.memo["sets_no_mode"] = found
+    return found
+
+
+def class_trains(facts: FileModel, function: FunctionModel) -> bool:
+    """Some method of the function's class differentiates: the class trains its modules,
+    so it owns their mode (even for a module handed to its ``__init__``)."""
+    if function.cls is None:
+        return False
+    return any(differentiates(facts, method) for method in function.cls.methods.values())
 
 
 # decorators that do not change the grad mode of the function they wrap
@@ -246,10 +299,13 @@ def unknown_decorator(facts: FileModel, function: FunctionModel) -> bool:
 def is_test_code(facts: FileModel, function: FunctionModel) -> bool:
     """A unit test: a ``test_*`` function, or any function of a ``test_*.py`` / ``*_test.py``
     file. Its forwards compare outputs; they do not evaluate a model on data."""
+    return is_test_file(facts) or function.name.startswith("test_")
+
+
+def is_test_file(facts: FileModel) -> bool:
+    """``test_*.py``, ``*_test.py``, ``conftest.py``: a unit-test module."""
     name = facts.path.replace("\\", "/").rsplit("/", 1)[-1]
-    if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
-        return True
-    return function.name.startswith("test_")
+    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
 
 
 _RANDOM = frozenset(

@@ -16,6 +16,7 @@ nothing changes (at most a few rounds: effects only grow).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from gradfence.lint.analysis.project import Project
@@ -33,6 +34,8 @@ class Effects:
     # target -> first mode set, when that comes before anything is differentiated
     entry: dict[str, str] = field(default_factory=dict)
     globals_: set[str] = field(default_factory=set)  # module-level names among the targets
+    # (kind, target, "param|op|value"): effects only when a parameter has a given value
+    guarded: list[tuple[str, str, str]] = field(default_factory=list)
     evals: set[str] = field(default_factory=set)  # set to eval at some point
     forwards: set[str] = field(default_factory=set)  # run with gradients on
     forwards_off: set[str] = field(default_factory=set)  # run under no_grad
@@ -54,10 +57,15 @@ class Effects:
             len(self.optim),
             len(self.detaches),
             len(self.stores),
+            len(self.guarded),
         )
 
 
 _EMPTY = Effects()
+# how far down the call graph effects are followed (the pitfalls are a few calls deep; a
+# large library's whole call graph is not needed to judge a training loop)
+MAX_DEPTH = 4
+MAX_CROSS_DEPTH = 2
 FunctionRef = tuple[str, str]  # (module name, function name)
 
 
@@ -71,6 +79,7 @@ class Analysis:
         self._effects: dict[FunctionRef, Effects] = {}
         self._events: dict[FunctionRef, list[Event]] = {}
         self._active: set[FunctionRef] = set()
+        self._depth: dict[FunctionRef, int] = {}  # how deep in the call graph each was computed
         self._cycle = False
 
     # -- lookup ---------------------------------------------------------------------------
@@ -92,7 +101,9 @@ class Analysis:
         callee = site.callee
         if callee.startswith(("self.", "cls.")):
             cls = caller.rpartition(".")[0]
-            return self._method(module, cls, callee.split(".", 1)[1], 0)
+            while cls and cls not in summary.bases:
+                cls = cls.rpartition(".")[0]  # a closure inside a method: the method's class
+            return self._method(module, cls, callee.split(".", 1)[1], 0) if cls else None
         if callee.startswith("qual:"):
             return self._qual(callee[5:])
         if callee.startswith("method:"):
@@ -146,7 +157,14 @@ class Analysis:
     # -- composition ----------------------------------------------------------------------
 
     def events(self, name: str, module: str | None = None) -> list[Event]:
-        """The function's events, with resolvable calls replaced by their effects."""
+        """The function's events, with resolvable calls replaced by their effects (an event
+        under ``if <parameter>:`` counts: inside the function the value is not known)."""
+        return [
+            (line, col, kind.split("|", 1)[0], target)
+            for line, col, kind, target in self._raw_events(name, module)
+        ]
+
+    def _raw_events(self, name: str, module: str | None = None) -> list[Event]:
         module = module or self.module
         ref = (module, name)
         cached = self._events.get(ref)
@@ -156,9 +174,14 @@ class Analysis:
         if function is None:
             return []
         found = sorted(function.events, key=_order)
+        deep = len(self._active) >= MAX_DEPTH  # callees this far down are not followed
         for site in function.calls:
+            if deep:
+                break
             target = self.resolve(site, module, name)
             if target is None or target == ref:
+                continue
+            if target[0] != module and len(self._active) >= MAX_CROSS_DEPTH:
                 continue
             callee = self.function(target[1], target[0])
             if callee is None:
@@ -177,8 +200,9 @@ class Analysis:
         if ref in self._active:
             self._cycle = True
             return self._effects.get(ref, _EMPTY)
-        if ref in self._effects and not self._active:
-            return self._effects[ref]
+        depth = len(self._active)
+        if ref in self._effects and self._depth.get(ref, 0) <= depth and not self._cycle:
+            return self._effects[ref]  # computed with at least this much depth to spare
         top = not self._active
         for _ in range(4 if top else 1):
             self._cycle = False
@@ -189,6 +213,7 @@ class Analysis:
                 self._active.discard(ref)
             previous = self._effects.get(ref)
             self._effects[ref] = result
+            self._depth[ref] = depth
             if not top or not self._cycle or (previous and previous.key() == result.key()):
                 break
         return self._effects[ref]
@@ -205,7 +230,12 @@ class Analysis:
         if ref[1] == "<module>":
             shared = set()
         result = Effects()
-        for _, _, kind, target in self.events(ref[1], ref[0]):
+        for _, _, kind, target in self._raw_events(ref[1], ref[0]):
+            if "|" in kind:
+                kind, guard = kind.split("|", 1)
+                if not target or _exported(target, exported):
+                    result.guarded.append((kind, target, guard))
+                continue
             if kind == "diff":
                 result.differentiates = True
             if not target:
@@ -276,19 +306,17 @@ def _mapped(
         for name in effects.globals_:
             mapping.setdefault(name, name)
 
-    def onto(target: str) -> str | None:
+    def onto(target: str) -> list[str]:
         head, dot, rest = target.partition(".")
         base = mapping.get(head)
         if base is None:
-            return None
-        return f"{base}{dot}{rest}"
+            return []
+        return [f"{one}{dot}{rest}" for one in base.split(",")]  # a list literal: each
 
     out: list[Event] = []
     at = (site.line, site.col)
     for target, kind in effects.entry.items():
-        mapped = onto(target)
-        if mapped is not None:
-            out.append((*at, kind, mapped))
+        out.extend((*at, kind, mapped) for mapped in onto(target))
     for kind, targets in (
         ("forward_off" if site.grad_off else "forward", effects.forwards),
         ("forward_off", effects.forwards_off),
@@ -298,13 +326,41 @@ def _mapped(
         ("diff", effects.diffs),
     ):
         for target in targets:
-            mapped = onto(target)
-            if mapped is not None:
-                out.append((*at, kind, mapped))
+            out.extend((*at, kind, mapped) for mapped in onto(target))
     if effects.differentiates:
         out.append((*at, "diff", ""))
     for target, kind in effects.mode.items():
-        mapped = onto(target)
-        if mapped is not None:
-            out.append((*at, kind, mapped))
+        out.extend((*at, kind, mapped) for mapped in onto(target))
+    for kind, target, guard in effects.guarded:
+        holds = _holds(guard, site, callee)
+        if holds is False:
+            continue  # ``run_epoch(model, loader, train=False)``: not this branch
+        if holds is None and kind in {"eval", "train"}:
+            kind = "restore"  # depends on a value the call does not fix: mode unknown
+        out.extend((*at, kind, mapped) for mapped in (onto(target) if target else [""]))
     return out
+
+
+def _holds(guard: str, site: CallSite, callee: FunctionSummary) -> bool | None:
+    """Whether ``param|op|value`` holds for this call (None: the call does not say)."""
+    param, op, expected = guard.split("|", 2)
+    given: object = _MISSING
+    if param in site.consts:
+        given = site.consts[param]
+    elif param in callee.params and str(callee.params.index(param)) in site.consts:
+        given = site.consts[str(callee.params.index(param))]
+    elif param in site.kwargs or (
+        param in callee.params and callee.params.index(param) < len(site.args)
+    ):
+        return None  # passed, but not as a constant
+    elif param in callee.defaults:
+        given = callee.defaults[param]
+    if given is _MISSING:
+        return None
+    if op == "truthy":
+        return bool(given) == (expected == "true")
+    same = json.dumps(given) == expected
+    return same if op == "eq" else not same
+
+
+_MISSING = object()

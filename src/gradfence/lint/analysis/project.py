@@ -18,10 +18,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradfence.lint.analysis.summary import ModuleSummary, summarise
+from gradfence.lint.analysis.summary import ModuleSummary, summarise, summarise_lazily
 
 # bump when summaries change shape or meaning: old cache entries are then ignored
-ANALYSIS_VERSION = "2"
+ANALYSIS_VERSION = "9"
 CACHE_DIR_NAME = ".gradfence_cache"
 ROOT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 # a file bigger than this is not summarised for other files' sake (generated code)
@@ -131,27 +131,59 @@ class Project:
         self.root = Path(config.root) if config is not None else None
         self.cache = SummaryCache(config.cache_dir if config is not None else None)
         self._modules: dict[str, ModuleSummary | None] = {}
+        self._keys: dict[str, str | None] = {}
+        self._located: dict[str, Path | None] = {}
+        # project modules read for the file being linted (its findings depend on them)
+        self.touched: dict[str, str | None] = {}
 
     def summary_for(self, source: str, tree: ast.Module, path: str) -> ModuleSummary:
         """The summary of a file being linted (from the cache when its text is unchanged)."""
         package = package_of(path, self.root) if self.root is not None else None
         key = SummaryCache.key(source, package)
+        name = module_name(path, self.root) if self.root is not None else None
+        known = self._modules.get(name) if name is not None else None
+        if known is not None and name is not None and self._keys.get(name) == key:
+            return known  # summarised already, for a file importing it
         found = self.cache.get(key)
-        if found is None:
+        if found is None and name is not None:
+            # a module of the project: summarised in full once, for itself and its importers
+            # (files are linted imports first), so that no file is parsed twice
             found = summarise(tree, package)
             self.cache.put(key, found)
-        if self.root is not None:
-            name = module_name(path, self.root)
-            if name is not None:
-                self._modules.setdefault(name, found)
+            self._modules[name] = found
+            self._keys[name] = key
+        elif found is None:
+            # outside a project: only what the rules ask about
+            found = summarise_lazily(tree, source, package)
+        elif name is not None:
+            self._modules.setdefault(name, found)  # complete: importers may use it as is
+            self._keys.setdefault(name, key)
         return found
+
+    def module_key(self, name: str) -> str | None:
+        """The content hash of project module ``name`` (None when it has no file), read
+        once per process."""
+        if name not in self._keys:
+            path = self.locate(name)
+            key = None
+            if path is not None:
+                try:
+                    source = path.read_bytes().decode("utf-8", errors="replace")
+                except OSError:
+                    source = None
+                if source is not None:
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    key = SummaryCache.key(source, package)
+            self._keys[name] = key
+        return self._keys[name]
 
     def module(self, name: str) -> ModuleSummary | None:
         """The summary of project module ``name``; None if it is not part of the project."""
+        self.touched.setdefault(name, None)
         if name in self._modules:
             return self._modules[name]
         self._modules[name] = None  # also guards against import cycles
-        path = self._locate(name)
+        path = self.locate(name)
         if path is None:
             return None
         try:
@@ -163,6 +195,7 @@ class Project:
         source = raw.decode("utf-8", errors="replace")
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         key = SummaryCache.key(source, package)
+        self._keys[name] = key
         found = self.cache.get(key)
         if found is None:
             try:
@@ -178,6 +211,12 @@ class Project:
             self.cache.put(key, found)
         self._modules[name] = found
         return found
+
+    def locate(self, name: str) -> Path | None:
+        """The file of project module ``name``, if it has one (memoised)."""
+        if name not in self._located:
+            self._located[name] = self._locate(name)
+        return self._located[name]
 
     def _locate(self, name: str) -> Path | None:
         if self.root is None or not all(p.isidentifier() for p in name.split(".")):

@@ -28,10 +28,13 @@ summaries of other files later (:mod:`gradfence.lint.analysis.effects`).
 from __future__ import annotations
 
 import ast
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradfence.lint.imports import ImportMap, dotted
+from gradfence.lint.model import child_fields
 from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
 
 # methods that return the module they are called on
@@ -106,6 +109,8 @@ class CallSite:
     kwargs: dict[str, str]
     grad_off: bool
     receiver: str | None = None
+    # constant arguments: "0", "1"... for positions, names for keywords
+    consts: dict[str, Any] = field(default_factory=dict)
 
     def as_data(self) -> list[Any]:
         return [
@@ -116,6 +121,7 @@ class CallSite:
             self.kwargs,
             self.grad_off,
             self.receiver,
+            self.consts,
         ]
 
     @classmethod
@@ -134,6 +140,7 @@ class FunctionSummary:
     calls: list[CallSite] = field(default_factory=list)
     kwonly: list[str] = field(default_factory=list)
     bound: list[str] = field(default_factory=list)  # names the body binds (its locals)
+    defaults: dict[str, Any] = field(default_factory=dict)  # constant parameter defaults
 
     def as_data(self) -> list[Any]:
         return [
@@ -144,11 +151,12 @@ class FunctionSummary:
             [c.as_data() for c in self.calls],
             self.kwonly,
             sorted(set(self.bound)),
+            self.defaults,
         ]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> FunctionSummary:
-        name, params, grad_off, events, calls, kwonly, bound = data
+        name, params, grad_off, events, calls, kwonly, bound, defaults = data
         return cls(
             name,
             list(params),
@@ -157,6 +165,7 @@ class FunctionSummary:
             [CallSite.from_data(c) for c in calls],
             list(kwonly),
             list(bound),
+            dict(defaults),
         )
 
 
@@ -167,11 +176,29 @@ class ModuleSummary:
     functions: dict[str, FunctionSummary]
     imports: dict[str, str]  # local name -> qualified name (relative imports resolved)
     bases: dict[str, list[str]]  # class -> base names as written (dotted)
-    differentiates: bool  # the file differentiates anything at all
+    differentiates_: bool  # the file differentiates anything at all
+    # summarised lazily: whether the text may differentiate (then functions are asked)
+    lazy_differentiates: bool | None = None
+
+    @property
+    def differentiates(self) -> bool:
+        """Whether any function of the file differentiates anything."""
+        if self.lazy_differentiates is not None:
+            functions = self.functions
+            if self.lazy_differentiates and isinstance(functions, LazyFunctions):
+                functions.complete()
+            self.differentiates_ = self.lazy_differentiates and any(
+                e[2].split("|", 1)[0] == "diff" for f in functions.values() for e in f.events
+            )
+            self.lazy_differentiates = None
+        return self.differentiates_
 
     def as_data(self) -> dict[str, Any]:
+        functions = self.functions
+        if isinstance(functions, LazyFunctions):
+            functions.complete()
         return {
-            "functions": {k: v.as_data() for k, v in self.functions.items()},
+            "functions": {k: v.as_data() for k, v in functions.items()},
             "imports": self.imports,
             "bases": self.bases,
             "differentiates": self.differentiates,
@@ -192,7 +219,7 @@ def module_imports(tree: ast.Module, package: str | None) -> tuple[ImportMap, di
     that also resolves relative imports against ``package`` (``from .utils import f``)."""
     imports = ImportMap()
     bound: dict[str, str] = {}
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             imports.add(node)
             for alias in node.names:
@@ -211,6 +238,19 @@ def module_imports(tree: ast.Module, package: str | None) -> tuple[ImportMap, di
                     local = alias.asname or alias.name
                     bound[local] = f"{base}.{alias.name}" if base else alias.name
     return imports, bound
+
+
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Every statement, nested blocks included, without descending into expressions (an
+    import can only be a statement: this is much cheaper than ``ast.walk``)."""
+    stack = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            block = getattr(node, name, None)
+            if block:
+                stack.extend(reversed(block))
 
 
 def _absolute(node: ast.ImportFrom, package: str | None) -> str | None:
@@ -253,6 +293,8 @@ class _Binder:
         self.local_functions = local_functions
         self.in_class = in_class
         self.aliases: dict[str, str] = {}
+        self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
+        self.guard: str | None = None  # "param|op|json value" of the enclosing ``if``
         self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
 
     # -- identity -----------------------------------------------------------------------
@@ -302,9 +344,36 @@ class _Binder:
     # -- walking ------------------------------------------------------------------------
 
     def event(self, node: ast.AST, kind: str, target: str) -> None:
+        if self.guard is not None:
+            kind = f"{kind}|{self.guard}"  # only when a parameter has a given value
         self.summary.events.append(
             (getattr(node, "lineno", 0), getattr(node, "col_offset", 0), kind, target)
         )
+
+    def _guard_of(self, test: ast.expr) -> tuple[str, str] | None:
+        """``(when true, when false)`` guards for ``if train:``, ``if not eval:``,
+        ``if mode == "train":``, ``if optimizer is not None:`` on a parameter."""
+        negate = False
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            test, negate = test.operand, True
+        params = self.summary.params + self.summary.kwonly
+        if isinstance(test, ast.Name) and test.id in params:
+            yes, no = f"{test.id}|truthy|true", f"{test.id}|truthy|false"
+        elif (
+            isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id in params
+            and len(test.ops) == 1
+            and isinstance(test.comparators[0], ast.Constant)
+            and isinstance(test.ops[0], ast.Eq | ast.NotEq | ast.Is | ast.IsNot)
+        ):
+            value = json.dumps(test.comparators[0].value)
+            yes, no = f"{test.left.id}|eq|{value}", f"{test.left.id}|ne|{value}"
+            if isinstance(test.ops[0], ast.NotEq | ast.IsNot):
+                yes, no = no, yes
+        else:
+            return None
+        return (no, yes) if negate else (yes, no)
 
     def block(self, body: list[ast.stmt]) -> None:
         for stmt in body:
@@ -351,15 +420,37 @@ class _Binder:
             if node.value is not None and not isinstance(node, ast.AugAssign):
                 for target in targets:
                     self.bind(target, node.value, node)
+                    self._volatile(target, node.value)
             return
         if isinstance(node, ast.For | ast.AsyncFor):
             self.expr(node.iter)
             self._freezes(node)
+            element = node.iter
+            if (
+                isinstance(element, ast.Call)
+                and isinstance(element.func, ast.Attribute)
+                and element.func.attr in {"values", "children", "modules"}
+            ):
+                element = element.func.value  # ``for m in self.models.values():``
+            container = (
+                self.target(element) if isinstance(element, ast.Name | ast.Attribute) else None
+            )
+            if isinstance(node.target, ast.Name) and container is not None:
+                self.aliases[node.target.id] = container  # an element stands for its container
             for name in _bound_names(node.target):
                 self.summary.bound.append(name)
             self.block(node.body)
             self.block(node.orelse)
             return
+        if isinstance(node, ast.If) and self.guard is None:
+            guards = self._guard_of(node.test)
+            if guards is not None:
+                self.expr(node.test)
+                for guard, branch in zip(guards, (node.body, node.orelse), strict=True):
+                    self.guard = guard
+                    self.block(branch)
+                self.guard = None
+                return
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.expr):
                 self.expr(child)
@@ -371,6 +462,27 @@ class _Binder:
             self.block(handler.body)
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
+
+    def _volatile(self, target: ast.expr, value: ast.expr) -> None:
+        """``x = Variable(x, volatile=True)`` (torch < 0.4): what runs on ``x`` records no
+        graph, as under ``no_grad``."""
+        if isinstance(target, ast.Tuple | ast.List) and isinstance(value, ast.Tuple | ast.List):
+            for inner, item in zip(target.elts, value.elts, strict=False):
+                self._volatile(inner, item)
+            return
+        if not isinstance(target, ast.Name):
+            return
+        if (
+            isinstance(value, ast.Call)
+            and (dotted(value.func) or "").rsplit(".", 1)[-1] == "Variable"
+            and any(
+                k.arg == "volatile" and isinstance(k.value, ast.Constant) and k.value.value
+                for k in value.keywords
+            )
+        ):
+            self.volatile.add(target.id)
+        else:
+            self.volatile.discard(target.id)
 
     def _freezes(self, node: ast.For | ast.AsyncFor) -> None:
         """``for p in model.parameters(): p.requires_grad = False``: ``model`` is frozen."""
@@ -444,17 +556,30 @@ class _Binder:
 
     def expr(self, node: ast.expr) -> None:
         stack: list[ast.AST] = [node]
+        pop, push, extend = stack.pop, stack.append, stack.extend
         while stack:
-            sub = stack.pop()
-            if isinstance(sub, ast.Lambda | ast.Constant | ast.Name):
+            sub = pop()
+            kind = type(sub)
+            if kind is ast.Name or kind is ast.Constant or kind is ast.Lambda:
                 continue
-            if isinstance(sub, ast.Call):
-                self.call(sub)
-            stack.extend(ast.iter_child_nodes(sub))
+            if kind is ast.Call:
+                self.call(sub)  # type: ignore[arg-type]
+            for name in child_fields(kind):
+                value = getattr(sub, name, None)
+                if value is None:
+                    continue
+                if type(value) is list:
+                    extend(v for v in value if isinstance(v, ast.AST))
+                elif isinstance(value, ast.AST):
+                    push(value)
 
     def call(self, node: ast.Call) -> None:
         func = node.func
         off = self.grad.no_graph or self.grad is GradState.UNKNOWN
+        if self.volatile and any(
+            isinstance(a, ast.Name) and a.id in self.volatile for a in node.args
+        ):
+            off = True  # run on a volatile Variable: no graph (torch < 0.4)
         attr = func.attr if isinstance(func, ast.Attribute) else None
         if attr is not None:
             assert isinstance(func, ast.Attribute)
@@ -506,7 +631,7 @@ class _Binder:
         callee = dotted(func)
         if callee is None:
             return
-        arg_targets = [None if isinstance(a, ast.Starred) else self.target(a) for a in node.args]
+        arg_targets = [self._argument(a) for a in node.args]
         kwargs = {
             k.arg: t
             for k in node.keywords
@@ -528,15 +653,45 @@ class _Binder:
         else:
             site_callee = ""
         if site_callee:
+            consts = {
+                str(i): a.value
+                for i, a in enumerate(node.args)
+                if isinstance(a, ast.Constant) and isinstance(a.value, str | int | float | None)
+            }
+            consts.update(
+                (k.arg, k.value.value)
+                for k in node.keywords
+                if k.arg is not None
+                and isinstance(k.value, ast.Constant)
+                and isinstance(k.value.value, str | int | float | None)
+            )
             self.summary.calls.append(
                 CallSite(
-                    node.lineno, node.col_offset, site_callee, arg_targets, kwargs, off, receiver
+                    node.lineno,
+                    node.col_offset,
+                    site_callee,
+                    arg_targets,
+                    kwargs,
+                    off,
+                    receiver,
+                    consts,
                 )
             )
         if qual is None or not qual.startswith("torch."):
             target = self._forwarded(func)
             if target is not None and target not in {"self", "super", "print"}:
                 self.event(node, "forward_off" if off else "forward", target)
+
+    def _argument(self, node: ast.expr) -> str | None:
+        """The target an argument names; a list or tuple of names gives them all, joined
+        by commas (``set_mode("eval", [encoder, decoder])``)."""
+        if isinstance(node, ast.Starred):
+            return None
+        if isinstance(node, ast.List | ast.Tuple):
+            names = [self.target(e) for e in node.elts]
+            found = [n for n in names if n is not None]
+            return ",".join(found) if found else None
+        return self.target(node)
 
     def _forwarded(self, func: ast.expr) -> str | None:
         """The module a call runs: ``m(...)``, ``self.m(...)``, ``m.forward(...)``,
@@ -577,6 +732,23 @@ class _Binder:
             self.event(node, "diff", "")
         for root in roots:
             self.event(node, "diff", self.aliases.get(root, root))
+
+
+def _defaults(node: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
+    """Constant default values of the parameters (``train=True``, ``optimizer=None``)."""
+    args = node.args
+    positional = [*args.posonlyargs, *args.args]
+    found: dict[str, Any] = {}
+    pairs = list(
+        zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True)
+    )
+    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d]
+    for arg, default in pairs:
+        if isinstance(default, ast.Constant) and isinstance(
+            default.value, str | int | float | None
+        ):
+            found[arg.arg] = default.value
+    return found
 
 
 def _bound_names(target: ast.expr) -> list[str]:
@@ -628,56 +800,118 @@ def _parameters_owner(arg: ast.expr) -> ast.expr | None:
     return None
 
 
-def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
-    """Summaries of every function, method and the module body of ``tree``."""
-    imports, bound = module_imports(tree, package)
-    functions: dict[str, FunctionSummary] = {}
-    bases: dict[str, list[str]] = {}
-    local = {
-        n.name
-        for n in tree.body
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-    }
-    differentiates = False
+class _Index:
+    """Where each function of a module is, and what its imports and classes are: a walk
+    over statements only, cheap next to summarising bodies."""
 
-    def visit(
-        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module, name: str, in_class: bool
-    ) -> None:
-        nonlocal differentiates
-        if isinstance(node, ast.Module):
-            params: list[str] = []
-            kwonly: list[str] = []
-            grad_off = False
-            body = node.body
-        else:
-            params, kwonly = _params(node, in_class)
-            grad_off = any(
-                (m := mode_of_context(d, imports)) is not None and m.no_graph
-                for d in node.decorator_list
-            )
-            body = node.body
-        summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
-        binder = _Binder(summary, imports, local, in_class)
-        binder.block(body)
-        summary.events.sort(key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
-        functions.setdefault(name, summary)
-        differentiates = differentiates or any(e[2] == "diff" for e in summary.events)
+    def __init__(self, tree: ast.Module, package: str | None) -> None:
+        self.imports, self.bound = module_imports(tree, package)
+        self.bases: dict[str, list[str]] = {}
+        self.local = {
+            n.name
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        }
+        self.nodes: dict[str, tuple[ast.FunctionDef | ast.AsyncFunctionDef | ast.Module, bool]]
+        self.nodes = {"<module>": (tree, False)}
+        self._walk(tree.body, "", False)
 
-    def walk(body: list[ast.stmt], prefix: str, in_class: bool) -> None:
+    def _walk(self, body: list[ast.stmt], prefix: str, in_class: bool) -> None:
         for stmt in body:
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 name = f"{prefix}{stmt.name}"
-                visit(stmt, name, in_class)
-                walk(stmt.body, f"{name}.", False)
+                if name in self.nodes:  # a redefinition: its own key, as the file model has it
+                    name = f"{name}@{stmt.lineno}"
+                self.nodes[name] = (stmt, in_class)
+                self._walk(stmt.body, f"{prefix}{stmt.name}.", False)
             elif isinstance(stmt, ast.ClassDef):
-                bases[f"{prefix}{stmt.name}"] = [b for b in map(dotted, stmt.bases) if b]
-                walk(stmt.body, f"{prefix}{stmt.name}.", True)
+                self.bases[f"{prefix}{stmt.name}"] = [b for b in map(dotted, stmt.bases) if b]
+                self._walk(stmt.body, f"{prefix}{stmt.name}.", True)
             elif isinstance(stmt, ast.If | ast.Try) or type(stmt).__name__ == "TryStar":
                 for block in ("body", "orelse", "finalbody"):
                     inner = getattr(stmt, block, None)
                     if isinstance(inner, list):
-                        walk(inner, prefix, in_class)
+                        self._walk(inner, prefix, in_class)
 
-    visit(tree, "<module>", False)
-    walk(tree.body, "", False)
-    return ModuleSummary(functions, bound, bases, differentiates)
+    def summarise(self, name: str) -> FunctionSummary:
+        node, in_class = self.nodes[name]
+        if isinstance(node, ast.Module):
+            params: list[str] = []
+            kwonly: list[str] = []
+            grad_off = False
+        else:
+            params, kwonly = _params(node, in_class)
+            grad_off = any(
+                (m := mode_of_context(d, self.imports)) is not None and m.no_graph
+                for d in node.decorator_list
+            )
+        summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        if not isinstance(node, ast.Module):
+            summary.defaults = _defaults(node)
+        _Binder(summary, self.imports, self.local, in_class).block(node.body)
+        events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
+        cls = name.rpartition(".")[0]
+        while cls and cls not in self.bases:
+            cls = cls.rpartition(".")[0]  # a closure inside a method: the method's class
+        if cls in self.bases:
+            # ``self.helper(x)`` calls a method of the class: not a forward of a submodule
+            events = [
+                e
+                for e in events
+                if not (
+                    e[2] in {"forward", "forward_off"}
+                    and e[3].startswith("self.")
+                    and f"{cls}.{e[3][5:]}" in self.nodes
+                )
+            ]
+        summary.events = events
+        return summary
+
+
+class LazyFunctions(dict[str, FunctionSummary]):
+    """Function summaries computed when first asked for: a linted file's rules usually ask
+    about a few functions, not all of them."""
+
+    def __init__(self, index: _Index) -> None:
+        super().__init__()
+        self._index = index
+
+    def __missing__(self, key: str) -> FunctionSummary:
+        if key not in self._index.nodes:
+            raise KeyError(key)
+        summary = self._index.summarise(key)
+        self[key] = summary
+        return summary
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index.nodes
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._index.nodes else default
+
+    def complete(self) -> LazyFunctions:
+        for key in self._index.nodes:
+            if not dict.__contains__(self, key):
+                self[key] = self._index.summarise(key)
+        return self
+
+
+def summarise(tree: ast.Module, package: str | None = None) -> ModuleSummary:
+    """Summaries of every function, method and the module body of ``tree``."""
+    index = _Index(tree, package)
+    functions = {name: index.summarise(name) for name in index.nodes}
+    differentiates = any(
+        e[2].split("|", 1)[0] == "diff" for f in functions.values() for e in f.events
+    )
+    return ModuleSummary(functions, index.bound, index.bases, differentiates)
+
+
+def summarise_lazily(tree: ast.Module, source: str, package: str | None = None) -> ModuleSummary:
+    """Like :func:`summarise`, but each function is summarised when first asked for. The
+    file "differentiates" only if its text holds a word that may (checked first)."""
+    index = _Index(tree, package)
+    functions = LazyFunctions(index)
+    maybe = any(word in source for word in ("backward", "grad("))
+    summary = ModuleSummary(functions, index.bound, index.bases, False)
+    summary.lazy_differentiates = maybe
+    return summary

@@ -205,6 +205,14 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     of the file it calls, clears the gradients (`zero_grad()` on the optimiser or a
     model, `p.grad = None`, `p.grad.zero_()`, `del p.grad`).
 
+    ## Evidence
+    The stepped object is built from `torch.optim` (or a known optimiser
+    class) in this file, or is named like an optimiser (`optimizer`, `optim_g`, `opt`);
+    the step is unconditional in the innermost loop around it; the loop (or a function
+    of this file it calls) runs `backward()`. A loop that hands work to functions the
+    analysis cannot see is judged only on what it shows. Distributed autograd's backward
+    (gradients kept per context) does not count. Confidence: high.
+
     ## Why is this a problem?
     `backward()` *adds* into `.grad`. Without a clear, the gradient used by step `n` is
     the sum of the gradients of all `n` batches so far: the effective learning rate grows
@@ -215,11 +223,6 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     Those are not reported, and neither is a loop that builds a fresh optimiser each
     iteration.
 
-    **Evidence.** The stepped object is built from `torch.optim` (or a known optimiser
-    class) in this file, or is named like an optimiser (`optimizer`, `optim_g`, `opt`);
-    the step is unconditional in the innermost loop around it; the loop (or a function
-    of this file it calls) runs `backward()`. A loop that hands work to functions the
-    analysis cannot see is judged only on what it shows.
 
     ## Example
     ```python
@@ -344,6 +347,16 @@ def state_carries_graph(facts: FileModel) -> Iterator[Hit]:
       input (`self.mean = 0.9 * self.mean + 0.1 * x.mean()`) outside `no_grad` and
       without `.detach()`.
 
+    ## Evidence
+    For the loop shape: the same name is an argument and a result of one
+    call inside a loop that differentiates, it is bound before that loop, and no other
+    statement of the loop rebinds or detaches it. For the module shape: an attribute
+    assigned in `forward` from an expression that reads the same attribute and the
+    forward's input (reading only its dtype, device or shape does not count), with no
+    `no_grad`, `.detach()` or `.data` on the way. Confidence: high for the loop shape; low
+    (`--preview`) for the module shape, since the analysis cannot prove the statistic is
+    differentiated later.
+
     ## Why is this a problem?
     The carried tensor remembers how it was computed, including the previous iteration's
     graph, which remembers the one before. Either the second `backward()` fails with
@@ -354,11 +367,6 @@ def state_carries_graph(facts: FileModel) -> Iterator[Hit]:
     hidden state across batches but not its history: `hidden = hidden.detach()` (or a
     `repackage_hidden` helper) at each iteration keeps one and drops the other.
 
-    **Evidence.** For the loop shape: the same name is an argument and a result of one
-    call inside a loop that differentiates, it is bound before that loop, and no other
-    statement of the loop rebinds or detaches it. For the module shape: an attribute
-    assigned in `forward` from an expression that reads the same attribute and the
-    forward's input, with no `no_grad`, `.detach()` or `.data` on the way.
 
     ## Example
     ```python

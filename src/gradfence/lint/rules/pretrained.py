@@ -157,6 +157,14 @@ def frozen_module_left_training(facts: FileModel) -> Iterator[Hit]:
     `.eval()` outside `__init__`, no `train()` override that handles it, no
     `submodule.train = ...` that disables its mode changes.
 
+    ## Evidence
+    The attribute is bound to a pretrained load (`from_pretrained`,
+    `torch.hub.load`, `create_model(..., pretrained=True)`, a constructor with
+    `pretrained=True` or `weights=`) and frozen in the same class: confidence high. A
+    frozen attribute built by any other call that is not a `torch.nn` layer (a project's
+    or a library's model factory, whose weights the freeze suggests were loaded) is a
+    low-confidence finding, shown with `--preview`.
+
     ## Why is this a problem?
     Freezing stops gradient updates, not training behaviour. `model.train()` recurses into
     every child, so at the first training step the frozen part runs with dropout on and
@@ -167,9 +175,6 @@ def frozen_module_left_training(facts: FileModel) -> Iterator[Hit]:
     returns) does not last: the training loop's `model.train()` undoes it. The mode must
     be set again after every `train()`, which is what a `train()` override does.
 
-    **Evidence.** The attribute is bound to a pretrained load (`from_pretrained`,
-    `torch.hub.load`, `create_model(..., pretrained=True)`, a constructor with
-    `pretrained=True` or `weights=`) and frozen in the same class.
 
     ## Example
     ```python
@@ -258,6 +263,12 @@ def pretrained_trained_in_eval(facts: FileModel) -> Iterator[Hit]:
     no `.train()` on it in the function, in the functions of this file it is given to,
     or in the methods of the class that holds it.
 
+    ## Evidence
+    The model comes from `from_pretrained` (tokenizers, configs and
+    processors excluded), its `parameters()` reach an optimiser in the same function, and
+    it is never given to a function the analysis cannot see (which may set the mode) nor
+    returned to the caller. Confidence: high.
+
     ## Why is this a problem?
     Hugging Face `from_pretrained` returns the model in **eval mode**. A hand-written
     fine-tuning loop that never calls `model.train()` trains with every dropout layer
@@ -267,9 +278,6 @@ def pretrained_trained_in_eval(facts: FileModel) -> Iterator[Hit]:
     **Hidden detail.** The `Trainer` class calls `model.train()` for you, so code
     ported from a `Trainer` script to a custom loop loses the call without noticing.
 
-    **Evidence.** The model comes from `from_pretrained` (tokenizers, configs and
-    processors excluded), its `parameters()` reach an optimiser in the same function, and
-    it is never given to a function the analysis cannot see (which may set the mode).
 
     ## Example
     ```python

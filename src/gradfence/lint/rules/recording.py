@@ -40,6 +40,11 @@ def volatile_does_nothing(facts: FileModel) -> Iterator[Hit]:
     ## What it does
     Reports `Variable(x, volatile=True)` and `x.volatile = True`.
 
+    ## Evidence
+    The call resolves to `torch.autograd.Variable` through the file's
+    imports (or is spelled `Variable(...)`/`autograd.Variable(...)`) with a literal
+    `volatile=True`, or `.volatile` is assigned `True`. Confidence: high.
+
     ## Why is this a problem?
     Before PyTorch 0.4, a volatile input switched graph recording off for everything
     computed from it, and evaluation code relied on it to save memory. Since 0.4
@@ -51,9 +56,6 @@ def volatile_does_nothing(facts: FileModel) -> Iterator[Hit]:
     **Hidden detail.** Nothing fails: the outputs are the same, only memory and time
     grow, so old evaluation scripts keep running long after the flag stopped working.
 
-    **Evidence.** The call resolves to `torch.autograd.Variable` through the file's
-    imports (or is spelled `Variable(...)`/`autograd.Variable(...)`) with a literal
-    `volatile=True`, or `.volatile` is assigned `True`.
 
     ## Example
     ```python
@@ -166,6 +168,12 @@ def no_grad_cuts_input_gradient(facts: FileModel) -> Iterator[Hit]:
     its input, when that input needs a gradient: the module is a loss (its first input is
     the prediction), or the file calls it on a parameter of another module.
 
+    ## Evidence
+    A class named like a loss (`...Loss`, `...Criterion`, or a base that
+    is), or a class whose instance another class of the file calls on one of its
+    `nn.Parameter` attributes; a value computed from that input inside the grad-off
+    region reaches the `return`. Confidence: high.
+
     ## Why is this a problem?
     A grad-off region cuts the graph for everything computed inside it, the *input* of the
     module included, not only its own parameters (that case is GF203). A feature
@@ -179,10 +187,6 @@ def no_grad_cuts_input_gradient(facts: FileModel) -> Iterator[Hit]:
     loss, or on raw input data that has no gradient to lose. Those are not reported: only
     the loss's first input, and inputs the file shows are parameters, count.
 
-    **Evidence.** A class named like a loss (`...Loss`, `...Criterion`, or a base that
-    is), or a class whose instance another class of the file calls on one of its
-    `nn.Parameter` attributes; a value computed from that input inside the grad-off
-    region reaches the `return`.
 
     ## Example
     ```python
