@@ -251,9 +251,9 @@ def lint_paths(
     if settings.project is not None:
         paths = _imports_first(paths)  # a module's summary is ready before its importers
     if jobs == 1 or len(paths) < PARALLEL_MIN_FILES:
-        results = _lint_chunk(paths, settings, keep_source)
-        results.sort(key=lambda r: order.get(r.path, 0))
-        return results
+        alone = _lint_chunk(paths, settings, keep_source)
+        alone.sort(key=lambda r: order.get(r.path, 0))
+        return alone
     # big chunks keep inter-process traffic low; interleaving balances file sizes
     chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
     results: list[FileResult] = []
