@@ -286,3 +286,11 @@ def test_project_files_are_linted_imports_first(tmp_path: Path) -> None:
     train, utils = str(tmp_path / "pkg" / "train.py"), str(tmp_path / "pkg" / "utils.py")
     assert _imports_first([train, utils]) == [utils, train]
     assert sorted(_imports_first([utils, train])) == sorted([utils, train])
+
+
+def test_results_keep_the_order_given(tmp_path: Path) -> None:
+    from gradfence.lint.engine import lint_paths
+
+    settings = _project(tmp_path, cache=False)
+    paths = [str(tmp_path / "pkg" / "train.py"), str(tmp_path / "pkg" / "utils.py")]
+    assert [r.path for r in lint_paths(paths, settings, jobs=1)] == paths

@@ -247,10 +247,13 @@ def lint_paths(
 ) -> list[FileResult]:
     """Lint files, in worker processes when ``jobs`` > 1 and there are enough files."""
     jobs = default_jobs() if jobs is None or jobs <= 0 else jobs
+    order = {p: i for i, p in enumerate(paths)}  # results come back in the order given
     if settings.project is not None:
         paths = _imports_first(paths)  # a module's summary is ready before its importers
     if jobs == 1 or len(paths) < PARALLEL_MIN_FILES:
-        return _lint_chunk(paths, settings, keep_source)
+        alone = _lint_chunk(paths, settings, keep_source)
+        alone.sort(key=lambda r: order.get(r.path, 0))
+        return alone
     # big chunks keep inter-process traffic low; interleaving balances file sizes
     chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
     results: list[FileResult] = []
@@ -261,8 +264,7 @@ def lint_paths(
                 results.extend(chunk)
     except (BrokenProcessPool, OSError):
         # a worker died (killed, out of memory) or processes are unavailable: finish here
-        return _lint_chunk(paths, settings, keep_source)
-    order = {p: i for i, p in enumerate(paths)}
+        results = _lint_chunk(paths, settings, keep_source)
     results.sort(key=lambda r: order.get(r.path, 0))
     return results
 
