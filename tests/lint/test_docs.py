@@ -12,6 +12,7 @@ from gradfence.lint.rules import RULES
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "rules"
 SECTIONS = [
     "## What it does",
+    "## Evidence",
     "## Why is this a problem?",
     "## Example",
     "## Use instead",
@@ -35,6 +36,7 @@ def test_codes_and_names_are_unique_and_well_formed() -> None:
     assert all(code[:2] == "GF" and len(code) == 5 and code[2:].isdigit() for code in RULES)
     expected = {"GF000", *(f"GF10{i}" for i in range(1, 8)), *(f"GF20{i}" for i in range(1, 6))}
     expected |= {*(f"GF30{i}" for i in range(1, 9)), "GF401", "GF402", "GF403"}
+    expected |= {"GF108", "GF206", "GF207", "GF309", "GF310", "GF404"}
     assert set(RULES) == expected
 
 

@@ -17,7 +17,7 @@ from gradfence.lint.imports import ImportMap
 from gradfence.lint.model import build_model
 from gradfence.lint.rules import RULES
 from gradfence.lint.rules.registry import Rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 
 def _imports(source: str) -> ImportMap:
@@ -120,7 +120,7 @@ def test_grad_scope_model() -> None:
             name = getattr(call.node.func, "id", "")
             if name.startswith("grad_probe_"):
                 seen += 1
-                assert call.mode is GradMode(name[len("grad_probe_") :]), ast.unparse(call.node)
+                assert call.mode is GradState(name[len("grad_probe_") :]), ast.unparse(call.node)
     assert seen == 16
 
 

@@ -46,6 +46,24 @@ def register(subparsers: Any) -> None:
     )
     lint.add_argument("--fix", action="store_true", help="apply safe fixes in place")
     lint.add_argument(
+        "--unsafe-fixes",
+        action="store_true",
+        help="with --fix/--diff, also apply fixes that may change behaviour",
+    )
+    lint.add_argument(
+        "--preview",
+        action="store_true",
+        help="also report findings of low confidence (thin evidence)",
+    )
+    lint.add_argument(
+        "--no-cache", action="store_true", help="do not read or write the summary cache"
+    )
+    lint.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="summary cache directory (default: .gradfence_cache in the project root)",
+    )
+    lint.add_argument(
         "--diff", action="store_true", help="print the fixes as a diff, change nothing"
     )
     lint.add_argument("--target-torch", metavar="X.Y", help="oldest torch version to support")
@@ -98,7 +116,13 @@ def run_lint(args: argparse.Namespace) -> int:
     """``gradfence lint``: lint, optionally fix, report; return the exit status."""
     from gradfence import __version__
     from gradfence.errors import UsageError
-    from gradfence.lint.config import ConfigError, find_pyproject, load_config, parse_torch_version
+    from gradfence.lint.config import (
+        ConfigError,
+        declared_torch,
+        find_pyproject,
+        load_config,
+        parse_torch_version,
+    )
     from gradfence.lint.engine import Settings, lint_paths
     from gradfence.lint.files import discover
     from gradfence.lint.selection import Selection
@@ -125,7 +149,15 @@ def run_lint(args: argparse.Namespace) -> int:
         per_file_ignores=config.per_file_ignores,
         root=str(root) if root is not None else None,
     )
-    settings = Settings(selection=selection, target_torch=target)
+    project = _project(args, first if first.exists() else Path.cwd())
+    if target is None and project is not None:
+        target = declared_torch(Path(project.root))  # what the project says it supports
+    settings = Settings(
+        selection=selection,
+        target_torch=target,
+        preview=args.preview,
+        project=project,
+    )
     base = str(root) if root is not None else "."
     files = list(discover(args.paths, config.exclude, base=base))
     results = lint_paths(files, settings, jobs=args.jobs, keep_source=args.fix or args.diff)
@@ -136,6 +168,24 @@ def run_lint(args: argparse.Namespace) -> int:
     diagnostics = [d for r in results for d in r.diagnostics]
     _report(diagnostics, args, __version__)
     return _status(diagnostics, errors, args)
+
+
+def _project(args: argparse.Namespace, start: Path) -> Any:
+    """The project the linted paths belong to, and where its summaries are cached."""
+    from gradfence.lint.analysis.project import CACHE_DIR_NAME, ProjectConfig, find_root
+
+    root = find_root(start)
+    if root is None:
+        return None
+    cache: str | None = None
+    if not args.no_cache:
+        cache = args.cache_dir or str(root / CACHE_DIR_NAME)
+    return ProjectConfig(str(root), cache)
+
+
+def _applicable(diagnostics: list[Any], unsafe: bool) -> list[Any]:
+    """The findings whose fix ``--fix`` may apply: safe ones, and unsafe ones on request."""
+    return [d for d in diagnostics if d.fix is not None and (unsafe or d.fix.safe)]
 
 
 def _report(diagnostics: list[Any], args: argparse.Namespace, version: str) -> None:
@@ -149,10 +199,13 @@ def _report(diagnostics: list[Any], args: argparse.Namespace, version: str) -> N
     if text or args.format in {"json", "sarif"}:
         emit(text)
     if args.format == "text" and diagnostics:
-        fixable = sum(d.fix is not None for d in diagnostics)
+        fixable = sum(d.fix is not None and d.fix.safe for d in diagnostics)
+        unsafe = sum(d.fix is not None and not d.fix.safe for d in diagnostics)
         noun = "finding" if len(diagnostics) == 1 else "findings"
         extra = f" ({fixable} fixable with --fix)" if fixable else ""
         emit(f"Found {len(diagnostics)} {noun}{extra}.")
+        if unsafe:
+            emit(f"{unsafe} more fixable with --fix --unsafe-fixes (they may change behaviour).")
 
 
 def _status(diagnostics: list[Any], errors: list[str], args: argparse.Namespace) -> int:
@@ -178,7 +231,9 @@ def _fix(results: list[Any], settings: Any, args: argparse.Namespace, errors: li
         if source is None or not any(d.fix for d in result.diagnostics):
             remaining.extend(result.diagnostics)
             continue
-        new_source, applied = apply_fixes(source, result.diagnostics)
+        new_source, applied = apply_fixes(
+            source, _applicable(result.diagnostics, args.unsafe_fixes)
+        )
         if not applied:
             remaining.extend(result.diagnostics)
             continue

@@ -110,3 +110,51 @@ def load_config(pyproject: Path | None) -> LintConfig:
         exclude=tuple(exclude),
         root=pyproject.parent,
     )
+
+
+# ``torch>=1.8``, ``torch == 1.7.1``, ``"torch>=1.9,<2.0"``, ``torch<2.1``: a requirement on
+# the ``torch`` distribution itself (not ``torchvision``), with its version clauses
+_TORCH_REQUIREMENT = re.compile(
+    r"""(?:^|["'\s,\[])torch\s*(?:\[[^\]]*\])?\s*((?:[<>=!~]=?\s*[\d.*]+\s*,?\s*)+)""",
+    re.MULTILINE,
+)
+_CLAUSE = re.compile(r"([<>=!~]=?)\s*(\d+)\.(\d+)")
+_REQUIREMENT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
+
+
+def declared_torch(root: Path | None) -> tuple[int, int] | None:
+    """The oldest torch the project declares it supports, from its requirements
+    (pyproject.toml, setup.py, setup.cfg, requirements*.txt): the lower bound of the torch
+    requirement (``torch>=1.8`` -> (1, 8), ``torch==1.7.1`` -> (1, 7)); with only an upper
+    bound below 2.1 (``torch<2.0``), (1, 0). None when no file pins torch at all."""
+    if root is None:
+        return None
+    files = [root / name for name in _REQUIREMENT_FILES]
+    files += sorted(root.glob("requirements*.txt")) + sorted(root.glob("requirements/*.txt"))
+    lowest: tuple[int, int] | None = None
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for match in _TORCH_REQUIREMENT.finditer(text):
+            bound = _lower_bound(match.group(1))
+            if bound is not None and (lowest is None or bound < lowest):
+                lowest = bound
+    return lowest
+
+
+def _lower_bound(clauses: str) -> tuple[int, int] | None:
+    lower: tuple[int, int] | None = None
+    upper_only: tuple[int, int] | None = None
+    for operator, major, minor in _CLAUSE.findall(clauses):
+        version = (int(major), int(minor))
+        if operator in {">=", "==", "~=", ">", "==="}:
+            lower = version if lower is None else min(lower, version)
+        elif operator in {"<", "<="}:
+            upper_only = version
+    if lower is not None:
+        return lower
+    if upper_only is not None and upper_only <= (2, 1):
+        return (1, 0)
+    return None

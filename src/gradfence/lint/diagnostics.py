@@ -20,10 +20,22 @@ class Edit:
 
 @dataclass(frozen=True, slots=True)
 class Fix:
-    """A safe rewrite: non-overlapping edits applied together."""
+    """A rewrite: non-overlapping edits applied together.
+
+    ``safe`` as ruff has it: a safe fix keeps the program's meaning (``--fix`` applies
+    it); an unsafe one may change behaviour the author meant (only ``--unsafe-fixes``).
+    """
 
     message: str
     edits: tuple[Edit, ...]
+    safe: bool = True
+
+
+# How sure a finding is, from its evidence: the default output shows HIGH only, and
+# ``--preview`` shows LOW too.
+HIGH = "high"
+LOW = "low"
+CONFIDENCES = (HIGH, LOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +51,7 @@ class Diagnostic:
     end_line: int
     end_col: int
     fix: Fix | None = field(default=None, compare=False)
+    confidence: str = field(default=HIGH, compare=False)
 
     @property
     def sort_key(self) -> tuple[str, int, int, str]:

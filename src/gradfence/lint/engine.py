@@ -13,6 +13,7 @@ import contextlib
 import gc
 import io
 import os
+import re
 import sys
 import tokenize
 import warnings
@@ -21,8 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING
 
-from gradfence.lint.diagnostics import Diagnostic, Fix, split_lines
+from gradfence.lint.analysis.project import ProjectConfig
+
+if TYPE_CHECKING:
+    from gradfence.lint.analysis.results import ResultCache
+from gradfence.lint.diagnostics import HIGH, Diagnostic, Fix, split_lines
 from gradfence.lint.model import build_model
 from gradfence.lint.rules import RULES
 from gradfence.lint.rules.syntax import SYNTAX_ERROR
@@ -38,6 +44,10 @@ class Settings:
 
     selection: Selection = field(default_factory=Selection)
     target_torch: tuple[int, int] | None = None
+    # also report findings of low confidence (``--preview``)
+    preview: bool = False
+    # the project the files belong to: summaries of its modules reach across files
+    project: ProjectConfig | None = None
 
 
 @dataclass
@@ -76,18 +86,31 @@ def check_tree(
     """Lint an already parsed module (the flake8 plugin hands over its tree)."""
     settings = settings or Settings()
     selection = settings.selection
-    model = build_model(path, source, tree, settings.target_torch)
+    model = build_model(path, source, tree, settings.target_torch, settings.project)
     found: list[Diagnostic] = []
     try:
         for code, rule in RULES.items():
             if code == SYNTAX_ERROR or not selection.enabled(code, path):
                 continue
-            for node, message, fix in rule.check(model):
+            for hit in rule.check(model):
+                node, message, fix = hit[0], hit[1], hit[2]
+                confidence = hit[3] if len(hit) == 4 else HIGH
+                if confidence != HIGH and not settings.preview:
+                    continue
                 text = model.text
                 (line, col), (end_line, end_col) = text.start(node), text.end(node)
                 found.append(
                     Diagnostic(
-                        code, rule.name, message, path, line, col + 1, end_line, end_col + 1, fix
+                        code,
+                        rule.name,
+                        message,
+                        path,
+                        line,
+                        col + 1,
+                        end_line,
+                        end_col + 1,
+                        fix,
+                        confidence,
                     )
                 )
     finally:
@@ -152,17 +175,37 @@ def read_source(path: str) -> str:
 
 def lint_file(path: str, settings: Settings, keep_source: bool = False) -> FileResult:
     """Lint one file; never raises (an internal failure becomes ``FileResult.error``)."""
+    cache = None if keep_source else _result_cache(settings)
+    if cache is not None:
+        found = cache.get(path, repr(settings))
+        if found is not None:
+            return FileResult(path, found)
     try:
         source = read_source(path)
     except OSError as exc:
         return FileResult(path, [], f"cannot read {path}: {exc.strerror or exc}")
     try:
+        if cache is not None:
+            cache.project.touched = {}
         diagnostics = check_source(source, path, settings)
     except RecursionError:
         return FileResult(path, [], f"internal error on {path}: nesting too deep to analyse")
     except Exception as exc:  # the contract: one line per file, never a traceback
         return FileResult(path, [], f"internal error on {path}: {type(exc).__name__}: {exc}")
+    if cache is not None and "torch" in source:
+        cache.put(path, repr(settings), diagnostics, list(cache.project.touched))
     return FileResult(path, diagnostics, None, source if keep_source else None)
+
+
+def _result_cache(settings: Settings) -> ResultCache | None:
+    """The project's cache of findings, when linting inside a project with a cache."""
+    config = settings.project
+    if config is None or config.cache_dir is None:
+        return None
+    from gradfence.lint.analysis.project import project_for
+    from gradfence.lint.analysis.results import ResultCache
+
+    return ResultCache(project_for(config), config.cache_dir)
 
 
 # Collect young objects every 50,000 allocations instead of every 700 while linting.
@@ -204,8 +247,13 @@ def lint_paths(
 ) -> list[FileResult]:
     """Lint files, in worker processes when ``jobs`` > 1 and there are enough files."""
     jobs = default_jobs() if jobs is None or jobs <= 0 else jobs
+    order = {p: i for i, p in enumerate(paths)}  # results come back in the order given
+    if settings.project is not None:
+        paths = _imports_first(paths)  # a module's summary is ready before its importers
     if jobs == 1 or len(paths) < PARALLEL_MIN_FILES:
-        return _lint_chunk(paths, settings, keep_source)
+        alone = _lint_chunk(paths, settings, keep_source)
+        alone.sort(key=lambda r: order.get(r.path, 0))
+        return alone
     # big chunks keep inter-process traffic low; interleaving balances file sizes
     chunks = [list(paths[i :: jobs * 4]) for i in range(jobs * 4)]
     results: list[FileResult] = []
@@ -216,10 +264,65 @@ def lint_paths(
                 results.extend(chunk)
     except (BrokenProcessPool, OSError):
         # a worker died (killed, out of memory) or processes are unavailable: finish here
-        return _lint_chunk(paths, settings, keep_source)
-    order = {p: i for i, p in enumerate(paths)}
+        results = _lint_chunk(paths, settings, keep_source)
     results.sort(key=lambda r: order.get(r.path, 0))
     return results
+
+
+_IMPORT_LINE = re.compile(r"^\s*(?:from\s+(\.*[\w.]*)\s+import|import\s+([\w.]+))", re.M)
+
+
+def _imports_first(paths: Sequence[str]) -> list[str]:
+    """``paths`` reordered so that a module comes before the files importing it (by the
+    last part of the imported name, read from the text: cheap, and only an ordering)."""
+    by_stem: dict[str, list[str]] = {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem == "__init__":
+            stem = os.path.basename(os.path.dirname(path))
+        by_stem.setdefault(stem, []).append(path)
+    ordered: list[str] = []
+    state: dict[str, int] = {}  # 1: in progress, 2: done
+
+    def visit(path: str) -> None:
+        stack = [(path, iter(_imported_stems(path)))]
+        state[path] = 1
+        while stack:
+            current, pending = stack[-1]
+            for stem in pending:
+                for other in by_stem.get(stem, ()):
+                    if state.get(other, 0) == 0:
+                        state[other] = 1
+                        stack.append((other, iter(_imported_stems(other))))
+                        break
+                else:
+                    continue
+                break
+            else:
+                stack.pop()
+                state[current] = 2
+                ordered.append(current)
+
+    for path in paths:
+        if state.get(path, 0) == 0:
+            visit(path)
+    return ordered
+
+
+def _imported_stems(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return []
+    if "torch" not in text:
+        return []
+    stems = []
+    for relative, absolute in _IMPORT_LINE.findall(text):
+        name = (relative or absolute).strip(".")
+        if name:
+            stems.append(name.rsplit(".", 1)[-1])
+    return stems
 
 
 def _context() -> BaseContext:

@@ -11,11 +11,16 @@ from __future__ import annotations
 import ast
 import bisect
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from gradfence.lint.diagnostics import SourceText
 from gradfence.lint.imports import ImportMap, dotted
 from gradfence.lint.names import is_eval_loader, is_eval_name, might_evaluate, tokens
-from gradfence.lint.scopes import GradMode, last_name, mode_of_context, mode_of_set_call
+from gradfence.lint.scopes import GradState, last_name, mode_of_context, mode_of_set_call
+
+if TYPE_CHECKING:
+    from gradfence.lint.analysis.effects import Analysis
+    from gradfence.lint.analysis.project import ProjectConfig
 
 Pos = tuple[int, int]
 # ``try``, and ``try``/``except*`` on Python 3.11+
@@ -161,7 +166,7 @@ class CallEvent:
         node: ast.Call,
         function: FunctionModel,
         imports: ImportMap,
-        mode: GradMode,
+        mode: GradState,
         loop: LoopModel | None,
         training_guard: bool,
     ) -> None:
@@ -206,7 +211,7 @@ class AssignEvent:
         self,
         node: ast.Assign | ast.AugAssign | ast.AnnAssign,
         function: FunctionModel,
-        mode: GradMode,
+        mode: GradState,
         loop: LoopModel | None,
     ) -> None:
         self.node = node
@@ -242,8 +247,8 @@ class WithEvent:
         self,
         node: ast.With | ast.AsyncWith,
         function: FunctionModel,
-        mode: GradMode,
-        outer_mode: GradMode,
+        mode: GradState,
+        outer_mode: GradState,
         loop: LoopModel | None,
     ) -> None:
         self.node = node
@@ -258,7 +263,7 @@ class StmtEvent:
 
     __slots__ = ("function", "mode", "node")
 
-    def __init__(self, node: ast.Expr, function: FunctionModel, mode: GradMode) -> None:
+    def __init__(self, node: ast.Expr, function: FunctionModel, mode: GradState) -> None:
         self.node = node
         self.function = function
         self.mode = mode
@@ -293,6 +298,7 @@ class FunctionModel:
         "name",
         "node",
         "parent",
+        "qualname",
         "returns",
         "withs",
     )
@@ -302,19 +308,27 @@ class FunctionModel:
         node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Module | ast.ClassDef,
         cls: ClassModel | None,
         parent: FunctionModel | None,
-        entry_mode: GradMode,
+        entry_mode: GradState,
     ) -> None:
         self.node = node
         self.name = "<module>" if isinstance(node, ast.Module) else node.name
         self.cls = cls
         self.parent = parent
         self.entry_mode = entry_mode
+        # the name summaries know it by: "f", "Class.method", "f.inner", "<module>"
+        self.qualname = self.name
+        if parent is not None and not isinstance(node, ast.Module | ast.ClassDef):
+            owner = parent.qualname
+            if owner.startswith("<class "):
+                owner = owner[len("<class ") : -1]
+            if owner != "<module>":
+                self.qualname = f"{owner}.{self.name}"
         self.is_async = isinstance(node, ast.AsyncFunctionDef)
         # named like an evaluation function (validate, evaluate, predict...)
         self.evaluates = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and is_eval_name(
             node.name
         )
-        self.decorators: list[tuple[ast.expr, GradMode | None]] = []
+        self.decorators: list[tuple[ast.expr, GradState | None]] = []
         self.calls: list[CallEvent] = []
         self.assigns: list[AssignEvent] = []
         self.withs: list[WithEvent] = []
@@ -333,6 +347,7 @@ class FileModel:
         source: str,
         tree: ast.Module,
         target_torch: tuple[int, int] | None = None,
+        project: ProjectConfig | None = None,
     ) -> None:
         self.path = path
         self.target_torch = target_torch
@@ -345,7 +360,27 @@ class FileModel:
         self.bare_with_items: list[tuple[ast.expr, FunctionModel]] = []
         self.hot_lines, self.training_lines = line_numbers(source)
         self.by_name: dict[str, list[FunctionModel]] = {}
+        self._qualnames: set[str] = set()
         self._text: SourceText | None = None
+        self.project = project
+        self._analysis: Analysis | None = None
+        # per-file memo of derived facts that several rules share (one home for caches)
+        self.memo: dict[str, Any] = {}
+
+    @property
+    def analysis(self) -> Analysis:
+        """Function summaries composed across the file and the project (built on first use)."""
+        if self._analysis is None:
+            from gradfence.lint.analysis.effects import Analysis
+            from gradfence.lint.analysis.project import module_name, project_for
+
+            project = project_for(self.project)
+            summary = project.summary_for(self.source, self.tree, self.path)
+            name = None
+            if project.root is not None:
+                name = module_name(self.path, project.root)
+            self._analysis = Analysis(summary, name or "<linted>", project)
+        return self._analysis
 
     @property
     def lines(self) -> list[str]:
@@ -382,8 +417,8 @@ class FileModel:
         self.by_name.clear()
         self.classes.clear()
         self.bare_with_items.clear()
-        self.__dict__.pop("_module_names", None)
-        self.__dict__.pop("_forwards", None)
+        self.memo.clear()
+        self._analysis = None
 
     def functions_named(self, name: str) -> list[FunctionModel]:
         """Functions and methods with this name, anywhere in the file."""
@@ -393,6 +428,9 @@ class FileModel:
         """Register a function, method or pseudo-function."""
         self.functions.append(function)
         self.by_name.setdefault(function.name, []).append(function)
+        if function.qualname in self._qualnames:  # a redefinition, named as summaries do
+            function.qualname = f"{function.qualname}@{getattr(function.node, 'lineno', 0)}"
+        self._qualnames.add(function.qualname)
 
 
 class Walker:
@@ -401,11 +439,11 @@ class Walker:
     def __init__(self, model: FileModel) -> None:
         self.model = model
         self.imports = model.imports
-        self.function = FunctionModel(model.tree, None, None, GradMode.DEFAULT)
+        self.function = FunctionModel(model.tree, None, None, GradState.DEFAULT)
         model.add_function(self.function)
         self.full = False  # walk every expression, hot or not
         self.cls: ClassModel | None = None
-        self.mode = GradMode.DEFAULT
+        self.mode = GradState.DEFAULT
         self.loop: LoopModel | None = None
         self.training_guard = 0
         self.grad_with = 0  # grad-mode ``with`` blocks open in the current function
@@ -425,7 +463,7 @@ class Walker:
             self.stmt(stmt)
         if self.mode is not saved:
             # a set_grad_enabled() inside a nested block: after it, nobody can tell
-            self.mode = GradMode.UNKNOWN if saved is not GradMode.UNKNOWN else saved
+            self.mode = GradState.UNKNOWN if saved is not GradState.UNKNOWN else saved
 
     def stmt(self, node: ast.stmt) -> None:
         kind = type(node)
@@ -494,8 +532,8 @@ class Walker:
                 self.expr(target)
 
     def function_def(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-        entry = GradMode.DEFAULT
-        decorators: list[tuple[ast.expr, GradMode | None]] = []
+        entry = GradState.DEFAULT
+        decorators: list[tuple[ast.expr, GradState | None]] = []
         for decorator in node.decorator_list:
             self.expr(decorator)
             mode = mode_of_context(decorator, self.imports)
@@ -514,11 +552,11 @@ class Walker:
         saved_full = self.full
         self.function, self.mode, self.loop = function, entry, None
         self.training_guard = self.grad_with = 0
-        self.full = entry is not GradMode.DEFAULT or function.evaluates
+        self.full = entry is not GradState.DEFAULT or function.evaluates
         if (
             self.full
             or node.name == "__init__"
-            or _any_between(self.model.hot_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.hot_lines, node.lineno, node.end_lineno)
         ):
             self.block(node.body)
         # else: no word any rule looks for, and no context that needs every call: skip it
@@ -542,6 +580,12 @@ class Walker:
         # the class body runs in the enclosing function's frame; methods get their own
         pseudo = FunctionModel(node, cls, self.function, self.mode)
         pseudo.name = f"<class {node.name}>"
+        owner = self.function.qualname
+        pseudo.qualname = (
+            f"<class {node.name}>"
+            if owner == "<module>"
+            else f"<class {owner.removeprefix('<class ').removesuffix('>')}.{node.name}>"
+        )
         self.model.add_function(pseudo)
         saved = (self.function, self.cls, self.loop)
         self.function, self.cls, self.loop = pseudo, cls, None
@@ -550,14 +594,14 @@ class Walker:
 
     def with_stmt(self, node: ast.With | ast.AsyncWith) -> None:
         outer = self.mode
-        inner: GradMode | None = None
+        inner: GradState | None = None
         for item in node.items:
             self.expr(item.context_expr)
             mode = mode_of_context(item.context_expr, self.imports)
             if mode is not None:
                 if isinstance(item.context_expr, ast.Call):
                     # enable_grad() inside inference_mode records no graph either
-                    if not (mode is GradMode.ENABLED and (inner or outer) is GradMode.INFERENCE):
+                    if not (mode is GradState.ENABLED and (inner or outer) is GradState.INFERENCE):
                         inner = mode
                 else:
                     self.model.bare_with_items.append((item.context_expr, self.function))
@@ -583,7 +627,7 @@ class Walker:
         saved_full, self.full = self.full, True
         self.block(node.body)
         # after an inference_mode block, in-place updates anywhere later may matter (GF403)
-        self.full = saved_full or inner is GradMode.INFERENCE
+        self.full = saved_full or inner is GradState.INFERENCE
         self.grad_with -= 1
         self.mode = outer
 
@@ -601,7 +645,7 @@ class Walker:
         # training loops and evaluation loops need every call (losses, forwards, helpers)
         self.full = (
             self.full
-            or _any_between(self.model.training_lines, node.lineno, node.end_lineno)
+            or any_between(self.model.training_lines, node.lineno, node.end_lineno)
             or is_eval_loader(loop.words)
         )
         self.block(node.body)
@@ -623,7 +667,7 @@ class Walker:
         if self.full:
             return True
         start = getattr(node, "lineno", 0)
-        return _any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
+        return any_between(self.model.hot_lines, start, getattr(node, "end_lineno", start))
 
     def expr(self, node: ast.expr) -> None:
         if not self.full and not self.is_hot(node):
@@ -650,7 +694,7 @@ class Walker:
                 function.awaits.append(sub)
             elif kind is ast.Name or kind is ast.Constant:
                 continue
-            for field in _child_fields(kind):
+            for field in child_fields(kind):
                 value = getattr(sub, field, None)
                 if value is None:
                     continue
@@ -664,7 +708,7 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 _LEAF_FIELDS = frozenset({"ctx", "id", "attr", "arg", "kind", "type_comment", "is_async"})
 
 
-def _child_fields(kind: type) -> tuple[str, ...]:
+def child_fields(kind: type) -> tuple[str, ...]:
     """Fields of an AST node type that may hold child nodes."""
     fields = _FIELDS.get(kind)
     if fields is None:
@@ -673,7 +717,7 @@ def _child_fields(kind: type) -> tuple[str, ...]:
     return fields
 
 
-def _any_between(lines: list[int], start: int, end: int | None) -> bool:
+def any_between(lines: list[int], start: int, end: int | None) -> bool:
     """Whether the sorted ``lines`` hold a number in ``[start, end]``."""
     index = bisect.bisect_left(lines, start)
     return index < len(lines) and lines[index] <= (end if end is not None else start)
@@ -685,9 +729,13 @@ def _call_pos(call: CallEvent) -> Pos:
 
 
 def build_model(
-    path: str, source: str, tree: ast.Module, target_torch: tuple[int, int] | None = None
+    path: str,
+    source: str,
+    tree: ast.Module,
+    target_torch: tuple[int, int] | None = None,
+    project: ProjectConfig | None = None,
 ) -> FileModel:
     """Walk ``tree`` once and return the events the rules query."""
-    model = FileModel(path, source, tree, target_torch)
+    model = FileModel(path, source, tree, target_torch, project)
     Walker(model).run()
     return model

@@ -29,7 +29,7 @@ def format_text(diagnostics: Sequence[Diagnostic]) -> str:
     """``path:line:col: CODE [*] message`` lines (``[*]`` = fixable with ``--fix``)."""
     lines = []
     for d in diagnostics:
-        mark = " [*]" if d.fix is not None else ""
+        mark = " [*]" if d.fix is not None and d.fix.safe else ""
         lines.append(f"{d.path}:{d.line}:{d.col}: {d.code}{mark} {d.message}")
     return "\n".join(lines)
 
@@ -37,6 +37,7 @@ def format_text(diagnostics: Sequence[Diagnostic]) -> str:
 def _fix_json(fix: Fix) -> dict[str, Any]:
     return {
         "message": fix.message,
+        "applicability": "safe" if fix.safe else "unsafe",
         "edits": [
             {
                 "line": e.line,
@@ -63,6 +64,7 @@ def to_json(diagnostics: Sequence[Diagnostic]) -> list[dict[str, Any]]:
             "col": d.col,
             "end_line": d.end_line,
             "end_col": d.end_col,
+            "confidence": d.confidence,
         }
         if d.fix is not None:
             item["fix"] = _fix_json(d.fix)
@@ -114,6 +116,7 @@ def to_sarif(diagnostics: Sequence[Diagnostic], version: str) -> dict[str, Any]:
                 "ruleIndex": index.get(d.code, 0),
                 "level": level(d.code),
                 "message": {"text": d.message},
+                "properties": {"confidence": d.confidence},
                 "locations": [
                     {
                         "physicalLocation": {

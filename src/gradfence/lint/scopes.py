@@ -1,6 +1,6 @@
 """The grad-scope model: which grad mode is in force at a point of the code.
 
-Every statement the walker visits is tagged with one :class:`GradMode`. Function bodies
+Every statement the walker visits is tagged with one :class:`GradState`. Function bodies
 start in ``DEFAULT`` (grad enabled unless a caller says otherwise) or in the mode of a
 grad-mode decorator; a ``with`` item that is a grad-mode context switches the mode of its
 body; ``set_grad_enabled(<literal>)`` as a statement switches the mode of the statements
@@ -15,7 +15,7 @@ import enum
 from gradfence.lint.imports import ImportMap
 
 
-class GradMode(enum.Enum):
+class GradState(enum.Enum):
     """Grad mode in force at a node."""
 
     DEFAULT = "default"  # nothing says otherwise: grad enabled unless a caller disabled it
@@ -27,7 +27,7 @@ class GradMode(enum.Enum):
     @property
     def no_graph(self) -> bool:
         """True where no autograd graph is recorded for sure."""
-        return self is GradMode.DISABLED or self is GradMode.INFERENCE
+        return self is GradState.DISABLED or self is GradState.INFERENCE
 
 
 GRAD_NAMES = frozenset({"no_grad", "enable_grad", "set_grad_enabled", "inference_mode"})
@@ -63,21 +63,21 @@ def last_name(expr: ast.expr) -> str | None:
     return None
 
 
-def _gradfence_scope(call: ast.Call, qual: str | None) -> GradMode | None:
+def _gradfence_scope(call: ast.Call, qual: str | None) -> GradState | None:
     """``gradfence.inference(...)`` (no_grad or inference_mode) and ``gradfence.training(...)``."""
     if qual in {"gradfence.training", "gradfence.scope.training"}:
-        return GradMode.ENABLED
+        return GradState.ENABLED
     if qual not in {"gradfence.inference", "gradfence.scope.inference"}:
         return None
     mode = next((k.value for k in call.keywords if k.arg == "mode"), None)
     if mode is None:
-        return GradMode.DISABLED
+        return GradState.DISABLED
     if isinstance(mode, ast.Constant) and mode.value in {"no_grad", "inference_mode"}:
-        return GradMode.DISABLED if mode.value == "no_grad" else GradMode.INFERENCE
-    return GradMode.UNKNOWN
+        return GradState.DISABLED if mode.value == "no_grad" else GradState.INFERENCE
+    return GradState.UNKNOWN
 
 
-def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
+def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradState | None:
     """The grad mode a ``with`` item or decorator puts its body in; None if not a grad context.
 
     torch's grad-mode contexts, and gradfence's own ``inference``/``training`` scopes.
@@ -90,32 +90,32 @@ def mode_of_context(expr: ast.expr, imports: ImportMap) -> GradMode | None:
         if qual not in GRAD_CONTEXTS:
             return _gradfence_scope(expr, qual)
         if qual == "torch.no_grad":
-            return GradMode.DISABLED
+            return GradState.DISABLED
         if qual == "torch.enable_grad":
-            return GradMode.ENABLED
+            return GradState.ENABLED
         if qual == "torch.set_grad_enabled":
             value = _literal_bool(expr, "mode")
             if value is None:
-                return GradMode.UNKNOWN
-            return GradMode.ENABLED if value else GradMode.DISABLED
+                return GradState.UNKNOWN
+            return GradState.ENABLED if value else GradState.DISABLED
         if not expr.args and not expr.keywords:
-            return GradMode.INFERENCE
+            return GradState.INFERENCE
         value = _literal_bool(expr, "mode")
         if value is None:
-            return GradMode.UNKNOWN
-        return GradMode.INFERENCE if value else GradMode.ENABLED
+            return GradState.UNKNOWN
+        return GradState.INFERENCE if value else GradState.ENABLED
     qual = imports.resolve(expr)
     # bare decorator form (@torch.no_grad, torch >= 2.1)
     if qual == "torch.no_grad":
-        return GradMode.DISABLED
+        return GradState.DISABLED
     if qual == "torch.enable_grad":
-        return GradMode.ENABLED
+        return GradState.ENABLED
     if qual == "torch.inference_mode":
-        return GradMode.INFERENCE
+        return GradState.INFERENCE
     return None
 
 
-def mode_of_set_call(call: ast.Call, imports: ImportMap) -> GradMode | None:
+def mode_of_set_call(call: ast.Call, imports: ImportMap) -> GradState | None:
     """Mode set by a statement-level ``set_grad_enabled(...)`` call; None if not one."""
     name = last_name(call)
     if name != "set_grad_enabled" and name not in imports.aliases:
@@ -124,5 +124,5 @@ def mode_of_set_call(call: ast.Call, imports: ImportMap) -> GradMode | None:
         return None
     value = _literal_bool(call, "mode")
     if value is None:
-        return GradMode.UNKNOWN
-    return GradMode.ENABLED if value else GradMode.DISABLED
+        return GradState.UNKNOWN
+    return GradState.ENABLED if value else GradState.DISABLED

@@ -5,11 +5,38 @@
 - :mod:`.autograd`: GF2xx, backward and parameter updates against the grad mode
 - :mod:`.modes`: GF3xx, train/eval mode of modules
 - :mod:`.tensors`: GF4xx, graphs and inference tensors kept alive or mutated
+- :mod:`.recording`: GF108, GF207, graphs recorded (or cut) against the code's intent
+- :mod:`.loops`: GF206, GF404, what a training loop carries from one iteration to the next
+- :mod:`.pretrained`: GF309, GF310, the mode pretrained or frozen parts are really in
+
+Rules that judge whole statements and loops read the tree through :mod:`.frames`.
 """
 
 from __future__ import annotations
 
-from gradfence.lint.rules import autograd, contexts, modes, syntax, tensors
+from gradfence.lint.rules import (
+    autograd,
+    contexts,
+    loops,
+    modes,
+    pretrained,
+    recording,
+    syntax,
+    tensors,
+)
 from gradfence.lint.rules.registry import RULES, Hit, Rule, rule
 
-__all__ = ["RULES", "Hit", "Rule", "autograd", "contexts", "modes", "rule", "syntax", "tensors"]
+__all__ = [
+    "RULES",
+    "Hit",
+    "Rule",
+    "autograd",
+    "contexts",
+    "loops",
+    "modes",
+    "pretrained",
+    "recording",
+    "rule",
+    "syntax",
+    "tensors",
+]

@@ -9,8 +9,9 @@ from gradfence.lint.diagnostics import Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import AssignEvent, CallEvent, FileModel, FunctionModel, end_pos, pos
 from gradfence.lint.rules.evidence import backward_argument, callers, names_in
+from gradfence.lint.rules.recording import in_place_parameter_writes
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _AUTOGRAD_CALLS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
 _INPLACE_UPDATES = frozenset(
@@ -142,7 +143,7 @@ def _gets_requires_grad(
     "backward-in-no-grad",
     "`.backward()` / `torch.autograd.grad` on a value computed under no_grad",
 )
-def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
+def backward_in_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `.backward()`, `torch.autograd.grad(...)` and `torch.autograd.backward(...)`
@@ -150,6 +151,10 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
     when the differentiated value is computed inside that scope too. Tensors only gathered
     there (`grads = [p.grad for p in params]`) may carry a graph from before and are not
     flagged.
+
+    ## Evidence
+    A differentiation (`.backward()`, `torch.autograd.grad`) of a value assigned under
+    no_grad in the same function. Confidence: high.
 
     ## Why is this a problem?
     Under `no_grad` no operation is recorded, so a value computed there has no `grad_fn`
@@ -187,7 +192,7 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#locally-disabling-gradient-computation
     - Trusted-AI/adversarial-robustness-toolbox#498; Lightning-AI/pytorch-lightning#13948
     """
-    for function in model.functions:
+    for function in facts.functions:
         for call in function.calls:
             if not call.mode.no_graph:
                 continue
@@ -203,7 +208,7 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
             elif not isinstance(target, ast.Call | ast.BinOp | ast.Subscript | ast.Attribute):
                 continue
             what = "`.backward()`" if call.attr == "backward" else f"`{call.qual}`"
-            mode = "inference_mode" if call.mode is GradMode.INFERENCE else "no_grad"
+            mode = "inference_mode" if call.mode is GradState.INFERENCE else "no_grad"
             yield (
                 call.node,
                 f"{what} on a value computed under {mode}: it has no grad_fn (RuntimeError)",
@@ -216,13 +221,17 @@ def backward_in_no_grad(model: FileModel) -> Iterator[Hit]:
     "backward-on-no-grad-result",
     "`.backward()` later on a value computed inside a no_grad block",
 )
-def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
+def backward_on_no_grad_result(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `x.backward()` (or `torch.autograd.grad(x, ...)`) outside any disabled-grad scope
     when `x` was last assigned inside a `no_grad` / `inference_mode` block of the same
     function and was not given `requires_grad` since. `outputs.loss.backward()` counts
     when `outputs` was computed in such a block.
+
+    ## Evidence
+    A value computed inside a no_grad block and differentiated after it. Confidence:
+    high.
 
     ## Why is this a problem?
     The value was computed without recording a graph. Leaving the block does not add one
@@ -251,9 +260,9 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
     ## References
     - Lightning-AI/pytorch-lightning#19517; nianticlabs/monodepth2#24
     """
-    for function in model.functions:
+    for function in facts.functions:
         for call in function.calls:
-            if call.mode.no_graph or call.mode is GradMode.UNKNOWN:
+            if call.mode.no_graph or call.mode is GradState.UNKNOWN:
                 continue
             target = _differentiated(call)
             name = _plain_path(target)
@@ -265,7 +274,7 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
                 continue
             if _gets_requires_grad(function, name, pos(last.node), here):
                 continue
-            mode = "inference_mode" if last.mode is GradMode.INFERENCE else "no_grad"
+            mode = "inference_mode" if last.mode is GradState.INFERENCE else "no_grad"
             yield (
                 call.node,
                 f"`{name}` was computed under {mode} (line {last.node.lineno}): "
@@ -274,14 +283,14 @@ def backward_on_no_grad_result(model: FileModel) -> Iterator[Hit]:
             )
 
 
-def _parametric_attrs(model: FileModel, init: FunctionModel) -> set[str]:
+def _parametric_attrs(facts: FileModel, init: FunctionModel) -> set[str]:
     """``self.X`` assigned a Parameter or a layer with parameters in ``__init__``."""
     attrs: set[str] = set()
     for assign in init.assigns:
         value = assign.value
         if not isinstance(value, ast.Call):
             continue
-        qual = model.imports.resolve(value.func)
+        qual = facts.imports.resolve(value.func)
         if qual is None:
             continue
         if qual in {"torch.nn.Parameter", "torch.nn.parameter.Parameter"}:
@@ -300,7 +309,7 @@ def _parametric_attrs(model: FileModel, init: FunctionModel) -> set[str]:
     "no-grad-in-forward",
     "a parameter used under no_grad in `forward` never receives a gradient",
 )
-def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
+def no_grad_in_forward(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags a `with torch.no_grad():` (or `inference_mode`) block in the `forward` of an
@@ -308,6 +317,10 @@ def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
     (registered in `__init__`) and a value computed in the block reaches `forward`'s return
     value. Modules that freeze parameters on purpose (`requires_grad` appears in the class)
     are left alone.
+
+    ## Evidence
+    A parameter of the Module (`self.<name>` registered as `nn.Parameter` or a
+    submodule's parameter) read under no_grad in `forward`. Confidence: high.
 
     ## Why is this a problem?
     Everything computed in the block is cut from the graph. The loss still has a gradient
@@ -339,15 +352,15 @@ def no_grad_in_forward(model: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch docs, `torch.no_grad`: https://pytorch.org/docs/stable/generated/torch.no_grad.html
     """
-    for cls in model.classes.values():
+    for cls in facts.classes.values():
         forward = cls.methods.get("forward")
         init = cls.methods.get("__init__")
         if not cls.is_module or forward is None or init is None or not forward.withs:
             continue
         start, end = cls.node.lineno, cls.node.end_lineno or cls.node.lineno
-        if any("requires_grad" in line for line in model.lines[start - 1 : end]):
+        if any("requires_grad" in line for line in facts.lines[start - 1 : end]):
             continue
-        params = _parametric_attrs(model, init)
+        params = _parametric_attrs(facts, init)
         if not params:
             continue
         for event in forward.withs:
@@ -401,24 +414,35 @@ def _grad_of(node: ast.AST, target: str) -> bool:
     )
 
 
-def _called_without_grad(model: FileModel, function: FunctionModel) -> bool:
+def _called_without_grad(facts: FileModel, function: FunctionModel) -> bool:
     if function.name.startswith("<"):
         return False
-    return any(call.mode.no_graph for call in callers(model, function))
+    return any(call.mode.no_graph for call in callers(facts, function))
 
 
 @rule(
     "GF204",
     "manual-update-outside-no-grad",
-    "in-place update of a parameter from its `.grad` while grad mode is on (RuntimeError)",
+    "in-place write to a parameter while grad mode is on (RuntimeError)",
 )
-def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
+def manual_update_outside_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags an in-place update of a tensor from its own gradient — `p -= lr * p.grad`,
-    `p.add_(p.grad, alpha=-lr)`, `p.sub_(...)`, `p.copy_(...)` — where gradients are
-    enabled (no enclosing `no_grad`, no `@torch.no_grad()`, and no caller in the file that
-    calls it under `no_grad`). Updates through `p.data` are not flagged.
+    Flags an in-place write to a parameter where gradients are enabled (no enclosing
+    `no_grad`, no `@torch.no_grad()`, and no caller in the file that calls it under
+    `no_grad`): an update from its own gradient (`p -= lr * p.grad`,
+    `p.add_(p.grad, alpha=-lr)`), and any other in-place write — slice assignment
+    (`w[:, :k] = 0`), `+=`, `zero_()`, `fill_()`, `copy_()`, `normal_()`, `uniform_()` —
+    including through a name bound to the parameter (`w = self.fc.weight`). Writes
+    through `p.data` are not flagged, nor `_init_weights` (frameworks call it under
+    `no_grad`).
+
+    ## Evidence
+    The written tensor is proven a parameter: an update from its own `.grad`, a loop
+    variable over `m.parameters()`, an attribute bound to `nn.Parameter(...)` (that
+    requires grad) in the class, a layer's `self.<layer>.weight`/`.bias`, or a name bound
+    to one of these; grad mode is on and no caller in the file runs the function under
+    no_grad. Confidence: high.
 
     ## Why is this a problem?
     A parameter is a leaf tensor that requires grad. Autograd refuses to modify it in place
@@ -448,7 +472,9 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
     - PyTorch tutorial, "Learning PyTorch with examples" (manual weight update under no_grad)
     - discuss.pytorch.org/t/leaf-variable-was-used-in-an-inplace-operation/308
     """
-    for function in model.functions:
+    source = facts.source
+    widen = any(word in source for word in ("weight", "bias", "Parameter", "parameters()"))
+    for function in facts.functions:
         hits: list[Hit] = []
         for assign in function.assigns:
             node = assign.node
@@ -481,11 +507,15 @@ def manual_update_outside_no_grad(model: FileModel) -> Iterator[Hit]:
                         None,
                     )
                 )
-        if hits and not _called_without_grad(model, function):
+        if widen:
+            cls = function.cls.node if function.cls is not None else None
+            for written, message in in_place_parameter_writes(function.node, cls, facts.imports):
+                hits.append((written, message, None))
+        if hits and not _called_without_grad(facts, function):
             yield from hits
 
 
-_GRAD_ON = frozenset({GradMode.DEFAULT, GradMode.ENABLED})
+_GRAD_ON = frozenset({GradState.DEFAULT, GradState.ENABLED})
 _REWRITABLE_OPS: dict[type[ast.operator], str] = {ast.Sub: "-=", ast.Add: "+="}
 
 
@@ -495,12 +525,15 @@ _REWRITABLE_OPS: dict[type[ast.operator], str] = {ast.Sub: "-=", ast.Add: "+="}
     "`w = w - lr * w.grad` under no_grad rebinds `w` to a tensor that no longer requires grad",
     fixable=True,
 )
-def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
+def rebinding_update_in_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `w = w - lr * w.grad` (any assignment of an expression reading `w.grad` back to
     the name `w`) inside a `no_grad` / `inference_mode` scope. The fix rewrites
     `w = w - <expr>` / `w = w + <expr>` to the in-place `w -= <expr>` / `w += <expr>`.
+
+    ## Evidence
+    A rebinding `w = w - lr * w.grad` under no_grad. Confidence: high.
 
     ## Why is this a problem?
     Under `no_grad` the right-hand side is a *new* tensor with `requires_grad=False`, and
@@ -531,8 +564,8 @@ def rebinding_update_in_no_grad(model: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch tutorial, "Learning PyTorch with examples" (in-place updates under no_grad)
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         for assign in function.assigns:
             node = assign.node
             if not isinstance(node, ast.Assign) or not assign.mode.no_graph:

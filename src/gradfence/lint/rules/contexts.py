@@ -5,12 +5,13 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.model import FileModel, FunctionModel, pos
+from gradfence.lint.diagnostics import LOW
+from gradfence.lint.model import FileModel, FunctionModel, Pos, end_pos, pos
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import (
     GRAD_CONTEXTS,
     NULLARY_GRAD_CONTEXTS,
-    GradMode,
+    GradState,
     mode_of_set_call,
 )
 
@@ -31,7 +32,7 @@ def _worker(call: ast.Call, qual: str | None) -> ast.expr | None:
     return call.args[index] if len(call.args) > index else None
 
 
-def _worker_sets_own_mode(model: FileModel, worker: ast.expr | None) -> bool:
+def _worker_sets_own_mode(facts: FileModel, worker: ast.expr | None) -> bool:
     """The worker is a function of this file that disables grad itself (a no_grad /
     inference_mode decorator, or a body that is such a ``with`` block): the thread it runs
     on gets that mode whatever the submitting thread had."""
@@ -45,8 +46,31 @@ def _worker_sets_own_mode(model: FileModel, worker: ast.expr | None) -> bool:
         name = worker.attr
     else:
         return False
-    functions = model.functions_named(name)
-    return bool(functions) and all(_owns_no_grad(f) for f in functions)
+    functions = facts.functions_named(name)
+    return bool(functions) and all(
+        _owns_no_grad(f) or _delegates_to_no_grad(facts, f) for f in functions
+    )
+
+
+_BUILTINS = frozenset({"print", "len", "range", "enumerate", "zip", "isinstance", "str", "int"})
+
+
+def _delegates_to_no_grad(facts: FileModel, function: FunctionModel) -> bool:
+    """The worker runs nothing itself with gradients on, and hands the work to a function
+    of the file that disables grad (``@torch.no_grad()`` on the method it calls)."""
+    analysis = facts.analysis
+    summary = analysis.function(function.qualname)
+    if summary is None or any(
+        kind.split("|", 1)[0] == "forward" and subject not in _BUILTINS
+        for _, _, kind, subject in summary.events
+    ):
+        return False  # it runs something itself, with gradients on
+    for site in summary.calls:
+        target = analysis.resolve(site, analysis.module, function.qualname)
+        callee = analysis.function(target[1], target[0]) if target is not None else None
+        if callee is not None and callee.grad_off:
+            return True
+    return False
 
 
 def _owns_no_grad(function: FunctionModel) -> bool:
@@ -67,11 +91,16 @@ def _owns_no_grad(function: FunctionModel) -> bool:
     "`with torch.no_grad:` uses the class itself as the context manager (TypeError)",
     fixable=True,
 )
-def grad_context_not_instantiated(model: FileModel) -> Iterator[Hit]:
+def grad_context_not_instantiated(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `with torch.no_grad:`, `with torch.enable_grad:` and `with torch.inference_mode:`
     (any import alias) where the class is used as the context manager without being called.
+
+    ## Evidence
+    The `with` item resolves through the file's imports to `torch.no_grad`,
+    `torch.enable_grad` or `torch.inference_mode` (any alias or re-export) and is not
+    called. Confidence: high.
 
     ## Why is this a problem?
     `no_grad`, `enable_grad` and `inference_mode` are classes. The `with` statement needs
@@ -99,8 +128,8 @@ def grad_context_not_instantiated(model: FileModel) -> Iterator[Hit]:
     - Python data model, context managers:
       https://docs.python.org/3/reference/datamodel.html#context-managers
     """
-    text = model.text
-    for expr, _function in model.bare_with_items:
+    text = facts.text
+    for expr, _function in facts.bare_with_items:
         source = text.segment(expr)
         yield expr, f"`{source}` is a class: call it (`with {source}():`)", text.call_it(expr)
 
@@ -110,11 +139,15 @@ def grad_context_not_instantiated(model: FileModel) -> Iterator[Hit]:
     "discarded-grad-context",
     "`torch.no_grad()` as a statement creates a context manager and throws it away",
 )
-def discarded_grad_context(model: FileModel) -> Iterator[Hit]:
+def discarded_grad_context(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `torch.no_grad()`, `torch.enable_grad()` and `torch.inference_mode()` written as
     a statement of their own, outside a `with` or decorator.
+
+    ## Evidence
+    An expression statement that is a call resolving to a grad-mode context. Confidence:
+    high.
 
     ## Why is this a problem?
     These objects change the grad mode only in `__enter__`, i.e. when a `with` statement
@@ -144,11 +177,11 @@ def discarded_grad_context(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#locally-disabling-gradient-computation
     - pytorch/pytorch PR #5555
     """
-    for function in model.functions:
+    for function in facts.functions:
         for event in function.exprs:
             value = event.node.value
             if isinstance(value, ast.Call):
-                qual = model.imports.resolve(value.func)
+                qual = facts.imports.resolve(value.func)
                 if qual in NULLARY_GRAD_CONTEXTS:
                     yield value, f"`{qual}()` does nothing unless entered: use `with`", None
 
@@ -158,12 +191,19 @@ def discarded_grad_context(model: FileModel) -> Iterator[Hit]:
     "global-grad-disable",
     "`torch.set_grad_enabled(False)` as a call disables gradients for the whole thread",
 )
-def global_grad_disable(model: FileModel) -> Iterator[Hit]:
+def global_grad_disable(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `torch.set_grad_enabled(False)` (any alias) called as a statement rather than
     used in a `with`, when it runs at module level, in `__init__`, or in a function that
     never switches the mode back.
+
+    ## Evidence
+    A statement `set_grad_enabled(False)` (resolved through imports) not switched back
+    later in the function (or by a sibling method such as `__exit__`). Not evidence of a
+    bug: inside the entry point of a script that never differentiates (`main()` called
+    from `if __name__ == "__main__":`, or the guard itself). Under the `__main__` guard
+    of a script that does differentiate: low confidence (`--preview`).
 
     ## Why is this a problem?
     As a plain call, `set_grad_enabled(False)` turns gradient recording off for the rest
@@ -197,8 +237,8 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.set_grad_enabled.html
     - huggingface/transformers PR #13257; pytorch/pytorch#82145
     """
-    imports = model.imports
-    for function in model.functions:
+    imports = facts.imports
+    for function in facts.functions:
         sets = [
             (pos(call.node), mode_of_set_call(call.node, imports))
             for call in function.calls
@@ -208,15 +248,30 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
             value = event.node.value
             if not isinstance(value, ast.Call):
                 continue
-            if mode_of_set_call(value, imports) is not GradMode.DISABLED:
+            if mode_of_set_call(value, imports) is not GradState.DISABLED:
                 continue
             here = pos(value)
-            restored = any(p > here and m is not GradMode.DISABLED for p, m in sets)
+            restored = any(p > here and m is not GradState.DISABLED for p, m in sets)
             if function.cls is not None and function.name not in {"__init__", "<module>"}:
                 # a context-manager-like class: __enter__ disables, __exit__ restores
-                restored = restored or _restored_by_sibling(model, function)
+                restored = restored or _restored_by_sibling(facts, function)
             where = function.name
-            if where.startswith("<"):
+            if not facts.analysis.summary.differentiates and (
+                _entry_point(facts, function) or _under_main_guard(facts, here)
+            ):
+                continue  # an inference-only script switching gradients off for its run
+            if function is facts.module and _under_main_guard(facts, here):
+                where = "__main__"
+            if where == "__main__":
+                if not restored:
+                    yield (
+                        value,
+                        "`set_grad_enabled(False)` under `__main__` disables gradients for the "
+                        "whole run, training included",
+                        None,
+                        LOW,
+                    )
+            elif where.startswith("<"):
                 yield value, "`set_grad_enabled(False)` at import time disables gradients", None
             elif where == "__init__":
                 yield value, "`set_grad_enabled(False)` in `__init__` disables gradients", None
@@ -228,7 +283,40 @@ def global_grad_disable(model: FileModel) -> Iterator[Hit]:
                 )
 
 
-def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:
+def _entry_point(facts: FileModel, function: FunctionModel) -> bool:
+    """A top-level function that the ``if __name__ == "__main__":`` block calls."""
+    if function.parent is not facts.module:
+        return False
+    for node in facts.tree.body:
+        if _is_main_guard(node):
+            for sub in ast.walk(node):
+                if (
+                    isinstance(sub, ast.Call)
+                    and isinstance(sub.func, ast.Name)
+                    and sub.func.id == function.name
+                ):
+                    return True
+    return False
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
+
+
+def _under_main_guard(facts: FileModel, here: Pos) -> bool:
+    """``here`` is inside a top-level ``if __name__ == "__main__":`` block."""
+    for node in facts.tree.body:
+        if _is_main_guard(node) and pos(node) <= here <= end_pos(node):
+            return True
+    return False
+
+
+def _restored_by_sibling(facts: FileModel, function: FunctionModel) -> bool:
     cls = function.cls
     assert cls is not None
     for method in cls.methods.values():
@@ -236,8 +324,8 @@ def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:
             continue
         for call in method.calls:
             if call.qual == "torch.set_grad_enabled":
-                mode = mode_of_set_call(call.node, model.imports)
-                if mode is not GradMode.DISABLED:
+                mode = mode_of_set_call(call.node, facts.imports)
+                if mode is not GradState.DISABLED:
                     return True
     return False
 
@@ -247,12 +335,16 @@ def _restored_by_sibling(model: FileModel, function: FunctionModel) -> bool:
     "grad-decorator-on-coroutine",
     "a grad-mode decorator on `async def` does not cover the coroutine's body",
 )
-def grad_decorator_on_coroutine(model: FileModel) -> Iterator[Hit]:
+def grad_decorator_on_coroutine(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `@torch.no_grad()`, `@torch.inference_mode()`, `@torch.enable_grad()` and
     `@torch.set_grad_enabled(...)` (with or without parentheses) on an `async def`
     function, coroutine or async generator.
+
+    ## Evidence
+    A grad-mode decorator (resolved through imports) on an `async def`. Confidence:
+    high.
 
     ## Why is this a problem?
     The decorator wraps the *call* of the function. Calling an `async def` function only
@@ -285,12 +377,12 @@ def grad_decorator_on_coroutine(model: FileModel) -> Iterator[Hit]:
     - PyTorch source, `torch/utils/_contextlib.py` (generator special case, no coroutine case)
     - vllm-project/vllm PR #49153 review discussion
     """
-    for function in model.functions:
+    for function in facts.functions:
         if not function.is_async:
             continue
         for decorator, mode in function.decorators:
             func = decorator.func if isinstance(decorator, ast.Call) else decorator
-            if mode is not None and model.imports.resolve(func) in GRAD_CONTEXTS:
+            if mode is not None and facts.imports.resolve(func) in GRAD_CONTEXTS:
                 yield (
                     decorator,
                     f"grad-mode decorator on `async def {function.name}` does not apply to its "
@@ -304,12 +396,16 @@ def grad_decorator_on_coroutine(model: FileModel) -> Iterator[Hit]:
     "await-in-grad-scope",
     "`await` inside a grad-mode `with` leaks the mode to other tasks on the thread",
 )
-def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
+def await_in_grad_scope(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `await`, `async for` and `async with` inside a `with torch.no_grad()`,
     `torch.enable_grad()`, `torch.set_grad_enabled(...)` or `torch.inference_mode()` block
     of an `async def` function.
+
+    ## Evidence
+    An `await`, `async for` or `async with` lexically inside a grad-mode `with` block of
+    an `async def`. Confidence: high.
 
     ## Why is this a problem?
     Grad mode belongs to the thread, and every asyncio task of an event loop shares one
@@ -343,7 +439,7 @@ def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#grad-modes
     - pytorch/pytorch#82145
     """
-    for function in model.functions:
+    for function in facts.functions:
         for node in function.awaits:
             what = {ast.AsyncFor: "async for", ast.AsyncWith: "async with"}.get(type(node), "await")
             yield (
@@ -359,13 +455,19 @@ def await_in_grad_scope(model: FileModel) -> Iterator[Hit]:
     "`@torch.no_grad` without parentheses fails on torch < 2.1",
     fixable=True,
 )
-def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
+def grad_decorator_without_call(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    When the configured target is older than torch 2.1 (`--target-torch 2.0`, or
-    `target-torch = "2.0"` in `[tool.gradfence]`), flags `@torch.no_grad`,
-    `@torch.enable_grad` and `@torch.inference_mode` used as decorators without
-    parentheses. Without a target version the rule is silent.
+    When the target is older than torch 2.1 (`--target-torch 2.0`, `target-torch = "2.0"`
+    in `[tool.gradfence]`, or else the lower bound of the torch requirement the project
+    declares in pyproject.toml, setup.py, setup.cfg or requirements*.txt), flags
+    `@torch.no_grad`, `@torch.enable_grad` and `@torch.inference_mode` used as decorators
+    without parentheses. Without a target version the rule is silent.
+
+    ## Evidence
+    A bare grad-mode decorator, and a target older than torch 2.1: `--target-torch`,
+    `[tool.gradfence] target-torch`, or the lower bound of the project's declared torch
+    requirement. Confidence: high.
 
     ## Why is this a problem?
     Before torch 2.1 the bare form passes the decorated function to the constructor, which
@@ -394,11 +496,11 @@ def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     - pytorch/pytorch PR #107086 (bare decorator support for all three, torch 2.1)
     - pytorch/pytorch#113211
     """
-    target = model.target_torch
+    target = facts.target_torch
     if target is None or target >= (2, 1):
         return
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         for decorator, mode in function.decorators:
             if mode is not None and not isinstance(decorator, ast.Call):
                 fix = text.call_it(decorator, prefix="@")
@@ -414,7 +516,7 @@ def grad_decorator_without_call(model: FileModel) -> Iterator[Hit]:
     "thread-escapes-grad-scope",
     "a thread or executor started under no_grad runs with gradients enabled",
 )
-def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
+def thread_escapes_grad_scope(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `threading.Thread(...)`, `threading.Timer(...)`, `asyncio.to_thread(...)`,
@@ -422,6 +524,11 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
     when called inside a `no_grad` / `inference_mode` scope. A worker that is a function of
     the file setting its own mode (a `no_grad`/`inference_mode` decorator, or a body that
     is one such `with` block) is not flagged.
+
+    ## Evidence
+    A thread/executor start (resolved through imports, or `submit`/`map` on an executor
+    created in the file) under no_grad/inference_mode, whose worker is not a function of
+    the file that sets its own mode. Confidence: high.
 
     ## Why is this a problem?
     Grad mode is thread-local. The other thread does not inherit the mode of the thread
@@ -458,15 +565,15 @@ def thread_escapes_grad_scope(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#grad-modes
     - pytorch/pytorch#20528, #82145
     """
-    for function in model.functions:
+    for function in facts.functions:
         for call in function.calls:
             if not call.mode.no_graph:
                 continue
             if (
                 call.qual in _THREAD_STARTERS
                 or call.attr == "run_in_executor"
-                or (call.attr in {"submit", "map"} and call.receiver in model.executor_names)
-            ) and not _worker_sets_own_mode(model, _worker(call.node, call.qual)):
+                or (call.attr in {"submit", "map"} and call.receiver in facts.executor_names)
+            ) and not _worker_sets_own_mode(facts, _worker(call.node, call.qual)):
                 what = call.qual or call.callee or call.attr
                 yield (
                     call.node,

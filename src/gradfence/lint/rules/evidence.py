@@ -97,11 +97,11 @@ def looks_like_module_name(text: str) -> bool:
     return bool(_MODULE_NAME.search(last))
 
 
-def is_module_ctor(model: FileModel, call: ast.expr) -> bool:
+def is_module_ctor(facts: FileModel, call: ast.expr) -> bool:
     """``nn.Linear(...)``, ``torch.nn.Sequential(...)``, or a Module class defined in the file."""
     if not isinstance(call, ast.Call):
         return False
-    qual = model.imports.resolve(call.func)
+    qual = facts.imports.resolve(call.func)
     if qual is not None:
         last = qual.rsplit(".", 1)[-1]
         return (
@@ -111,18 +111,18 @@ def is_module_ctor(model: FileModel, call: ast.expr) -> bool:
             and last not in _NOT_MODULES
         )
     if isinstance(call.func, ast.Name):
-        cls = model.classes.get(call.func.id)
+        cls = facts.classes.get(call.func.id)
         return cls is not None and cls.is_module
     return False
 
 
-def _module_evidence(model: FileModel, function: FunctionModel) -> set[str]:
+def _module_evidence(facts: FileModel, function: FunctionModel) -> set[str]:
     names: set[str] = set()
     for call in function.calls:
         if call.attr in _MODULE_METHODS and call.receiver:
             names.add(call.receiver)
     for assign in function.assigns:
-        if assign.value is not None and is_module_ctor(model, assign.value):
+        if assign.value is not None and is_module_ctor(facts, assign.value):
             names.update(assign.target_names())
     for loop in function.loops:
         node = loop.node
@@ -138,19 +138,19 @@ def _module_evidence(model: FileModel, function: FunctionModel) -> set[str]:
     return names
 
 
-def module_names(model: FileModel, function: FunctionModel) -> set[str]:
+def module_names(facts: FileModel, function: FunctionModel) -> set[str]:
     """Names shown to be modules in ``function`` (built from ``torch.nn``, iterated from
     ``.modules()``, used through Module-only methods), plus ``self.x`` shown anywhere."""
-    cache: dict[int, set[str]] | None = getattr(model, "_module_names", None)
+    cache: dict[int, set[str]] | None = facts.memo.get("module_names")
     if cache is None:
         cache = {}
         attributes: set[str] = set()
-        for other in model.functions:
-            found = _module_evidence(model, other)
+        for other in facts.functions:
+            found = _module_evidence(facts, other)
             cache[id(other)] = found
             attributes |= {n for n in found if n.startswith("self.")}
         cache[0] = attributes
-        model._module_names = cache  # type: ignore[attr-defined]
+        facts.memo["module_names"] = cache
     return cache.get(id(function), set()) | cache[0]
 
 
@@ -180,23 +180,23 @@ def uses_gradients(function: FunctionModel) -> bool:
     return False
 
 
-def mentions_mc_dropout(model: FileModel, function: FunctionModel) -> bool:
+def mentions_mc_dropout(facts: FileModel, function: FunctionModel) -> bool:
     """The function's text talks about dropout / MC sampling: ``.train()`` there is on purpose."""
     node = function.node
     start = getattr(node, "lineno", 1)
     end = getattr(node, "end_lineno", start) or start
-    return any(_MC_DROPOUT.search(line) for line in model.lines[start - 1 : end])
+    return any(_MC_DROPOUT.search(line) for line in facts.lines[start - 1 : end])
 
 
-def callers(model: FileModel, function: FunctionModel) -> Iterator[CallEvent]:
+def callers(facts: FileModel, function: FunctionModel) -> Iterator[CallEvent]:
     """Call sites in the file that call ``function`` (``f(...)``, ``self.f(...)``)."""
-    for other in model.functions:
+    for other in facts.functions:
         for call in other.calls:
-            if call_targets(model, call, function):
+            if call_targets(facts, call, function):
                 yield call
 
 
-def call_targets(model: FileModel, call: CallEvent, function: FunctionModel) -> bool:
+def call_targets(facts: FileModel, call: CallEvent, function: FunctionModel) -> bool:
     """Whether ``call`` calls ``function``: a plain name, or ``self.method`` in its class."""
     func = call.node.func
     if isinstance(func, ast.Name):
@@ -206,13 +206,13 @@ def call_targets(model: FileModel, call: CallEvent, function: FunctionModel) -> 
     return False
 
 
-def resolve_callees(model: FileModel, call: CallEvent) -> list[FunctionModel]:
+def resolve_callees(facts: FileModel, call: CallEvent) -> list[FunctionModel]:
     """Functions of this file that ``call`` may call."""
     func = call.node.func
     name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
     if name is None:
         return []
-    return [f for f in model.functions_named(name) if call_targets(model, call, f)]
+    return [f for f in facts.functions_named(name) if call_targets(facts, call, f)]
 
 
 def names_in(node: ast.AST) -> set[str]:

@@ -5,14 +5,37 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.diagnostics import Fix
+from gradfence.lint.analysis.context import (
+    binding_before,
+    call_sites,
+    class_trains,
+    covers,
+    differentiates,
+    differentiates_between,
+    eval_batches,
+    eval_evidence,
+    events,
+    is_framework_hook,
+    is_frozen,
+    is_probe,
+    is_test_code,
+    is_test_file,
+    is_trained,
+    loader_words,
+    mode_at,
+    result_differentiated,
+    sets_no_mode,
+    unknown_decorator,
+)
+from gradfence.lint.analysis.effects import Event
+from gradfence.lint.diagnostics import HIGH, LOW, Fix
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     CallEvent,
     FileModel,
     FunctionModel,
-    LoopModel,
     Pos,
+    any_between,
     end_pos,
     mentions_training,
     pos,
@@ -22,9 +45,7 @@ from gradfence.lint.rules.evidence import (
     callers,
     is_eval_function,
     is_eval_loop,
-    is_framework_hook,
     is_module_ctor,
-    is_training_step,
     looks_like_module_name,
     mentions_mc_dropout,
     module_names,
@@ -32,7 +53,7 @@ from gradfence.lint.rules.evidence import (
     uses_gradients,
 )
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _DROPOUT_FUNCS = frozenset(
     {
@@ -110,10 +131,13 @@ def _plain_train_call(call: CallEvent) -> bool:
     "`model.eval` / `model.train` without `()` does nothing",
     fixable=True,
 )
-def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
+def mode_method_not_called(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `model.eval` and `model.train` written as a statement without being called.
+
+    ## Evidence
+    An expression statement `x.eval` / `x.train` that is not called. Confidence: high.
 
     ## Why is this a problem?
     The statement evaluates the bound method and throws it away. The module's mode does not
@@ -142,8 +166,8 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.eval`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.eval
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         for event in function.exprs:
             value = event.node.value
             if isinstance(value, ast.Attribute) and value.attr in {"eval", "train"}:
@@ -151,97 +175,33 @@ def mode_method_not_called(model: FileModel) -> Iterator[Hit]:
                 yield value, message, text.call_it(value)
 
 
-class _ModeFlow:
-    """Per-file summary for GF302: which functions leave eval on, train, or restore train."""
-
-    def __init__(self, model: FileModel) -> None:
-        self.model = model
-        self.callees: dict[int, list[tuple[CallEvent, list[FunctionModel]]]] = {}
-        for function in model.functions:
-            self.callees[id(function)] = [
-                (call, targets)
-                for call in function.calls
-                if call.attr is None or call.receiver in {"self", "cls"}
-                for targets in [resolve_callees(model, call)]
-                if targets
-            ]
-        self.leaks = self._fixpoint(self._leaks)
-        self.trains = self._fixpoint(
-            lambda f, known: (
-                any(is_training_step(c) for c in f.calls)
-                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
-            )
-        )
-        self.sets_train = self._fixpoint(
-            lambda f, known: (
-                any(_plain_train_call(c) for c in f.calls)
-                or any(any(id(t) in known for t in ts) for _, ts in self.callees[id(f)])
-            )
-        )
-
-    def _fixpoint(self, test: object) -> set[int]:
-        known: set[int] = set()
-        for _ in range(4):
-            grown = {
-                id(f)
-                for f in self.model.functions
-                if test(f, known)  # type: ignore[operator]
-            }
-            if grown == known:
-                break
-            known = grown
-        return known
-
-    def _leaks(self, function: FunctionModel, known: set[int]) -> bool:
-        switches: list[Pos] = [pos(c.node) for c in function.calls if is_eval_call(c)]
-        switches += [
-            pos(c.node)
-            for c, targets in self.callees[id(function)]
-            if any(id(t) in known for t in targets)
-        ]
-        if not switches:
-            return False
-        restores = [pos(c.node) for c in function.calls if is_train_call(c)]
-        last = max(switches)
-        return not any(r > last for r in restores)
-
-
-def _events_in(
-    loop: LoopModel, function: FunctionModel, flow: _ModeFlow
-) -> list[tuple[Pos, int, CallEvent]]:
-    """(position, kind, call) in the loop: kind 0 = back to train, 1 = training step, 2 = leak."""
-    events: list[tuple[Pos, int, CallEvent]] = []
-    callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
-    for call in function.calls:
-        if call.loop is None or loop not in list(call.loop.chain()):
-            continue
-        here = pos(call.node)
-        targets = callee_map.get(id(call), [])
-        if _plain_train_call(call) or any(id(t) in flow.sets_train for t in targets):
-            events.append((here, 0, call))
-        if is_training_step(call) or any(id(t) in flow.trains for t in targets):
-            events.append((here, 1, call))
-        if is_eval_call(call) or any(id(t) in flow.leaks for t in targets):
-            events.append((here, 2, call))
-    events.sort(key=lambda e: (e[0], e[1]))
-    return events
-
-
 @rule(
     "GF302",
     "eval-mode-leak",
     "a helper leaves the model in eval mode inside a training loop",
 )
-def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
+def eval_mode_leak(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags a call, inside a loop that also trains (`.backward()`, `optimizer.step()`), to a
-    function of the same file that switches a module to eval (`.eval()`, `.train(False)`)
-    without switching it back, when no `.train()` runs between that call and the next
-    training step. A direct `.eval()` in such a loop is flagged the same way. The call
-    graph is followed through functions and methods (`self.validate()`). A switch to eval
-    in one branch of an `if` whose other branch calls `.train()` (`if phase == "train":
-    model.train() else: model.eval()`) chooses the mode per iteration and is not flagged.
+    Flags an `.eval()` inside a loop that trains — directly, or as the effect of a helper
+    of the file or of another module of the project (`validate(model)`,
+    `self.validate()`, `from .utils import evaluate`) — when the next iteration trains the
+    same module again before anything switches it (or an ancestor) back to `.train()`. A
+    switch to eval in one branch of an `if` whose other branch calls `.train()` (`if phase
+    == "train": model.train() else: model.eval()`) chooses the mode per iteration and is
+    not flagged.
+
+    ## Evidence
+    From the analysis core: in a loop whose body differentiates (itself or through a
+    callee), an `.eval()` of a module — directly or as the effect of a helper in this
+    file or another module of the project — that the next iteration reaches before any
+    `.train()` of that module or an ancestor (or through
+    `DataParallel`/`.module`/`.to()`, the same module). The module must be trained: its
+    parameters reach an optimiser, or, when no optimiser is visible, its output reaches
+    the differentiated loss. Not evidence: `.train()` on another module; an EMA copy or
+    frozen backbone that is never optimised; an `.eval()` followed by a backward in the
+    same iteration (a linear probe training in eval on purpose); a helper that sets
+    `.train()` on entry. Confidence: high.
 
     ## Why is this a problem?
     `eval()` is a persistent flag on every submodule, not a scope. After the periodic
@@ -282,45 +242,89 @@ def eval_mode_leak(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `Module.train`:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.train
     """
-    if not any(is_training_step(c) for f in model.functions for c in f.calls):
-        return
-    flow = _ModeFlow(model)
-    reported: set[int] = set()
-    for function in model.functions:
-        callee_map = {id(c): ts for c, ts in flow.callees[id(function)]}
-        for call in function.calls:
-            if call.loop is None or id(call.node) in reported:
+    for function in facts.functions:
+        if not any(
+            any_between(facts.training_lines, loop.node.lineno, loop.node.end_lineno)
+            for loop in function.loops
+        ):
+            continue  # no loop that may train (cheap, before any analysis)
+        items = events(facts, function)
+        if not any(kind == "diff" for _, _, kind, _ in items):
+            continue
+        reported: set[Pos] = set()
+        own = facts.analysis.function(function.qualname)
+        own_evals = {
+            (e[0], e[1]) for e in (own.events if own else ()) if e[2].split("|", 1)[0] == "eval"
+        }
+        for loop in function.loops:
+            start, stop = pos(loop.node), end_pos(loop.node)
+            inside = [e for e in items if start <= (e[0], e[1]) <= stop]
+            if not any(kind == "diff" for _, _, kind, _ in inside):
                 continue
-            if not is_eval_call(call) and not any(
-                id(t) in flow.leaks for t in callee_map.get(id(call), [])
-            ):
-                continue
-            if _mode_chosen_by_branch(function, call):
-                continue
-            for loop in call.loop.chain():
-                events = _events_in(loop, function, flow)
-                if not any(kind == 1 for _, kind, _ in events):
+            for index, (line, col, kind, target) in enumerate(inside):
+                here = (line, col)
+                if kind != "eval" or here in reported:
                     continue
-                if not any(kind == 2 and c is call for _, kind, c in events):
-                    break
-                index = next(i for i, e in enumerate(events) if e[1] == 2 and e[2] is call)
-                rotated = events[index + 1 :] + events[: index + 1]
-                following = next((kind for _, kind, c in rotated if kind in (0, 1)), None)
-                if following == 1:
-                    reported.add(id(call.node))
-                    if not is_eval_call(call):
-                        what = f"`{dotted(call.node.func)}()`"
-                    elif call.attr == "eval":
-                        what = f"`{call.receiver}.eval()`"
-                    else:
+                if not is_trained(facts, function, target):
+                    continue  # an EMA copy, a frozen backbone: eval on purpose
+                same_iteration = _next_mode_or_step(inside[index + 1 :], target)
+                if same_iteration == "diff":
+                    # trained in eval in the same iteration: on purpose after a direct
+                    # .eval() or inside a helper that trains (a linear probe's frozen
+                    # BatchNorm); the bug after a helper that only evaluates
+                    helper_trains = any(k == "diff" and (ln, cl) == here for ln, cl, k, _ in inside)
+                    if here in own_evals or helper_trains:
+                        continue
+                elif same_iteration is not None:
+                    continue  # switched back before the loop ends
+                elif _next_mode_or_step(inside[:index], target) != "diff":
+                    continue
+                call = call_at(function, here)
+                if call is None or _mode_chosen_by_branch(function, call):
+                    continue
+                reported.add(here)
+                if is_eval_call(call):
+                    what = f"`{call.receiver}.eval()`"
+                    if call.attr == "train":
                         what = f"`{call.receiver}.train(False)`"
-                    yield (
-                        call.node,
-                        f"{what} leaves the model in eval mode and the loop trains again "
-                        "without `.train()`",
-                        None,
-                    )
-                break
+                else:
+                    what = f"`{dotted(call.node.func)}()`"
+                yield (
+                    call.node,
+                    f"{what} leaves `{target}` in eval mode and the loop trains it again "
+                    "without `.train()`",
+                    None,
+                )
+
+
+def _next_mode_or_step(items: list[Event], target: str) -> str | None:
+    """The first of: a differentiation (``"diff"``), a switch of ``target`` (or an ancestor)
+    back to train (``"train"``), another ``.eval()`` of it (``"eval"``, judged on its own)."""
+    for _, _, kind, subject in items:
+        if kind == "diff":
+            return "diff"
+        if kind in {"train", "restore", "eval"} and covers(subject, target):
+            return "train" if kind == "restore" else kind
+    return None
+
+
+def node_at(function: FunctionModel, here: Pos) -> ast.Call | None:
+    """The call expression of ``function`` that starts at ``here`` (recorded or not)."""
+    call = call_at(function, here)
+    if call is not None:
+        return call.node
+    for sub in ast.walk(function.node):
+        if isinstance(sub, ast.Call) and (sub.lineno, sub.col_offset) == here:
+            return sub
+    return None
+
+
+def call_at(function: FunctionModel, here: Pos) -> CallEvent | None:
+    """The recorded call of ``function`` that starts at ``here``."""
+    for call in function.calls:
+        if (call.node.lineno, call.node.col_offset) == here:
+            return call
+    return None
 
 
 def _within(statements: list[ast.stmt], here: Pos) -> bool:
@@ -355,7 +359,7 @@ def _is_eval_context(function: FunctionModel, call: CallEvent) -> bool:
     return call.loop is not None and any(is_eval_loop(loop) for loop in call.loop.chain())
 
 
-def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str | None:
+def _forward_target(facts: FileModel, call: CallEvent, modules: set[str]) -> str | None:
     """``R`` when the call is ``R(...)`` on something that is a module."""
     callee = dotted(call.node.func)
     if (
@@ -372,9 +376,11 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
         )
     ):
         return None
-    if isinstance(call.node.func, ast.Name) and model.functions_named(callee):
-        return None  # a function of this file, not a module
-    if _is_criterion(model, call.function, callee):
+    if isinstance(call.node.func, ast.Name) and (
+        facts.functions_named(callee) or callee in facts.imports.aliases
+    ):
+        return None  # a function of this file or an imported one, not a module
+    if _is_criterion(facts, call.function, callee):
         return None  # a loss module: no mode-dependent layers
     for arg in call.node.args:
         text = dotted(arg)
@@ -393,18 +399,18 @@ def _forward_target(model: FileModel, call: CallEvent, modules: set[str]) -> str
 _CRITERION_WORDS = frozenset({"criterion", "criteria", "loss", "losses"})
 
 
-def _is_criterion(model: FileModel, function: FunctionModel, name: str) -> bool:
+def _is_criterion(facts: FileModel, function: FunctionModel, name: str) -> bool:
     """``criterion``, ``loss_fn``, or a name built from ``torch.nn.<X>Loss``."""
     if tokens(name.rsplit(".", 1)[-1]) & _CRITERION_WORDS:
         return True
-    owners = [function, model.module]
+    owners = [function, facts.module]
     if function.cls is not None:
         owners += function.cls.methods.values()
     for owner in owners:
         for assign in owner.assigns:
             value = assign.value
             if isinstance(value, ast.Call) and name in assign.target_names():
-                qual = model.imports.resolve(value.func) or ""
+                qual = facts.imports.resolve(value.func) or ""
                 if qual.startswith("torch.nn.") and qual.endswith("Loss"):
                     return True
     return False
@@ -434,22 +440,21 @@ def _switched_before(function: FunctionModel, target: str, limit: Pos, *, to_eva
     return False
 
 
-def _caller_evaluates(model: FileModel, function: FunctionModel, depth: int = 2) -> bool:
+def _caller_evaluates(facts: FileModel, function: FunctionModel, depth: int = 2) -> bool:
     """Some caller in the file (or its caller) switches a module to eval before the call."""
     if depth == 0 or function.name.startswith("<"):
         return False
-    for site in callers(model, function):
-        caller = site.function
-        if any(is_eval_call(c) and pos(c.node) < pos(site.node) for c in caller.calls):
+    for caller, line, col, _ in call_sites(facts, function):
+        if any(is_eval_call(c) and pos(c.node) < (line, col) for c in caller.calls):
             return True
         if any(c.qual == "gradfence.inference" for c in caller.calls):
             return True
-        if _caller_evaluates(model, caller, depth - 1):
+        if _caller_evaluates(facts, caller, depth - 1):
             return True
     return False
 
 
-def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
+def _locally_loaded(facts: FileModel, function: FunctionModel, target: str, limit: Pos) -> bool:
     """``target = load_model(...)``: built by a call we cannot see into (may set eval).
 
     ``target = Net(...)`` followed by ``target.load_state_dict(...)`` is not opaque: a class
@@ -458,7 +463,14 @@ def _locally_loaded(model: FileModel, function: FunctionModel, target: str, limi
     for assign in function.assigns:
         if pos(assign.node) < limit and target in assign.target_names():
             value = assign.value
-            if not isinstance(value, ast.Call) or is_module_ctor(model, value):
+            while (
+                isinstance(value, ast.Call)
+                and isinstance(value.func, ast.Attribute)
+                and value.func.attr in _RETURNS_SELF
+                and isinstance(value.func.value, ast.Call)
+            ):
+                value = value.func.value  # ``Net(...).to(device)`` is what ``Net(...)`` is
+            if not isinstance(value, ast.Call) or is_module_ctor(facts, value):
                 return False
             return not (
                 _constructs_class(value) and _loads_weights(function, target, pos(assign.node))
@@ -493,7 +505,7 @@ def _bound_locally(function: FunctionModel, name: str) -> bool:
     return any(name in assign.target_names() for assign in function.assigns)
 
 
-def _loaded_by_caller(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _loaded_by_caller(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """``target`` is a parameter, and some caller in the file passes a module it got from a
     call we cannot see into (``model = get_setup(); generate_predictions(model, ...)``)."""
     node = function.node
@@ -506,78 +518,163 @@ def _loaded_by_caller(model: FileModel, function: FunctionModel, target: str) ->
     if target not in params and target not in {a.arg for a in node.args.kwonlyargs}:
         return False
     index = params.index(target) if target in params else None
-    for site in callers(model, function):
+    for site in callers(facts, function):
         call = site.node
         passed = next((k.value for k in call.keywords if k.arg == target), None)
         if passed is None and index is not None and index < len(call.args):
             passed = call.args[index]
         name = dotted(passed) if passed is not None else None
-        if name is not None and _locally_loaded(model, site.function, name, pos(call)):
+        if name is not None and _locally_loaded(facts, site.function, name, pos(call)):
             return True
     return False
 
 
-def _set_up_elsewhere(model: FileModel, function: FunctionModel, target: str) -> bool:
+def _set_up_elsewhere(facts: FileModel, function: FunctionModel, target: str) -> bool:
     """The module is switched to eval, or loaded by an opaque call, where it is set up:
     another method of the class for ``self.x`` (``__init__``), module level for globals."""
     if target.startswith("self.") and function.cls is not None:
         owners = [m for m in function.cls.methods.values() if m is not function]
-    elif function is not model.module and _bound_locally(function, target.split(".", 1)[0]):
+    elif function is not facts.module and _bound_locally(function, target.split(".", 1)[0]):
         return False  # a parameter or local of the function, not the global of that name
     else:
-        owners = [model.module]
+        owners = [facts.module]
     end = (1 << 30, 0)
     for owner in owners:
         if _switched_before(owner, target, end, to_eval=True):
             return True
-        if _locally_loaded(model, owner, target, end):
+        if _locally_loaded(facts, owner, target, end):
             return True
     return False
 
 
-def _helper_evaluates_before(model: FileModel, function: FunctionModel, limit: Pos) -> bool:
+def _helper_evaluates_before(facts: FileModel, function: FunctionModel, limit: Pos) -> bool:
     """``prepare(model)`` before the forward, where ``prepare`` calls ``.eval()``."""
     for call in function.calls:
         if pos(call.node) >= limit:
             break  # calls are sorted by position
-        for callee in resolve_callees(model, call):
+        for callee in resolve_callees(facts, call):
             if callee is not function and any(is_eval_call(c) for c in callee.calls):
                 return True
     return False
 
 
-def _evaluation_forwards(model: FileModel) -> list[tuple[FunctionModel, CallEvent, str]]:
-    """First forward of each module in an evaluation context, per function (cached)."""
-    cached: list[tuple[FunctionModel, CallEvent, str]] | None = getattr(model, "_forwards", None)
+def _evaluation_forwards(facts: FileModel) -> list[tuple[FunctionModel, CallEvent, str, str]]:
+    """First forward of each module where the evidence says "evaluation", per function,
+    with the finding's confidence (memoised: GF304 and GF305 share it)."""
+    cached: list[tuple[FunctionModel, CallEvent, str, str]] | None = facts.memo.get("forwards")
     if cached is None:
-        cached = list(_find_evaluation_forwards(model))
-        model._forwards = cached  # type: ignore[attr-defined]
+        cached = list(_find_evaluation_forwards(facts))
+        facts.memo["forwards"] = cached
     return cached
 
 
-def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel, CallEvent, str]]:
-    for function in model.functions:
+def _eval_region_loop(facts: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+    """The call is in a loop over evaluation data whose body differentiates nothing."""
+    if call.loop is None:
+        return False
+    for loop in call.loop.chain():
+        if loader_words(loop):
+            start, stop = pos(loop.node), end_pos(loop.node)
+            return not differentiates_between(facts, function, start, stop)
+    return False
+
+
+def _helper_forwards(facts: FileModel, function: FunctionModel) -> dict[Pos, str]:
+    """Calls of the function that run a ``self`` module through a method of the class."""
+    callees = {pos(c.node): c.callee for c in function.calls}
+    found: dict[Pos, str] = {}
+    for line, col, kind, subject in events(facts, function):
+        if (
+            kind in {"forward", "forward_off"}
+            and subject.startswith("self.")
+            and subject.count(".") == 1
+            and callees.get((line, col), subject) != subject
+            and not _is_criterion(facts, function, subject)
+        ):
+            found.setdefault((line, col), subject)
+    return found
+
+
+def _after_eval_batch(facts: FileModel, function: FunctionModel, call: CallEvent) -> bool:
+    """A batch pulled from evaluation data (``next(iter(test_loader))``) before the call,
+    with nothing differentiated in between."""
+    here = pos(call.node)
+    return any(
+        start < here and not differentiates_between(facts, function, start, here)
+        for start in eval_batches(facts, function)
+    )
+
+
+def _find_evaluation_forwards(
+    facts: FileModel,
+) -> Iterator[tuple[FunctionModel, CallEvent, str, str]]:
+    for function in facts.functions:
         if is_framework_hook(function) or function.name.startswith("<class"):
             continue
-        seen: set[str] = set()
-        evaluating = is_eval_function(function)
-        if not evaluating and not any(is_eval_loop(loop) for loop in function.loops):
-            continue
-        modules = module_names(model, function)
-        # a method of a Module (or of a class derived from something we cannot resolve)
-        in_module_class = function.cls is not None and (
-            function.cls.is_module or bool(function.cls.node.bases)
+        if unknown_decorator(facts, function):
+            continue  # a decorator the analysis cannot see through may set the mode
+        testing = is_test_code(facts, function)
+        named = is_eval_function(function)
+        loops = any(loader_words(loop) for loop in function.loops)
+        if not function.calls or not (
+            named
+            or loops
+            or function.entry_mode.no_graph
+            or any(call.mode.no_graph for call in function.calls)
+            or eval_batches(facts, function)
+        ):
+            continue  # no evidence to weigh (cheap, before any analysis)
+        node = function.node
+        start = getattr(node, "lineno", 1)
+        end = len(facts.lines) if isinstance(node, ast.Module) else node.end_lineno
+        trains = any_between(facts.training_lines, start, end or start) and differentiates(
+            facts, function
         )
+        grad_off_function = function.entry_mode.no_graph
+        evidence = eval_evidence(facts, function, None, grad_off_function)
+        seen: set[str] = set()
+        weak: dict[str, CallEvent] = {}
+        via_helpers: dict[Pos, str] | None = None
+        modules: set[str] | None = None
+        # a method of a Module: its submodules run in the caller's mode
+        in_module_class = function.cls is not None and function.cls.is_module
         for call in function.calls:
-            if not evaluating and not _is_eval_context(function, call):
-                continue
-            target = _forward_target(model, call, modules)
+            if _eval_region_loop(facts, function, call):
+                confidence = LOW if is_test_file(facts) else HIGH
+            elif trains and not _after_eval_batch(facts, function, call):
+                continue  # the function trains and the call is not in an evaluation region
+            elif trains:
+                confidence = HIGH if call.mode.no_graph else LOW
+            else:
+                here = evidence
+                if call.mode.no_graph and "gradients off" not in here:
+                    here = [*here, "gradients off"]
+                if here and (named or len(here) > 1) and not testing:
+                    confidence = HIGH
+                elif named or here:
+                    confidence = LOW  # a name or one piece of evidence alone: --preview
+                else:
+                    continue
+            if modules is None:
+                modules = module_names(facts, function)
+            target = _forward_target(facts, call, modules)
+            if target is None and call.attr is not None and call.receiver in {"self", "cls"}:
+                # ``self._forward_pass(x)``: a helper that runs the module
+                if via_helpers is None:
+                    via_helpers = _helper_forwards(facts, function)
+                target = via_helpers.get(pos(call.node))
             if target is None or target in seen:
                 continue
             if in_module_class and target.startswith("self."):
-                continue  # a Module's own method: its caller owns the mode
-            seen.add(target)
-            yield function, call, target
+                continue
+            if confidence == HIGH:
+                seen.add(target)
+                yield function, call, target, confidence
+            else:
+                weak.setdefault(target, call)  # reported only if no stronger evidence follows
+        for target, call in weak.items():
+            if target not in seen:
+                yield function, call, target, LOW
 
 
 @rule(
@@ -585,7 +682,7 @@ def _find_evaluation_forwards(model: FileModel) -> Iterator[tuple[FunctionModel,
     "train-in-inference",
     "`.train()` inside no_grad or an evaluation function, then the module is run",
 )
-def train_in_inference(model: FileModel) -> Iterator[Hit]:
+def train_in_inference(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `m.train()` / `m.train(True)` inside a `no_grad` / `inference_mode` scope or
@@ -593,6 +690,12 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     when `m` is run afterwards in the same function. A `.train()` that restores the mode
     at the end, and functions that talk about dropout sampling (MC dropout) or compute
     gradients on purpose, are not flagged.
+
+    ## Evidence
+    `.train()` of a module under no_grad/inference_mode or in a function named like an
+    evaluation, followed by a forward of that module in the same function; no MC-dropout
+    wording, no differentiation in the function, no recalibration (`update_bn`).
+    Confidence: high.
 
     ## Why is this a problem?
     `no_grad` controls gradient recording; it does not change what the layers compute. In
@@ -623,17 +726,17 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
     - pliang279/MultiBench#26
     - PyTorch source, `torch/nn/modules/batchnorm.py`
     """
-    for function in model.functions:
+    for function in facts.functions:
         candidates = [
             c
             for c in function.calls
             if _plain_train_call(c) and (c.mode.no_graph or is_eval_function(function))
         ]
-        if not candidates or mentions_mc_dropout(model, function) or uses_gradients(function):
+        if not candidates or mentions_mc_dropout(facts, function) or uses_gradients(function):
             continue
         if _recalibrates(function):
             continue
-        modules = module_names(model, function)
+        modules = module_names(facts, function)
         for call in candidates:
             receiver = call.receiver or ""
             later = [
@@ -641,7 +744,7 @@ def train_in_inference(model: FileModel) -> Iterator[Hit]:
                 for other in function.calls
                 if pos(other.node) > pos(call.node)
                 and (
-                    _forward_target(model, other, modules | {receiver}) == receiver
+                    _forward_target(facts, other, modules | {receiver}) == receiver
                     or (other.attr == "forward" and other.receiver == receiver)
                 )
             ]
@@ -680,19 +783,32 @@ def _recalibrates(function: FunctionModel) -> bool:
     "inference-without-eval",
     "a module is run for evaluation without `.eval()` first",
 )
-def inference_without_eval(model: FileModel) -> Iterator[Hit]:
+def inference_without_eval(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags the first forward call of a module in an evaluation context — a function named
-    like `validate`/`evaluate`/`test`/`predict`/`infer`, or a loop over a validation/test
-    loader — when no `.eval()` (or `.train(False)`, or `gradfence.inference(model)`) is
-    applied to that module earlier in the function or in a caller of it in the same file.
-    Not flagged: Lightning hooks (`validation_step`, `test_step`, `predict_step`),
-    functions that compute gradients on purpose, MC-dropout code, models returned by a
-    loader function (here or in a caller that passes the model in), loss modules
-    (`criterion`, `loss_fn`, `nn.BCELoss()`...) and calls that take a module as argument
-    (`reparameterize_model(model)`). A model built from a class and then given weights
-    (`model = Net(); model.load_state_dict(...)`) is in train mode, and is flagged.
+    Flags the first forward of a module where the evidence says the code evaluates (see
+    Evidence) when nothing switched that module to eval first: no `.eval()`,
+    `.train(False)` or `gradfence.inference(model)` earlier in the function, in a helper
+    it calls, or in a caller in the file. A module whose mode is set where the analysis
+    cannot see (loaded by a factory, traced, injected, decorated) is not flagged. A model
+    built from a class and then given weights (`model = Net(); model.load_state_dict(...)`)
+    is in train mode, and is flagged.
+
+    ## Evidence
+    From the analysis core, evidence that the forward evaluates: a loop over
+    validation/test data whose body differentiates nothing (high on its own); a batch
+    pulled with `next(iter(test_loader))` with nothing differentiated before the
+    forward; a metric computed on outputs (argmax/topk, accuracy, dice, WER...);
+    gradients off (`no_grad`, `inference_mode`, grad-off decorator); a file that never
+    differentiates. Two pieces, or one plus an evaluation name, give high confidence;
+    one piece or a name alone gives low confidence (`--preview`). The module's mode must
+    be known: silent when it was built by a factory the analysis cannot see into,
+    traced/scripted/copied, handed to `__init__` of a class that never trains it, set up
+    in another method, given by a caller that loaded it, wrapped by a decorator the
+    analysis cannot see through, or a framework hook (Lightning `validation_step`,
+    fairseq `valid_step`...). `torch.load` counts only in a file that never
+    differentiates and never sets a mode. A `.train()` before the forward is on purpose
+    unless a training part (differentiation) lies between them.
 
     ## Why is this a problem?
     Grad-mode contexts do not change module mode: `no_grad` and `inference_mode` leave
@@ -724,30 +840,107 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     - wolny/pytorch-3dunet#53; asteroid-team/asteroid#643
     """
     skip: dict[int, bool] = {}
-    for function, call, target in _evaluation_forwards(model):
+    for function, call, target, confidence in _evaluation_forwards(facts):
         key = id(function)
         if key not in skip:
-            skip[key] = (
-                uses_gradients(function)
-                or mentions_mc_dropout(model, function)
-                or _caller_evaluates(model, function)
-            )
+            skip[key] = mentions_mc_dropout(facts, function) or _caller_evaluates(facts, function)
         if skip[key]:
             continue
         here = pos(call.node)
         if _switched_before(function, target, here, to_eval=True):
+            continue  # .eval() or gradfence.inference(model) (cheap, before any analysis)
+        if _method_not_module(function, target):
+            continue  # ``self.feed_data(...)``: a method (maybe inherited), not a module
+        if _enclosing_evaluates(facts, function, target):
+            continue  # a closure run by a function that set the mode first
+        mode = mode_at(facts, function, target, here)
+        if mode in {"eval", "restore"}:
             continue
-        if _switched_before(function, target, here, to_eval=False):
+        if mode == "train" and not _trained_since_train(facts, function, target, here):
             continue  # explicit train mode for evaluation is on purpose (MC dropout...)
-        if _locally_loaded(model, function, target, here):
+        binding = binding_before(facts, function, target, here)
+        if binding in {"bound_call", "opaque"}:
+            continue  # built by a factory, traced, copied: its mode is set out of sight
+        if binding == "loaded" and not (
+            sets_no_mode(facts) and not facts.analysis.summary.differentiates
+        ):
+            continue  # unpickled in the mode it was saved in, unless an inference script
+        if binding is None and _locally_loaded(facts, function, target, here):
+            continue  # (a class called: built in train mode; judged by the analysis)
+        if _loaded_by_caller(facts, function, target):
             continue
-        if _loaded_by_caller(model, function, target):
+        if binding is None and _set_up_elsewhere(facts, function, target):
             continue
-        if _set_up_elsewhere(model, function, target):
+        if _injected(facts, function, target) and not class_trains(facts, function):
+            continue  # handed in, and this class never trains it: its mode is set outside
+        if _helper_evaluates_before(facts, function, here):
             continue
-        if _helper_evaluates_before(model, function, here):
-            continue
-        yield call.node, f"`{target}` is run for evaluation without `{target}.eval()` first", None
+        yield (
+            call.node,
+            f"`{target}` is run for evaluation without `{target}.eval()` first",
+            None,
+            confidence,
+        )
+
+
+def _method_not_module(function: FunctionModel, target: str) -> bool:
+    """``self.x`` is called but never bound in the class: a method (perhaps of a base class
+    in another file), not a submodule."""
+    cls = function.cls
+    if cls is None or not target.startswith("self.") or target.count(".") != 1:
+        return False
+    if target[5:] in cls.methods:
+        return True
+    return not any(
+        target in assign.target_names()
+        for method in cls.methods.values()
+        for assign in method.assigns
+    )
+
+
+def _enclosing_evaluates(facts: FileModel, function: FunctionModel, target: str) -> bool:
+    """A nested function whose enclosing function switches ``target`` to eval (it runs the
+    closure afterwards: ``def validate(model): model.eval(); run_validate(loader)``)."""
+    parent = function.parent
+    if (
+        parent is None
+        or parent is facts.module
+        or not isinstance(parent.node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ):
+        return False
+    return any(is_eval_call(c) and _related(c.receiver, target) for c in parent.calls)
+
+
+def _trained_since_train(facts: FileModel, function: FunctionModel, target: str, here: Pos) -> bool:
+    """``model.train()`` then a training part that differentiates, then this forward: the
+    train mode was for training and is still on (a test loop after the training loop)."""
+    last: Pos | None = None
+    for line, col, kind, subject in events(facts, function):
+        if (line, col) >= here:
+            break
+        if kind in {"train", "eval", "restore"} and covers(subject, target):
+            last = (line, col)
+    return last is not None and differentiates_between(facts, function, last, here)
+
+
+def _injected(facts: FileModel, function: FunctionModel, target: str) -> bool:
+    """``self.model = model`` in ``__init__``: a module handed in, whose mode the caller
+    sets where the analysis cannot see."""
+    if not target.startswith("self.") or function.cls is None:
+        return False
+    init = function.cls.methods.get("__init__")
+    if init is None or not isinstance(init.node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    params = {a.arg for a in (*init.node.args.args, *init.node.args.kwonlyargs)}
+    head = ".".join(target.split(".")[:2])
+    for assign in init.assigns:
+        if head in assign.target_names() and assign.value is not None:
+            source = assign.value
+            while isinstance(source, ast.Call) and isinstance(source.func, ast.Attribute):
+                source = source.func.value  # ``model.to(device)``
+            if isinstance(source, ast.Name) and source.id in params:
+                return True
+    return False
 
 
 @rule(
@@ -755,14 +948,23 @@ def inference_without_eval(model: FileModel) -> Iterator[Hit]:
     "eval-without-no-grad",
     "forwards after `.eval()` for evaluation still record an autograd graph",
 )
-def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
+def eval_without_no_grad(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags the first forward call of a module after its `.eval()` in an evaluation function
-    or loop when the call is outside any `no_grad` / `inference_mode` scope, nothing in the
-    function differentiates (`backward`, `torch.autograd.grad`, `requires_grad`), and no
-    caller in the file runs the function under `no_grad` or differentiates itself (an
-    attack calling `predict(model, x)`). Lightning hooks are not flagged.
+    Flags a forward of a module with gradients on in the region after its `.eval()` (up to
+    its next `.train()`) where nothing is differentiated — in the function, or in a helper
+    that received the module (`model.eval(); run(model, loader)`). A function that trains
+    first and evaluates after is judged by the region after `.eval()`, not as a whole.
+
+    ## Evidence
+    From the analysis core: a forward with gradients on (directly, or in a callee that
+    received the module) in the region after `.eval()` of that module up to its next
+    `.train()`, where nothing is differentiated (the region, not the whole function).
+    Reported once, where the `.eval()` and the forward meet. Silent when the function's
+    callers run it under no_grad or differentiate what it returns (an attack), after
+    `torch.no_grad().__enter__()`, when the module's parameters are all frozen, on
+    made-up input (`torch.randn(...)`: a smoke test), in unit tests, under a decorator
+    the analysis cannot see through, and in framework hooks. Confidence: high.
 
     ## Why is this a problem?
     `eval()` changes what dropout and BatchNorm compute; it does not turn off gradient
@@ -793,28 +995,68 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     ## References
     - pytorch/pytorch#7013; jhjacobsen/invertible-resnet#15; mindsdb/lightwood#154
     """
-    skip: dict[int, bool] = {}
-    for function, call, target in _evaluation_forwards(model):
-        if call.mode is not GradMode.DEFAULT and call.mode is not GradMode.ENABLED:
+    for function in facts.functions:
+        if is_framework_hook(function) or function.entry_mode is not GradState.DEFAULT:
             continue
-        key = id(function)
-        if key not in skip:
-            skip[key] = uses_gradients(function) or any(
-                site.mode.no_graph
-                or site.mode is GradMode.UNKNOWN
-                or uses_gradients(site.function)  # the caller differentiates the output
-                for site in callers(model, function)
+        if unknown_decorator(facts, function) or is_test_code(facts, function):
+            continue
+        if not any(is_eval_call(call) for call in function.calls):
+            continue  # no .eval() here (cheap, before any analysis)
+        items = events(facts, function)
+        if not any(kind == "eval" for _, _, kind, _ in items):
+            continue
+        skip: bool | None = None
+        seen: set[str] = set()
+        for index, (line, col, kind, target) in enumerate(items):
+            if kind != "forward" or not target or target in seen:
+                continue
+            here = (line, col)
+            start = _eval_switch_before(items, index, target)
+            if start is None or start == here:
+                continue  # the callee's own .eval() and forward: reported there, once
+            if is_frozen(items, index, target):
+                continue  # no parameter requires grad: no graph is recorded
+            stop = next(
+                (
+                    (ln, cl)
+                    for ln, cl, k, t in items[index:]
+                    if k in {"train", "restore"} and covers(t, target)
+                ),
+                (1 << 30, 0),
             )
-        if skip[key]:
-            continue
-        if not _switched_before(function, target, pos(call.node), to_eval=True):
-            continue
-        yield (
-            call.node,
-            f"`{target}` is evaluated after `.eval()` with gradients on: wrap it in "
-            "`torch.no_grad()`",
-            None,
-        )
+            if differentiates_between(facts, function, start, stop):
+                continue  # the region after .eval() differentiates: gradients on purpose
+            node = node_at(function, here)
+            if node is None or is_probe(facts, function, node):
+                continue
+            if skip is None:
+                skip = any(
+                    grad_off or result_differentiated(facts, caller, line, col)
+                    for caller, line, col, grad_off in call_sites(facts, function)
+                )  # run under no_grad by its callers, or an attack: gradients on purpose
+            if skip:
+                break
+            seen.add(target)
+            callee = dotted(node.func) or "the call"
+            if callee == target or callee.split(".", 1)[0] == target:
+                message = (
+                    f"`{target}` is evaluated after `.eval()` with gradients on: wrap it in "
+                    "`torch.no_grad()`"
+                )
+            else:
+                message = (
+                    f"`{callee}(...)` runs `{target}` after `.eval()` with gradients on: "
+                    "wrap it in `torch.no_grad()`"
+                )
+            yield node, message, None
+
+
+def _eval_switch_before(items: list[Event], index: int, target: str) -> Pos | None:
+    """Where ``target`` (or an ancestor) was last switched, if to eval, before event ``index``."""
+    for line, col, kind, subject in reversed(items[:index]):
+        if kind in {"eval", "train", "restore"} and covers(subject, target):
+            return (line, col) if kind == "eval" else None
+    return None
 
 
 @rule(
@@ -823,7 +1065,7 @@ def eval_without_no_grad(model: FileModel) -> Iterator[Hit]:
     "functional dropout in a Module that does not follow `self.training`",
     fixable=True,
 )
-def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
+def ungated_functional_dropout(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Inside an `nn.Module`, flags `F.dropout(...)` (and `dropout1d/2d/3d`, `alpha_dropout`,
@@ -831,6 +1073,14 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
     `F.scaled_dot_product_attention(..., dropout_p=p)` where `p` is not zero and does not
     depend on `self.training`. Calls under `if self.training:` are not flagged. The fix
     adds `training=self.training` to the dropout call.
+
+    ## Evidence
+    A call resolving to `torch.nn.functional.dropout` (and variants) in a method of an
+    `nn.Module` without `training=`, not under `if self.training:`. Intent: a comment
+    near the call or in the function saying dropout always applies ("always", "at
+    inference", "MC dropout") silences it; a probability that is an argument of a method
+    other than `forward` (a sampling method, where the caller chooses) makes it low
+    confidence with an unsafe fix.
 
     ## Why is this a problem?
     Functional dropout has no module flag to consult: `F.dropout(x, p)` defaults to
@@ -861,8 +1111,8 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.nn.functional.dropout.html
     - pytorch/pytorch#26338, #124464
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         if function.cls is None or not function.cls.is_module:
             continue
         has_self = _first_arg(function) == "self"
@@ -881,6 +1131,9 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     continue
                 if any(k.arg == "training" for k in node.keywords):
                     continue
+                intent = _dropout_intent(facts, function, node)
+                if intent == "always":
+                    continue  # the code says dropout applies at evaluation too
                 fix = None
                 if has_self:
                     last = max(
@@ -893,12 +1146,14 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     fix = Fix(
                         "Add `training=self.training`",
                         (text.insert_after(last, ", training=self.training"),),
+                        safe=intent is None,
                     )
                 yield (
                     node,
                     f"`{text.segment(node.func)}` without `training=` drops activations in eval "
                     "mode too",
                     fix,
+                    HIGH if intent is None else LOW,
                 )
             elif call.qual == _SDPA:
                 value = next((k.value for k in node.keywords if k.arg == "dropout_p"), None)
@@ -914,6 +1169,33 @@ def ungated_functional_dropout(model: FileModel) -> Iterator[Hit]:
                     "use `p if self.training else 0.0`",
                     None,
                 )
+
+
+_ALWAYS = ("always", "at inference", "at test time", "in eval", "mc dropout", "monte carlo")
+
+
+def _dropout_intent(facts: FileModel, function: FunctionModel, call: ast.Call) -> str | None:
+    """Why this dropout may be meant to stay on: ``"always"`` when a comment next to it or
+    in the function says so; ``"caller"`` when its probability is an argument of a method
+    other than ``forward`` (a sampling method: the caller chooses); else None."""
+    start = max(getattr(function.node, "lineno", 1), call.lineno - 3)
+    for line in facts.lines[start - 1 : (call.end_lineno or call.lineno)]:
+        comment = line.partition("#")[2].lower()
+        if comment and any(word in comment for word in _ALWAYS):
+            return "always"
+    probability = call.args[1] if len(call.args) > 1 else None
+    for keyword in call.keywords:
+        if keyword.arg == "p":
+            probability = keyword.value
+    node = function.node
+    if (
+        isinstance(probability, ast.Name)
+        and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.name not in {"forward", "__call__"}
+        and probability.id in {a.arg for a in (*node.args.args, *node.args.kwonlyargs)}
+    ):
+        return "caller"
+    return None
 
 
 def _first_arg(function: FunctionModel) -> str | None:
@@ -943,13 +1225,20 @@ def _depends_on_training(function: FunctionModel, value: ast.expr) -> bool:
     "modules kept in a plain list/tuple/dict on `self` are invisible to `.eval()`",
     fixable=True,
 )
-def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
+def unregistered_submodules(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags, in an `nn.Module`'s `__init__`, a list, tuple or dict of freshly built modules
     (`nn.Linear(...)`, `nn.Dropout()`, modules defined in the file) assigned to `self.x`,
     including list and dict comprehensions. The fix wraps a list or tuple in
     `nn.ModuleList(...)` and a dict with string keys in `nn.ModuleDict(...)`.
+
+    ## Evidence
+    In `__init__` of an `nn.Module`, `self.x` bound to a list/tuple/dict whose elements
+    are all module constructions (`torch.nn` classes or Module classes of the file), or
+    `self.x = []` followed by `self.x.append(<module>)`. Not evidence: a later
+    assignment rebinding `self.x` from itself (`nn.Sequential(*self.x)`), or
+    `add_module`/`register_module` in `__init__`. Confidence: high.
 
     ## Why is this a problem?
     `nn.Module` registers a submodule only when the attribute value *is* a module.
@@ -981,10 +1270,10 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
     - PyTorch docs, `nn.ModuleList`:
       https://pytorch.org/docs/stable/generated/torch.nn.ModuleList.html
     """
-    text = model.text
-    for cls in model.classes.values():
+    text = facts.text
+    for cls in facts.classes.values():
         init = cls.methods.get("__init__")
-        if not cls.is_module or init is None or _registers_explicitly(model, init):
+        if not cls.is_module or init is None or _registers_explicitly(facts, init):
             continue
         for assign in init.assigns:
             node = assign.node
@@ -994,13 +1283,26 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
             if target is None or not target.startswith("self.") or target.count(".") != 1:
                 continue
             value = node.value
+            if _rebound_later(init, target, node):
+                continue  # ``self.blocks = nn.Sequential(*self.blocks)`` registers them
+            if isinstance(value, ast.List) and not value.elts:
+                appended = _appended_module(facts, init, target, node)
+                if appended is not None:
+                    yield (
+                        appended,
+                        f"modules appended to a plain list on `{target}` are not registered: "
+                        "`.eval()`, `.to()` and `.parameters()` skip them",
+                        None,
+                    )
+                continue
             container, fix_name, elements = _module_container(value)
             if container is None or not elements:
                 continue
-            if not all(is_module_ctor(model, e) for e in elements):
+            if not all(is_module_ctor(facts, e) for e in elements):
                 continue
-            fix = None
-            local = model.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
+            if all(_stateless(facts, e) for e in elements):
+                continue  # nothing to register: no parameters, buffers or mode
+            local = facts.imports.local_name(f"torch.nn.{fix_name}") if fix_name else None
             if local is not None:
                 source = text.segment(value)
                 if isinstance(value, ast.Tuple) and not _parenthesized(value, source):
@@ -1014,12 +1316,68 @@ def unregistered_submodules(model: FileModel) -> Iterator[Hit]:
             )
 
 
-def _registers_explicitly(model: FileModel, init: FunctionModel) -> bool:
+_STATE_WORDS = ("Parameter", "register_buffer", "training", "nn.", "torch.nn")
+
+
+def _stateless(facts: FileModel, element: ast.expr) -> bool:
+    """A Module class of this file that holds no parameters, buffers or submodules and
+    never reads ``self.training``: registering it changes nothing."""
+    if not isinstance(element, ast.Call) or not isinstance(element.func, ast.Name):
+        return False
+    cls = facts.classes.get(element.func.id)
+    if cls is None:
+        return False
+    node = cls.node
+    start, end = node.lineno, node.end_lineno or node.lineno
+    body = "\n".join(line.partition("#")[0] for line in facts.lines[start:end])
+    if any(word in body for word in _STATE_WORDS):
+        return False
+    init = cls.methods.get("__init__")
+    return init is None or not any(
+        name.startswith("self.") and assign.value is not None and isinstance(assign.value, ast.Call)
+        for assign in init.assigns
+        for name in assign.target_names()
+    )
+
+
+def _rebound_later(init: FunctionModel, target: str, node: ast.Assign) -> bool:
+    """A later assignment in ``__init__`` rebinds ``target`` from itself."""
+    for assign in init.assigns:
+        if pos(assign.node) <= pos(node) or assign.value is None:
+            continue
+        if target in assign.target_names() and any(
+            dotted(sub) == target for sub in ast.walk(assign.value) if isinstance(sub, ast.expr)
+        ):
+            return True
+    return False
+
+
+def _appended_module(
+    facts: FileModel, init: FunctionModel, target: str, node: ast.Assign
+) -> ast.Call | None:
+    """``target.append(nn.Conv2d(...))`` after ``target = []`` in ``__init__``."""
+    for sub in ast.walk(init.node):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in {"append", "extend", "insert"}
+            and dotted(sub.func.value) == target
+            and pos(sub) > pos(node)
+            and sub.args
+        ):
+            value = sub.args[-1]
+            elements = value.elts if isinstance(value, ast.List | ast.Tuple) else [value]
+            if elements and all(is_module_ctor(facts, e) for e in elements):
+                return sub
+    return None
+
+
+def _registers_explicitly(facts: FileModel, init: FunctionModel) -> bool:
     """``self.add_module(name, layer)`` for each element: the plain list is only a view."""
     start = getattr(init.node, "lineno", 1)
     end = getattr(init.node, "end_lineno", start) or start
     return any(
-        "add_module(" in line or "register_module(" in line for line in model.lines[start - 1 : end]
+        "add_module(" in line or "register_module(" in line for line in facts.lines[start - 1 : end]
     )
 
 
@@ -1052,13 +1410,18 @@ def _parenthesized(value: ast.Tuple, source: str) -> bool:
     "`module.requires_grad = False` (or the typo `.require_grad`) freezes nothing",
     fixable=True,
 )
-def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
+def module_requires_grad_attribute(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `m.requires_grad = ...` when `m` is an `nn.Module` (built from `torch.nn` in the
     file, iterated from `.modules()`/`.children()`, used through Module methods, or named
     like one: `model`, `encoder`, `backbone`...), and the typo `x.require_grad = ...` on
     anything. The fix rewrites the statement to `m.requires_grad_(...)`.
+
+    ## Evidence
+    `x.requires_grad = ...` where `x` is shown to be a module (built from `torch.nn`,
+    iterated from `.modules()`, used through Module methods) or named like one; any
+    `x.require_grad = ...`. Confidence: high.
 
     ## Why is this a problem?
     `requires_grad` is a property of tensors. On a module it is just a new Python attribute:
@@ -1088,8 +1451,8 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.requires_grad_
     - pytorch/test-infra#4687 (TorchFix TOR002, the typo)
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         modules: set[str] | None = None
         for assign in function.assigns:
             node = assign.node
@@ -1101,7 +1464,7 @@ def module_requires_grad_attribute(model: FileModel) -> Iterator[Hit]:
                     continue
                 if target.attr == "requires_grad":
                     if modules is None:
-                        modules = module_names(model, function)
+                        modules = module_names(facts, function)
                     if owner == "self" or not (owner in modules or looks_like_module_name(owner)):
                         continue
                     message = f"`{owner}.requires_grad = ...` sets a plain attribute on a module"

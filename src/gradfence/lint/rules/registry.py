@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from gradfence.lint.diagnostics import Fix
 from gradfence.lint.model import FileModel
 
-Hit = tuple[ast.AST, str, Fix | None]
+# (node, message, fix) is a high-confidence finding; a fourth item gives the confidence
+# (:data:`gradfence.lint.diagnostics.LOW` for findings shown only with ``--preview``).
+Hit = tuple[ast.AST, str, Fix | None] | tuple[ast.AST, str, Fix | None, str]
 Check = Callable[[FileModel], Iterator[Hit]]
 
 

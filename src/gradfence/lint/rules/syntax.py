@@ -11,11 +11,14 @@ SYNTAX_ERROR = "GF000"
 
 
 @rule(SYNTAX_ERROR, "syntax-error", "the file does not parse; no other rule can check it")
-def syntax_error(model: FileModel) -> Iterator[Hit]:
+def syntax_error(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Reports a file that Python's parser rejects, with the parser's own message, at the
     position the parser gives.
+
+    ## Evidence
+    The parser's error. Confidence: high.
 
     ## Why is this a problem?
     A file that does not parse cannot be checked by any other rule, so its grad-mode bugs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
+from gradfence.lint.analysis.context import events
 from gradfence.lint.diagnostics import Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
@@ -14,12 +15,13 @@ from gradfence.lint.model import (
     FunctionModel,
     LoopModel,
     Pos,
+    any_between,
     end_pos,
     pos,
 )
 from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
-from gradfence.lint.scopes import GradMode
+from gradfence.lint.scopes import GradState
 
 _SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
 _SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
@@ -95,7 +97,7 @@ def _backward_roots(call: CallEvent) -> set[str]:
     "the loss tensor is accumulated across iterations, keeping every graph alive",
     fixable=True,
 )
-def accumulated_graph(model: FileModel) -> Iterator[Hit]:
+def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
@@ -106,6 +108,13 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
     of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and of
     `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
     name itself, the fix adds `.detach()`.
+
+    ## Evidence
+    In a loop that differentiates a value, that value (or one computed from it)
+    accumulated without `.item()`/`.detach()`/`float()`: augmented or self-referencing
+    assignment, or a collector call (`append`, `update`, `add`...). The `.detach()` fix
+    is safe only on the differentiated tensor itself; on a derived value it is unsafe.
+    Confidence: high.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
@@ -143,9 +152,11 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/faq.html
     - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83
     """
-    text = model.text
-    for function in model.functions:
+    text = facts.text
+    for function in facts.functions:
         backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
+        helpers = _helper_backwards(facts, function)
+        backward_calls += [c for c in helpers if c not in backward_calls]
         if not backward_calls:
             continue
         reported: set[int] = set()
@@ -153,7 +164,7 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
         for backward in backward_calls:
             loop = backward.loop
             assert loop is not None
-            roots = _backward_roots(backward)
+            roots = helpers.get(backward) or _backward_roots(backward)
             if not roots:
                 continue
             assigns = sorted(
@@ -198,13 +209,31 @@ def accumulated_graph(model: FileModel) -> Iterator[Hit]:
                 reported.add(id(call.node))
                 fix = None
                 if len(args) == 1 and isinstance(args[0], ast.Name):
-                    fix = _detach_fix(args[0], text)
+                    fix = _detach_fix(args[0], text, roots)
                 yield (
                     call.node,
                     f"`{call.receiver}.{call.attr}(...)` keeps the loss graph of every "
                     "iteration alive: use `.item()` or `.detach()`",
                     fix,
                 )
+
+
+def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
+    """Calls in a loop to a helper that differentiates its argument (``self.optimize(loss)``
+    where ``optimize`` calls ``loss.backward()``), with the names of what they differentiate."""
+    loop_calls = [c for c in function.calls if c.loop is not None and c.attr != "backward"]
+    node = function.node
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", start) or start
+    if not loop_calls or not any_between(facts.training_lines, start, end):
+        return {}
+    at = {pos(c.node): c for c in loop_calls}
+    found: dict[CallEvent, set[str]] = {}
+    for line, col, kind, target in events(facts, function):
+        call = at.get((line, col))
+        if kind == "diff" and call is not None and target and "." not in target:
+            found.setdefault(call, set()).add(target)
+    return found
 
 
 def _still_tainted(tainted: set[str], assigns: list[AssignEvent], here: Pos) -> set[str]:
@@ -246,8 +275,14 @@ def _names_feeding_backward(function: FunctionModel) -> set[str]:
     return feeding
 
 
-def _detach_fix(name: ast.Name, text: SourceText) -> Fix:
-    return Fix(f"Detach: `{name.id}.detach()`", (text.insert_after(name, ".detach()"),))
+def _detach_fix(name: ast.Name, text: SourceText, roots: set[str]) -> Fix:
+    """``.detach()`` is safe only on a value known to be a tensor: one that is
+    differentiated (``loss`` of ``loss.backward()``); on anything else it may not exist."""
+    return Fix(
+        f"Detach: `{name.id}.detach()`",
+        (text.insert_after(name, ".detach()"),),
+        safe=name.id in roots,
+    )
 
 
 def _accumulation(
@@ -262,7 +297,7 @@ def _accumulation(
             return None
         if not graph_refs(node.value, tainted):
             return None
-        fix = _detach_fix(node.value, text) if isinstance(node.value, ast.Name) else None
+        fix = _detach_fix(node.value, text, roots) if isinstance(node.value, ast.Name) else None
         return (
             node,
             f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
@@ -281,7 +316,7 @@ def _accumulation(
             return None
         if not graph_refs(other, tainted - {target}):
             return None
-        fix = _detach_fix(other, text) if isinstance(other, ast.Name) else None
+        fix = _detach_fix(other, text, roots) if isinstance(other, ast.Name) else None
         return (
             node,
             f"`{target}` accumulates the loss with its graph: every iteration's graph stays "
@@ -315,12 +350,15 @@ def _scalar(value: ast.expr | None) -> bool:
     "inference-tensor-stored",
     "a tensor stored on `self` under inference_mode breaks later training",
 )
-def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
+def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags assignments to `self.<attr>` inside a `torch.inference_mode()` block, or in a
     method decorated with `@torch.inference_mode()`, of an `nn.Module`. Constants, sizes,
     `.item()` values and other plain Python values are not flagged.
+
+    ## Evidence
+    A tensor assigned to `self.<x>` inside an inference_mode block. Confidence: high.
 
     ## Why is this a problem?
     Every tensor created under inference mode is an *inference tensor*. Cached on the
@@ -356,11 +394,11 @@ def inference_tensor_stored(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - facebookresearch/dinov2#472; unslothai/unsloth#2434
     """
-    for function in model.functions:
+    for function in facts.functions:
         if function.cls is None or not function.cls.is_module:
             continue
         for assign in function.assigns:
-            if assign.mode is not GradMode.INFERENCE or _scalar(assign.value):
+            if assign.mode is not GradState.INFERENCE or _scalar(assign.value):
                 continue
             for target in assign.targets:
                 text = dotted(target)
@@ -378,7 +416,7 @@ def _mutations(
 ) -> Iterator[tuple[tuple[int, int], ast.AST, str]]:
     for assign in function.assigns:
         node = assign.node
-        if assign.mode is GradMode.INFERENCE:
+        if assign.mode is GradState.INFERENCE:
             continue
         if isinstance(node, ast.AugAssign) and dotted(node.target) == name:
             yield pos(node), node, "augmented assignment"
@@ -389,7 +427,7 @@ def _mutations(
     for call in function.calls:
         attr = call.attr
         if (
-            call.mode is not GradMode.INFERENCE
+            call.mode is not GradState.INFERENCE
             and call.receiver == name
             and attr is not None
             and attr.endswith("_")
@@ -403,12 +441,16 @@ def _mutations(
     "inference-tensor-mutated-outside",
     "a tensor from an inference_mode block is modified in place after it (RuntimeError)",
 )
-def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
+def inference_tensor_mutated_outside(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags an in-place modification — `x /= n`, `x.add_(...)`, `x[i] = v` — of a name that
     was bound to a tensor inside a `with torch.inference_mode():` block, when it happens
     after the block and the name was not rebound in between.
+
+    ## Evidence
+    An in-place operation, after an inference_mode block, on a name assigned inside it.
+    Confidence: high.
 
     ## Why is this a problem?
     Values computed inside the block are inference tensors, and inference tensors may only
@@ -443,9 +485,9 @@ def inference_tensor_mutated_outside(model: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - mrdbourke/pytorch-deep-learning#397; ultralytics/yolov5#11186
     """
-    for function in model.functions:
+    for function in facts.functions:
         for event in function.withs:
-            if event.mode is not GradMode.INFERENCE or event.outer_mode is GradMode.INFERENCE:
+            if event.mode is not GradState.INFERENCE or event.outer_mode is GradState.INFERENCE:
                 continue
             start, end = pos(event.node), end_pos(event.node)
             bound: dict[str, tuple[int, int]] = {}
