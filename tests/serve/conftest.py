@@ -189,3 +189,15 @@ def serve_model() -> Iterator[ServerFactory]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the Ray test (slow start on 2 cores) after every other test."""
     items.sort(key=lambda item: item.path.name == "test_ray.py")
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (or resets it,
+    or the socket times out): an answer may arrive in several packets."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return b"".join(chunks)

@@ -89,7 +89,7 @@ def test_timed_out_request_is_dropped_from_the_queue() -> None:
     blocker = batcher.submit(["b"])
 
     async def give_up() -> None:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # the builtin TimeoutError from 3.11 on
             await batcher.predict(["dropped"], timeout_s=0.05)
 
     asyncio.run(give_up())
@@ -151,7 +151,7 @@ def test_timed_out_texts_leave_the_queue_and_free_their_places() -> None:
         time.sleep(0.001)
 
     async def give_up() -> None:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # the builtin TimeoutError from 3.11 on
             await batcher.predict(["dropped"] * 4, timeout_s=0.05)
 
     asyncio.run(give_up())

@@ -20,7 +20,7 @@ import torch
 
 from gradfence.serve.app import LOOPBACK_HOSTS, METHODS
 
-from .conftest import ServerFactory, StubClassifier, ThreadedServer
+from .conftest import ServerFactory, StubClassifier, ThreadedServer, read_all
 
 JSON = {"content-type": "application/json"}
 
@@ -30,16 +30,6 @@ def raw_request(server: ThreadedServer, data: bytes, timeout: float = 10) -> byt
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
         sock.sendall(data)
         return read_all(sock)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return b"".join(chunks)
 
 
 def good_request_ok(server: ThreadedServer) -> bool:

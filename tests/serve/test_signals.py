@@ -21,7 +21,7 @@ from gradfence.serve import cli as serve_cli
 from gradfence.serve.app import ServeSettings
 from gradfence.serve.server import serve_uvicorn
 
-from .conftest import free_port, wait_process_ready
+from .conftest import free_port, read_all, wait_process_ready
 
 
 def start(model_dir: Path, log_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -106,7 +106,7 @@ def test_a_stuck_body_holds_shutdown_only_briefly(tiny_model_dir: Path, tmp_path
             time.sleep(0.3)
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            answer = sock.recv(65536)
+            answer = read_all(sock)
             assert process.wait(30) == 0
             assert time.monotonic() - started < 10  # not the 120 s request timeout
         assert answer.startswith(b"HTTP/1.1 503 "), answer
