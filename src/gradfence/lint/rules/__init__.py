@@ -3,7 +3,8 @@
 - :mod:`.syntax`: GF000 (the file does not parse)
 - :mod:`.contexts`: GF1xx, grad-mode contexts used wrongly
 - :mod:`.autograd`: GF2xx, backward and parameter updates against the grad mode
-- :mod:`.modes`: GF3xx, train/eval mode of modules
+- :mod:`.modes`: GF301-GF305, train/eval mode of modules switched, leaked or missing
+- :mod:`.layers`: GF306-GF308, how a module is built (dropout gating, registration, freezing)
 - :mod:`.tensors`: GF4xx, graphs and inference tensors kept alive or mutated
 - :mod:`.recording`: GF108, GF207, graphs recorded (or cut) against the code's intent
 - :mod:`.loops`: GF206, GF404, what a training loop carries from one iteration to the next
@@ -17,6 +18,7 @@ from __future__ import annotations
 from gradfence.lint.rules import (
     autograd,
     contexts,
+    layers,
     loops,
     modes,
     pretrained,
@@ -32,6 +34,7 @@ __all__ = [
     "Rule",
     "autograd",
     "contexts",
+    "layers",
     "loops",
     "modes",
     "pretrained",

@@ -117,10 +117,12 @@ def statement_indent(facts: FileModel, node: ast.stmt) -> str:
 
 
 def is_true(node: ast.expr) -> bool:
-    return isinstance(node, ast.Constant) and node.value is True
+    """A literal ``True`` (or ``1``)."""
+    return isinstance(node, ast.Constant) and node.value in (True, 1)
 
 
 def is_false(node: ast.expr) -> bool:
+    """A literal ``False`` (or ``0``)."""
     return isinstance(node, ast.Constant) and node.value in (False, 0) and node.value is not None
 
 
