@@ -24,7 +24,7 @@ from gradfence.evaluation.metrics import (
     MetricSlot,
     TorchmetricSlot,
 )
-from gradfence.evaluation.progress import Progress, wants_progress
+from gradfence.evaluation.progress import Progress
 from gradfence.scope import GradMode, inference
 
 Step = Callable[[nn.Module, Any], tuple[Any, ...]]
@@ -151,7 +151,7 @@ def evaluate(
     total = _length(loader)
     if limit is not None:
         total = limit if total is None else min(limit, total)
-    bar = Progress(wants_progress(progress, rank), total, slots)
+    bar = Progress(progress, rank, total, slots)
     try:
         with scope:
             for index, batch in enumerate(itertools.islice(loader, limit)):
