@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from gradfence.distributed import world
 from gradfence.errors import DuplicateSamplesWarning, EvaluationError
-from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode, world
+from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode
 from gradfence.evaluation.metrics import (
     FunctionSlot,
     MeanSlot,
