@@ -26,7 +26,8 @@ from gradfence.evaluation.metrics import (
     TorchmetricSlot,
 )
 from gradfence.evaluation.progress import Progress
-from gradfence.scope import GradMode, inference
+from gradfence.modes import GradMode
+from gradfence.scope import inference
 
 Step = Callable[[nn.Module, Any], tuple[Any, ...]]
 Callback = Callable[[int, Any, Any, Any], None]
