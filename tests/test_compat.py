@@ -6,6 +6,8 @@ function named in the test), and nowhere else.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -140,6 +142,74 @@ def test_direct_parameters_and_buffers_are_one_level_with_none() -> None:
         "weight": linear.weight,
         "bias": linear.bias,
     }
+
+
+def test_forward_pre_hooks_are_the_registered_objects_in_order() -> None:
+    linear = nn.Linear(2, 2)
+    assert not compat.forward_pre_hooks(linear)
+
+    def first(module: nn.Module, args: object) -> None:
+        return None
+
+    def second(module: nn.Module, args: object) -> None:
+        return None
+
+    linear.register_forward_pre_hook(first)
+    handle = linear.register_forward_pre_hook(second)
+    assert list(compat.forward_pre_hooks(linear)) == [first, second]
+    handle.remove()
+    assert list(compat.forward_pre_hooks(linear)) == [first]
+
+
+def test_weight_norm_registers_its_weight_norm_object_as_the_pre_hook() -> None:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for parametrizations
+        linear = torch.nn.utils.weight_norm(nn.Linear(2, 2))
+    (hook,) = compat.forward_pre_hooks(linear)
+    assert isinstance(hook, WeightNorm) and hook.name == "weight"
+
+
+# tensor versions ------------------------------------------------------------------
+
+
+def test_version_counts_in_place_operations_only() -> None:
+    tensor = torch.zeros(2)
+    before = compat.version(tensor)
+    _ = tensor + 1
+    assert compat.version(tensor) == before
+    tensor.add_(1)
+    assert compat.version(tensor) == before + 1
+    tensor.view(2).mul_(2)  # a view shares the counter
+    assert compat.version(tensor) == before + 2
+
+
+def test_inference_tensors_have_no_version() -> None:
+    with torch.inference_mode():
+        tensor = torch.zeros(2)
+    with pytest.raises(RuntimeError):
+        compat.version(tensor)
+
+
+# compiled modules -----------------------------------------------------------------
+
+
+def test_compiled_in_place_after_module_compile() -> None:
+    linear = nn.Linear(1, 1)
+    assert not compat.compiled_in_place(linear)
+    linear.compile()  # compiles lazily, at the first call: nothing is traced here
+    assert compat.compiled_in_place(linear)
+    assert not compat.is_compile_wrapper(linear)
+
+
+def test_torch_compile_of_a_module_returns_the_wrapper() -> None:
+    linear = nn.Linear(1, 1)
+    wrapper = torch.compile(linear)
+    assert isinstance(wrapper, nn.Module)
+    assert compat.is_compile_wrapper(wrapper)
+    assert not compat.is_compile_wrapper(linear)
+    assert not compat.compiled_in_place(wrapper)
 
 
 # public grad-mode behaviour the scope builds on (not private, but load-bearing) ------

@@ -6,15 +6,17 @@ function per fact, each naming what it depends on. ``tests/test_compat.py`` pins
 one of those facts on the installed torch, so a PyTorch upgrade that changes one fails
 there, naming the function, instead of as a silent wrong result somewhere else.
 
-Sections, one per part of torch: the module tree and its mode flags (used by the scope)
-and module state (parameters and buffers, for the audit). Add a new private use here, in
+Sections, one per part of torch: the module tree and its mode flags (used by the scope),
+module state (parameters, buffers and pre-hooks, for the audit), tensor versions and
+compiled modules (for the audit). Add a new private use here, in
 its section, with its test; do not reach into torch at the call site.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, ItemsView
+import sys
+from collections.abc import Callable, ItemsView, ValuesView
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,10 +28,14 @@ if TYPE_CHECKING:
 __all__ = [
     "children",
     "children_dict",
+    "compiled_in_place",
     "direct_buffers",
     "direct_parameters",
+    "forward_pre_hooks",
     "has_plain_training_attribute",
+    "is_compile_wrapper",
     "train_recursion_looks_up_instances",
+    "version",
     "write_training",
 ]
 
@@ -128,3 +134,54 @@ def direct_buffers(module: nn.Module) -> ItemsView[str, torch.Tensor | None]:
     Relies on: ``nn.Module._buffers``, a dict from name to tensor (or ``None``).
     """
     return module._buffers.items()
+
+
+def forward_pre_hooks(module: nn.Module) -> ValuesView[Callable[..., object]]:
+    """The forward pre-hooks registered on ``module`` itself, in registration order.
+
+    The hook objects as registered: a ``weight_norm``'s is its ``WeightNorm`` instance.
+    Not the global ones of ``register_module_forward_pre_hook``.
+
+    Relies on: ``nn.Module._forward_pre_hooks``, a dict from handle id to the object
+    passed to ``register_forward_pre_hook``.
+    """
+    return module._forward_pre_hooks.values()
+
+
+# --- tensor versions ---------------------------------------------------------------
+
+
+def version(tensor: torch.Tensor) -> int:
+    """``tensor``'s version counter: bumped by each in-place operation on its storage.
+
+    Raises ``RuntimeError`` on an inference tensor, which has no counter: check
+    ``tensor.is_inference()`` first.
+
+    Relies on: ``Tensor._version``.
+    """
+    return tensor._version
+
+
+# --- compiled modules --------------------------------------------------------------
+
+
+def compiled_in_place(module: nn.Module) -> bool:
+    """True once ``module.compile()`` was called: its whole call, hooks included, is compiled.
+
+    Relies on: ``nn.Module.compile`` storing the compiled call in
+    ``module._compiled_call_impl`` (``None`` until then).
+    """
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def is_compile_wrapper(module: nn.Module) -> bool:
+    """True when ``module`` is the wrapper ``torch.compile(m)`` returns for a module ``m``.
+
+    Dynamo is looked up only when it was imported: without it nothing was compiled, and
+    importing it costs seconds.
+
+    Relies on: ``torch.compile`` returning an instance of ``torch._dynamo.OptimizedModule``.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    wrapper = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
+    return wrapper is not None and isinstance(module, wrapper)

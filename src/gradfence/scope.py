@@ -38,16 +38,14 @@ import operator
 import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch import nn
 
 from gradfence import compat
 from gradfence.errors import ScopeError, ScopeOverlapWarning
-
-GradMode = Literal["no_grad", "inference_mode"]
-GRAD_MODES: tuple[str, ...] = ("no_grad", "inference_mode")
+from gradfence.modes import GRAD_MODES, GradMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 

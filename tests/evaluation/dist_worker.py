@@ -20,7 +20,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 
 import gradfence as gf
 from gradfence.errors import DuplicateSamplesWarning
-from gradfence.scope import GradMode
+from gradfence.modes import GradMode
 
 DATASET_SIZE = 23  # divisible by neither 2 nor 3: shards are uneven
 NUM_CLASSES = 3

@@ -29,7 +29,6 @@ Functional dropout (``F.dropout``, SDPA ``dropout_p``) is watched by
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from gradfence import compat
 from gradfence.auditing.collector import COMPILED, Collector, module_label
 from gradfence.auditing.findings import Finding
 from gradfence.errors import GradfenceWarning
@@ -332,11 +332,9 @@ def _compiled(module: nn.Module) -> str | None:
     inner modules run in the graph; ``m.compile()`` compiles ``m``'s whole call, hooks
     included. Dynamo is looked up only when it was imported (nothing compiled without).
     """
-    if getattr(module, "_compiled_call_impl", None) is not None:
+    if compat.compiled_in_place(module):
         return "in place"
-    dynamo = sys.modules.get("torch._dynamo")
-    wrapper = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
-    if wrapper is not None and isinstance(module, wrapper):
+    if compat.is_compile_wrapper(module):
         return _WRAPPER
     return None
 

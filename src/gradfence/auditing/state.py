@@ -16,6 +16,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from gradfence import compat
 from gradfence.auditing.collector import module_label
 from gradfence.auditing.findings import Finding
 from gradfence.scope import ModeSnapshot
@@ -87,7 +88,7 @@ class _Fingerprint:
         if self.lazy:
             return  # materialised by the first forward: only its identity can be compared
         # Inference tensors have no version counter; strict mode's values cover them.
-        self.version = None if tensor.is_inference() else tensor._version
+        self.version = None if tensor.is_inference() else compat.version(tensor)
         self.data_ptr = _data_ptr(tensor)
         self.value = _copy(tensor) if strict else None
 
@@ -97,8 +98,10 @@ class _Fingerprint:
             return "was replaced by another tensor"
         if self.lazy:
             return None
-        if self.version is not None and not now.is_inference() and now._version != self.version:
-            return f"was modified in place (version {self.version} -> {now._version})"
+        if self.version is not None and not now.is_inference():
+            version = compat.version(now)
+            if version != self.version:
+                return f"was modified in place (version {self.version} -> {version})"
         if _data_ptr(now) != self.data_ptr:
             return "had its storage swapped (.data = ... or set_())"
         if self.value is not None and not _same_values(self.value, now):
@@ -152,14 +155,14 @@ def _recomputed_attributes(module: nn.Module) -> set[str]:
     """
     return {
         hook.name
-        for hook in module._forward_pre_hooks.values()
+        for hook in compat.forward_pre_hooks(module)
         if isinstance(hook, WeightNorm | SpectralNorm)
     }
 
 
 def _attribute_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Plain tensor attributes (one level into lists, tuples and dicts): caches and such."""
-    recomputed = _recomputed_attributes(module) if module._forward_pre_hooks else set()
+    recomputed = _recomputed_attributes(module) if compat.forward_pre_hooks(module) else set()
     for attr, value in vars(module).items():
         if attr in _MODULE_INTERNALS or attr in recomputed:
             continue

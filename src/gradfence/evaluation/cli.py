@@ -13,8 +13,7 @@ from typing import Any
 from gradfence.errors import GradfenceError
 from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
 from gradfence.factories import one_line
-
-MODES = ("no_grad", "inference_mode")  # --mode
+from gradfence.modes import GRAD_MODES
 
 
 def register(subparsers: Any) -> None:
@@ -66,7 +65,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--mode",
         default="no_grad",
-        choices=MODES,
+        choices=GRAD_MODES,
         help="grad mode of the evaluation (default: no_grad)",
     )
     parser.add_argument(

@@ -1,7 +1,8 @@
-"""What ``gf.evaluate`` needs from ``torch.distributed``: the world, and gathers that never abort.
+"""What ``gf.evaluate`` needs from ``torch.distributed``: gathers that never abort.
 
-Everything here works without an initialised process group (one process: a world of
-one, gathers return the local tensor), so the same evaluation code runs anywhere.
+Everything here works without an initialised process group (one process: gathers
+return the local tensor), so the same evaluation code runs anywhere. The world size
+and rank come from :func:`gradfence.distributed.world`.
 """
 
 from __future__ import annotations
@@ -29,15 +30,6 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.complex128,
 )
 _MAX_DIMS = 8
-
-
-def world() -> tuple[int, int]:
-    """(world size, rank) of the default process group, or (1, 0) when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from gradfence.distributed import world
 from gradfence.errors import DuplicateSamplesWarning, EvaluationError
-from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode, world
+from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode
 from gradfence.evaluation.metrics import (
     FunctionSlot,
     MeanSlot,
@@ -24,8 +25,9 @@ from gradfence.evaluation.metrics import (
     MetricSlot,
     TorchmetricSlot,
 )
-from gradfence.evaluation.progress import Progress, wants_progress
-from gradfence.scope import GradMode, inference
+from gradfence.evaluation.progress import Progress
+from gradfence.modes import GradMode
+from gradfence.scope import inference
 
 Step = Callable[[nn.Module, Any], tuple[Any, ...]]
 Callback = Callable[[int, Any, Any, Any], None]
@@ -151,7 +153,7 @@ def evaluate(
     total = _length(loader)
     if limit is not None:
         total = limit if total is None else min(limit, total)
-    bar = Progress(wants_progress(progress, rank), total, slots)
+    bar = Progress(progress, rank, total, slots)
     try:
         with scope:
             for index, batch in enumerate(itertools.islice(loader, limit)):

@@ -22,8 +22,9 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from gradfence.distributed import world
 from gradfence.errors import EvaluationError
-from gradfence.evaluation.distributed import gather_tensors, world
+from gradfence.evaluation.distributed import gather_tensors
 
 ResultValue = float | Tensor
 Results = dict[str, ResultValue]

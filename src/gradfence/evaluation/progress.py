@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import NoReturn
+
+from tqdm import tqdm
 
 from gradfence.evaluation.metrics import MetricSlot
 
@@ -16,30 +17,20 @@ POSTFIX_INTERVAL_S = 0.5
 REDRAW_INTERVAL_S = 0.1
 
 
-def wants_progress(progress: bool | None, rank: int) -> bool:
-    """``progress`` if given; otherwise a bar only on a terminal, and only on rank 0."""
-    if progress is not None:
-        return progress
-    if rank != 0:
-        return False
-    isatty = getattr(sys.stderr, "isatty", None)
-    try:
-        return bool(isatty()) if isatty is not None else False
-    except (OSError, ValueError):  # a closed or detached stream
-        return False
-
-
 class Progress:
     """Batches per second and the running (local) value of each scalar metric."""
 
-    def __init__(self, enabled: bool, total: int | None, slots: Sequence[MetricSlot]) -> None:
+    def __init__(
+        self, progress: bool | None, rank: int, total: int | None, slots: Sequence[MetricSlot]
+    ) -> None:
+        """``progress`` forces the bar on or off; ``None``: only on a terminal, on rank 0."""
         self._slots = slots
-        self._bar: Any = None
+        self._bar: tqdm[NoReturn] | None = None  # a bar without an iterable
         self._next_postfix = 0.0
-        if enabled:
-            # imported by name: tqdm ships no type hints, and the bar is only used as Any
-            tqdm = importlib.import_module("tqdm").tqdm
-            self._bar = tqdm(
+        if progress is False or (progress is None and rank != 0):
+            return
+        try:
+            bar = tqdm(
                 total=total,
                 desc="evaluate",
                 unit="batch",
@@ -47,7 +38,12 @@ class Progress:
                 dynamic_ncols=True,
                 leave=False,
                 mininterval=REDRAW_INTERVAL_S,
+                disable=None if progress is None else False,  # None: tqdm checks isatty
             )
+        except (OSError, ValueError):  # isatty on a closed or detached stream
+            return
+        if not bar.disable:
+            self._bar = bar
 
     def advance(self) -> None:
         """One batch done."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from gradfence.evaluation.distributed import world
+from gradfence.distributed import world
 
 
 class ShardedSampler(Sampler[int]):

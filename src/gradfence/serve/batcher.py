@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 
 import gradfence as gf
-from gradfence.scope import GradMode
+from gradfence.modes import GradMode
 from gradfence.serve.model import EncodedText, TextClassifier
 
 log = logging.getLogger("gradfence.serve")
