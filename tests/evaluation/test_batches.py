@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 import gradfence as gf
+from gradfence.batches import to_device
 from gradfence.errors import EvaluationError
-from gradfence.evaluation.loop import to_device
 
 META = torch.device("meta")
 

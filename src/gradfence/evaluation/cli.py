@@ -14,6 +14,7 @@ from gradfence.errors import GradfenceError
 from gradfence.evaluation.registry import DATASETS, DEFAULT_METRICS, METRICS, MODELS
 from gradfence.factories import one_line
 from gradfence.modes import GRAD_MODES
+from gradfence.tables import aligned
 
 
 def register(subparsers: Any) -> None:
@@ -256,8 +257,9 @@ def _length(dataset: Any) -> int | None:
 def _output_width(model: Any, loader: Any, device: Any) -> int:
     """The number of classes, read off the model's output on the first batch."""
     import gradfence as gf
+    from gradfence.batches import to_device
     from gradfence.errors import UsageError
-    from gradfence.evaluation.loop import resolve_device, to_device
+    from gradfence.evaluation.loop import resolve_device
 
     batch = next(iter(loader), None)
     if not isinstance(batch, tuple | list) or len(batch) != 2:
@@ -288,7 +290,4 @@ def _table(results: dict[str, Any]) -> str:
     for name, value in results.items():
         shown = f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
         rows.append((name, shown))
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    lines.insert(1, f"{'-' * width}  {'-' * 6}")
-    return "\n".join(lines)
+    return "\n".join(aligned(rows, header=True))

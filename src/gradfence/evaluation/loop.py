@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import types
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -15,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from gradfence.batches import to_device
 from gradfence.distributed import world
 from gradfence.errors import DuplicateSamplesWarning, EvaluationError
 from gradfence.evaluation.distributed import gather_tensors, outside_inference_mode
@@ -525,65 +523,6 @@ def _default_step(model: nn.Module, batch: Any) -> tuple[Any, ...]:
     if isinstance(batch_loss, Tensor):
         return preds, target, batch_loss
     return preds, target
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it on ``device``, its structure kept.
-
-    Tensors; tuples, lists, namedtuples; dicts and any other ``Mapping``; dataclass
-    instances; and objects with a ``.to()`` method (Hugging Face ``BatchEncoding``, a
-    graph batch), moved by that method. Anything else is left as it is.
-    """
-    if isinstance(batch, Tensor):
-        if batch.device == device:  # the common case, checked first: it runs per batch
-            return batch
-        # non_blocking only towards an accelerator: a non-blocking copy *to* the CPU may
-        # be read before it has landed.
-        return batch.to(device, non_blocking=device.type != "cpu")
-    batch_type = type(batch)
-    if batch_type is tuple or batch_type is list:
-        return batch_type([to_device(item, device) for item in batch])
-    if batch_type is dict:
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, str | bytes | int | float | bool | types.NoneType):
-        return batch
-    if isinstance(batch, tuple):
-        items = [to_device(item, device) for item in batch]
-        return batch_type(*items) if hasattr(batch, "_fields") else batch_type(items)
-    if isinstance(batch, list):
-        return [to_device(item, device) for item in batch]
-    to = getattr(batch, "to", None)
-    if callable(to) and not isinstance(batch, type):
-        moved = to(device)
-        return batch if moved is None else moved  # a .to() that moves in place
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return _dataclass_to_device(batch, device)
-    if isinstance(batch, Mapping):
-        return _mapping_to_device(batch, device)
-    return batch
-
-
-def _dataclass_to_device(batch: Any, device: torch.device) -> Any:
-    fields = dataclasses.fields(batch)
-    moved = dataclasses.replace(
-        batch,
-        **{f.name: to_device(getattr(batch, f.name), device) for f in fields if f.init},
-    )
-    for f in fields:
-        if not f.init:  # not a constructor argument: copy it over (frozen ones too)
-            object.__setattr__(moved, f.name, to_device(getattr(batch, f.name), device))
-    return moved
-
-
-def _mapping_to_device(batch: Mapping[Any, Any], device: torch.device) -> Any:
-    items = {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, defaultdict):
-        return defaultdict(batch.default_factory, items)
-    mapping_type: Any = type(batch)
-    try:
-        return mapping_type(items)
-    except TypeError:  # a mapping type that is not built from a dict: a plain dict then
-        return items
 
 
 def _batch_size(target: Any, preds: Any) -> int:
