@@ -223,7 +223,6 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     Those are not reported, and neither is a loop that builds a fresh optimiser each
     iteration.
 
-
     ## Example
     ```python
     import torch
@@ -366,7 +365,6 @@ def state_carries_graph(facts: FileModel) -> Iterator[Hit]:
     **Hidden detail.** Truncated back-propagation through time needs the *value* of the
     hidden state across batches but not its history: `hidden = hidden.detach()` (or a
     `repackage_hidden` helper) at each iteration keeps one and drops the other.
-
 
     ## Example
     ```python

@@ -175,7 +175,6 @@ def frozen_module_left_training(facts: FileModel) -> Iterator[Hit]:
     returns) does not last: the training loop's `model.train()` undoes it. The mode must
     be set again after every `train()`, which is what a `train()` override does.
 
-
     ## Example
     ```python
     import torch
@@ -277,7 +276,6 @@ def pretrained_trained_in_eval(facts: FileModel) -> Iterator[Hit]:
 
     **Hidden detail.** The `Trainer` class calls `model.train()` for you, so code
     ported from a `Trainer` script to a custom loop loses the call without noticing.
-
 
     ## Example
     ```python

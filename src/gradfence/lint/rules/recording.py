@@ -56,7 +56,6 @@ def volatile_does_nothing(facts: FileModel) -> Iterator[Hit]:
     **Hidden detail.** Nothing fails: the outputs are the same, only memory and time
     grow, so old evaluation scripts keep running long after the flag stopped working.
 
-
     ## Example
     ```python
     import torch
@@ -186,7 +185,6 @@ def no_grad_cuts_input_gradient(facts: FileModel) -> Iterator[Hit]:
     **Hidden detail.** `no_grad` is often right in `forward`: on the *target* side of a
     loss, or on raw input data that has no gradient to lose. Those are not reported: only
     the loss's first input, and inputs the file shows are parameters, count.
-
 
     ## Example
     ```python
