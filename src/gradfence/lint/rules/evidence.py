@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import CallEvent, FileModel, FunctionModel, LoopModel
@@ -124,18 +124,51 @@ def _module_evidence(facts: FileModel, function: FunctionModel) -> set[str]:
     for assign in function.assigns:
         if assign.value is not None and is_module_ctor(facts, assign.value):
             names.update(assign.target_names())
+    lists = _module_lists(function)
     for loop in function.loops:
         node = loop.node
-        if (
-            isinstance(node, ast.For)
-            and isinstance(node.iter, ast.Call)
-            and isinstance(node.iter.func, ast.Attribute)
-            and node.iter.func.attr in {"modules", "children"}
-        ):
-            text = dotted(node.target)
+        if isinstance(node, ast.For) and yields_modules(node.iter, lists):
+            # ``for m in ...``, ``for i, m in enumerate(...)``, ``for name, m in named_children()``
+            target = node.target.elts[-1] if isinstance(node.target, ast.Tuple) else node.target
+            text = dotted(target)
             if text is not None:
                 names.add(text)
     return names
+
+
+_CHILD_METHODS = frozenset({"modules", "children", "named_modules", "named_children"})
+
+
+def yields_modules(node: ast.expr, lists: Container[str] = ()) -> bool:
+    """Whether ``node`` gives submodules: ``m.children()``, ``list(m.modules())[2:]``,
+    ``enumerate(m.named_children())``, or a name bound to such a list."""
+    for sub in ast.walk(node):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr in _CHILD_METHODS
+        ):
+            return True
+        if isinstance(sub, ast.Name) and sub.id in lists:
+            return True
+    return False
+
+
+def _module_lists(function: FunctionModel) -> set[str]:
+    """Names the function binds to a list of submodules (``layers = list(m.children())``)."""
+    found: set[str] = set()
+    node = function.node
+    if isinstance(node, ast.ClassDef):
+        return found
+    for stmt in ast.walk(node):
+        if (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and yields_modules(stmt.value, found)
+        ):
+            found.add(stmt.targets[0].id)
+    return found
 
 
 def module_names(facts: FileModel, function: FunctionModel) -> set[str]:

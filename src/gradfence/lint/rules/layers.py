@@ -21,6 +21,7 @@ from gradfence.lint.rules.evidence import (
     is_module_ctor,
     looks_like_module_name,
     module_names,
+    yields_modules,
 )
 from gradfence.lint.rules.registry import Hit, rule
 
@@ -392,14 +393,16 @@ def module_requires_grad_attribute(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
     Flags `m.requires_grad = ...` when `m` is an `nn.Module` (built from `torch.nn` in the
-    file, iterated from `.modules()`/`.children()`, used through Module methods, or named
-    like one: `model`, `encoder`, `backbone`...), and the typo `x.require_grad = ...` on
-    anything. The fix rewrites the statement to `m.requires_grad_(...)`.
+    file; taken from `.modules()`/`.children()`/`.named_children()`, directly, through
+    `enumerate`, a slice such as `list(m.children())[:k]`, or a variable holding that list,
+    whatever the loop variable is named; used through Module methods; or named like one:
+    `model`, `encoder`, `backbone`...), and the typo `x.require_grad = ...` on anything.
+    The fix rewrites the statement to `m.requires_grad_(...)`.
 
     ## Evidence
     `x.requires_grad = ...` where `x` is shown to be a module (built from `torch.nn`,
-    iterated from `.modules()`, used through Module methods) or named like one; any
-    `x.require_grad = ...`. Confidence: high.
+    taken from `.modules()`/`.children()` as above, used through Module methods) or named
+    like one; any `x.require_grad = ...`. Confidence: high.
 
     ## Why is this a problem?
     `requires_grad` is a property of tensors. On a module it is just a new Python attribute:
@@ -438,6 +441,15 @@ def module_requires_grad_attribute(facts: FileModel) -> Iterator[Hit]:
                 if not isinstance(target, ast.Attribute):
                     continue
                 owner = dotted(target.value)
+                if (
+                    owner is None
+                    and target.attr == "requires_grad"
+                    and yields_modules(target.value)
+                ):
+                    owner = text.segment(target.value)  # ``list(m.children())[0]``
+                    if modules is None:
+                        modules = module_names(facts, function)
+                    modules = modules | {owner}
                 if owner is None:
                     continue
                 if target.attr == "requires_grad":
