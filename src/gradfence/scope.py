@@ -202,17 +202,23 @@ def _switch(
             extend(reversed(below.values()))
 
 
-def _set_own_mode(module: nn.Module, training: bool) -> bool:
+def _set_own_mode(
+    module: nn.Module,
+    training: bool,
+    kind: int | None = None,
+    action: _SubtreeAction | None = None,
+) -> bool:
     """Switch one module to ``training`` through its own switch, where it has one.
 
     ``eval()`` when switching to eval and it is overridden (on the class or on the
     instance), else an overridden ``train(training)``; otherwise the flag alone. The
     caller fixes up the descendants afterwards. Returns whether an override ran.
     """
-    kind = _class_kind(type(module))
+    if kind is None:
+        kind = _class_kind(type(module))
     how = _own_switch(module, kind, training, as_root=True)
     if how:
-        _run_override(module, training, use_eval=how == 2, action=_switch_subtree)
+        _run_override(module, training, use_eval=how == 2, action=action or _switch_subtree)
     elif kind & _FLAG_SETTER:
         module.training = training
     else:
@@ -400,14 +406,7 @@ def _switch_one(
     Returns whether an override ran (its recursion may have switched descendants).
     """
     try:
-        how = _own_switch(module, kind, target, as_root=True)
-        if how:
-            _run_override(module, target, use_eval=how == 2, action=action)
-        elif kind & _FLAG_SETTER:
-            module.training = target
-        else:
-            compat.write_training(module, target)
-        return bool(how)
+        return _set_own_mode(module, target, kind, action)
     except BaseException as exc:  # keep restoring the rest, raise at the end
         errors.append(exc)
         _force_flag(module, target)
