@@ -15,10 +15,11 @@ server's whole process tree during the measured phase) and the batch sizes. Conf
   here: ``workers_per_device`` = cores, one torch thread each (extra ``bench-peers``);
 * ``litserve1``: LitServe with one worker using every core;
 * ``plain``:     a plain FastAPI app, sync ``def`` endpoint, model called per request;
-* ``ceiling`` / ``ceiling-onnx``: no server: the model in-process, the same runtime and
-  worker layout as ``batched`` / ``onnx``, texts tokenized beforehand, taken ``--clients``
-  at a time (what the server's queue holds at most) and split into the same token-budget
-  batches. The server's texts/s over this is what the HTTP layer and batching leave.
+* ``ceiling`` / ``ceiling-onnx``: no server: the model alone, the same runtime and
+  worker layout as ``batched`` / ``onnx`` (one single-threaded model process per core),
+  texts tokenized beforehand, taken ``--clients`` at a time (what the server's queue
+  holds at most) and split into the same token-budget batches. The server's texts/s
+  over this is what the HTTP layer and batching leave.
 
     .venv/bin/python benchmarks/load.py --clients 32 --duration 20
 
@@ -38,8 +39,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class Result:
     batch_sizes: dict[str, float] = field(default_factory=dict)
     model_busy: float = float("nan")  # worker-seconds in model batches per second
     cpu_s: float = float("nan")  # server CPU seconds (user + system) in the measured phase
+    client_cpu_s: float = float("nan")  # the load generator's CPU seconds in that phase
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -93,6 +95,7 @@ class Result:
             "p99_ms": self.percentile(99),
             "errors": self.errors,
             "server_cpu_s": self.cpu_s,
+            "client_cpu_s": self.client_cpu_s,
             "texts_per_cpu_s": self.texts / self.cpu_s if self.cpu_s > 0 else float("nan"),
             "batch_size_histogram": self.batch_sizes,
             "model_busy_worker_s_per_s": self.model_busy,
@@ -205,26 +208,72 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30
     raise RuntimeError("server did not get ready")
 
 
+class KeepAliveClient:
+    """A minimal HTTP/1.1 client on one kept-alive connection: the load generator shares
+    the server's cores, so it does as little as it can (its CPU time is reported)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` (JSON) to ``path``; returns the status and the response body."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            self.writer.write(head.encode() + body)
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(raw[9:12])
+            headers = raw.decode("latin-1").lower()
+            if "transfer-encoding: chunked" in headers:
+                payload = b""
+                while size := int((await self.reader.readline()).split(b";")[0], 16):
+                    payload += await self.reader.readexactly(size)
+                    await self.reader.readline()
+                await self.reader.readline()
+            else:
+                length = re.search(r"content-length: *(\d+)", headers)
+                payload = await self.reader.readexactly(int(length.group(1)) if length else 0)
+            if "connection: close" in headers:
+                await self.close()
+            return status, payload
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
 async def drive(
     url: str, texts: Sequence[str], clients: int, duration_s: float, per_request: int
 ) -> Result:
     """``clients`` loops posting requests until ``duration_s`` has passed."""
     result = Result("", clients, duration_s)
     stop_at = time.perf_counter() + duration_s
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    port = int(url.rsplit(":", 1)[1])
 
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
+    async def client(worker: int) -> None:
+        http = KeepAliveClient(HOST, port)
         i = worker
         while time.perf_counter() < stop_at:
             batch = [texts[(i + k) % len(texts)] for k in range(per_request)]
             i += clients
             start = time.perf_counter()
             try:
-                response = await http.post("/v1/predict", json={"texts": batch})
-                ok = response.status_code == 200 and len(response.json()["predictions"]) == len(
-                    batch
-                )
-            except (httpx.HTTPError, ValueError, KeyError):
+                status, body = await http.post("/v1/predict", json.dumps({"texts": batch}).encode())
+                ok = status == 200 and len(json.loads(body)["predictions"]) == len(batch)
+            except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
                 ok = False
             if ok:
                 result.requests += 1
@@ -232,9 +281,9 @@ async def drive(
                 result.latencies_ms.append((time.perf_counter() - start) * 1000)
             else:
                 result.errors += 1
+        await http.close()
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        await asyncio.gather(*(client(w, http) for w in range(clients)))
+    await asyncio.gather(*(client(w) for w in range(clients)))
     return result
 
 
@@ -248,7 +297,9 @@ def run_server_config(name: str, args: argparse.Namespace, texts: list[str]) -> 
         asyncio.run(drive(url, texts, args.clients, args.warmup, args.texts_per_request))
         before = httpx.get(f"{url}/metrics").text if gradfence else ""
         cpu_before = tree_cpu_seconds(process.pid)
+        client_before = time.process_time()
         result = asyncio.run(drive(url, texts, args.clients, args.duration, args.texts_per_request))
+        result.client_cpu_s = time.process_time() - client_before
         result.cpu_s = tree_cpu_seconds(process.pid) - cpu_before
         if gradfence:
             after = httpx.get(f"{url}/metrics").text
@@ -380,63 +431,76 @@ def litserve_server(port: int, model_dir: Path | None, workers: int) -> None:
 # --- the in-process ceiling ---------------------------------------------------------
 
 
-def ceiling_worker(args: argparse.Namespace) -> None:
-    """Print one JSON line: texts/s and CPU seconds of the model alone (see module doc)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
+def ceiling_batches(model: Any, clients: int, max_words: int | None) -> list[Any]:
+    """The held-out tweets tokenized beforehand and split into the server's token-budget
+    batches, ``clients`` texts at a time (what the server's queue holds at most)."""
+    from gradfence.serve.batcher import DEFAULT_MAX_BATCH_TOKENS, plan_batch
 
-    import gradfence as gf
-    from gradfence.serve.batcher import DEFAULT_MAX_BATCH_TOKENS, available_cores, plan_batch
-    from gradfence.serve.model import load_model
-
-    model = load_model(args.model_dir, args.runtime)
-    workers = available_cores()
-    texts = load_texts(2000, args.max_words)
-    encoded = model.encode(texts)
+    encoded = model.encode(load_texts(2000, max_words))
     batches = []
-    for start in range(0, len(encoded), args.clients):  # what the queue holds at most
-        window = list(encoded[start : start + args.clients])
+    for start in range(0, len(encoded), clients):
+        window = list(encoded[start : start + clients])
         while window:
             chosen = plan_batch(
                 [e.tokens for e in window], MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
             )
             batches.append([window[i] for i in chosen])
             window = [e for i, e in enumerate(window) if i not in set(chosen)]
-    lock = threading.Lock()
-    done = [0]
-    position = [0]
-    stop_at = [0.0]
+    return batches
 
-    def work() -> None:
-        torch.set_num_threads(max(1, available_cores() // workers))
-        with gf.inference(model):
-            model.forward_encoded(batches[0]).softmax(-1).tolist()  # warm-up
-            barrier.wait()
-            go.wait()
-            while time.perf_counter() < stop_at[0]:
-                with lock:
-                    batch = batches[position[0] % len(batches)]
-                    position[0] += 1
-                model.forward_encoded(batch).softmax(-1).tolist()
-                with lock:
-                    done[0] += len(batch)
 
-    barrier = threading.Barrier(workers + 1)
-    go = threading.Event()
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
+def ceiling_process(
+    args: argparse.Namespace, index: int, workers: int, barrier: Any, out: Any
+) -> None:
+    """One model process of the ceiling: its share of the batches until the deadline."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    import gradfence as gf
+    from gradfence.serve.model import load_model
+
+    torch.set_num_threads(max(1, cores() // workers))
+    model = load_model(args.model_dir, args.runtime)
+    batches = ceiling_batches(model, args.clients, args.max_words)[index::workers]
     me = psutil.Process()
-    barrier.wait()  # every worker is warm
-    started = time.perf_counter()
-    cpu_before = sum(me.cpu_times()[:2])
-    stop_at[0] = started + args.duration
-    go.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    cpu = sum(me.cpu_times()[:2]) - cpu_before
-    print(json.dumps({"texts": done[0], "elapsed_s": elapsed, "cpu_s": cpu}), flush=True)
+    with gf.inference(model):
+        model.forward_encoded(batches[0]).softmax(-1).tolist()  # warm-up
+        barrier.wait()
+        started = time.perf_counter()
+        cpu_before = sum(me.cpu_times()[:2])
+        done, position = 0, 0
+        while time.perf_counter() < started + args.duration:
+            batch = batches[position % len(batches)]
+            position += 1
+            model.forward_encoded(batch).softmax(-1).tolist()
+            done += len(batch)
+        elapsed = time.perf_counter() - started
+    out.put({"texts": done, "elapsed_s": elapsed, "cpu_s": sum(me.cpu_times()[:2]) - cpu_before})
+
+
+def ceiling_worker(args: argparse.Namespace) -> None:
+    """Print one JSON line: texts/s and CPU seconds of the model alone (see module doc):
+    one single-threaded model process per core, as the server's default workers."""
+    import multiprocessing
+
+    from gradfence.serve.batcher import available_cores
+
+    workers = available_cores()
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(workers), context.Queue()
+    processes = [
+        context.Process(target=ceiling_process, args=(args, i, workers, barrier, out))
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    measured = [out.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join()
+    elapsed = max(m["elapsed_s"] for m in measured)
+    texts = sum(m["texts"] for m in measured)
+    cpu = sum(m["cpu_s"] for m in measured)
+    print(json.dumps({"texts": texts, "elapsed_s": elapsed, "cpu_s": cpu}), flush=True)
 
 
 def run_ceiling(name: str, args: argparse.Namespace) -> Result:
@@ -459,18 +523,29 @@ def run_ceiling(name: str, args: argparse.Namespace) -> Result:
 # --- report -------------------------------------------------------------------------
 
 
+def median_run(results: list[Result], name: str) -> dict[str, Any]:
+    """The summary of ``name``'s run with the median texts/s (the lower of two middles)."""
+    runs = sorted((r for r in results if r.name == name), key=lambda r: r.texts / r.duration_s)
+    return runs[(len(runs) - 1) // 2].summary()
+
+
 def print_table(results: list[Result]) -> None:
     header = f"{'config':<13} {'texts/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-    print(header + f"{'errors':>6} {'cpu s':>6} {'texts/cpu-s':>11} {'busy':>5}  batch sizes")
+    header += f"{'errors':>6} {'cpu s':>6} {'client':>6} {'texts/cpu-s':>11} {'busy':>5}"
+    print(header + "  batch sizes")
     for r in results:
         s = r.summary()
         sizes = ", ".join(f"{k}: {int(v)}" for k, v in s["batch_size_histogram"].items()) or "-"
         print(
             f"{r.name:<13} {s['texts_per_s']:8.1f} {s['p50_ms']:8.1f} {s['p95_ms']:8.1f} "
             f"{s['p99_ms']:8.1f} {s['errors']:6d} {s['server_cpu_s']:6.1f} "
+            f"{s['client_cpu_s']:6.1f} "
             f"{s['texts_per_cpu_s']:11.1f} {s['model_busy_worker_s_per_s']:5.2f}  {sizes}"
         )
-    by_name = {r.name: r.summary() for r in results if r.texts}
+    by_name = {name: median_run(results, name) for name in {r.name for r in results if r.texts}}
+    rounds = max(Counter(r.name for r in results).values(), default=1)
+    if rounds > 1:
+        print(f"ratios of the median run of each config over {rounds} interleaved rounds:")
 
     def ratio(a: str, b: str, what: str, latency: bool = True) -> None:
         if a in by_name and b in by_name:
@@ -478,6 +553,17 @@ def print_table(results: list[Result]) -> None:
             line = f"{a} / {b}: {x['texts_per_s'] / y['texts_per_s']:.2f}x texts/s"
             if latency:
                 line += f", p99 {x['p99_ms']:.0f} vs {y['p99_ms']:.0f} ms"
+            if rounds > 1:
+                each = [
+                    f"{p.texts / q.texts * q.duration_s / p.duration_s:.2f}"
+                    for p, q in zip(
+                        [r for r in results if r.name == a],
+                        [r for r in results if r.name == b],
+                        strict=False,
+                    )
+                    if q.texts
+                ]
+                line += f"; per round {' '.join(each)}"
             print(f"{line}  ({what})")
 
     ratio("batched", "litserve", "target >= 1.3x, p99 no worse")
@@ -496,6 +582,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds (3)")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"({DEFAULT_CONFIGS})")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the configs this many times, interleaved; ratios use each config's "
+        "median run (1)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=900.0, help="skip configs after this long (900)"
     )
@@ -520,8 +613,8 @@ def main() -> int:
     if args.ceiling_worker:
         ceiling_worker(args)
         return 0
-    if not 0 < args.duration <= 600 or args.clients < 1:
-        parser.error("--duration must be in (0, 600] and --clients >= 1")
+    if not 0 < args.duration <= 600 or args.clients < 1 or args.rounds < 1:
+        parser.error("--duration must be in (0, 600], --clients and --rounds >= 1")
     names = args.configs.split(",")
     known = set(DEFAULT_CONFIGS.split(",")) | {"plain"}
     if unknown := [n for n in names if n not in known]:
@@ -536,7 +629,7 @@ def main() -> int:
     )
     results = []
     started = time.monotonic()
-    for name in names:
+    for name in names * args.rounds:
         if time.monotonic() - started > args.budget_s:
             print(f"{name}: skipped (--budget-s {args.budget_s:g} spent)", flush=True)
             continue

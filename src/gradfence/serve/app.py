@@ -95,7 +95,9 @@ class ServeSettings:
     head_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 512
-    workers: int | None = None  # model worker threads; None: one per core available
+    workers: int | None = None  # model workers; None: one per core available
+    # each worker's model in a process of its own (``load`` must then be picklable)
+    worker_processes: bool = False
 
 
 # --- request and response bodies ---------------------------------------------------
@@ -410,6 +412,7 @@ def model_body(
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,
             "workers": settings.workers or available_cores(),
+            "worker_kind": "process" if settings.worker_processes else "thread",
         },
         "limits": {
             "max_texts": MAX_TEXTS,
@@ -570,6 +573,7 @@ class _Service:
                 max_queue=settings.max_queue,
                 on_batch=self._on_batch,
                 workers=settings.workers or available_cores(),
+                loader=self.load if settings.worker_processes else None,
             )
             self.metrics.track(lambda: batcher.queue_depth)
             batcher.start(warmup=settings.warmup)

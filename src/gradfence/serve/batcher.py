@@ -2,14 +2,18 @@
 
 Grad mode is thread-local (pytorch/pytorch#82145): a ``no_grad`` entered by the main
 thread, or by an ``async def`` endpoint, does not cover the threads that run the model.
-So each of the :class:`Batcher`'s worker threads enters ``gf.inference(model)`` itself
-and runs every batch inside that scope.
+So each of the :class:`Batcher`'s workers enters ``gf.inference(model)`` itself and runs
+every batch inside that scope.
 
-Throughput per core: ``workers`` threads (default one per core available to the
+Throughput per core: ``workers`` workers (default one per core available to the
 process), each running the model with ``cores // workers`` intra-op threads, all fed
-from one admission queue. A text is tokenized once, when it is queued, in the caller's
-thread (:meth:`~gradfence.serve.model.TextClassifier.encode`); its token count decides
-which texts share a batch.
+from one admission queue. A worker is a thread running ``model`` in this process, or,
+given a picklable ``loader``, a thread that hands each batch to a model process of its
+own (:class:`~gradfence.serve.processes.ModelProcess`): threads share the interpreter
+lock with each other and with the event loop, processes do not. A text is tokenized
+once, when it is queued, in the caller's thread
+(:meth:`~gradfence.serve.model.TextClassifier.encode`); its token count decides which
+texts share a batch.
 
 A worker takes a batch when the queue holds ``max_batch_size`` texts or
 ``max_batch_tokens`` tokens, or ``max_wait_ms`` after the oldest queued text arrived,
@@ -42,6 +46,7 @@ import torch
 import gradfence as gf
 from gradfence.modes import GradMode
 from gradfence.serve.model import EncodedText, TextClassifier
+from gradfence.serve.processes import ModelLoader, ModelProcess, WorkerLostError
 
 log = logging.getLogger("gradfence.serve")
 
@@ -188,6 +193,7 @@ class BatchStats:
 
 
 BatchObserver = Callable[[int, float], None]
+Scorer = Callable[[Sequence[EncodedText]], list[list[float]]]
 
 
 def thread_state(model: torch.nn.Module) -> dict[str, Any]:
@@ -199,11 +205,43 @@ def thread_state(model: torch.nn.Module) -> dict[str, Any]:
         "grad_enabled": torch.is_grad_enabled(),
         "inference_mode": torch.is_inference_mode_enabled(),
         "thread": threading.current_thread().name,
+        "pid": os.getpid(),
     }
 
 
+def check_ready(model: TextClassifier, warmup: Sequence[str]) -> dict[str, Any]:
+    """Inside the worker's scope: raise unless every module is in eval mode, then run a
+    warm-up batch of ``warmup`` (if any); returns :func:`thread_state`."""
+    state = thread_state(model)
+    if not state["eval_mode"]:
+        raise RuntimeError(f"modules still in train mode: {state['modules_in_train_mode']}")
+    if warmup:
+        score_rows(model, model.encode(warmup))
+    return state
+
+
+def score_rows(model: TextClassifier, batch: Sequence[EncodedText]) -> list[list[float]]:
+    """Probabilities per text, checked to be exactly one finite row per text."""
+    logits = model.forward_encoded(batch)
+    n_labels = len(model.labels)
+    if logits.ndim != 2 or logits.shape[0] != len(batch) or logits.shape[1] != n_labels:
+        raise BatchMismatchError(
+            f"model returned shape {tuple(logits.shape)} for {len(batch)} texts "
+            f"and {n_labels} labels"
+        )
+    probabilities = logits.float().softmax(dim=-1)
+    if not bool(probabilities.isfinite().all()):
+        raise NonFiniteScoresError(f"model returned NaN or infinite scores for {len(batch)} texts")
+    rows: list[list[float]] = probabilities.tolist()
+    return rows
+
+
 class Batcher:
-    """Owns the worker threads; ``await batcher.predict(texts)`` from any event loop.
+    """Owns the workers; ``await batcher.predict(texts)`` from any event loop.
+
+    ``model`` tokenizes (in the caller's thread) and, without ``loader``, runs the
+    batches in ``workers`` threads; with ``loader`` (picklable, returning the same
+    model), each worker thread feeds a model process that ``loader`` built.
 
     >>> batcher = Batcher(model, max_batch_size=32, max_wait_ms=5, workers=2)  # doctest: +SKIP
     >>> batcher.start(warmup=["warm-up"])  # doctest: +SKIP
@@ -222,12 +260,14 @@ class Batcher:
         workers: int = 1,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         window: int | None = None,
+        loader: ModelLoader | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
         if workers < 1 or max_batch_tokens < 1 or (window is not None and window < 1):
             raise ValueError("workers, max_batch_tokens and window must be >= 1")
         self.model = model
+        self.loader = loader
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -242,7 +282,7 @@ class Batcher:
         self.stats = BatchStats()
         self._items: deque[_Item] = deque()
         self._queued_tokens = 0
-        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._state_requests: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -257,10 +297,10 @@ class Batcher:
         Raises whatever a worker's start raised (e.g. a model that stays in train mode).
         """
         barrier = threading.Barrier(self.workers + 1)
-        for _ in range(self.workers):
+        for index in range(self.workers):
             thread = threading.Thread(
                 target=self._run,
-                args=(list(warmup), barrier),
+                args=(list(warmup), barrier, index),
                 name="gradfence-inference",  # every worker: one role, one name in logs
                 daemon=True,
             )
@@ -391,47 +431,54 @@ class Batcher:
                     kept.append(item)
             self._items = kept
 
-    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run ``fn()`` in a worker thread, inside its scope, between two batches."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    async def inspect_thread(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """:func:`thread_state` of the model as a worker sees it, taken between two
+        batches (in the worker's process when workers are processes)."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         with self._cond:
             if not self.alive:
                 raise BatcherStoppedError("the inference thread is not running")
-            self._calls.append((fn, future))
+            self._state_requests.append(future)
             self._cond.notify_all()
-        return future
-
-    async def inspect_thread(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """:func:`thread_state` of the model as a worker thread sees it."""
-        model = self.model
-        future = self.call(lambda: thread_state(model))
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
     # --- the worker threads ------------------------------------------------------
 
-    def _run(self, warmup: list[str], barrier: threading.Barrier) -> None:
+    def _run(self, warmup: list[str], barrier: threading.Barrier, index: int) -> None:
         ready = False
         try:
-            # process-wide in torch, the same value from every worker
-            torch.set_num_threads(self.threads_per_worker)
-            with gf.inference(self.model, mode=self.mode):
-                state = thread_state(self.model)
-                if not state["eval_mode"]:
-                    raise RuntimeError(
-                        f"modules still in train mode: {state['modules_in_train_mode']}"
-                    )
-                if warmup:
-                    self._scores(self.model.encode(warmup))
-                ready = True
-                try:
-                    barrier.wait()
-                except threading.BrokenBarrierError:
-                    return  # another worker failed to start, or start() timed out
-                self._loop()
+            if self.loader is None:
+                # process-wide in torch, the same value from every worker
+                torch.set_num_threads(self.threads_per_worker)
+                model = self.model
+                with gf.inference(model, mode=self.mode):
+                    check_ready(model, warmup)
+                    ready = True
+                    if self._wait_for_all(barrier):
+                        self._loop(
+                            lambda batch: score_rows(model, batch), lambda: thread_state(model)
+                        )
+            else:
+                name = f"gradfence-inference-{index + 1}"
+                worker = ModelProcess(
+                    self.loader,
+                    mode=self.mode,
+                    threads=self.threads_per_worker,
+                    warmup=warmup,
+                    name=name,
+                )
+                with worker:
+                    if worker.model_id != self.model.model_id:
+                        raise RuntimeError(
+                            f"{name} loaded {worker.model_id}, not {self.model.model_id}"
+                        )
+                    ready = True
+                    if self._wait_for_all(barrier):
+                        self._loop(worker.scores, worker.state)
         except BaseException as exc:
             if self._failed is None:
                 self._failed = exc
-            log.exception("inference thread failed")
+            log.exception("inference worker failed")
         finally:
             if not ready:
                 barrier.abort()
@@ -439,34 +486,44 @@ class Batcher:
                 self._stopping = True
                 pending, self._items = self._items, deque()
                 self._queued_tokens = 0
-                calls, self._calls = self._calls, deque()
+                asked, self._state_requests = self._state_requests, deque()
                 self._cond.notify_all()
             error = BatcherStoppedError("the inference thread stopped")
             for item in pending:
                 _fail(item.request, error)
-            for _, future in calls:
+            for future in asked:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     future.set_exception(error)
 
-    def _run_calls(self) -> None:
-        """Run the queued :meth:`call` functions (holding the condition on entry and exit)."""
-        while self._calls:
-            fn, future = self._calls.popleft()
+    @staticmethod
+    def _wait_for_all(barrier: threading.Barrier) -> bool:
+        """Wait until every worker is ready; False if one failed or start() gave up."""
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+    def _answer_state_requests(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Answer the queued :meth:`inspect_thread` requests (holding the condition on
+        entry and exit)."""
+        while self._state_requests:
+            future = self._state_requests.popleft()
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up
             self._cond.release()
             try:
-                future.set_result(fn())
+                future.set_result(state())
             except Exception as exc:
                 future.set_exception(exc)
             finally:
                 self._cond.acquire()
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self, state: Callable[[], dict[str, Any]]) -> list[_Item] | None:
         """Wait for work; return the next batch, or None when stopping with nothing left."""
         with self._cond:
             while True:
-                self._run_calls()
+                self._answer_state_requests(state)
                 if not self._items:  # (cancel() takes abandoned texts out at once)
                     if self._stopping:
                         return None
@@ -495,32 +552,19 @@ class Batcher:
         self._queued_tokens -= sum(item.encoded.tokens for item in batch)
         return [item for item in batch if not item.request.cancelled]
 
-    def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+    def _loop(self, scores: Scorer, state: Callable[[], dict[str, Any]]) -> None:
+        while (batch := self._next_batch(state)) is not None:
             if batch:
-                self._run_batch(batch)
+                self._run_batch(batch, scores)
 
-    def _scores(self, batch: Sequence[EncodedText]) -> list[list[float]]:
-        """Probabilities per text, checked to be exactly one finite row per text."""
-        logits = self.model.forward_encoded(batch)
-        n_labels = len(self.model.labels)
-        if logits.ndim != 2 or logits.shape[0] != len(batch) or logits.shape[1] != n_labels:
-            raise BatchMismatchError(
-                f"model returned shape {tuple(logits.shape)} for {len(batch)} texts "
-                f"and {n_labels} labels"
-            )
-        probabilities = logits.float().softmax(dim=-1)
-        if not bool(probabilities.isfinite().all()):
-            raise NonFiniteScoresError(
-                f"model returned NaN or infinite scores for {len(batch)} texts"
-            )
-        rows: list[list[float]] = probabilities.tolist()
-        return rows
-
-    def _run_batch(self, batch: list[_Item]) -> None:
+    def _run_batch(self, batch: list[_Item], scores: Scorer) -> None:
         start = time.perf_counter()
         try:
-            rows = self._scores([item.encoded for item in batch])
+            rows = scores([item.encoded for item in batch])
+        except WorkerLostError as exc:  # every later batch would fail too: stop this worker
+            for item in batch:
+                _fail(item.request, exc)
+            raise
         except Exception as exc:
             requests = list({id(item.request): item.request for item in batch}.values())
             if len(requests) == 1:
@@ -531,7 +575,7 @@ class Batcher:
             # one request's text must not fail the others': run each request alone
             log.error("batch of %d requests failed (%r): retrying each alone", len(requests), exc)
             for request in requests:
-                self._run_batch([item for item in batch if item.request is request])
+                self._run_batch([item for item in batch if item.request is request], scores)
             return
         elapsed = time.perf_counter() - start
         labels = self.model.labels

@@ -66,8 +66,16 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="model worker threads, each single-threaded on its share of the cores "
+        help="model workers, each single-threaded on its share of the cores "
         "(default: one per core available)",
+    )
+    parser.add_argument(
+        "--worker-kind",
+        choices=("process", "thread"),
+        default="process",
+        help="run each worker's model in a process of its own (default: no shared "
+        "interpreter lock, one model copy per worker) or in a thread of the server "
+        "(one copy, starts faster)",
     )
     parser.add_argument(
         "--runtime",
@@ -222,6 +230,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         idle_timeout_s=args.idle_timeout_s,
         max_connections=args.max_connections,
         workers=args.workers,
+        worker_processes=args.worker_kind == "process" and args.backend == "uvicorn",
     )
 
 
