@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradfence.serve.batcher import (
+    SMALL_REQUEST_TEXTS,
     Batcher,
     BatcherStoppedError,
     Prediction,
@@ -65,6 +66,9 @@ SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", 
 # this fraction of --request-timeout-s (the rest is headroom for estimation error,
 # batching and HTTP)
 ADMIT_FRACTION = 0.6
+# a body this small may be a small request (SMALL_REQUEST_TEXTS texts): not refused
+# before it is read by the limits that protect small requests from big ones
+SMALL_BODY_BYTES = 8 * 1024
 # tokens the service must have run before its measured cost per token is trusted; the
 # cost is then re-measured over every window of this many tokens (a moving average)
 MIN_OBSERVED_TOKENS = 512
@@ -462,6 +466,7 @@ class WorkAdmission:
         self.budget_s = ADMIT_FRACTION * timeout_s
         self.parallelism = max(1, parallelism)
         self.outstanding = 0
+        self.outstanding_small = 0  # of that, the tokens of small requests
         self._cost: float | None = None  # seconds per token, moving average
         self._window_seconds = 0.0
         self._window_tokens = 0
@@ -471,28 +476,36 @@ class WorkAdmission:
         """The measured model cost of one token, once a window of tokens has run."""
         return None if self._cost is None else self._cost / self.parallelism
 
-    def estimated_wait_s(self, tokens: int = 0) -> float:
-        """Model seconds until ``tokens`` more would be answered."""
+    def estimated_wait_s(self, tokens: int = 0, small: bool = False) -> float:
+        """Model seconds until ``tokens`` more would be answered; a small request (the
+        batcher runs them first) waits only for the other small ones."""
         cost = self.seconds_per_token()
-        return 0.0 if cost is None else cost * (self.outstanding + tokens)
+        ahead = self.outstanding_small if small else self.outstanding
+        return 0.0 if cost is None else cost * (ahead + tokens)
 
-    def saturated(self) -> bool:
-        """True when the admitted work alone already fills the budget."""
-        return self.estimated_wait_s() > self.budget_s
+    def saturated(self, small: bool = False) -> bool:
+        """True when the admitted work alone already fills the budget (of a small
+        request, with ``small``)."""
+        return self.estimated_wait_s(small=small) > self.budget_s
 
-    def admit(self, tokens: int) -> None:
+    def admit(self, tokens: int, small: bool = False) -> None:
         """Count ``tokens`` as admitted, or raise :class:`QueueFullError`."""
-        wait = self.estimated_wait_s(tokens)
-        if self.outstanding and wait > self.budget_s:
+        wait = self.estimated_wait_s(tokens, small)
+        ahead = self.outstanding_small if small else self.outstanding
+        if ahead and wait > self.budget_s:
             raise QueueFullError(
                 f"about {wait:.1f} s of model work queued with this request "
                 f"(limit {self.budget_s:.1f} s)"
             )
         self.outstanding += tokens
+        if small:
+            self.outstanding_small += tokens
 
-    def finish(self, tokens: int, served: bool) -> None:
+    def finish(self, tokens: int, served: bool, small: bool = False) -> None:
         """The admitted request of ``tokens`` ended (``served``: the model answered it)."""
         self.outstanding -= tokens
+        if small:
+            self.outstanding_small -= tokens
         if not served:
             return
         with self._lock:
@@ -628,11 +641,15 @@ class _Service:
             )
         return self.batcher
 
-    def check_capacity(self, batcher: Batcher) -> None:
+    def check_capacity(self, batcher: Batcher, body_bytes: int | None) -> None:
         """The cheap refusal before a body is read: 503 when the queue is full or the
-        admitted work already fills the time budget."""
-        full = batcher.queue_depth >= self.settings.max_queue
-        if full or self.admission.saturated():
+        admitted work already fills the time budget. A body of at most
+        ``SMALL_BODY_BYTES`` may be a small request, which has places and work budget
+        of its own."""
+        small = body_bytes is not None and body_bytes <= SMALL_BODY_BYTES
+        limit = self.settings.max_queue - (0 if small else batcher.reserved)
+        full = batcher.queue_depth >= limit
+        if full or self.admission.saturated(small):
             what = "the queue is full" if full else "the queued model work fills the timeout"
             raise RequestError(
                 503,
@@ -691,7 +708,9 @@ class _Edge:
             check_auth(headers, settings.api_key)
         if path == "/v1/predict" and method == "POST":
             check_json_content_type(headers)
-            self.service.check_capacity(self.service.ready_batcher())
+            declared = headers.get("content-length", "")
+            size = int(declared) if declared.isdigit() else None
+            self.service.check_capacity(self.service.ready_batcher(), size)
 
 
 def create_app(
@@ -753,7 +772,7 @@ def create_app(
     async def predict(request: Request) -> Response:
         """One prediction per text, in order: label, its probability, every label's."""
         tokens = 0
-        served = False
+        served = small = False
         try:
             batcher = service.ready_batcher()
             texts = await parse_predict(
@@ -770,8 +789,9 @@ def create_app(
                     "texts",
                 )
             needed = estimate_tokens(batcher.model, texts)
+            small = len(texts) <= SMALL_REQUEST_TEXTS
             try:
-                service.admission.admit(needed)
+                service.admission.admit(needed, small)
             except QueueFullError as exc:
                 raise RequestError(503, f"busy: {exc}", headers=retry) from exc
             tokens = needed
@@ -785,7 +805,7 @@ def create_app(
                 log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)
             return error.response()
         finally:
-            service.admission.finish(tokens, served)
+            service.admission.finish(tokens, served, small)
         return JSONResponse(predictions_body(predictions, batcher.model.model_id))
 
     @app.get(

@@ -18,13 +18,16 @@ texts share a batch.
 A worker takes a batch when the queue holds ``max_batch_size`` texts or
 ``max_batch_tokens`` tokens, or ``max_wait_ms`` after the oldest queued text arrived,
 whichever comes first. The batch always holds the oldest queued text (no text waits
-behind newer ones for ever), completed from a window of the queue's first texts sorted
-by token count (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU
-time follows the padded tokens. A request with more texts than a batch holds is spread
-over several batches. Every batch must give exactly one row of scores per text; when it
-does not (or the model raises), each request of the batch is run again alone, and a
-request that fails alone gets the error: none is left waiting, and one bad request does
-not fail the others.
+behind newer ones for ever), completed from a window of queued texts sorted by token
+count (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU time
+follows the padded tokens. When small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger
+ones are queued together, the small ones' texts fill the batch first, so a one-text
+request does not wait behind a flood of 64-text ones; the oldest text keeps the big
+requests moving. The last quarter of the queue is kept for small requests. A request
+with more texts than a batch holds is spread over several batches. Every batch must give
+exactly one row of scores per text; when it does not (or the model raises), each request
+of the batch is run again alone, and a request that fails alone gets the error: none is
+left waiting, and one bad request does not fail the others.
 """
 
 from __future__ import annotations
@@ -96,6 +99,11 @@ class _Item:
 
 
 DEFAULT_MAX_BATCH_TOKENS = 2048
+# Fairness without knowing who the clients are: a request of at most this many texts is
+# "small". Small requests fill batches before larger ones (the oldest queued text still
+# goes first, so nothing starves), and the last quarter of the queue is theirs alone: a
+# flood of big requests cannot lock out everyone else.
+SMALL_REQUEST_TEXTS = 4
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
 
@@ -145,6 +153,22 @@ def plan_batch(tokens: Sequence[int], max_texts: int, max_tokens: int) -> list[i
             longest = max(longest, tokens[order[high]])
             high += 1
     return sorted(order[low:high])
+
+
+def fill_in_order(tokens: Sequence[int], max_texts: int, max_tokens: int) -> int:
+    """How many of the texts (token counts ``tokens``), taken in order, form the next
+    batch: at least one, at most ``max_texts``, within ``max_tokens`` padded tokens.
+
+    >>> fill_in_order([30, 12, 31, 60, 29], max_texts=4, max_tokens=100)
+    3
+    """
+    count, longest = 1, tokens[0] if tokens else 0
+    while count < min(max_texts, len(tokens)):
+        wider = max(longest, tokens[count])
+        if (count + 1) * wider > max_tokens:
+            break
+        count, longest = count + 1, wider
+    return min(count, len(tokens))
 
 
 @dataclass
@@ -279,6 +303,8 @@ class Batcher:
         self.window = window or 4 * max_batch_size
         # one intra-op thread per core: N single-threaded workers beat one N-threaded one
         self.threads_per_worker = max(1, available_cores() // workers)
+        # queue places only small requests may take (see SMALL_REQUEST_TEXTS)
+        self.reserved = max_queue // 4
         self.stats = BatchStats()
         self._items: deque[_Item] = deque()
         self._queued_tokens = 0
@@ -368,8 +394,9 @@ class Batcher:
     ) -> list[concurrent.futures.Future[list[Prediction]]]:
         """Queue several requests at once (all or none), e.g. a batch another server formed."""
         total = sum(len(texts) for texts in requests)
+        small = all(len(texts) <= SMALL_REQUEST_TEXTS for texts in requests)
         with self._cond:  # refuse before tokenizing
-            self._check_room(total)
+            self._check_room(total, small)
         if encoded is None:
             flat = self.model.encode([text for texts in requests for text in texts])
             encoded, start = [], 0
@@ -382,7 +409,7 @@ class Batcher:
         ]
         now = time.monotonic()
         with self._cond:
-            self._check_room(total)
+            self._check_room(total, small)
             for request, prepared in zip(pending, encoded, strict=True):
                 for i, item in enumerate(prepared):
                     self._items.append(_Item(request, i, now, item))
@@ -390,12 +417,14 @@ class Batcher:
             self._cond.notify_all()
         return [request.future for request in pending]
 
-    def _check_room(self, total: int) -> None:
+    def _check_room(self, total: int, small: bool) -> None:
         if self._stopping or not self.alive:
             raise BatcherStoppedError("the inference thread is not running")
-        if len(self._items) + total > self.max_queue:
+        limit = self.max_queue if small else self.max_queue - self.reserved
+        if len(self._items) + total > limit:
             raise QueueFullError(
-                f"queue holds {len(self._items)} of {self.max_queue} texts; {total} more do not fit"
+                f"queue holds {len(self._items)} of {self.max_queue} texts; {total} more do not "
+                f"fit" + ("" if small else f" (the last {self.reserved} are for small requests)")
             )
 
     async def predict(
@@ -539,16 +568,31 @@ class Batcher:
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
 
     def _take_batch(self) -> list[_Item]:
-        """Remove the next batch (see :func:`plan_batch`) from the queue."""
-        window: list[_Item] = []
-        while self._items and len(window) < self.window:
-            window.append(self._items.popleft())
-        chosen = plan_batch(
-            [item.encoded.tokens for item in window], self.max_batch_size, self.max_batch_tokens
-        )
-        taken = set(chosen)
-        self._items.extendleft(reversed([item for i, item in enumerate(window) if i not in taken]))
-        batch = [window[i] for i in chosen]
+        """Remove the next batch from the queue.
+
+        With one kind of request queued (small or not), the batch is planned by length
+        from a window of the oldest queued texts (:func:`plan_batch`). With both, it holds
+        the oldest text, then the texts of small requests, then the others, in queue
+        order, as many as fit: a one-text request does not wait behind a flood of big
+        ones, and the oldest text keeps the big ones moving.
+        """
+        items = list(self._items)
+        small = [
+            i for i in range(1, len(items)) if len(items[i].request.texts) <= SMALL_REQUEST_TEXTS
+        ]
+        tokens = [item.encoded.tokens for item in items]
+        if not small or len(small) == len(items) - 1:
+            window = tokens[: self.window]
+            taken = set(plan_batch(window, self.max_batch_size, self.max_batch_tokens))
+        else:
+            chosen = set(small)
+            order = [0, *small, *(i for i in range(1, len(items)) if i not in chosen)]
+            count = fill_in_order(
+                [tokens[i] for i in order], self.max_batch_size, self.max_batch_tokens
+            )
+            taken = set(order[:count])
+        self._items = deque(item for i, item in enumerate(items) if i not in taken)
+        batch = [items[i] for i in sorted(taken)]
         self._queued_tokens -= sum(item.encoded.tokens for item in batch)
         return [item for item in batch if not item.request.cancelled]
 

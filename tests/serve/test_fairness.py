@@ -1,0 +1,126 @@
+"""Fairness without knowing the clients: small requests are not locked out or starved by
+a flood of big ones (a retry storm of 64-text requests, long texts)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from gradfence.serve.app import WorkAdmission
+from gradfence.serve.batcher import Batcher, QueueFullError
+
+from .conftest import ServerFactory, StubClassifier, stub_label
+
+
+def server_queue_depth(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("gradfence_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("no queue depth in /metrics")
+
+
+def started(model: StubClassifier, **options: float) -> Batcher:
+    batcher = Batcher(model, **options)  # type: ignore[arg-type]
+    batcher.start(warmup=[])
+    return batcher
+
+
+def test_a_one_text_request_is_batched_before_the_rest_of_big_ones() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=4, max_wait_ms=10_000)
+    model.gate.clear()  # the first batch stalls in the model
+    big = [batcher.submit([f"a{i:02d}" for i in range(12)])]
+    while batcher.queue_depth > 8:  # the worker took A's first 4 texts and waits
+        pass
+    big.append(batcher.submit([f"b{i:02d}" for i in range(12)]))
+    small = batcher.submit(["c00"])
+    model.gate.set()
+    assert small.result(30)[0].label == stub_label("c00")
+    for future in big:
+        assert len(future.result(30)) == 12
+    # the batch after the stalled one: the oldest text and the small request's text
+    assert model.batches[1][0] == "a04" and "c00" in model.batches[1]
+    assert sum(len(batch) for batch in model.batches) == 25
+    batcher.stop()
+
+
+def test_requests_of_one_kind_are_still_batched_by_length() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=3, max_wait_ms=10_000)
+    model.gate.clear()
+    first = batcher.submit(["x" * 30] * 3)  # a full batch: taken at once, then stalls
+    while batcher.queue_depth:
+        pass
+    texts = ["y" * 30, "z" * 3, "w" * 30, "v" * 3, "u" * 3, "t" * 30]
+    futures = [batcher.submit([text]) for text in texts]
+    model.gate.set()
+    for future in [first, *futures]:
+        future.result(30)
+    # the oldest long text with the two other long ones; the short ones together
+    assert sorted(model.batches[1]) == sorted(["y" * 30, "w" * 30, "t" * 30])
+    assert sorted(model.batches[2]) == sorted(["z" * 3, "v" * 3, "u" * 3])
+    batcher.stop()
+
+
+def test_the_last_quarter_of_the_queue_is_for_small_requests() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=64, max_queue=16, max_wait_ms=10_000)
+    model.gate.clear()
+    queued = [batcher.submit([f"a{i}" for i in range(8)])]  # 8 of 16
+    with pytest.raises(QueueFullError, match="small requests"):
+        batcher.submit([f"b{i}" for i in range(5)])  # 13 > 12 for a big request
+    queued.append(batcher.submit([f"c{i}" for i in range(4)]))  # small: 12 of 16
+    queued += [batcher.submit([f"d{i}"]) for i in range(4)]  # small: 16 of 16
+    with pytest.raises(QueueFullError):
+        batcher.submit(["e"])
+    model.gate.set()
+    assert [len(future.result(30)) for future in queued] == [8, 4, 1, 1, 1, 1]
+    batcher.stop()
+
+
+def test_small_requests_are_admitted_against_the_small_work_only() -> None:
+    admission = WorkAdmission(timeout_s=1.0)  # budget: 0.6 s of model work
+    admission.admit(512)
+    admission.observe_batch(size=8, seconds=0.512)
+    admission.finish(512, served=True)  # measured: 1 ms per token
+    admission.admit(500)  # a big request: 0.5 s queued
+    with pytest.raises(QueueFullError):
+        admission.admit(200)  # another big one would wait 0.7 s
+    assert admission.saturated() is False and admission.saturated(small=True) is False
+    admission.admit(200, small=True)  # the small ones run first: 0.2 s
+    admission.admit(300, small=True)  # 0.5 s
+    with pytest.raises(QueueFullError):
+        admission.admit(200, small=True)  # 0.7 s of small work
+    admission.finish(300, served=False, small=True)
+    assert admission.outstanding_small == 200 and admission.outstanding == 700
+    assert admission.saturated() is True  # a big body is refused before it is read
+    assert admission.saturated(small=True) is False
+
+
+def test_a_flood_of_big_requests_does_not_lock_out_one_text_requests(
+    serve_model: ServerFactory,
+) -> None:
+    model = StubClassifier()
+    server = serve_model(model, max_batch_size=8, max_queue=64, max_wait_ms=1)
+    model.gate.clear()  # the model stalls: big requests pile up
+
+    async def flood_then_small() -> tuple[list[int], httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            body = {"texts": [f"g{i}" for i in range(8)]}
+            flood = [asyncio.create_task(client.post("/v1/predict", json=body)) for _ in range(10)]
+            # one batch stalls in the model, 6 big requests fill the 48 places they may take
+            await asyncio.sleep(1.0)
+            assert server_queue_depth(server.url) == 48
+            small = asyncio.create_task(client.post("/v1/predict", json={"texts": ["b b"]}))
+            await asyncio.sleep(0.5)
+            refused = await client.post("/v1/predict", json=body)  # a big one: still 503
+            model.gate.set()
+            return [r.status_code for r in await asyncio.gather(*flood)], await small, refused
+
+    codes, small, refused = asyncio.run(flood_then_small())
+    assert 503 in codes and 200 in codes
+    assert refused.status_code == 503 and "small requests" in refused.json()["detail"]
+    assert small.status_code == 200
+    assert small.json()["predictions"][0]["label"] == stub_label("b b")
