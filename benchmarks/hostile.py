@@ -186,7 +186,7 @@ def main() -> int:
         command += ["--model-dir", str(args.model_dir)]
     process = subprocess.Popen(command)
     try:
-        wait_ready(url, process)
+        wait_ready(f"{url}/health/ready", process)
         measure(url, port, texts, argparse.Namespace(clients=8, duration=3), None)  # warm-up
         print(f"{args.clients} good clients, {args.duration:g} s each, {os.cpu_count()} CPUs")
         header = ("attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s")

@@ -4,9 +4,12 @@ a flood of big ones (a retry storm of 64-text requests, long texts)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 
 import httpx
 import pytest
+from torch import Tensor
 
 from gradfence.serve.app import WorkAdmission
 from gradfence.serve.batcher import Batcher, QueueFullError
@@ -27,7 +30,7 @@ def started(model: StubClassifier, **options: float) -> Batcher:
     return batcher
 
 
-def test_a_one_text_request_is_batched_before_the_rest_of_big_ones() -> None:
+def test_a_one_text_request_is_batched_before_the_rest_of_big_ones_and_alone() -> None:
     model = StubClassifier()
     batcher = started(model, max_batch_size=4, max_wait_ms=10_000)
     model.gate.clear()  # the first batch stalls in the model
@@ -40,8 +43,10 @@ def test_a_one_text_request_is_batched_before_the_rest_of_big_ones() -> None:
     assert small.result(30)[0].label == stub_label("c00")
     for future in big:
         assert len(future.result(30)) == 12
-    # the batch after the stalled one: the oldest text and the small request's text
-    assert model.batches[1][0] == "a04" and "c00" in model.batches[1]
+    # the batch after the stalled one: the small request alone, not padded to big texts
+    assert model.batches[1] == ["c00"]
+    # then the big ones take turns, oldest first
+    assert model.batches[2] == ["a04", "a05", "a06", "a07"]
     assert sum(len(batch) for batch in model.batches) == 25
     batcher.stop()
 
@@ -99,19 +104,37 @@ def test_small_requests_are_admitted_against_the_small_work_only() -> None:
     assert admission.saturated(small=True) is False
 
 
+class Stalling(StubClassifier):
+    """Sets ``entered`` when a batch reaches the model (where the gate holds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+    def forward(self, texts: Sequence[str]) -> Tensor:
+        self.entered.set()
+        return super().forward(texts)
+
+
 def test_a_flood_of_big_requests_does_not_lock_out_one_text_requests(
     serve_model: ServerFactory,
 ) -> None:
-    model = StubClassifier()
+    model = Stalling()
     server = serve_model(model, max_batch_size=8, max_queue=64, max_wait_ms=1)
     model.gate.clear()  # the model stalls: big requests pile up
+    model.entered.clear()
 
     async def flood_then_small() -> tuple[list[int], httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             body = {"texts": [f"g{i}" for i in range(8)]}
-            flood = [asyncio.create_task(client.post("/v1/predict", json=body)) for _ in range(10)]
-            # one batch stalls in the model, 6 big requests fill the 48 places they may take
-            await asyncio.sleep(1.0)
+            flood = [asyncio.create_task(client.post("/v1/predict", json=body))]
+            await asyncio.to_thread(model.entered.wait, 30)  # its batch holds the model
+            flood += [asyncio.create_task(client.post("/v1/predict", json=body)) for _ in range(9)]
+            # 6 more big requests fill the 48 places they may take; 3 are refused
+            for _ in range(200):
+                if sum(task.done() for task in flood) == 3:
+                    break
+                await asyncio.sleep(0.05)
             assert server_queue_depth(server.url) == 48
             small = asyncio.create_task(client.post("/v1/predict", json={"texts": ["b b"]}))
             await asyncio.sleep(0.5)
@@ -120,7 +143,7 @@ def test_a_flood_of_big_requests_does_not_lock_out_one_text_requests(
             return [r.status_code for r in await asyncio.gather(*flood)], await small, refused
 
     codes, small, refused = asyncio.run(flood_then_small())
-    assert 503 in codes and 200 in codes
+    assert codes.count(503) == 3 and codes.count(200) == 7
     assert refused.status_code == 503 and "small requests" in refused.json()["detail"]
     assert small.status_code == 200
     assert small.json()["predictions"][0]["label"] == stub_label("b b")

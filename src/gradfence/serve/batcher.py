@@ -17,13 +17,14 @@ texts share a batch.
 
 A worker takes a batch when the queue holds ``max_batch_size`` texts or
 ``max_batch_tokens`` tokens, or ``max_wait_ms`` after the oldest queued text arrived,
-whichever comes first. The batch always holds the oldest queued text (no text waits
-behind newer ones for ever), completed from a window of queued texts sorted by token
-count (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU time
-follows the padded tokens. When small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger
-ones are queued together, the small ones' texts fill the batch first, so a one-text
-request does not wait behind a flood of 64-text ones; the oldest text keeps the big
-requests moving. The last quarter of the queue is kept for small requests. A request
+whichever comes first. The batch always holds the oldest queued text of its class (no
+text waits behind newer ones for ever), completed from a window of queued texts sorted by
+token count (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU time
+follows the padded tokens. Small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger ones
+are batched apart; with both queued, the bigger ones get at most :data:`BIG_SHARE` of the
+model time, so a one-text request does not wait behind a flood of 64-text ones (nor is
+padded to their length) while those still move. The last quarter of the queue is kept
+for small requests. A request
 with more texts than a batch holds is spread over several batches. Every batch must give
 exactly one row of scores per text; when it does not (or the model raises), each request
 of the batch is run again alone, and a request that fails alone gets the error: none is
@@ -100,10 +101,12 @@ class _Item:
 
 DEFAULT_MAX_BATCH_TOKENS = 2048
 # Fairness without knowing who the clients are: a request of at most this many texts is
-# "small". Small requests fill batches before larger ones (the oldest queued text still
-# goes first, so nothing starves), and the last quarter of the queue is theirs alone: a
-# flood of big requests cannot lock out everyone else.
+# "small". Small and bigger requests never share a batch; with both queued, the small
+# ones get most of the model time (the others a share, so nothing starves), and the last
+# quarter of the queue is theirs alone: a flood of big requests cannot lock out everyone.
 SMALL_REQUEST_TEXTS = 4
+# With both queued, the other requests' batches get at most about this share of the model.
+BIG_SHARE = 0.2
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
 
@@ -153,22 +156,6 @@ def plan_batch(tokens: Sequence[int], max_texts: int, max_tokens: int) -> list[i
             longest = max(longest, tokens[order[high]])
             high += 1
     return sorted(order[low:high])
-
-
-def fill_in_order(tokens: Sequence[int], max_texts: int, max_tokens: int) -> int:
-    """How many of the texts (token counts ``tokens``), taken in order, form the next
-    batch: at least one, at most ``max_texts``, within ``max_tokens`` padded tokens.
-
-    >>> fill_in_order([30, 12, 31, 60, 29], max_texts=4, max_tokens=100)
-    3
-    """
-    count, longest = 1, tokens[0] if tokens else 0
-    while count < min(max_texts, len(tokens)):
-        wider = max(longest, tokens[count])
-        if (count + 1) * wider > max_tokens:
-            break
-        count, longest = count + 1, wider
-    return min(count, len(tokens))
 
 
 @dataclass
@@ -309,6 +296,9 @@ class Batcher:
         self._items: deque[_Item] = deque()
         self._queued_tokens = 0
         self._state_requests: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+        # model seconds of small requests' batches (True) and the others' (False) since
+        # both classes were last queued together
+        self._model_time = {True: 0.0, False: 0.0}
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -568,29 +558,28 @@ class Batcher:
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
 
     def _take_batch(self) -> list[_Item]:
-        """Remove the next batch from the queue.
+        """Remove the next batch from the queue (holding the condition).
 
-        With one kind of request queued (small or not), the batch is planned by length
-        from a window of the oldest queued texts (:func:`plan_batch`). With both, it holds
-        the oldest text, then the texts of small requests, then the others, in queue
-        order, as many as fit: a one-text request does not wait behind a flood of big
-        ones, and the oldest text keeps the big ones moving.
+        The batch is planned by length (:func:`plan_batch`) from a window of the oldest
+        queued texts of one class: small requests' or the others'. With both queued, the
+        others get a batch only while their share of the recent model time is under
+        :data:`BIG_SHARE`: a flood of big requests cannot take the model from one-text
+        requests, and cannot starve either.
         """
         items = list(self._items)
-        small = [
-            i for i in range(1, len(items)) if len(items[i].request.texts) <= SMALL_REQUEST_TEXTS
-        ]
-        tokens = [item.encoded.tokens for item in items]
-        if not small or len(small) == len(items) - 1:
-            window = tokens[: self.window]
-            taken = set(plan_batch(window, self.max_batch_size, self.max_batch_tokens))
+        small = [len(item.request.texts) <= SMALL_REQUEST_TEXTS for item in items]
+        if all(small) or not any(small):
+            self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
+            pool = list(range(len(items)))
         else:
-            chosen = set(small)
-            order = [0, *small, *(i for i in range(1, len(items)) if i not in chosen)]
-            count = fill_in_order(
-                [tokens[i] for i in order], self.max_batch_size, self.max_batch_tokens
-            )
-            taken = set(order[:count])
+            spent = self._model_time[True] + self._model_time[False]
+            big_turn = self._model_time[False] < BIG_SHARE * spent
+            pool = [i for i, is_small in enumerate(small) if is_small != big_turn]
+        window = pool[: self.window]
+        chosen = plan_batch(
+            [items[i].encoded.tokens for i in window], self.max_batch_size, self.max_batch_tokens
+        )
+        taken = {window[i] for i in chosen}
         self._items = deque(item for i, item in enumerate(items) if i not in taken)
         batch = [items[i] for i in sorted(taken)]
         self._queued_tokens -= sum(item.encoded.tokens for item in batch)
@@ -622,6 +611,9 @@ class Batcher:
                 self._run_batch([item for item in batch if item.request is request], scores)
             return
         elapsed = time.perf_counter() - start
+        with self._cond:  # the model time each class of request got (see _take_batch)
+            is_small = len(batch[0].request.texts) <= SMALL_REQUEST_TEXTS
+            self._model_time[is_small] += elapsed
         labels = self.model.labels
         for item, row in zip(batch, rows, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
