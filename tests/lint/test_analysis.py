@@ -294,3 +294,70 @@ def test_results_keep_the_order_given(tmp_path: Path) -> None:
     settings = _project(tmp_path, cache=False)
     paths = [str(tmp_path / "pkg" / "train.py"), str(tmp_path / "pkg" / "utils.py")]
     assert [r.path for r in lint_paths(paths, settings, jobs=1)] == paths
+
+
+METERS = """
+class AverageMeter(object):
+    def __init__(self, items=None):
+        self.n_items = 1 if items is None else len(items)
+        self.reset()
+
+    def reset(self):
+        self._val = [0] * self.n_items
+        self._sum = [0] * self.n_items
+
+    def update(self, values):
+        if type(values).__name__ == "list":
+            for idx, v in enumerate(values):
+                self._val[idx] = v
+                self._sum[idx] += v
+        else:
+            self._val[0] = values
+            self._sum[0] += values
+
+
+class ItemMeter(object):
+    def __init__(self):
+        self.sum = 0.0
+
+    def update(self, value):
+        self.sum += float(value)
+"""
+RUNNER = """
+import torch
+from pkg.misc import AverageMeter, ItemMeter
+from tracking import ExternalMeter
+
+
+class Runner:
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.losses = AverageMeter(["coarse", "refine"])
+        self.items = ItemMeter()
+        self.external = ExternalMeter()
+
+    def train_step(self, data):
+        _loss, _, refine_loss, coarse_loss = self.model(data)
+        self.model.zero_grad()
+        _loss.backward()
+        self.optimizer.step()
+        self.losses.update([coarse_loss * 1000, refine_loss * 1000])
+        self.items.update(_loss)
+        self.external.update(_loss)
+"""
+
+
+def test_loss_kept_by_a_meter_defined_in_another_file(tmp_path: Path) -> None:
+    """The meter's summary (another module) says ``update`` keeps its argument: the loss
+    handed to it every step keeps its graph (microsoft/SpareNet's runner); a project meter
+    that turns it into a number and a meter from another package are silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "misc.py").write_text(METERS, encoding="utf-8")
+    (tmp_path / "pkg" / "runner.py").write_text(RUNNER, encoding="utf-8")
+    settings = Settings(Selection(select=("GF401",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "runner.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF401", 19)]
+    assert "AverageMeter.update" in result.diagnostics[0].message
+    # without the project, the meter cannot be seen into: silent
+    alone = check_source(RUNNER, "runner.py", Settings(Selection(select=("GF401",))))
+    assert alone == []

@@ -14,6 +14,8 @@ functions:
 - ``optim``: the target's parameters reach an optimiser;
 - ``detach``: the target is detached or turned into a number;
 - ``store``: the target is kept in a long-lived sink (``self.x``, ``self.x.append``);
+- ``keep``: a method keeps the value of a parameter on ``self`` with its graph (stored,
+  accumulated or appended, never detached: :func:`~gradfence.lint.analysis.graphs.kept_parameters`);
 - ``opaque``: the target is bound to something whose mode the analysis cannot see (the
   result of a call it cannot resolve, ``torch.jit.trace``/``script``, ``copy.deepcopy``,
   a ``self`` attribute injected through ``__init__``).
@@ -33,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradfence.lint.analysis.graphs import kept_parameters
 from gradfence.lint.imports import ImportMap, dotted
 from gradfence.lint.model import child_fields
 from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
@@ -94,6 +97,18 @@ _NOT_FORWARDS = RETURNS_SELF | frozenset(
         "dim",
     }
 )
+# containers that keep what is put in them (instances of these are never project classes)
+_CONTAINER_LITERALS: dict[type, str] = {
+    ast.List: "builtin:list",
+    ast.Dict: "builtin:dict",
+    ast.Set: "builtin:set",
+    ast.ListComp: "builtin:list",
+    ast.DictComp: "builtin:dict",
+}
+_CONTAINER_CALLS = frozenset({"list", "dict", "set", "deque", "defaultdict", "OrderedDict"})
+_CONTAINER_QUALS = frozenset(
+    {"collections.deque", "collections.defaultdict", "collections.OrderedDict"}
+)
 _OPTIMISER_HINT = ("optim", "SGD", "Adam", "RMSprop", "Lamb", "LARS", "Lion", "Adagrad")
 
 
@@ -141,6 +156,9 @@ class FunctionSummary:
     kwonly: list[str] = field(default_factory=list)
     bound: list[str] = field(default_factory=list)  # names the body binds (its locals)
     defaults: dict[str, Any] = field(default_factory=dict)  # constant parameter defaults
+    # name or ``self.x`` -> the class it is an instance of, as a call site names it
+    # (``"AverageMeter"``, ``"qual:pkg.misc.AverageMeter"``, ``"builtin:list"``)
+    instances: dict[str, str] = field(default_factory=dict)
 
     def as_data(self) -> list[Any]:
         return [
@@ -152,11 +170,12 @@ class FunctionSummary:
             self.kwonly,
             sorted(set(self.bound)),
             self.defaults,
+            self.instances,
         ]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> FunctionSummary:
-        name, params, grad_off, events, calls, kwonly, bound, defaults = data
+        name, params, grad_off, events, calls, kwonly, bound, defaults, instances = data
         return cls(
             name,
             list(params),
@@ -166,6 +185,7 @@ class FunctionSummary:
             list(kwonly),
             list(bound),
             dict(defaults),
+            dict(instances),
         )
 
 
@@ -526,6 +546,10 @@ class _Binder:
             source = self.target(value)
         if source == name:
             return  # ``model = model.to(device)``: the same module
+        self.summary.instances.pop(name, None)
+        kind = _CONTAINER_LITERALS.get(type(value))
+        if kind is not None:
+            self.summary.instances[name] = kind
         if source is not None:
             self.aliases[name] = source
             if name.startswith("self.") and "." not in source:
@@ -551,8 +575,20 @@ class _Binder:
                     self.event(node, "bound_call", name)
                 else:
                     self.event(node, "built", name)
+                if callee is not None and (last[:1].isupper() or last in _CONTAINER_CALLS):
+                    self.summary.instances[name] = self._class_ref(value.func, callee, qual)
             else:
                 self.event(node, "built", name)
+
+    def _class_ref(self, func: ast.expr, callee: str, qual: str | None) -> str:
+        """How a call site names the class a binding is an instance of."""
+        if isinstance(func, ast.Name) and func.id in _CONTAINER_CALLS:
+            return "builtin:" + func.id
+        if qual is not None and qual in _CONTAINER_QUALS:
+            return "builtin:" + qual
+        if isinstance(func, ast.Name) and func.id not in self.imports.aliases:
+            return func.id
+        return "qual:" + (qual or callee)
 
     def expr(self, node: ast.expr) -> None:
         stack: list[ast.AST] = [node]
@@ -849,6 +885,11 @@ class _Index:
         if not isinstance(node, ast.Module):
             summary.defaults = _defaults(node)
         _Binder(summary, self.imports, self.local, in_class).block(node.body)
+        if in_class and not isinstance(node, ast.Module):
+            summary.events.extend(
+                (line, col, "keep", param)
+                for line, col, param in kept_parameters(node, [*params, *kwonly])
+            )
         events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
         cls = name.rpartition(".")[0]
         while cls and cls not in self.bases:

@@ -6,6 +6,12 @@ import ast
 from collections.abc import Iterator
 
 from gradfence.lint.analysis.context import events
+from gradfence.lint.analysis.graphs import (
+    SANITIZING_METHODS,
+    SCALAR_ATTRS,
+    body_nodes,
+    graph_refs,
+)
 from gradfence.lint.diagnostics import Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
@@ -23,43 +29,9 @@ from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradState
 
-_SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
 _SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
-_SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 _SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
-
-
-def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
-    """Whether ``node`` reads a tainted name other than through ``.item()``/``.detach()``...
-
-    Iterative, so that a 2,000-term sum does not exhaust the recursion limit.
-    """
-    stack: list[ast.AST] = [node]
-    while stack:
-        sub = stack.pop()
-        if isinstance(sub, ast.Name):
-            if sub.id in tainted:
-                return True
-        elif isinstance(sub, ast.Call):
-            func = sub.func
-            if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
-                continue
-            if getattr(func, "attr", getattr(func, "id", None)) == "grad":
-                continue  # torch.autograd.grad(loss, ...) returns gradients, not the loss
-            if isinstance(func, ast.Attribute):
-                stack.append(func.value)  # a method of the loss itself: loss.mean()...
-            if (dotted(func) or "").split(".", 1)[0] == "torch":
-                stack.extend(sub.args)
-                stack.extend(k.value for k in sub.keywords)
-            # f(loss): what an arbitrary function returns is unknown, so its args are not read
-        elif isinstance(sub, ast.Compare | ast.Lambda) or (
-            isinstance(sub, ast.Attribute) and sub.attr in {"data", *_SCALAR_ATTRS}
-        ):
-            continue
-        else:
-            stack.extend(ast.iter_child_nodes(sub))
-    return False
 
 
 def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
@@ -102,19 +74,33 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     ## What it does
     In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
     from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
-    `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
-    later backpropagated through on purpose, accumulation under `no_grad`, and a name
-    rebound to a detached value first (`loss = loss.detach()`) are not flagged. The loss
-    of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and of
-    `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
+    `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. A loss handed to
+    an object of a project class (a meter, tracker or logger, defined in the file or in
+    another module of the project) whose method keeps its argument on the object
+    (`self.sum += v`, `self.val = v`, `self.history.append(v)`) is flagged too, in a loop
+    that differentiates or, when the object outlives the call (`self.losses`, a
+    parameter), anywhere in a function that differentiates: a per-step method such as
+    `train_step`. Lists that are later backpropagated through on purpose, accumulation
+    under `no_grad`, a name rebound to a detached value first (`loss = loss.detach()`), a
+    project meter that calls `.item()`/`float()`/`.detach()` on what it is given, and an
+    object of a class from another package (what it keeps cannot be seen) are not
+    flagged. The loss of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and
+    of `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
     name itself, the fix adds `.detach()`.
 
     ## Evidence
     In a loop that differentiates a value, that value (or one computed from it)
     accumulated without `.item()`/`.detach()`/`float()`: augmented or self-referencing
-    assignment, or a collector call (`append`, `update`, `add`...). The `.detach()` fix
-    is safe only on the differentiated tensor itself; on a derived value it is unsafe.
-    Confidence: high.
+    assignment, or a collector call (`append`, `update`, `add`...) on a list or on an
+    object whose class cannot be seen. For an object of a project class, the method's
+    summary decides, across files: it must keep the parameter the loss is passed as on
+    `self` (assigned, accumulated into an attribute or an item of one, appended to a
+    container on `self`, also through a loop over a list argument or a helper method it
+    calls) and never detach it or turn it into a number. A list literal of losses
+    (`meter.update([loss1 * 1000, loss2])`) is the loss; so is a value returned together
+    with the differentiated loss by one call and named a loss (`loss, _, coarse_loss =
+    self.compute(batch)`). The `.detach()` fix is safe only on the differentiated tensor
+    itself; on a derived value it is unsafe. Confidence: high.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
@@ -150,16 +136,18 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch FAQ, "My model reports cuda runtime error(2): out of memory":
       https://pytorch.org/docs/stable/notes/faq.html
-    - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83
+    - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83; microsoft/SpareNet 8bbc200
+      (`self.losses.update([coarse_loss * 1000, ...])` into a project meter)
     """
     text = facts.text
     for function in facts.functions:
         backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
         helpers = _helper_backwards(facts, function)
         backward_calls += [c for c in helpers if c not in backward_calls]
+        reported: set[int] = set()
+        yield from _kept_by_project_objects(facts, function, reported)
         if not backward_calls:
             continue
-        reported: set[int] = set()
         feeds_backward = _names_feeding_backward(function)
         for backward in backward_calls:
             loop = backward.loop
@@ -206,6 +194,12 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                     continue
                 if id(call.node) in reported:
                     continue
+                # an object of a class: what it keeps is its method's business (above)
+                if facts.analysis.instance_class(function.qualname, call.receiver) not in {
+                    None,
+                    "builtin",
+                }:
+                    continue
                 reported.add(id(call.node))
                 fix = None
                 if len(args) == 1 and isinstance(args[0], ast.Name):
@@ -216,6 +210,111 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                     "iteration alive: use `.item()` or `.detach()`",
                     fix,
                 )
+
+
+def _kept_by_project_objects(
+    facts: FileModel, function: FunctionModel, reported: set[int]
+) -> Iterator[Hit]:
+    """``self.losses.update([loss * 1000])`` where ``losses`` is an instance of a project
+    class whose method keeps its argument on the object (the summaries say so, across
+    files), in a function that differentiates that loss: in a loop that differentiates,
+    or anywhere in a per-step function when the object outlives the call (``self.x``, a
+    parameter). A class from another package, or a method that detaches, is silent."""
+    node = function.node
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return
+    start = node.lineno
+    if not any_between(facts.training_lines, start, node.end_lineno or start):
+        return
+    own = facts.analysis.function(function.qualname)
+    if own is None:
+        return
+    sites = [
+        c
+        for c in own.calls
+        if c.callee.startswith("method:") and c.receiver is not None and not c.grad_off
+    ]
+    if not sites:
+        return
+    diffs = [(line, col, t) for line, col, kind, t in events(facts, function) if kind == "diff"]
+    roots = {target for _, _, target in diffs if target and "." not in target}
+    if not roots:
+        return
+    body = body_nodes(node.body)
+    tainted = _loss_values(body, roots)
+    calls = {pos(n): n for n in body if isinstance(n, ast.Call)}
+    lives_on = {"self", *own.params, *own.kwonly}
+    for site in sites:
+        call = calls.get((site.line, site.col))
+        receiver = site.receiver
+        if call is None or receiver is None or id(call) in reported:
+            continue
+        here = (site.line, site.col)
+        in_training_loop = any(
+            pos(loop.node) <= here <= end_pos(loop.node)
+            and any(pos(loop.node) <= (line, col) <= end_pos(loop.node) for line, col, _ in diffs)
+            for loop in function.loops
+        )
+        if not in_training_loop and receiver.split(".", 1)[0] not in lives_on:
+            continue
+        live = _live_at(body, tainted, here)
+        if not live or not any(
+            graph_refs(a, live) for a in [*call.args, *(k.value for k in call.keywords)]
+        ):
+            continue
+        cls = facts.analysis.instance_class(function.qualname, receiver)
+        if not isinstance(cls, tuple):
+            continue
+        method = site.callee[len("method:") :]
+        params = facts.analysis.kept_arguments(cls, method)
+        if not params:
+            continue
+        kept = [a for a, p in zip(call.args, params, strict=False) if p]
+        kept += [k.value for k in call.keywords if k.arg is not None and k.arg in params]
+        if not any(graph_refs(a, live) for a in kept):
+            continue
+        reported.add(id(call))
+        fix = None
+        if len(kept) == 1 and isinstance(kept[0], ast.Name) and len(call.args) == 1:
+            fix = _detach_fix(kept[0], facts.text, roots)
+        yield (
+            call,
+            f"`{dotted(call.func)}(...)` keeps the loss with its graph: `{cls[1]}.{method}` "
+            "stores its argument on the object, so every step's graph stays alive (pass "
+            "`.item()` or `.detach()`)",
+            fix,
+        )
+
+
+def _loss_values(body: list[ast.AST], roots: set[str]) -> set[str]:
+    """The differentiated names and the names computed from them (``scaled = loss * k``);
+    a value returned with the loss by the same call and named a loss too
+    (``loss, _, coarse_loss = self.compute(batch)``)."""
+    tainted = set(roots)
+    assigns = [n for n in body if isinstance(n, ast.Assign) and len(n.targets) == 1]
+    for _ in range(2):
+        for assign in assigns:
+            target = assign.targets[0]
+            if isinstance(target, ast.Tuple | ast.List):
+                names = [e.id for e in target.elts if isinstance(e, ast.Name)]
+                if set(names) & tainted:
+                    tainted.update(n for n in names if "loss" in n.lower())
+                elif graph_refs(assign.value, tainted):
+                    tainted.update(names)
+            elif isinstance(target, ast.Name) and graph_refs(assign.value, tainted):
+                tainted.add(target.id)
+    return tainted
+
+
+def _live_at(body: list[ast.AST], tainted: set[str], here: Pos) -> set[str]:
+    """``tainted`` less the names last rebound before ``here`` to a value without the graph."""
+    last: dict[str, ast.expr] = {}
+    for sub in body:
+        if isinstance(sub, ast.Assign) and pos(sub) < here:
+            for target in sub.targets:
+                if isinstance(target, ast.Name) and target.id in tainted:
+                    last[target.id] = sub.value
+    return {n for n in tainted if n not in last or not _cuts_graph(last[n])}
 
 
 def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
@@ -257,7 +356,7 @@ def _cuts_graph(value: ast.expr | None) -> bool:
     if _scalar(value):
         return True
     while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
-        if value.func.attr in _SANITIZING_METHODS:
+        if value.func.attr in SANITIZING_METHODS:
             return True
         value = value.func.value
     return False
@@ -330,7 +429,7 @@ def _scalar(value: ast.expr | None) -> bool:
     """An expression that is certainly not a tensor (a constant, a size, an ``.item()``)."""
     if value is None or isinstance(value, ast.Constant):
         return True
-    if isinstance(value, ast.Attribute) and value.attr in _SCALAR_ATTRS:
+    if isinstance(value, ast.Attribute) and value.attr in SCALAR_ATTRS:
         return True
     if isinstance(value, ast.Call):
         func = value.func
