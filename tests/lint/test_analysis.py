@@ -361,3 +361,37 @@ def test_loss_kept_by_a_meter_defined_in_another_file(tmp_path: Path) -> None:
     # without the project, the meter cannot be seen into: silent
     alone = check_source(RUNNER, "runner.py", Settings(Selection(select=("GF401",))))
     assert alone == []
+
+
+STEP = """
+def train_batch(model, batch, optimizer):
+    loss = model(batch).mean()
+    loss.backward()
+    optimizer.step()
+    return loss
+"""
+FIT = """
+import torch
+from pkg.step import train_batch
+
+
+def fit(model, loader, optimizer):
+    total = 0
+    for batch in loader:
+        loss = train_batch(model, batch, optimizer)
+        total += loss
+    return total
+"""
+
+
+def test_loss_returned_by_a_helper_in_another_file_that_differentiates_it(
+    tmp_path: Path,
+) -> None:
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "step.py").write_text(STEP, encoding="utf-8")
+    (tmp_path / "pkg" / "fit.py").write_text(FIT, encoding="utf-8")
+    settings = Settings(Selection(select=("GF401",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "fit.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF401", 10)]
+    alone = check_source(FIT, "fit.py", Settings(Selection(select=("GF401",))))
+    assert alone == []

@@ -221,6 +221,22 @@ class Analysis:
             return None
         return (found[0], found[2])
 
+    def returned_losses(self, site: CallSite, module: str, caller: str) -> set[int]:
+        """What a call gives back that its callee differentiated (``return loss`` after
+        ``loss.backward()``): ``-1`` for the whole value, ``i`` for element ``i`` of a tuple."""
+        ref = self.resolve(site, module, caller)
+        if ref is None:
+            return set()
+        items = self.events(ref[1], ref[0])
+        differentiated = {t for _, _, kind, t in items if kind == "diff" and t}
+        found: set[int] = set()
+        for _, _, kind, target in items:
+            if kind == "return":
+                index, _, name = target.partition(":")
+                if name in differentiated:
+                    found.add(-1 if index == "-" else int(index))
+        return found
+
     def kept_arguments(self, cls: tuple[str, str], method: str) -> list[str] | None:
         """The parameters (in order, ``self`` left out) of ``cls.method`` that it keeps on
         the object with their graph; None when the method cannot be found."""

@@ -14,6 +14,8 @@ functions:
 - ``optim``: the target's parameters reach an optimiser;
 - ``detach``: the target is detached or turned into a number;
 - ``store``: the target is kept in a long-lived sink (``self.x``, ``self.x.append``);
+- ``return``: the function returns a name, target ``"-:name"`` (the whole value) or
+  ``"i:name"`` (element ``i`` of a returned tuple);
 - ``keep``: a method keeps the value of a parameter on ``self`` with its graph (stored,
   accumulated or appended, never detached: :func:`~gradfence.lint.analysis.graphs.kept_parameters`);
 - ``opaque``: the target is bound to something whose mode the analysis cannot see (the
@@ -402,6 +404,8 @@ class _Binder:
     def stmt(self, node: ast.stmt) -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             return  # summarised on their own
+        if isinstance(node, ast.Return) and node.value is not None:
+            self._returns(node, node.value)
         if isinstance(node, ast.With | ast.AsyncWith):
             saved = self.grad
             for item in node.items:
@@ -482,6 +486,14 @@ class _Binder:
             self.block(handler.body)
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
+
+    def _returns(self, node: ast.Return, value: ast.expr) -> None:
+        """``return loss`` / ``return loss, n``: which names the caller gets back."""
+        items = list(enumerate(value.elts)) if isinstance(value, ast.Tuple) else [(-1, value)]
+        for index, item in items:
+            if isinstance(item, ast.Name):
+                name = self.target(item) or item.id
+                self.event(node, "return", f"{'-' if index < 0 else index}:{name}")
 
     def _volatile(self, target: ast.expr, value: ast.expr) -> None:
         """``x = Variable(x, volatile=True)`` (torch < 0.4): what runs on ``x`` records no

@@ -85,8 +85,11 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     project meter that calls `.item()`/`float()`/`.detach()` on what it is given, and an
     object of a class from another package (what it keeps cannot be seen) are not
     flagged. The loss of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and
-    of `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
-    name itself, the fix adds `.detach()`.
+    of `scaler.scale(loss).backward()` is tracked, and so is a loop whose `backward()` is
+    inside a project helper: one that differentiates the loss it is given
+    (`self.optimize(loss)`), or one that differentiates its own loss and returns it
+    (`loss, n = train_batch(model, batch, optimizer)`). Where the accumulated value is the
+    loss name itself, the fix adds `.detach()`.
 
     ## Evidence
     In a loop that differentiates a value, that value (or one computed from it)
@@ -99,7 +102,10 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     calls) and never detach it or turn it into a number. A list literal of losses
     (`meter.update([loss1 * 1000, loss2])`) is the loss; so is a value returned together
     with the differentiated loss by one call and named a loss (`loss, _, coarse_loss =
-    self.compute(batch)`). The `.detach()` fix is safe only on the differentiated tensor
+    self.compute(batch)`). A helper's differentiation is read from its summary (in the
+    file or another module of the project): `backward()` on a parameter it was given, or
+    on a name it returns (`return loss`, `return loss, n`; `return loss.item()` is a
+    number). The `.detach()` fix is safe only on the differentiated tensor
     itself; on a derived value it is unsafe. Confidence: high.
 
     ## Why is this a problem?
@@ -319,7 +325,8 @@ def _live_at(body: list[ast.AST], tainted: set[str], here: Pos) -> set[str]:
 
 def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
     """Calls in a loop to a helper that differentiates its argument (``self.optimize(loss)``
-    where ``optimize`` calls ``loss.backward()``), with the names of what they differentiate."""
+    where ``optimize`` calls ``loss.backward()``) or differentiates a loss it returns
+    (``loss = train_batch(...)``), with the names of what they differentiate."""
     loop_calls = [c for c in function.calls if c.loop is not None and c.attr != "backward"]
     node = function.node
     start = getattr(node, "lineno", 1)
@@ -332,6 +339,28 @@ def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEve
         call = at.get((line, col))
         if kind == "diff" and call is not None and target and "." not in target:
             found.setdefault(call, set()).add(target)
+    own = facts.analysis.function(function.qualname)
+    if own is None:
+        return found
+    # ``loss, n = train_batch(...)`` where ``train_batch`` differentiates ``loss`` and
+    # returns it: the names bound to what it returns are the loss
+    bound = {
+        id(a.value): a.targets[0]
+        for a in function.assigns
+        if isinstance(a.node, ast.Assign) and len(a.targets) == 1
+    }
+    for site in own.calls:
+        call = at.get((site.line, site.col))
+        bound_to = bound.get(id(call.node)) if call is not None else None
+        if call is None or bound_to is None:
+            continue
+        returned = facts.analysis.returned_losses(site, facts.analysis.module, function.qualname)
+        for index in returned:
+            element: ast.expr | None = bound_to if index < 0 else None
+            if index >= 0 and isinstance(bound_to, ast.Tuple | ast.List):
+                element = bound_to.elts[index] if index < len(bound_to.elts) else None
+            if isinstance(element, ast.Name):
+                found.setdefault(call, set()).add(element.id)
     return found
 
 
