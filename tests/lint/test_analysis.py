@@ -395,3 +395,56 @@ def test_loss_returned_by_a_helper_in_another_file_that_differentiates_it(
     assert [(d.code, d.line) for d in result.diagnostics] == [("GF401", 10)]
     alone = check_source(FIT, "fit.py", Settings(Selection(select=("GF401",))))
     assert alone == []
+
+
+PREPARE = """
+import torch
+
+
+@torch.inference_mode()
+def add_tokens(model, tokenizer):
+    model.resize_token_embeddings(len(tokenizer))
+
+
+class Base(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+"""
+FINETUNE = """
+import torch
+from pkg.prepare import Base, add_tokens
+
+
+class Net(Base):
+    @torch.inference_mode()
+    def warmup(self, x):
+        self.cache = self.proj(x)
+
+
+def finetune(model, tokenizer, loader):
+    add_tokens(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for x in loader:
+        model(x).loss.backward()
+        optimizer.step()
+
+
+def export(model, tokenizer):
+    add_tokens(model, tokenizer)
+    return model
+"""
+
+
+def test_inference_tensors_given_to_a_module_in_another_file(tmp_path: Path) -> None:
+    """A helper of another module resizes the embeddings under inference_mode and the
+    caller trains the model; a class whose nn.Module base is in another module caches an
+    inference tensor on itself. Exporting without training is silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "prepare.py").write_text(PREPARE, encoding="utf-8")
+    (tmp_path / "pkg" / "finetune.py").write_text(FINETUNE, encoding="utf-8")
+    settings = Settings(Selection(select=("GF402",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "finetune.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF402", 9), ("GF402", 13)]
+    alone = check_source(FINETUNE, "finetune.py", Settings(Selection(select=("GF402",))))
+    assert alone == []

@@ -45,6 +45,7 @@ class Effects:
     detaches: set[str] = field(default_factory=set)
     stores: set[str] = field(default_factory=set)
     keeps: set[str] = field(default_factory=set)  # kept on ``self`` with the graph
+    inference_writes: set[str] = field(default_factory=set)  # given inference tensors
 
     def key(self) -> tuple[object, ...]:
         return (
@@ -59,6 +60,7 @@ class Effects:
             len(self.detaches),
             len(self.stores),
             len(self.keeps),
+            len(self.inference_writes),
             len(self.guarded),
         )
 
@@ -186,6 +188,26 @@ class Analysis:
             found = self._class_of(ref, module)
             return found if found is not None else "foreign"
         return None
+
+    def is_module_class(self, cls: tuple[str, str]) -> bool:
+        """``cls`` derives from ``torch.nn.Module`` (or Lightning's), through project base
+        classes in any module of the project."""
+        for module, name in self._classes(cls[0], cls[1], 0):
+            summary = self._summary_of(module)
+            for base in summary.bases.get(name, ()) if summary is not None else ():
+                head, _, rest = base.partition(".")
+                qual = summary.imports.get(head) if summary is not None else None
+                full = f"{qual}.{rest}" if qual and rest else qual
+                if full and (full.startswith("torch.nn.") or full.endswith(".LightningModule")):
+                    return True
+        return False
+
+    def class_of(self, caller: str) -> tuple[str, str] | None:
+        """The class whose method (or a closure in one) ``caller`` is, in the linted file."""
+        cls = caller.rpartition(".")[0]
+        while cls and cls not in self.summary.bases:
+            cls = cls.rpartition(".")[0]
+        return (self.module, cls) if cls else None
 
     def _classes(self, module: str, cls: str, depth: int) -> list[tuple[str, str]]:
         """``cls`` and its project base classes, as ``(module, class)``."""
@@ -359,6 +381,8 @@ class Analysis:
                 result.stores.add(target)
             elif kind == "keep":
                 result.keeps.add(target)
+            elif kind == "inference_write":
+                result.inference_writes.add(target)
         if function.grad_off:
             result.forwards_off |= result.forwards
             result.forwards = set()
@@ -420,6 +444,7 @@ def _mapped(
         ("detach", effects.detaches),
         ("store", effects.stores),
         ("keep", effects.keeps),
+        ("inference_write", effects.inference_writes),
         ("diff", effects.diffs),
     ):
         for target in targets:

@@ -20,6 +20,8 @@ SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
 SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
 # turn a tensor into a Python number (or a copy without the graph)
 _NUMBER_FUNCS = frozenset({"float", "int", "bool", "round"})
+_SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
+_SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 # methods of a container on ``self`` that keep their arguments
 KEEPING_METHODS = frozenset({"append", "extend", "insert", "add", "appendleft", "put"})
 
@@ -59,6 +61,25 @@ def graph_name(node: ast.AST, tainted: set[str] | dict[str, str]) -> str | None:
         else:
             stack.extend(ast.iter_child_nodes(sub))
     return None
+
+
+def plain_value(value: ast.expr | None) -> bool:
+    """An expression that is certainly not a tensor (a constant, a size, an ``.item()``)."""
+    if value is None or isinstance(value, ast.Constant):
+        return True
+    if isinstance(value, ast.Attribute) and value.attr in SCALAR_ATTRS:
+        return True
+    if isinstance(value, ast.Call):
+        func = value.func
+        if isinstance(func, ast.Attribute) and func.attr in _SCALAR_METHODS:
+            return True
+        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
+            return True
+    if isinstance(value, ast.UnaryOp):
+        return plain_value(value.operand)
+    if isinstance(value, ast.BinOp):
+        return plain_value(value.left) and plain_value(value.right)
+    return False
 
 
 def body_nodes(body: list[ast.stmt]) -> list[ast.AST]:

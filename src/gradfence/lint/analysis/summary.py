@@ -16,6 +16,9 @@ functions:
 - ``store``: the target is kept in a long-lived sink (``self.x``, ``self.x.append``);
 - ``return``: the function returns a name, target ``"-:name"`` (the whole value) or
   ``"i:name"`` (element ``i`` of a returned tuple);
+- ``inference_write``: under ``inference_mode``, the target gets a new tensor or module
+  (``m.fc = nn.Linear(...)``, ``m.fc.weight.data = t``, ``self.cache = t``,
+  ``m.resize_token_embeddings(n)``): inference tensors that outlive the region;
 - ``keep``: a method keeps the value of a parameter on ``self`` with its graph (stored,
   accumulated or appended, never detached: :func:`~gradfence.lint.analysis.graphs.kept_parameters`);
 - ``opaque``: the target is bound to something whose mode the analysis cannot see (the
@@ -37,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradfence.lint.analysis.graphs import kept_parameters
+from gradfence.lint.analysis.graphs import kept_parameters, plain_value
 from gradfence.lint.imports import ImportMap, dotted
 from gradfence.lint.model import child_fields
 from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
@@ -77,6 +80,10 @@ OPAQUE_CALLS = frozenset(
 # a pickled module comes back in the mode it was saved in: unknown, unless the file shows
 LOADERS = frozenset({"torch.load"})
 DIFF_FUNCS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
+# methods that give a module new parameters or buffers
+_NEW_TENSORS = frozenset(
+    {"resize_token_embeddings", "register_buffer", "register_parameter", "add_module"}
+)
 _DETACHERS = frozenset({"detach", "item", "tolist", "numpy", "cpu_numpy"})
 _MODES = frozenset({"eval", "train", "restore", "built", "bound_call", "opaque", "loaded"})
 _NUMBER_FUNCS = frozenset({"float", "int", "round"})
@@ -309,6 +316,7 @@ class _Binder:
         imports: ImportMap,
         local_functions: set[str],
         in_class: bool,
+        entry: GradState | None = None,
     ) -> None:
         self.summary = summary
         self.imports = imports
@@ -317,7 +325,7 @@ class _Binder:
         self.aliases: dict[str, str] = {}
         self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
         self.guard: str | None = None  # "param|op|json value" of the enclosing ``if``
-        self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
+        self.grad = entry or (GradState.DISABLED if summary.grad_off else GradState.DEFAULT)
 
     # -- identity -----------------------------------------------------------------------
 
@@ -441,6 +449,12 @@ class _Binder:
             if node.value is not None:
                 self.expr(node.value)
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if self.grad is GradState.INFERENCE and not plain_value(node.value):
+                for target in targets:
+                    if isinstance(target, ast.Attribute):
+                        written = self.target(target)
+                        if written is not None:
+                            self.event(node, "inference_write", written)
             if node.value is not None and not isinstance(node, ast.AugAssign):
                 for target in targets:
                     self.bind(target, node.value, node)
@@ -649,6 +663,8 @@ class _Binder:
                 return
             if attr in _DETACHERS and receiver:
                 self.event(node, "detach", receiver)
+            if attr in _NEW_TENSORS and receiver and self.grad is GradState.INFERENCE:
+                self.event(node, "inference_write", receiver)
             if attr in {"append", "extend", "add", "update", "insert", "log", "put"} and receiver:
                 for arg in [*node.args, *(k.value for k in node.keywords)]:
                     value = self.target(arg)
@@ -894,9 +910,13 @@ class _Index:
                 for d in node.decorator_list
             )
         summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        entry = None
         if not isinstance(node, ast.Module):
             summary.defaults = _defaults(node)
-        _Binder(summary, self.imports, self.local, in_class).block(node.body)
+            modes = [mode_of_context(d, self.imports) for d in node.decorator_list]
+            if GradState.INFERENCE in modes:
+                entry = GradState.INFERENCE
+        _Binder(summary, self.imports, self.local, in_class, entry).block(node.body)
         if in_class and not isinstance(node, ast.Module):
             summary.events.extend(
                 (line, col, "keep", param)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.analysis.context import events
+from gradfence.lint.analysis.context import differentiates, events, is_trained
 from gradfence.lint.analysis.graphs import (
     SANITIZING_METHODS,
-    SCALAR_ATTRS,
     body_nodes,
     graph_refs,
+    plain_value,
 )
 from gradfence.lint.diagnostics import Fix, SourceText
 from gradfence.lint.imports import dotted
@@ -29,8 +29,6 @@ from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradState
 
-_SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
-_SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
 
 
@@ -382,7 +380,7 @@ def _cuts_graph(value: ast.expr | None) -> bool:
     """``x.detach()``, ``x.detach().cpu()``, ``x.item()``, ``float(x)``, a constant..."""
     if value is None:
         return False
-    if _scalar(value):
+    if plain_value(value):
         return True
     while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
         if value.func.attr in SANITIZING_METHODS:
@@ -454,25 +452,6 @@ def _accumulation(
     return None
 
 
-def _scalar(value: ast.expr | None) -> bool:
-    """An expression that is certainly not a tensor (a constant, a size, an ``.item()``)."""
-    if value is None or isinstance(value, ast.Constant):
-        return True
-    if isinstance(value, ast.Attribute) and value.attr in SCALAR_ATTRS:
-        return True
-    if isinstance(value, ast.Call):
-        func = value.func
-        if isinstance(func, ast.Attribute) and func.attr in _SCALAR_METHODS:
-            return True
-        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
-            return True
-    if isinstance(value, ast.UnaryOp):
-        return _scalar(value.operand)
-    if isinstance(value, ast.BinOp):
-        return _scalar(value.left) and _scalar(value.right)
-    return False
-
-
 @rule(
     "GF402",
     "inference-tensor-stored",
@@ -481,12 +460,34 @@ def _scalar(value: ast.expr | None) -> bool:
 def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags assignments to `self.<attr>` inside a `torch.inference_mode()` block, or in a
-    method decorated with `@torch.inference_mode()`, of an `nn.Module`. Constants, sizes,
-    `.item()` values and other plain Python values are not flagged.
+    Flags inference tensors that outlive their `torch.inference_mode()` region on
+    something that is trained later:
+    - assignments to `self.<attr>` inside an inference_mode block, or in a method
+      decorated with `@torch.inference_mode()`, of an `nn.Module` (its own file or a
+      project base class in another module says so), or of any object whose other
+      methods read that attribute and differentiate;
+    - a module given new weights, layers or buffers under inference_mode
+      (`model.resize_token_embeddings(n)`, `model.fc = nn.Linear(...)`,
+      `model.fc.weight.data = ...`, `register_buffer`), in the function itself or in a
+      project helper it passes the module to (`@torch.inference_mode() def
+      add_tokens(model, ...)`), when the function then trains that module.
+
+    Constants, sizes, `.item()` values and other plain Python values are not flagged, nor
+    is anything done under `no_grad` (tensors made there are normal tensors), nor in-place
+    writes into existing weights under inference_mode (`w[:, :k] = 0`, `w.zero_()`: the
+    weight stays a normal tensor), nor a module changed this way that is only run
+    afterwards.
 
     ## Evidence
-    A tensor assigned to `self.<x>` inside an inference_mode block. Confidence: high.
+    A tensor assigned to `self.<x>` inside an inference_mode region: on a module,
+    confidence high; on another object, only when a method of its class reads `self.<x>`
+    and differentiates something. For a module passed around: the function summaries
+    record, per function, what gets new tensors under inference_mode (`m.<attr> = ...`
+    with a tensor or module value, `resize_token_embeddings`, `register_buffer`,
+    `register_parameter`, `add_module`), mapped onto the caller's arguments across files;
+    the module must then be trained by the caller (its parameters reach an optimiser, or
+    with no optimiser in view, it is run and something is differentiated). Confidence:
+    high.
 
     ## Why is this a problem?
     Every tensor created under inference mode is an *inference tensor*. Cached on the
@@ -497,7 +498,11 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     `RuntimeError: Inference tensors cannot be saved for backward. Please do not use
     Tensors created in inference mode in computation tracked by autograd.` (checked on
     torch 2.13) — from code that only ever *reads* the cache, often many steps after the
-    evaluation that filled it.
+    evaluation that filled it. The same happens to weights: a layer or a resized embedding
+    created under inference mode holds inference tensors, and the first backward that saves
+    them fails the same way (checked on torch 2.13 with `resize_token_embeddings` of a
+    Hugging Face model, a new `nn.Linear`, `weight.data = ...`), while writing into the
+    existing weight in place (`w[:, :k] = 0`) leaves it a normal tensor and trains fine.
 
     ## Example
     ```python
@@ -507,9 +512,19 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
             self.cached_keys = self.proj(x)
     ```
 
+    A module changed in an inference-mode helper, then trained:
+    ```python
+    @torch.inference_mode()
+    def add_tokens(model, tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+
+    add_tokens(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ```
+
     ## Use instead
-    Cache under `no_grad` (normal tensors without a graph), or `.clone()` the value
-    *outside* inference mode before storing it:
+    Cache (or change the module) under `no_grad` (normal tensors without a graph), or
+    `.clone()` the value *outside* inference mode before storing it:
     ```python
     class Encoder(nn.Module):
         @torch.no_grad()
@@ -522,21 +537,106 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - facebookresearch/dinov2#472; unslothai/unsloth#2434
     """
+    reported: set[Pos] = set()
     for function in facts.functions:
-        if function.cls is None or not function.cls.is_module:
+        if function.cls is not None:
+            yield from _stored_on_object(facts, function, reported)
+        yield from _module_changed_then_trained(facts, function, reported)
+
+
+def _stored_on_object(
+    facts: FileModel, function: FunctionModel, reported: set[Pos]
+) -> Iterator[Hit]:
+    """``self.x = <tensor>`` under inference_mode, on a module (its own file or a project
+    base class in another file says so) or on an object whose training reads ``self.x``."""
+    cls = function.cls
+    assert cls is not None
+    module: bool | None = None
+    for assign in function.assigns:
+        if assign.mode is not GradState.INFERENCE or plain_value(assign.value):
             continue
-        for assign in function.assigns:
-            if assign.mode is not GradState.INFERENCE or _scalar(assign.value):
+        for target in assign.targets:
+            text = dotted(target)
+            if text is None or not text.startswith("self."):
                 continue
-            for target in assign.targets:
-                text = dotted(target)
-                if text is not None and text.startswith("self."):
-                    yield (
-                        target,
-                        f"`{text}` stores an inference tensor on the module: using it outside "
-                        "inference_mode raises RuntimeError",
-                        None,
-                    )
+            if module is None:
+                ref = facts.analysis.class_of(function.qualname)
+                module = cls.is_module or (ref is not None and facts.analysis.is_module_class(ref))
+            what = "the module" if module else "the object"
+            if not module and not _read_where_trained(facts, function, text):
+                continue
+            reported.add(pos(assign.node))
+            yield (
+                target,
+                f"`{text}` stores an inference tensor on {what}: using it outside "
+                "inference_mode raises RuntimeError",
+                None,
+            )
+
+
+def _read_where_trained(facts: FileModel, function: FunctionModel, attribute: str) -> bool:
+    """Another method of the class reads ``self.x`` and differentiates: the inference
+    tensor takes part in training."""
+    assert function.cls is not None
+    for method in function.cls.methods.values():
+        if method is function or not isinstance(method.node, ast.FunctionDef):
+            continue
+        reads = any(
+            isinstance(sub, ast.Attribute)
+            and isinstance(sub.ctx, ast.Load)
+            and dotted(sub) == attribute
+            for sub in body_nodes(method.node.body)
+        )
+        if reads and differentiates(facts, method):
+            return True
+    return False
+
+
+def _module_changed_then_trained(
+    facts: FileModel, function: FunctionModel, reported: set[Pos]
+) -> Iterator[Hit]:
+    """A module given new weights, layers or buffers under inference_mode (in the
+    function or in a project helper it calls: ``add_tokens(model)`` whose
+    ``@torch.inference_mode()`` body calls ``model.resize_token_embeddings(n)``), then
+    trained by the function."""
+    node = function.node
+    if isinstance(node, ast.ClassDef):
+        return
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", None) or len(facts.lines)
+    if not any_between(facts.training_lines, start, end):
+        return
+    writes = [
+        (line, col, target)
+        for line, col, kind, target in events(facts, function)
+        if kind == "inference_write" and not target.startswith("self.")
+    ]
+    nodes: dict[Pos, ast.AST] | None = None
+    for line, col, target in writes:
+        head = target.split(".", 1)[0]
+        if (line, col) in reported or not is_trained(facts, function, head):
+            continue
+        if nodes is None:
+            nodes = {}
+            for sub in body_nodes(node.body):  # a call rather than its statement
+                if isinstance(sub, ast.Call | ast.Assign | ast.AnnAssign):
+                    nodes.setdefault(pos(sub), sub)
+                    if isinstance(sub, ast.Call):
+                        nodes[pos(sub)] = sub
+        at = nodes.get((line, col))
+        if at is None:
+            continue
+        reported.add((line, col))
+        if isinstance(at, ast.Call):
+            what = f"`{dotted(at.func) or 'the call'}(...)`"
+        else:
+            what = "this assignment"
+        yield (
+            at,
+            f"{what} gives `{head}` new tensors under inference_mode, and `{head}` is "
+            "trained afterwards: its inference tensors raise RuntimeError in backward",
+            None,
+        )
 
 
 def _mutations(
@@ -621,9 +721,9 @@ def inference_tensor_mutated_outside(facts: FileModel) -> Iterator[Hit]:
             bound: dict[str, tuple[int, int]] = {}
             for assign in function.assigns:
                 here = pos(assign.node)
-                if not start <= here <= end or _scalar(assign.value):
+                if not start <= here <= end or plain_value(assign.value):
                     continue
-                if isinstance(assign.node, ast.AugAssign) and _scalar(assign.node.value):
+                if isinstance(assign.node, ast.AugAssign) and plain_value(assign.node.value):
                     continue
                 for name in assign.target_names():
                     if "." not in name:
