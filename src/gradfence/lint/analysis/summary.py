@@ -324,6 +324,7 @@ class _Binder:
         self.in_class = in_class
         self.aliases: dict[str, str] = {}
         self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
+        self.inference_names: set[str] = set()  # names bound to tensors of inference_mode
         self.guard: str | None = None  # "param|op|json value" of the enclosing ``if``
         self.grad = entry or (GradState.DISABLED if summary.grad_off else GradState.DEFAULT)
 
@@ -449,12 +450,7 @@ class _Binder:
             if node.value is not None:
                 self.expr(node.value)
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if self.grad is GradState.INFERENCE and not plain_value(node.value):
-                for target in targets:
-                    if isinstance(target, ast.Attribute):
-                        written = self.target(target)
-                        if written is not None:
-                            self.event(node, "inference_write", written)
+            self._inference_values(node, list(targets))
             if node.value is not None and not isinstance(node, ast.AugAssign):
                 for target in targets:
                     self.bind(target, node.value, node)
@@ -500,6 +496,30 @@ class _Binder:
             self.block(handler.body)
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
+
+    def _inference_values(
+        self, node: ast.Assign | ast.AnnAssign | ast.AugAssign, targets: list[ast.expr]
+    ) -> None:
+        """Attributes given a tensor made under inference_mode: assigned inside the region,
+        or assigned later from a name bound inside it (``w`` or ``nn.Parameter(w)``)."""
+        value = node.value
+        inside = self.grad is GradState.INFERENCE
+        if inside:
+            carries = not plain_value(value)
+        else:
+            if isinstance(value, ast.Call) and (dotted(value.func) or "").endswith("Parameter"):
+                value = value.args[0] if value.args else None
+            carries = isinstance(value, ast.Name) and value.id in self.inference_names
+        for target in targets:
+            if isinstance(target, ast.Name) and not isinstance(node, ast.AugAssign):
+                if inside and not plain_value(node.value):
+                    self.inference_names.add(target.id)
+                else:
+                    self.inference_names.discard(target.id)
+            elif isinstance(target, ast.Attribute) and carries:
+                written = self.target(target)
+                if written is not None:
+                    self.event(node, "inference_write", written)
 
     def _returns(self, node: ast.Return, value: ast.expr) -> None:
         """``return loss`` / ``return loss, n``: which names the caller gets back."""

@@ -470,7 +470,9 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
       (`model.resize_token_embeddings(n)`, `model.fc = nn.Linear(...)`,
       `model.fc.weight.data = ...`, `register_buffer`), in the function itself or in a
       project helper it passes the module to (`@torch.inference_mode() def
-      add_tokens(model, ...)`), when the function then trains that module.
+      add_tokens(model, ...)`), or given a tensor made inside an inference_mode block
+      afterwards (`model.head.weight.data = prototypes`, `nn.Parameter(prototypes)`),
+      when the function then trains that module.
 
     Constants, sizes, `.item()` values and other plain Python values are not flagged, nor
     is anything done under `no_grad` (tensors made there are normal tensors), nor in-place
@@ -484,7 +486,9 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     and differentiates something. For a module passed around: the function summaries
     record, per function, what gets new tensors under inference_mode (`m.<attr> = ...`
     with a tensor or module value, `resize_token_embeddings`, `register_buffer`,
-    `register_parameter`, `add_module`), mapped onto the caller's arguments across files;
+    `register_parameter`, `add_module`; after the region, `m.<attr> = name` or
+    `nn.Parameter(name)` of a name bound inside it and not rebound since: a `.clone()`
+    outside the region is a normal tensor), mapped onto the caller's arguments across files;
     the module must then be trained by the caller (its parameters reach an optimiser, or
     with no optimiser in view, it is run and something is differentiated). Confidence:
     high.
@@ -628,13 +632,13 @@ def _module_changed_then_trained(
             continue
         reported.add((line, col))
         if isinstance(at, ast.Call):
-            what = f"`{dotted(at.func) or 'the call'}(...)`"
+            what = f"`{dotted(at.func) or 'the call'}(...)` gives `{head}` new tensors"
         else:
-            what = "this assignment"
+            what = f"`{target}` is given a tensor made"
         yield (
             at,
-            f"{what} gives `{head}` new tensors under inference_mode, and `{head}` is "
-            "trained afterwards: its inference tensors raise RuntimeError in backward",
+            f"{what} under inference_mode, and `{head}` is trained afterwards: its "
+            "inference tensors raise RuntimeError in backward",
             None,
         )
 
