@@ -448,3 +448,57 @@ def test_inference_tensors_given_to_a_module_in_another_file(tmp_path: Path) -> 
     assert [(d.code, d.line) for d in result.diagnostics] == [("GF402", 9), ("GF402", 13)]
     alone = check_source(FINETUNE, "finetune.py", Settings(Selection(select=("GF402",))))
     assert alone == []
+
+
+NET = """
+class NeuralNet:
+    def train_step(self, xi, yi, optimizer):
+        optimizer.zero_grad()
+        loss = self.get_loss(self.module_(xi), yi)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def fit_loop(self, X, y):
+        for xi, yi in self.get_iterator(X, y):
+            self.train_step(xi, yi, self.optimizer_)
+
+
+class Plain:
+    def train_step(self, xi, yi, optimizer):
+        self.get_loss(self.module_(xi), yi).backward()
+"""
+OVERRIDE = """
+import torch
+import pkg
+
+
+class Trainer(pkg.NeuralNet):
+    def train_step(self, X, y, _):
+        loss = self.get_loss(self.module_(X), y)
+        loss.backward()
+        for p in self.module_.parameters():
+            p.data.add_(-self.lr, p.grad.data)
+        return loss
+
+
+class Other(pkg.Plain):
+    def train_step(self, X, y, optimizer):
+        self.get_loss(self.module_(X), y).backward()
+        optimizer.step()
+"""
+
+
+def test_override_drops_the_clear_of_the_method_it_replaces(tmp_path: Path) -> None:
+    """skorch's example (7d36887^): ``train_step`` overrides a project base class method
+    (re-exported by the package's ``__init__``) that cleared the gradients; the override
+    differentiates and updates without clearing. Overriding a method that never cleared
+    them is silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "__init__.py").write_text("from .net import NeuralNet, Plain\n")
+    (tmp_path / "pkg" / "net.py").write_text(NET, encoding="utf-8")
+    (tmp_path / "pkg" / "trainer.py").write_text(OVERRIDE, encoding="utf-8")
+    settings = Settings(Selection(select=("GF206",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "trainer.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF206", 11)]
+    assert "`NeuralNet.train_step` it overrides" in result.diagnostics[0].message

@@ -202,6 +202,19 @@ class Analysis:
                     return True
         return False
 
+    def overridden(self, method: str) -> FunctionRef | None:
+        """The method of a project base class that ``Class.method`` (of the linted file)
+        overrides, in this module or another."""
+        cls = self.class_of(method)
+        if cls is None:
+            return None
+        name = method[len(cls[1]) + 1 :]
+        for module, base in self._classes(cls[0], cls[1], 0)[1:]:
+            found = self._method(module, base, name, 0)
+            if found is not None:
+                return found
+        return None
+
     def class_of(self, caller: str) -> tuple[str, str] | None:
         """The class whose method (or a closure in one) ``caller`` is, in the linted file."""
         cls = caller.rpartition(".")[0]
@@ -236,12 +249,16 @@ class Analysis:
             qual = summary.imports.get(head)
             if qual is not None and rest:
                 qual = f"{qual}.{rest}"
-        if qual is None:
-            return None
-        found = self.project.resolve(qual)
-        if found is None or found[2] not in found[1].bases:
-            return None
-        return (found[0], found[2])
+        for _ in range(4):  # ``pkg/__init__.py`` re-exports ``from .net import NeuralNet``
+            if qual is None:
+                return None
+            found = self.project.resolve(qual)
+            if found is None:
+                return None
+            if found[2] in found[1].bases:
+                return (found[0], found[2])
+            qual = found[1].imports.get(found[2])
+        return None
 
     def returned_losses(self, site: CallSite, module: str, caller: str) -> set[int]:
         """What a call gives back that its callee differentiated (``return loss`` after

@@ -19,6 +19,7 @@ functions:
 - ``inference_write``: under ``inference_mode``, the target gets a new tensor or module
   (``m.fc = nn.Linear(...)``, ``m.fc.weight.data = t``, ``self.cache = t``,
   ``m.resize_token_embeddings(n)``): inference tensors that outlive the region;
+- ``clear``: gradients are cleared (``optimizer.zero_grad()``, ``model.zero_grad()``);
 - ``keep``: a method keeps the value of a parameter on ``self`` with its graph (stored,
   accumulated or appended, never detached: :func:`~gradfence.lint.analysis.graphs.kept_parameters`);
 - ``opaque``: the target is bound to something whose mode the analysis cannot see (the
@@ -80,6 +81,7 @@ OPAQUE_CALLS = frozenset(
 # a pickled module comes back in the mode it was saved in: unknown, unless the file shows
 LOADERS = frozenset({"torch.load"})
 DIFF_FUNCS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
+_CLEARS_GRADIENTS = frozenset({"zero_grad", "zero_grads", "clear_grad", "clear_gradients"})
 # methods that give a module new parameters or buffers
 _NEW_TENSORS = frozenset(
     {"resize_token_embeddings", "register_buffer", "register_parameter", "add_module"}
@@ -683,6 +685,8 @@ class _Binder:
                 return
             if attr in _DETACHERS and receiver:
                 self.event(node, "detach", receiver)
+            if attr in _CLEARS_GRADIENTS:
+                self.event(node, "clear", receiver or "")
             if attr in _NEW_TENSORS and receiver and self.grad is GradState.INFERENCE:
                 self.event(node, "inference_write", receiver)
             if attr in {"append", "extend", "add", "update", "insert", "log", "put"} and receiver:
