@@ -198,11 +198,13 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                     continue
                 if id(call.node) in reported:
                     continue
-                # an object of a class: what it keeps is its method's business (above)
-                if facts.analysis.instance_class(function.qualname, call.receiver) not in {
-                    None,
-                    "builtin",
-                }:
+                # an object of a class: what it keeps is its method's business (above); a
+                # class from another package cannot be seen into
+                cls = facts.analysis.instance_class(function.qualname, call.receiver)
+                if cls == "foreign" or (
+                    isinstance(cls, tuple)
+                    and facts.analysis.kept_arguments(cls, call.attr) is not None
+                ):
                     continue
                 reported.add(id(call.node))
                 fix = None
