@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from gradfence.lint.analysis.context import differentiates, events, is_trained
 from gradfence.lint.analysis.graphs import (
+    KEEPING_METHODS,
     SANITIZING_METHODS,
     body_nodes,
     graph_refs,
@@ -78,7 +79,8 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     (`self.sum += v`, `self.val = v`, `self.history.append(v)`) is flagged too, in a loop
     that differentiates or, when the object outlives the call (`self.losses`, a
     parameter), anywhere in a function that differentiates: a per-step method such as
-    `train_step`. Lists that are later backpropagated through on purpose, accumulation
+    `train_step`; there, a list kept on the object (`self.history.append(loss)`) counts
+    too. Lists that are later backpropagated through on purpose, accumulation
     under `no_grad`, a name rebound to a detached value first (`loss = loss.detach()`), a
     project meter that calls `.item()`/`float()`/`.detach()` on what it is given, and an
     object of a class from another package (what it keeps cannot be seen) are not
@@ -225,7 +227,8 @@ def _kept_by_project_objects(
     class whose method keeps its argument on the object (the summaries say so, across
     files), in a function that differentiates that loss: in a loop that differentiates,
     or anywhere in a per-step function when the object outlives the call (``self.x``, a
-    parameter). A class from another package, or a method that detaches, is silent."""
+    parameter); there, also a list or set that outlives the call (``self.history.append``).
+    A class from another package, or a method that detaches, is silent."""
     node = function.node
     if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
         return
@@ -269,14 +272,21 @@ def _kept_by_project_objects(
         ):
             continue
         cls = facts.analysis.instance_class(function.qualname, receiver)
-        if not isinstance(cls, tuple):
-            continue
         method = site.callee[len("method:") :]
-        params = facts.analysis.kept_arguments(cls, method)
-        if not params:
+        if cls == "builtin" and method in KEEPING_METHODS and not in_training_loop:
+            # ``self.history.append(loss)`` in a per-step method (in a loop: see the
+            # collector calls of the rule)
+            kept = [*call.args]
+            keeper = f"`{method}` keeps it in the container"
+        elif isinstance(cls, tuple):
+            params = facts.analysis.kept_arguments(cls, method)
+            if not params:
+                continue
+            kept = [a for a, p in zip(call.args, params, strict=False) if p]
+            kept += [k.value for k in call.keywords if k.arg is not None and k.arg in params]
+            keeper = f"`{cls[1]}.{method}` stores its argument on the object"
+        else:
             continue
-        kept = [a for a, p in zip(call.args, params, strict=False) if p]
-        kept += [k.value for k in call.keywords if k.arg is not None and k.arg in params]
         if not any(graph_refs(a, live) for a in kept):
             continue
         reported.add(id(call))
@@ -285,9 +295,8 @@ def _kept_by_project_objects(
             fix = _detach_fix(kept[0], facts.text, roots)
         yield (
             call,
-            f"`{dotted(call.func)}(...)` keeps the loss with its graph: `{cls[1]}.{method}` "
-            "stores its argument on the object, so every step's graph stays alive (pass "
-            "`.item()` or `.detach()`)",
+            f"`{dotted(call.func)}(...)` keeps the loss with its graph: {keeper}, so every "
+            "step's graph stays alive (pass `.item()` or `.detach()`)",
             fix,
         )
 
