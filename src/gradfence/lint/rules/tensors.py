@@ -13,7 +13,7 @@ from gradfence.lint.analysis.graphs import (
     graph_refs,
     plain_value,
 )
-from gradfence.lint.diagnostics import Fix, SourceText
+from gradfence.lint.diagnostics import LOW, Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     AssignEvent,
@@ -475,8 +475,8 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     something that is trained later:
     - assignments to `self.<attr>` inside an inference_mode block, or in a method
       decorated with `@torch.inference_mode()`, of an `nn.Module` (its own file or a
-      project base class in another module says so), or of any object whose other
-      methods read that attribute and differentiate;
+      project base class in another module says so), or (`--preview`) of any object
+      whose other methods read that attribute and differentiate;
     - a module given new weights, layers or buffers under inference_mode
       (`model.resize_token_embeddings(n)`, `model.fc = nn.Linear(...)`,
       `model.fc.weight.data = ...`, `register_buffer`), in the function itself or in a
@@ -494,7 +494,10 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     ## Evidence
     A tensor assigned to `self.<x>` inside an inference_mode region: on a module,
     confidence high; on another object, only when a method of its class reads `self.<x>`
-    and differentiates something. For a module passed around: the function summaries
+    and differentiates something, and then confidence low (`--preview`): the read fails
+    only in an operation that saves the tensor for backward (`model(x) * self.scale`
+    does, `x - self.mean` on an input that needs no gradient does not), which the
+    analysis cannot tell. For a module passed around: the function summaries
     record, per function, what gets new tensors under inference_mode (`m.<attr> = ...`
     with a tensor or module value, `resize_token_embeddings`, `register_buffer`,
     `register_parameter`, `add_module`; after the region, `m.<attr> = name` or
@@ -577,16 +580,25 @@ def _stored_on_object(
             if module is None:
                 ref = facts.analysis.class_of(function.qualname)
                 module = cls.is_module or (ref is not None and facts.analysis.is_module_class(ref))
-            what = "the module" if module else "the object"
             if not module and not _read_where_trained(facts, function, text):
                 continue
             reported.add(pos(assign.node))
-            yield (
-                target,
-                f"`{text}` stores an inference tensor on {what}: using it outside "
-                "inference_mode raises RuntimeError",
-                None,
-            )
+            if module:
+                yield (
+                    target,
+                    f"`{text}` stores an inference tensor on the module: using it outside "
+                    "inference_mode raises RuntimeError",
+                    None,
+                )
+            else:  # whether the read saves it for backward is beyond the analysis
+                yield (
+                    target,
+                    f"`{text}` stores an inference tensor on the object, and a method that "
+                    "trains reads it: an operation that saves it for backward raises "
+                    "RuntimeError",
+                    None,
+                    LOW,
+                )
 
 
 def _read_where_trained(facts: FileModel, function: FunctionModel, attribute: str) -> bool:
