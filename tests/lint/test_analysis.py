@@ -297,26 +297,20 @@ def test_results_keep_the_order_given(tmp_path: Path) -> None:
 
 
 METERS = """
-class AverageMeter(object):
-    def __init__(self, items=None):
-        self.n_items = 1 if items is None else len(items)
-        self.reset()
+class AverageMeter:
+    def __init__(self, names=()):
+        self.totals = [0.0 for _ in names] or [0.0]
+        self.last = list(self.totals)
 
-    def reset(self):
-        self._val = [0] * self.n_items
-        self._sum = [0] * self.n_items
-
-    def update(self, values):
-        if type(values).__name__ == "list":
-            for idx, v in enumerate(values):
-                self._val[idx] = v
-                self._sum[idx] += v
-        else:
-            self._val[0] = values
-            self._sum[0] += values
+    def update(self, observed):
+        if not isinstance(observed, list):
+            observed = [observed]
+        for position, value in enumerate(observed):
+            self.last[position] = value
+            self.totals[position] += value
 
 
-class ItemMeter(object):
+class ItemMeter:
     def __init__(self):
         self.sum = 0.0
 
