@@ -100,13 +100,16 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     `self` (assigned, accumulated into an attribute or an item of one, appended to a
     container on `self`, also through a loop over a list argument or a helper method it
     calls) and never detach it or turn it into a number. A list literal of losses
-    (`meter.update([loss1 * 1000, loss2])`) is the loss; so is a value returned together
-    with the differentiated loss by one call and named a loss (`loss, _, coarse_loss =
-    self.compute(batch)`). A helper's differentiation is read from its summary (in the
-    file or another module of the project): `backward()` on a parameter it was given, or
-    on a name it returns (`return loss`, `return loss, n`; `return loss.item()` is a
-    number). The `.detach()` fix is safe only on the differentiated tensor
-    itself; on a derived value it is unsafe. Confidence: high.
+    (`meter.update([loss1 * 1000, loss2])`) is the loss; so are the loss-named parts the
+    differentiated loss is computed from in the same code (`loss = loss_ce + 0.1 *
+    loss_reg`: inputs, targets and weights feed it too but hold no graph, so only
+    loss-named parts count), and a value returned together with the differentiated loss
+    by one call and named a loss (`loss, _, coarse_loss = self.compute(batch)`). A
+    helper's differentiation is read from its summary (in the file or another module of
+    the project): `backward()` on a parameter it was given, or on a name it returns
+    (`return loss`, `return loss, n`; `return loss.item()` is a number). The `.detach()`
+    fix is safe only on the differentiated tensor itself; on a derived value it is unsafe.
+    Confidence: high.
 
     ## Why is this a problem?
     The loss tensor holds its autograd graph, and the graph holds every saved activation of
@@ -172,7 +175,14 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                 for name in a.target_names()
                 if a.value is None or name not in names_in(a.value)
             }
-            tainted = set(roots)
+            tainted = set(roots) | _loss_components(
+                [
+                    (list(a.target_names()), a.value)
+                    for a in assigns
+                    if isinstance(a.node, ast.Assign) and a.value is not None
+                ],
+                roots,
+            )
             for assign in assigns:
                 if isinstance(assign.node, ast.AugAssign) or assign.value is None:
                     continue
@@ -305,8 +315,14 @@ def _loss_values(body: list[ast.AST], roots: set[str]) -> set[str]:
     """The differentiated names and the names computed from them (``scaled = loss * k``);
     a value returned with the loss by the same call and named a loss too
     (``loss, _, coarse_loss = self.compute(batch)``)."""
-    tainted = set(roots)
     assigns = [n for n in body if isinstance(n, ast.Assign) and len(n.targets) == 1]
+    tainted = set(roots) | _loss_components(
+        [
+            ([n.id for n in ast.walk(a.targets[0]) if isinstance(n, ast.Name)], a.value)
+            for a in assigns
+        ],
+        roots,
+    )
     for _ in range(2):
         for assign in assigns:
             target = assign.targets[0]
@@ -319,6 +335,27 @@ def _loss_values(body: list[ast.AST], roots: set[str]) -> set[str]:
             elif isinstance(target, ast.Name) and graph_refs(assign.value, tainted):
                 tainted.add(target.id)
     return tainted
+
+
+def _loss_components(pairs: list[tuple[list[str], ast.expr]], roots: set[str]) -> set[str]:
+    """The parts a differentiated loss is computed from, bound in the same code and named a
+    loss (``loss = loss_ce + 0.1 * loss_reg``: ``loss_ce``, ``loss_reg``): each holds its
+    own piece of the graph. Inputs, targets and weights feed the loss too, but carry none:
+    only loss-named parts count."""
+    computed = {name for names, value in pairs if not plain_value(value) for name in names}
+    found: set[str] = set()
+    for _ in range(3):
+        before = len(found)
+        for names, value in pairs:
+            if set(names) & (roots | found):
+                found.update(
+                    n
+                    for n in names_in(value)
+                    if n in computed and "loss" in n.lower() and n not in roots
+                )
+        if len(found) == before:
+            break
+    return found
 
 
 def _live_at(body: list[ast.AST], tainted: set[str], here: Pos) -> set[str]:
