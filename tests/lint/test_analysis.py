@@ -294,3 +294,205 @@ def test_results_keep_the_order_given(tmp_path: Path) -> None:
     settings = _project(tmp_path, cache=False)
     paths = [str(tmp_path / "pkg" / "train.py"), str(tmp_path / "pkg" / "utils.py")]
     assert [r.path for r in lint_paths(paths, settings, jobs=1)] == paths
+
+
+METERS = """
+class AverageMeter:
+    def __init__(self, names=()):
+        self.totals = [0.0 for _ in names] or [0.0]
+        self.last = list(self.totals)
+
+    def update(self, observed):
+        if not isinstance(observed, list):
+            observed = [observed]
+        for position, value in enumerate(observed):
+            self.last[position] = value
+            self.totals[position] += value
+
+
+class ItemMeter:
+    def __init__(self):
+        self.sum = 0.0
+
+    def update(self, value):
+        self.sum += float(value)
+"""
+RUNNER = """
+import torch
+from pkg.misc import AverageMeter, ItemMeter
+from tracking import ExternalMeter
+
+
+class Runner:
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.losses = AverageMeter(["coarse", "refine"])
+        self.items = ItemMeter()
+        self.external = ExternalMeter()
+
+    def train_step(self, data):
+        _loss, _, refine_loss, coarse_loss = self.model(data)
+        self.model.zero_grad()
+        _loss.backward()
+        self.optimizer.step()
+        self.losses.update([coarse_loss * 1000, refine_loss * 1000])
+        self.items.update(_loss)
+        self.external.update(_loss)
+"""
+
+
+def test_loss_kept_by_a_meter_defined_in_another_file(tmp_path: Path) -> None:
+    """The meter's summary (another module) says ``update`` keeps its argument: the loss
+    handed to it every step keeps its graph (microsoft/SpareNet's runner); a project meter
+    that turns it into a number and a meter from another package are silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "misc.py").write_text(METERS, encoding="utf-8")
+    (tmp_path / "pkg" / "runner.py").write_text(RUNNER, encoding="utf-8")
+    settings = Settings(Selection(select=("GF401",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "runner.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF401", 19)]
+    assert "AverageMeter.update" in result.diagnostics[0].message
+    # without the project, the meter cannot be seen into: silent
+    alone = check_source(RUNNER, "runner.py", Settings(Selection(select=("GF401",))))
+    assert alone == []
+
+
+STEP = """
+def train_batch(model, batch, optimizer):
+    loss = model(batch).mean()
+    loss.backward()
+    optimizer.step()
+    return loss
+"""
+FIT = """
+import torch
+from pkg.step import train_batch
+
+
+def fit(model, loader, optimizer):
+    total = 0
+    for batch in loader:
+        loss = train_batch(model, batch, optimizer)
+        total += loss
+    return total
+"""
+
+
+def test_loss_returned_by_a_helper_in_another_file_that_differentiates_it(
+    tmp_path: Path,
+) -> None:
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "step.py").write_text(STEP, encoding="utf-8")
+    (tmp_path / "pkg" / "fit.py").write_text(FIT, encoding="utf-8")
+    settings = Settings(Selection(select=("GF401",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "fit.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF401", 10)]
+    alone = check_source(FIT, "fit.py", Settings(Selection(select=("GF401",))))
+    assert alone == []
+
+
+PREPARE = """
+import torch
+
+
+@torch.inference_mode()
+def add_tokens(model, tokenizer):
+    model.resize_token_embeddings(len(tokenizer))
+
+
+class Base(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+"""
+FINETUNE = """
+import torch
+from pkg.prepare import Base, add_tokens
+
+
+class Net(Base):
+    @torch.inference_mode()
+    def warmup(self, x):
+        self.cache = self.proj(x)
+
+
+def finetune(model, tokenizer, loader):
+    add_tokens(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for x in loader:
+        model(x).loss.backward()
+        optimizer.step()
+
+
+def export(model, tokenizer):
+    add_tokens(model, tokenizer)
+    return model
+"""
+
+
+def test_inference_tensors_given_to_a_module_in_another_file(tmp_path: Path) -> None:
+    """A helper of another module resizes the embeddings under inference_mode and the
+    caller trains the model; a class whose nn.Module base is in another module caches an
+    inference tensor on itself. Exporting without training is silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "prepare.py").write_text(PREPARE, encoding="utf-8")
+    (tmp_path / "pkg" / "finetune.py").write_text(FINETUNE, encoding="utf-8")
+    settings = Settings(Selection(select=("GF402",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "finetune.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF402", 9), ("GF402", 13)]
+    alone = check_source(FINETUNE, "finetune.py", Settings(Selection(select=("GF402",))))
+    assert alone == []
+
+
+NET = """
+class NeuralNet:
+    def train_step(self, xi, yi, optimizer):
+        optimizer.zero_grad()
+        loss = self.get_loss(self.module_(xi), yi)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def fit_loop(self, X, y):
+        for xi, yi in self.get_iterator(X, y):
+            self.train_step(xi, yi, self.optimizer_)
+
+
+class Plain:
+    def train_step(self, xi, yi, optimizer):
+        self.get_loss(self.module_(xi), yi).backward()
+"""
+OVERRIDE = """
+import torch
+import pkg
+
+
+class Trainer(pkg.NeuralNet):
+    def train_step(self, X, y, _):
+        loss = self.get_loss(self.module_(X), y)
+        loss.backward()
+        for p in self.module_.parameters():
+            p.data.add_(-self.lr, p.grad.data)
+        return loss
+
+
+class Other(pkg.Plain):
+    def train_step(self, X, y, optimizer):
+        self.get_loss(self.module_(X), y).backward()
+        optimizer.step()
+"""
+
+
+def test_override_drops_the_clear_of_the_method_it_replaces(tmp_path: Path) -> None:
+    """skorch's example (7d36887^): ``train_step`` overrides a project base class method
+    (re-exported by the package's ``__init__``) that cleared the gradients; the override
+    differentiates and updates without clearing. Overriding a method that never cleared
+    them is silent."""
+    settings = _project(tmp_path)
+    (tmp_path / "pkg" / "__init__.py").write_text("from .net import NeuralNet, Plain\n")
+    (tmp_path / "pkg" / "net.py").write_text(NET, encoding="utf-8")
+    (tmp_path / "pkg" / "trainer.py").write_text(OVERRIDE, encoding="utf-8")
+    settings = Settings(Selection(select=("GF206",)), project=settings.project)
+    result = lint_file(str(tmp_path / "pkg" / "trainer.py"), settings)
+    assert [(d.code, d.line) for d in result.diagnostics] == [("GF206", 11)]
+    assert "`NeuralNet.train_step` it overrides" in result.diagnostics[0].message

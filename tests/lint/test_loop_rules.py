@@ -71,3 +71,28 @@ def test_frozen_submodule_built_by_a_project_call_is_a_preview_finding() -> None
 def test_frozen_torch_layer_is_silent_even_in_preview() -> None:
     source = FROZEN_PROJECT_MODEL.replace("build_encoder(name)", "torch.nn.Linear(768, 768)")
     assert _found("GF309", source) == []
+
+
+SCALER = """
+    import torch
+
+    class Scaler:
+        @torch.inference_mode()
+        def fit(self, data):
+            self.scale = data.std(0)
+            self.seen = len(data)
+            self.report = data.mean(0)
+
+        def train_step(self, model, x, y, optimizer):
+            loss = ((model(x) * self.scale - y) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+"""
+
+
+def test_inference_tensor_on_an_object_read_in_training_is_a_preview_finding() -> None:
+    """Not a module: whether the read saves the tensor for backward (``model(x) * scale``
+    does, ``x - mean`` on an input does not) is beyond the analysis: low confidence. An
+    attribute never read where the class trains is silent even in preview."""
+    assert _found("GF402", SCALER) == [(7, "low")]
+    assert _found("GF402", SCALER, preview=False) == []

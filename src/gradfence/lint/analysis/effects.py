@@ -44,6 +44,8 @@ class Effects:
     optim: set[str] = field(default_factory=set)
     detaches: set[str] = field(default_factory=set)
     stores: set[str] = field(default_factory=set)
+    keeps: set[str] = field(default_factory=set)  # kept on ``self`` with the graph
+    inference_writes: set[str] = field(default_factory=set)  # given inference tensors
 
     def key(self) -> tuple[object, ...]:
         return (
@@ -57,6 +59,8 @@ class Effects:
             len(self.optim),
             len(self.detaches),
             len(self.stores),
+            len(self.keeps),
+            len(self.inference_writes),
             len(self.guarded),
         )
 
@@ -153,6 +157,135 @@ class Analysis:
             if found is not None:
                 return found
         return None
+
+    def instance_class(self, caller: str, name: str) -> tuple[str, str] | str | None:
+        """The class ``name`` (a local or ``self.x``) is bound to an instance of, seen from
+        the function ``caller``: ``(module, class)`` for a project class, ``"builtin"`` for
+        a list, dict, set or deque, ``"foreign"`` for a class outside the project (or one
+        the analysis cannot find), None when no binding is visible."""
+        summary = self.summary
+        scopes: list[tuple[str, str]] = []
+        if name.startswith("self."):
+            cls = caller.rpartition(".")[0]
+            while cls and cls not in summary.bases:
+                cls = cls.rpartition(".")[0]
+            if not cls:
+                return None
+            for module, owner in self._classes(self.module, cls, 0):
+                owned = self._summary_of(module)
+                if owned is not None:
+                    prefix = owner + "."
+                    scopes += [(module, f) for f in owned.functions if f.startswith(prefix)]
+        else:
+            scopes = [(self.module, caller)]
+        for module, function_name in scopes:
+            function = self.function(function_name, module)
+            ref = function.instances.get(name) if function is not None else None
+            if ref is None:
+                continue
+            if ref.startswith("builtin:"):
+                return "builtin"
+            found = self._class_of(ref, module)
+            return found if found is not None else "foreign"
+        return None
+
+    def is_module_class(self, cls: tuple[str, str]) -> bool:
+        """``cls`` derives from ``torch.nn.Module`` (or Lightning's), through project base
+        classes in any module of the project."""
+        for module, name in self._classes(cls[0], cls[1], 0):
+            summary = self._summary_of(module)
+            for base in summary.bases.get(name, ()) if summary is not None else ():
+                head, _, rest = base.partition(".")
+                qual = summary.imports.get(head) if summary is not None else None
+                full = f"{qual}.{rest}" if qual and rest else qual
+                if full and (full.startswith("torch.nn.") or full.endswith(".LightningModule")):
+                    return True
+        return False
+
+    def overridden(self, method: str) -> FunctionRef | None:
+        """The method of a project base class that ``Class.method`` (of the linted file)
+        overrides, in this module or another."""
+        cls = self.class_of(method)
+        if cls is None:
+            return None
+        name = method[len(cls[1]) + 1 :]
+        for module, base in self._classes(cls[0], cls[1], 0)[1:]:
+            found = self._method(module, base, name, 0)
+            if found is not None:
+                return found
+        return None
+
+    def class_of(self, caller: str) -> tuple[str, str] | None:
+        """The class whose method (or a closure in one) ``caller`` is, in the linted file."""
+        cls = caller.rpartition(".")[0]
+        while cls and cls not in self.summary.bases:
+            cls = cls.rpartition(".")[0]
+        return (self.module, cls) if cls else None
+
+    def _classes(self, module: str, cls: str, depth: int) -> list[tuple[str, str]]:
+        """``cls`` and its project base classes, as ``(module, class)``."""
+        summary = self._summary_of(module)
+        if summary is None or depth > 4:
+            return []
+        found = [(module, cls)]
+        for base in summary.bases.get(cls, ()):
+            where = self._class_of(base, module)
+            if where is not None:
+                found += self._classes(where[0], where[1], depth + 1)
+        return found
+
+    def _class_of(self, ref: str, module: str) -> tuple[str, str] | None:
+        """A class named as a call site names it (``Name``, ``qual:pkg.mod.Name``, a dotted
+        base ``mod.Name``), if the project defines it."""
+        summary = self._summary_of(module)
+        if summary is None:
+            return None
+        if ref.startswith("qual:"):
+            qual: str | None = ref[5:]
+        elif ref in summary.bases:
+            return (module, ref)
+        else:
+            head, _, rest = ref.partition(".")
+            qual = summary.imports.get(head)
+            if qual is not None and rest:
+                qual = f"{qual}.{rest}"
+        for _ in range(4):  # ``pkg/__init__.py`` re-exports ``from .net import NeuralNet``
+            if qual is None:
+                return None
+            found = self.project.resolve(qual)
+            if found is None:
+                return None
+            if found[2] in found[1].bases:
+                return (found[0], found[2])
+            qual = found[1].imports.get(found[2])
+        return None
+
+    def returned_losses(self, site: CallSite, module: str, caller: str) -> set[int]:
+        """What a call gives back that its callee differentiated (``return loss`` after
+        ``loss.backward()``): ``-1`` for the whole value, ``i`` for element ``i`` of a tuple."""
+        ref = self.resolve(site, module, caller)
+        if ref is None:
+            return set()
+        items = self.events(ref[1], ref[0])
+        differentiated = {t for _, _, kind, t in items if kind == "diff" and t}
+        found: set[int] = set()
+        for _, _, kind, target in items:
+            if kind == "return":
+                index, _, name = target.partition(":")
+                if name in differentiated:
+                    found.add(-1 if index == "-" else int(index))
+        return found
+
+    def kept_arguments(self, cls: tuple[str, str], method: str) -> list[str] | None:
+        """The parameters (in order, ``self`` left out) of ``cls.method`` that it keeps on
+        the object with their graph; None when the method cannot be found."""
+        ref = self._method(cls[0], cls[1], method, 0)
+        function = self.function(ref[1], ref[0]) if ref is not None else None
+        if ref is None or function is None:
+            return None
+        effects = self.effects(ref[1], ref[0])
+        kept = effects.keeps - effects.detaches
+        return [p if p in kept else "" for p in function.params]
 
     # -- composition ----------------------------------------------------------------------
 
@@ -263,6 +396,10 @@ class Analysis:
                 result.detaches.add(target)
             elif kind == "store":
                 result.stores.add(target)
+            elif kind == "keep":
+                result.keeps.add(target)
+            elif kind == "inference_write":
+                result.inference_writes.add(target)
         if function.grad_off:
             result.forwards_off |= result.forwards
             result.forwards = set()
@@ -323,6 +460,8 @@ def _mapped(
         ("optim", effects.optim),
         ("detach", effects.detaches),
         ("store", effects.stores),
+        ("keep", effects.keeps),
+        ("inference_write", effects.inference_writes),
         ("diff", effects.diffs),
     ):
         for target in targets:

@@ -21,7 +21,7 @@ from pathlib import Path
 from gradfence.lint.analysis.summary import ModuleSummary, summarise, summarise_lazily
 
 # bump when summaries change shape or meaning: old cache entries are then ignored
-ANALYSIS_VERSION = "9"
+ANALYSIS_VERSION = "14"
 CACHE_DIR_NAME = ".gradfence_cache"
 ROOT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 # a file bigger than this is not summarised for other files' sake (generated code)

@@ -14,6 +14,14 @@ functions:
 - ``optim``: the target's parameters reach an optimiser;
 - ``detach``: the target is detached or turned into a number;
 - ``store``: the target is kept in a long-lived sink (``self.x``, ``self.x.append``);
+- ``return``: the function returns a name, target ``"-:name"`` (the whole value) or
+  ``"i:name"`` (element ``i`` of a returned tuple);
+- ``inference_write``: under ``inference_mode``, the target gets a new tensor or module
+  (``m.fc = nn.Linear(...)``, ``m.fc.weight.data = t``, ``self.cache = t``,
+  ``m.resize_token_embeddings(n)``): inference tensors that outlive the region;
+- ``clear``: gradients are cleared (``optimizer.zero_grad()``, ``model.zero_grad()``);
+- ``keep``: a method keeps the value of a parameter on ``self`` with its graph (stored,
+  accumulated or appended, never detached: :func:`~gradfence.lint.analysis.graphs.kept_parameters`);
 - ``opaque``: the target is bound to something whose mode the analysis cannot see (the
   result of a call it cannot resolve, ``torch.jit.trace``/``script``, ``copy.deepcopy``,
   a ``self`` attribute injected through ``__init__``).
@@ -33,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradfence.lint.analysis.graphs import kept_parameters, plain_value
 from gradfence.lint.imports import ImportMap, dotted
 from gradfence.lint.model import child_fields
 from gradfence.lint.scopes import GradState, mode_of_context, mode_of_set_call
@@ -72,6 +81,11 @@ OPAQUE_CALLS = frozenset(
 # a pickled module comes back in the mode it was saved in: unknown, unless the file shows
 LOADERS = frozenset({"torch.load"})
 DIFF_FUNCS = frozenset({"torch.autograd.grad", "torch.autograd.backward"})
+_CLEARS_GRADIENTS = frozenset({"zero_grad", "zero_grads", "clear_grad", "clear_gradients"})
+# methods that give a module new parameters or buffers
+_NEW_TENSORS = frozenset(
+    {"resize_token_embeddings", "register_buffer", "register_parameter", "add_module"}
+)
 _DETACHERS = frozenset({"detach", "item", "tolist", "numpy", "cpu_numpy"})
 _MODES = frozenset({"eval", "train", "restore", "built", "bound_call", "opaque", "loaded"})
 _NUMBER_FUNCS = frozenset({"float", "int", "round"})
@@ -93,6 +107,18 @@ _NOT_FORWARDS = RETURNS_SELF | frozenset(
         "size",
         "dim",
     }
+)
+# containers that keep what is put in them (instances of these are never project classes)
+_CONTAINER_LITERALS: dict[type, str] = {
+    ast.List: "builtin:list",
+    ast.Dict: "builtin:dict",
+    ast.Set: "builtin:set",
+    ast.ListComp: "builtin:list",
+    ast.DictComp: "builtin:dict",
+}
+_CONTAINER_CALLS = frozenset({"list", "dict", "set", "deque", "defaultdict", "OrderedDict"})
+_CONTAINER_QUALS = frozenset(
+    {"collections.deque", "collections.defaultdict", "collections.OrderedDict"}
 )
 _OPTIMISER_HINT = ("optim", "SGD", "Adam", "RMSprop", "Lamb", "LARS", "Lion", "Adagrad")
 
@@ -141,6 +167,9 @@ class FunctionSummary:
     kwonly: list[str] = field(default_factory=list)
     bound: list[str] = field(default_factory=list)  # names the body binds (its locals)
     defaults: dict[str, Any] = field(default_factory=dict)  # constant parameter defaults
+    # name or ``self.x`` -> the class it is an instance of, as a call site names it
+    # (``"AverageMeter"``, ``"qual:pkg.misc.AverageMeter"``, ``"builtin:list"``)
+    instances: dict[str, str] = field(default_factory=dict)
 
     def as_data(self) -> list[Any]:
         return [
@@ -152,11 +181,12 @@ class FunctionSummary:
             self.kwonly,
             sorted(set(self.bound)),
             self.defaults,
+            self.instances,
         ]
 
     @classmethod
     def from_data(cls, data: list[Any]) -> FunctionSummary:
-        name, params, grad_off, events, calls, kwonly, bound, defaults = data
+        name, params, grad_off, events, calls, kwonly, bound, defaults, instances = data
         return cls(
             name,
             list(params),
@@ -166,6 +196,7 @@ class FunctionSummary:
             list(kwonly),
             list(bound),
             dict(defaults),
+            dict(instances),
         )
 
 
@@ -287,6 +318,7 @@ class _Binder:
         imports: ImportMap,
         local_functions: set[str],
         in_class: bool,
+        entry: GradState | None = None,
     ) -> None:
         self.summary = summary
         self.imports = imports
@@ -294,8 +326,9 @@ class _Binder:
         self.in_class = in_class
         self.aliases: dict[str, str] = {}
         self.volatile: set[str] = set()  # names bound to ``Variable(..., volatile=True)``
+        self.inference_names: set[str] = set()  # names bound to tensors of inference_mode
         self.guard: str | None = None  # "param|op|json value" of the enclosing ``if``
-        self.grad = GradState.DISABLED if summary.grad_off else GradState.DEFAULT
+        self.grad = entry or (GradState.DISABLED if summary.grad_off else GradState.DEFAULT)
 
     # -- identity -----------------------------------------------------------------------
 
@@ -382,6 +415,8 @@ class _Binder:
     def stmt(self, node: ast.stmt) -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             return  # summarised on their own
+        if isinstance(node, ast.Return) and node.value is not None:
+            self._returns(node, node.value)
         if isinstance(node, ast.With | ast.AsyncWith):
             saved = self.grad
             for item in node.items:
@@ -417,6 +452,7 @@ class _Binder:
             if node.value is not None:
                 self.expr(node.value)
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            self._inference_values(node, list(targets))
             if node.value is not None and not isinstance(node, ast.AugAssign):
                 for target in targets:
                     self.bind(target, node.value, node)
@@ -462,6 +498,38 @@ class _Binder:
             self.block(handler.body)
         for case in getattr(node, "cases", ()) or ():
             self.block(case.body)
+
+    def _inference_values(
+        self, node: ast.Assign | ast.AnnAssign | ast.AugAssign, targets: list[ast.expr]
+    ) -> None:
+        """Attributes given a tensor made under inference_mode: assigned inside the region,
+        or assigned later from a name bound inside it (``w`` or ``nn.Parameter(w)``)."""
+        value = node.value
+        inside = self.grad is GradState.INFERENCE
+        if inside:
+            carries = not plain_value(value)
+        else:
+            if isinstance(value, ast.Call) and (dotted(value.func) or "").endswith("Parameter"):
+                value = value.args[0] if value.args else None
+            carries = isinstance(value, ast.Name) and value.id in self.inference_names
+        for target in targets:
+            if isinstance(target, ast.Name) and not isinstance(node, ast.AugAssign):
+                if inside and not plain_value(node.value):
+                    self.inference_names.add(target.id)
+                else:
+                    self.inference_names.discard(target.id)
+            elif isinstance(target, ast.Attribute) and carries:
+                written = self.target(target)
+                if written is not None:
+                    self.event(node, "inference_write", written)
+
+    def _returns(self, node: ast.Return, value: ast.expr) -> None:
+        """``return loss`` / ``return loss, n``: which names the caller gets back."""
+        items = list(enumerate(value.elts)) if isinstance(value, ast.Tuple) else [(-1, value)]
+        for index, item in items:
+            if isinstance(item, ast.Name):
+                name = self.target(item) or item.id
+                self.event(node, "return", f"{'-' if index < 0 else index}:{name}")
 
     def _volatile(self, target: ast.expr, value: ast.expr) -> None:
         """``x = Variable(x, volatile=True)`` (torch < 0.4): what runs on ``x`` records no
@@ -526,6 +594,10 @@ class _Binder:
             source = self.target(value)
         if source == name:
             return  # ``model = model.to(device)``: the same module
+        self.summary.instances.pop(name, None)
+        kind = _CONTAINER_LITERALS.get(type(value))
+        if kind is not None:
+            self.summary.instances[name] = kind
         if source is not None:
             self.aliases[name] = source
             if name.startswith("self.") and "." not in source:
@@ -551,8 +623,20 @@ class _Binder:
                     self.event(node, "bound_call", name)
                 else:
                     self.event(node, "built", name)
+                if callee is not None and (last[:1].isupper() or last in _CONTAINER_CALLS):
+                    self.summary.instances[name] = self._class_ref(value.func, callee, qual)
             else:
                 self.event(node, "built", name)
+
+    def _class_ref(self, func: ast.expr, callee: str, qual: str | None) -> str:
+        """How a call site names the class a binding is an instance of."""
+        if isinstance(func, ast.Name) and func.id in _CONTAINER_CALLS:
+            return "builtin:" + func.id
+        if qual is not None and qual in _CONTAINER_QUALS:
+            return "builtin:" + qual
+        if isinstance(func, ast.Name) and func.id not in self.imports.aliases:
+            return func.id
+        return "qual:" + (qual or callee)
 
     def expr(self, node: ast.expr) -> None:
         stack: list[ast.AST] = [node]
@@ -601,6 +685,10 @@ class _Binder:
                 return
             if attr in _DETACHERS and receiver:
                 self.event(node, "detach", receiver)
+            if attr in _CLEARS_GRADIENTS:
+                self.event(node, "clear", receiver or "")
+            if attr in _NEW_TENSORS and receiver and self.grad is GradState.INFERENCE:
+                self.event(node, "inference_write", receiver)
             if attr in {"append", "extend", "add", "update", "insert", "log", "put"} and receiver:
                 for arg in [*node.args, *(k.value for k in node.keywords)]:
                     value = self.target(arg)
@@ -846,9 +934,18 @@ class _Index:
                 for d in node.decorator_list
             )
         summary = FunctionSummary(name, params, grad_off, kwonly=kwonly)
+        entry = None
         if not isinstance(node, ast.Module):
             summary.defaults = _defaults(node)
-        _Binder(summary, self.imports, self.local, in_class).block(node.body)
+            modes = [mode_of_context(d, self.imports) for d in node.decorator_list]
+            if GradState.INFERENCE in modes:
+                entry = GradState.INFERENCE
+        _Binder(summary, self.imports, self.local, in_class, entry).block(node.body)
+        if in_class and not isinstance(node, ast.Module):
+            summary.events.extend(
+                (line, col, "keep", param)
+                for line, col, param in kept_parameters(node, [*params, *kwonly])
+            )
         events = sorted(summary.events, key=lambda e: (e[0], e[1], e[2] not in _MODES, e[2], e[3]))
         cls = name.rpartition(".")[0]
         while cls and cls not in self.bases:

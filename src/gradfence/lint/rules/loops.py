@@ -203,7 +203,12 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     Reports `optimizer.step()` (or `scaler.step(optimizer)`) called on every iteration
     of a loop that also runs `backward()`, when nothing in that loop, nor in a function
     of the file it calls, clears the gradients (`zero_grad()` on the optimiser or a
-    model, `p.grad = None`, `p.grad.zero_()`, `del p.grad`).
+    model, `p.grad = None`, `p.grad.zero_()`, `del p.grad`). Also reports a per-batch
+    method (`train_step`, `training_step`, `*_batch`) that runs `backward()` and applies
+    the gradients itself (`optimizer.step()`, `p.data.add_(-lr, p.grad)`) when nothing in
+    its class clears them and its caller is a framework: the class derives from a
+    framework's base class, or the method overrides one of a project base class that
+    cleared the gradients (the override drops the clear).
 
     ## Evidence
     The stepped object is built from `torch.optim` (or a known optimiser
@@ -211,7 +216,14 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     the step is unconditional in the innermost loop around it; the loop (or a function
     of this file it calls) runs `backward()`. A loop that hands work to functions the
     analysis cannot see is judged only on what it shows. Distributed autograd's backward
-    (gradients kept per context) does not count. Confidence: high.
+    (gradients kept per context) does not count. For a per-batch method: its name says it
+    runs once per batch (`step`, `batch`); it differentiates and steps or updates
+    parameters from `.grad`, with no loop of its own; no method of the class clears
+    gradients; and either a base class comes from a package outside the project and
+    torch (its loop cannot be seen), or the project base class method it overrides (found
+    through the summaries, in any module, also through a package's `__init__`
+    re-export) clears them. Overriding a project method that never cleared them is
+    silent. Confidence: high.
 
     ## Why is this a problem?
     `backward()` *adds* into `.grad`. Without a clear, the gradient used by step `n` is
@@ -254,12 +266,16 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch docs, `Optimizer.zero_grad`:
       https://pytorch.org/docs/stable/generated/torch.optim.Optimizer.zero_grad.html
+    - skorch-dev/skorch 7d36887 (a `train_step` override without `zero_grad()`)
     """
-    if ".step(" not in facts.source or "backward" not in facts.source:
+    if "backward" not in facts.source:
         return
     tree = facts.tree
     built = _optimisers_built(tree, facts.imports)
     callees = local_callees(tree)
+    yield from _framework_hooks(facts, built, callees)
+    if ".step(" not in facts.source:
+        return
     for function in code_blocks(tree):
         for loop, call in _innermost_loops(function):
             stepped = _stepped_optimiser(call, built)
@@ -291,6 +307,125 @@ def missing_zero_grad(facts: FileModel) -> Iterator[Hit]:
                 f"(call `{optimiser}.zero_grad()` each iteration)",
                 fix,
             )
+
+
+# a framework method run once per batch (``train_step``, ``training_step``, ``fit_batch``)
+_PER_BATCH_HOOK = re.compile(r"step|batch", re.IGNORECASE)
+
+
+def _framework_hooks(
+    facts: FileModel, built: set[str], callees: dict[str, ast.AST]
+) -> Iterator[Hit]:
+    """A per-batch method of a class built on a framework's base class (imported from
+    outside the project and outside torch) that differentiates and applies the gradients
+    itself (``optimizer.step()``, ``p.data.add_(-lr, p.grad)``), when nothing in the
+    class clears them: the framework calls it every batch, so the gradients pile up. A
+    method that overrides one of a project base class (any module) counts only when the
+    method it replaces cleared the gradients."""
+    for cls in ast.walk(facts.tree):
+        if not isinstance(cls, ast.ClassDef) or not cls.bases:
+            continue
+        methods = [m for m in cls.body if isinstance(m, Function)]
+        if any(_reaches(m, callees, _clears_anything, nested=True) for m in methods):
+            continue
+        external: bool | None = None
+        for method in methods:
+            if not _PER_BATCH_HOOK.search(method.name):
+                continue
+            # the method it overrides (a project base class, any module) cleared them
+            replaced = facts.analysis.overridden(f"{cls.name}.{method.name}")
+            if replaced is not None:
+                if not any(
+                    e[2] == "clear" for e in facts.analysis.events(replaced[1], replaced[0])
+                ):
+                    continue
+            else:
+                if external is None:
+                    external = _framework_base(facts, cls)
+                if not external:
+                    continue
+            nodes = list(local_nodes(method))
+            if not any(is_backward_node(n) for n in nodes):
+                continue
+            if any(
+                isinstance(n, Loop) and any(is_backward_node(i) for i in local_nodes(n))
+                for n in nodes
+            ):
+                continue  # a loop of its own: judged as a loop
+            update = next(
+                (
+                    n
+                    for n in nodes
+                    if (isinstance(n, ast.Call) and _stepped_optimiser(n, built) is not None)
+                    or _applies_gradient(n)
+                ),
+                None,
+            )
+            if update is None:
+                continue
+            why = (
+                f"`{replaced[1]}` it overrides cleared them"
+                if replaced is not None
+                else "a hook of a framework base class"
+            )
+            yield (
+                update,
+                f"`{method.name}` runs once per batch ({why}) and applies the gradients of "
+                "its `backward()`, but nothing in the class clears them: each step adds this "
+                "batch's gradients to all earlier ones (call `zero_grad()` before the "
+                "backward)",
+                None,
+            )
+
+
+def _framework_base(facts: FileModel, cls: ast.ClassDef) -> bool:
+    """A base class imported from a package that is neither torch nor the project."""
+    for base in cls.bases:
+        qual = facts.imports.resolve(base) or _imported(facts, base)
+        if qual is None or qual.split(".", 1)[0] in {"torch", "builtins", "typing", "abc"}:
+            continue
+        if facts.analysis.project.resolve(qual) is None:
+            return True
+    return False
+
+
+def _imported(facts: FileModel, base: ast.expr) -> str | None:
+    """``inferno.NeuralNet`` where ``import inferno`` binds the head."""
+    text = dotted(base)
+    if text is None or "." not in text:
+        return None
+    head = text.split(".", 1)[0]
+    return text if head in facts.analysis.summary.imports else None
+
+
+def _clears_anything(node: ast.AST) -> bool:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in _CLEARING_CALLS
+    ):
+        return True
+    return _clears_by_hand(node)
+
+
+def _applies_gradient(node: ast.AST) -> bool:
+    """``p.data.add_(-lr, p.grad)``, ``p.data.sub_(lr * p.grad)``, ``p -= lr * p.grad``."""
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in {"add_", "sub_", "addcdiv_", "addcmul_"}
+    ):
+        return any(_reads_grad(a) for a in [*node.args, *(k.value for k in node.keywords)])
+    if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Sub | ast.Add):
+        target = node.target
+        return not (isinstance(target, ast.Attribute) and target.attr == "grad") and _reads_grad(
+            node.value
+        )
+    return False
+
+
+def _reads_grad(node: ast.AST) -> bool:
+    return any(isinstance(s, ast.Attribute) and s.attr == "grad" for s in ast.walk(node))
 
 
 def _built_in(loop: Loop, name: str, imports: ImportMap) -> bool:

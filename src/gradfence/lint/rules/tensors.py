@@ -5,8 +5,15 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
-from gradfence.lint.analysis.context import events
-from gradfence.lint.diagnostics import Fix, SourceText
+from gradfence.lint.analysis.context import differentiates, events, is_trained
+from gradfence.lint.analysis.graphs import (
+    KEEPING_METHODS,
+    SANITIZING_METHODS,
+    body_nodes,
+    graph_refs,
+    plain_value,
+)
+from gradfence.lint.diagnostics import LOW, Fix, SourceText
 from gradfence.lint.imports import dotted
 from gradfence.lint.model import (
     AssignEvent,
@@ -23,43 +30,7 @@ from gradfence.lint.rules.evidence import backward_argument, names_in
 from gradfence.lint.rules.registry import Hit, rule
 from gradfence.lint.scopes import GradState
 
-_SANITIZING_METHODS = frozenset({"item", "detach", "tolist", "numpy", "detach_"})
-_SANITIZING_FUNCS = frozenset({"float", "int", "bool", "len", "str", "round"})
-_SCALAR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
-_SCALAR_METHODS = frozenset({"item", "size", "tolist", "dim", "numel", "detach_"})
 _COLLECTORS = frozenset({"append", "extend", "update", "add", "insert"})
-
-
-def graph_refs(node: ast.AST, tainted: set[str]) -> bool:
-    """Whether ``node`` reads a tainted name other than through ``.item()``/``.detach()``...
-
-    Iterative, so that a 2,000-term sum does not exhaust the recursion limit.
-    """
-    stack: list[ast.AST] = [node]
-    while stack:
-        sub = stack.pop()
-        if isinstance(sub, ast.Name):
-            if sub.id in tainted:
-                return True
-        elif isinstance(sub, ast.Call):
-            func = sub.func
-            if isinstance(func, ast.Attribute) and func.attr in _SANITIZING_METHODS:
-                continue
-            if getattr(func, "attr", getattr(func, "id", None)) == "grad":
-                continue  # torch.autograd.grad(loss, ...) returns gradients, not the loss
-            if isinstance(func, ast.Attribute):
-                stack.append(func.value)  # a method of the loss itself: loss.mean()...
-            if (dotted(func) or "").split(".", 1)[0] == "torch":
-                stack.extend(sub.args)
-                stack.extend(k.value for k in sub.keywords)
-            # f(loss): what an arbitrary function returns is unknown, so its args are not read
-        elif isinstance(sub, ast.Compare | ast.Lambda) or (
-            isinstance(sub, ast.Attribute) and sub.attr in {"data", *_SCALAR_ATTRS}
-        ):
-            continue
-        else:
-            stack.extend(ast.iter_child_nodes(sub))
-    return False
 
 
 def _in_loop(loop: LoopModel, event_loop: LoopModel | None) -> bool:
@@ -102,18 +73,42 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     ## What it does
     In a loop that calls `.backward()`, flags accumulating the loss — or a value derived
     from it — without `.item()`, `.detach()` or `float()`: `total += loss`,
-    `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. Lists that are
-    later backpropagated through on purpose, accumulation under `no_grad`, and a name
-    rebound to a detached value first (`loss = loss.detach()`) are not flagged. The loss
-    of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and of
-    `scaler.scale(loss).backward()` is tracked. Where the accumulated value is the loss
-    name itself, the fix adds `.detach()`.
+    `total = total + loss`, `losses.append(loss)`, `meter.update(loss)`. A loss handed to
+    an object of a project class (a meter, tracker or logger, defined in the file or in
+    another module of the project) whose method keeps its argument on the object
+    (`self.sum += v`, `self.val = v`, `self.history.append(v)`) is flagged too, in a loop
+    that differentiates or, when the object outlives the call (`self.losses`, a
+    parameter), anywhere in a function that differentiates: a per-step method such as
+    `train_step`; there, a list kept on the object (`self.history.append(loss)`) counts
+    too. Lists that are later backpropagated through on purpose, accumulation
+    under `no_grad`, a name rebound to a detached value first (`loss = loss.detach()`), a
+    project meter that calls `.item()`/`float()`/`.detach()` on what it is given, and an
+    object of a class from another package (what it keeps cannot be seen) are not
+    flagged. The loss of `accelerator.backward(loss)` (Accelerate, Fabric, DeepSpeed) and
+    of `scaler.scale(loss).backward()` is tracked, and so is a loop whose `backward()` is
+    inside a project helper: one that differentiates the loss it is given
+    (`self.optimize(loss)`), or one that differentiates its own loss and returns it
+    (`loss, n = train_batch(model, batch, optimizer)`). Where the accumulated value is the
+    loss name itself, the fix adds `.detach()`.
 
     ## Evidence
     In a loop that differentiates a value, that value (or one computed from it)
     accumulated without `.item()`/`.detach()`/`float()`: augmented or self-referencing
-    assignment, or a collector call (`append`, `update`, `add`...). The `.detach()` fix
-    is safe only on the differentiated tensor itself; on a derived value it is unsafe.
+    assignment, or a collector call (`append`, `update`, `add`...) on a list or on an
+    object whose class cannot be seen. For an object of a project class, the method's
+    summary decides, across files: it must keep the parameter the loss is passed as on
+    `self` (assigned, accumulated into an attribute or an item of one, appended to a
+    container on `self`, also through a loop over a list argument or a helper method it
+    calls) and never detach it or turn it into a number. A list literal of losses
+    (`meter.update([loss1 * 1000, loss2])`) is the loss; so are the loss-named parts the
+    differentiated loss is computed from in the same code (`loss = loss_ce + 0.1 *
+    loss_reg`: inputs, targets and weights feed it too but hold no graph, so only
+    loss-named parts count), and a value returned together with the differentiated loss
+    by one call and named a loss (`loss, _, coarse_loss = self.compute(batch)`). A
+    helper's differentiation is read from its summary (in the file or another module of
+    the project): `backward()` on a parameter it was given, or on a name it returns
+    (`return loss`, `return loss, n`; `return loss.item()` is a number). The `.detach()`
+    fix is safe only on the differentiated tensor itself; on a derived value it is unsafe.
     Confidence: high.
 
     ## Why is this a problem?
@@ -150,16 +145,18 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
     ## References
     - PyTorch FAQ, "My model reports cuda runtime error(2): out of memory":
       https://pytorch.org/docs/stable/notes/faq.html
-    - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83
+    - IBM/mi-prometheus#111; MultimediaTechLab/YOLO PR #83; microsoft/SpareNet 8bbc200
+      (`self.losses.update([coarse_loss * 1000, ...])` into a project meter)
     """
     text = facts.text
     for function in facts.functions:
         backward_calls = [c for c in function.calls if c.loop is not None and c.attr == "backward"]
         helpers = _helper_backwards(facts, function)
         backward_calls += [c for c in helpers if c not in backward_calls]
+        reported: set[int] = set()
+        yield from _kept_by_project_objects(facts, function, reported)
         if not backward_calls:
             continue
-        reported: set[int] = set()
         feeds_backward = _names_feeding_backward(function)
         for backward in backward_calls:
             loop = backward.loop
@@ -178,7 +175,14 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                 for name in a.target_names()
                 if a.value is None or name not in names_in(a.value)
             }
-            tainted = set(roots)
+            tainted = set(roots) | _loss_components(
+                [
+                    (list(a.target_names()), a.value)
+                    for a in assigns
+                    if isinstance(a.node, ast.Assign) and a.value is not None
+                ],
+                roots,
+            )
             for assign in assigns:
                 if isinstance(assign.node, ast.AugAssign) or assign.value is None:
                     continue
@@ -206,6 +210,14 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                     continue
                 if id(call.node) in reported:
                     continue
+                # an object of a class: what it keeps is its method's business (above); a
+                # class from another package cannot be seen into
+                cls = facts.analysis.instance_class(function.qualname, call.receiver)
+                if cls == "foreign" or (
+                    isinstance(cls, tuple)
+                    and facts.analysis.kept_arguments(cls, call.attr) is not None
+                ):
+                    continue
                 reported.add(id(call.node))
                 fix = None
                 if len(args) == 1 and isinstance(args[0], ast.Name):
@@ -218,9 +230,149 @@ def accumulated_graph(facts: FileModel) -> Iterator[Hit]:
                 )
 
 
+def _kept_by_project_objects(
+    facts: FileModel, function: FunctionModel, reported: set[int]
+) -> Iterator[Hit]:
+    """``self.losses.update([loss * 1000])`` where ``losses`` is an instance of a project
+    class whose method keeps its argument on the object (the summaries say so, across
+    files), in a function that differentiates that loss: in a loop that differentiates,
+    or anywhere in a per-step function when the object outlives the call (``self.x``, a
+    parameter); there, also a list or set that outlives the call (``self.history.append``).
+    A class from another package, or a method that detaches, is silent."""
+    node = function.node
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return
+    start = node.lineno
+    if not any_between(facts.training_lines, start, node.end_lineno or start):
+        return
+    own = facts.analysis.function(function.qualname)
+    if own is None:
+        return
+    sites = [
+        c
+        for c in own.calls
+        if c.callee.startswith("method:") and c.receiver is not None and not c.grad_off
+    ]
+    if not sites:
+        return
+    diffs = [(line, col, t) for line, col, kind, t in events(facts, function) if kind == "diff"]
+    roots = {target for _, _, target in diffs if target and "." not in target}
+    if not roots:
+        return
+    body = body_nodes(node.body)
+    tainted = _loss_values(body, roots)
+    calls = {pos(n): n for n in body if isinstance(n, ast.Call)}
+    lives_on = {"self", *own.params, *own.kwonly}
+    for site in sites:
+        call = calls.get((site.line, site.col))
+        receiver = site.receiver
+        if call is None or receiver is None or id(call) in reported:
+            continue
+        here = (site.line, site.col)
+        in_training_loop = any(
+            pos(loop.node) <= here <= end_pos(loop.node)
+            and any(pos(loop.node) <= (line, col) <= end_pos(loop.node) for line, col, _ in diffs)
+            for loop in function.loops
+        )
+        if not in_training_loop and receiver.split(".", 1)[0] not in lives_on:
+            continue
+        live = _live_at(body, tainted, here)
+        if not live or not any(
+            graph_refs(a, live) for a in [*call.args, *(k.value for k in call.keywords)]
+        ):
+            continue
+        cls = facts.analysis.instance_class(function.qualname, receiver)
+        method = site.callee[len("method:") :]
+        if cls == "builtin" and method in KEEPING_METHODS and not in_training_loop:
+            # ``self.history.append(loss)`` in a per-step method (in a loop: see the
+            # collector calls of the rule)
+            kept = [*call.args]
+            keeper = f"`{method}` keeps it in the container"
+        elif isinstance(cls, tuple):
+            params = facts.analysis.kept_arguments(cls, method)
+            if not params:
+                continue
+            kept = [a for a, p in zip(call.args, params, strict=False) if p]
+            kept += [k.value for k in call.keywords if k.arg is not None and k.arg in params]
+            keeper = f"`{cls[1]}.{method}` stores its argument on the object"
+        else:
+            continue
+        if not any(graph_refs(a, live) for a in kept):
+            continue
+        reported.add(id(call))
+        fix = None
+        if len(kept) == 1 and isinstance(kept[0], ast.Name) and len(call.args) == 1:
+            fix = _detach_fix(kept[0], facts.text, roots)
+        yield (
+            call,
+            f"`{dotted(call.func)}(...)` keeps the loss with its graph: {keeper}, so every "
+            "step's graph stays alive (pass `.item()` or `.detach()`)",
+            fix,
+        )
+
+
+def _loss_values(body: list[ast.AST], roots: set[str]) -> set[str]:
+    """The differentiated names and the names computed from them (``scaled = loss * k``);
+    a value returned with the loss by the same call and named a loss too
+    (``loss, _, coarse_loss = self.compute(batch)``)."""
+    assigns = [n for n in body if isinstance(n, ast.Assign) and len(n.targets) == 1]
+    tainted = set(roots) | _loss_components(
+        [
+            ([n.id for n in ast.walk(a.targets[0]) if isinstance(n, ast.Name)], a.value)
+            for a in assigns
+        ],
+        roots,
+    )
+    for _ in range(2):
+        for assign in assigns:
+            target = assign.targets[0]
+            if isinstance(target, ast.Tuple | ast.List):
+                names = [e.id for e in target.elts if isinstance(e, ast.Name)]
+                if set(names) & tainted:
+                    tainted.update(n for n in names if "loss" in n.lower())
+                elif graph_refs(assign.value, tainted):
+                    tainted.update(names)
+            elif isinstance(target, ast.Name) and graph_refs(assign.value, tainted):
+                tainted.add(target.id)
+    return tainted
+
+
+def _loss_components(pairs: list[tuple[list[str], ast.expr]], roots: set[str]) -> set[str]:
+    """The parts a differentiated loss is computed from, bound in the same code and named a
+    loss (``loss = loss_ce + 0.1 * loss_reg``: ``loss_ce``, ``loss_reg``): each holds its
+    own piece of the graph. Inputs, targets and weights feed the loss too, but carry none:
+    only loss-named parts count."""
+    computed = {name for names, value in pairs if not plain_value(value) for name in names}
+    found: set[str] = set()
+    for _ in range(3):
+        before = len(found)
+        for names, value in pairs:
+            if set(names) & (roots | found):
+                found.update(
+                    n
+                    for n in names_in(value)
+                    if n in computed and "loss" in n.lower() and n not in roots
+                )
+        if len(found) == before:
+            break
+    return found
+
+
+def _live_at(body: list[ast.AST], tainted: set[str], here: Pos) -> set[str]:
+    """``tainted`` less the names last rebound before ``here`` to a value without the graph."""
+    last: dict[str, ast.expr] = {}
+    for sub in body:
+        if isinstance(sub, ast.Assign) and pos(sub) < here:
+            for target in sub.targets:
+                if isinstance(target, ast.Name) and target.id in tainted:
+                    last[target.id] = sub.value
+    return {n for n in tainted if n not in last or not _cuts_graph(last[n])}
+
+
 def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEvent, set[str]]:
     """Calls in a loop to a helper that differentiates its argument (``self.optimize(loss)``
-    where ``optimize`` calls ``loss.backward()``), with the names of what they differentiate."""
+    where ``optimize`` calls ``loss.backward()``) or differentiates a loss it returns
+    (``loss = train_batch(...)``), with the names of what they differentiate."""
     loop_calls = [c for c in function.calls if c.loop is not None and c.attr != "backward"]
     node = function.node
     start = getattr(node, "lineno", 1)
@@ -233,6 +385,28 @@ def _helper_backwards(facts: FileModel, function: FunctionModel) -> dict[CallEve
         call = at.get((line, col))
         if kind == "diff" and call is not None and target and "." not in target:
             found.setdefault(call, set()).add(target)
+    own = facts.analysis.function(function.qualname)
+    if own is None:
+        return found
+    # ``loss, n = train_batch(...)`` where ``train_batch`` differentiates ``loss`` and
+    # returns it: the names bound to what it returns are the loss
+    bound = {
+        id(a.value): a.targets[0]
+        for a in function.assigns
+        if isinstance(a.node, ast.Assign) and len(a.targets) == 1
+    }
+    for site in own.calls:
+        call = at.get((site.line, site.col))
+        bound_to = bound.get(id(call.node)) if call is not None else None
+        if call is None or bound_to is None:
+            continue
+        returned = facts.analysis.returned_losses(site, facts.analysis.module, function.qualname)
+        for index in returned:
+            element: ast.expr | None = bound_to if index < 0 else None
+            if index >= 0 and isinstance(bound_to, ast.Tuple | ast.List):
+                element = bound_to.elts[index] if index < len(bound_to.elts) else None
+            if isinstance(element, ast.Name):
+                found.setdefault(call, set()).add(element.id)
     return found
 
 
@@ -254,10 +428,10 @@ def _cuts_graph(value: ast.expr | None) -> bool:
     """``x.detach()``, ``x.detach().cpu()``, ``x.item()``, ``float(x)``, a constant..."""
     if value is None:
         return False
-    if _scalar(value):
+    if plain_value(value):
         return True
     while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute):
-        if value.func.attr in _SANITIZING_METHODS:
+        if value.func.attr in SANITIZING_METHODS:
             return True
         value = value.func.value
     return False
@@ -326,25 +500,6 @@ def _accumulation(
     return None
 
 
-def _scalar(value: ast.expr | None) -> bool:
-    """An expression that is certainly not a tensor (a constant, a size, an ``.item()``)."""
-    if value is None or isinstance(value, ast.Constant):
-        return True
-    if isinstance(value, ast.Attribute) and value.attr in _SCALAR_ATTRS:
-        return True
-    if isinstance(value, ast.Call):
-        func = value.func
-        if isinstance(func, ast.Attribute) and func.attr in _SCALAR_METHODS:
-            return True
-        if isinstance(func, ast.Name) and func.id in _SANITIZING_FUNCS:
-            return True
-    if isinstance(value, ast.UnaryOp):
-        return _scalar(value.operand)
-    if isinstance(value, ast.BinOp):
-        return _scalar(value.left) and _scalar(value.right)
-    return False
-
-
 @rule(
     "GF402",
     "inference-tensor-stored",
@@ -353,12 +508,41 @@ def _scalar(value: ast.expr | None) -> bool:
 def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     """
     ## What it does
-    Flags assignments to `self.<attr>` inside a `torch.inference_mode()` block, or in a
-    method decorated with `@torch.inference_mode()`, of an `nn.Module`. Constants, sizes,
-    `.item()` values and other plain Python values are not flagged.
+    Flags inference tensors that outlive their `torch.inference_mode()` region on
+    something that is trained later:
+    - assignments to `self.<attr>` inside an inference_mode block, or in a method
+      decorated with `@torch.inference_mode()`, of an `nn.Module` (its own file or a
+      project base class in another module says so), or (`--preview`) of any object
+      whose other methods read that attribute and differentiate;
+    - a module given new weights, layers or buffers under inference_mode
+      (`model.resize_token_embeddings(n)`, `model.fc = nn.Linear(...)`,
+      `model.fc.weight.data = ...`, `register_buffer`), in the function itself or in a
+      project helper it passes the module to (`@torch.inference_mode() def
+      add_tokens(model, ...)`), or given a tensor made inside an inference_mode block
+      afterwards (`model.head.weight.data = prototypes`, `nn.Parameter(prototypes)`),
+      when the function then trains that module.
+
+    Constants, sizes, `.item()` values and other plain Python values are not flagged, nor
+    is anything done under `no_grad` (tensors made there are normal tensors), nor in-place
+    writes into existing weights under inference_mode (`w[:, :k] = 0`, `w.zero_()`: the
+    weight stays a normal tensor), nor a module changed this way that is only run
+    afterwards.
 
     ## Evidence
-    A tensor assigned to `self.<x>` inside an inference_mode block. Confidence: high.
+    A tensor assigned to `self.<x>` inside an inference_mode region: on a module,
+    confidence high; on another object, only when a method of its class reads `self.<x>`
+    and differentiates something, and then confidence low (`--preview`): the read fails
+    only in an operation that saves the tensor for backward (`model(x) * self.scale`
+    does, `x - self.mean` on an input that needs no gradient does not), which the
+    analysis cannot tell. For a module passed around: the function summaries
+    record, per function, what gets new tensors under inference_mode (`m.<attr> = ...`
+    with a tensor or module value, `resize_token_embeddings`, `register_buffer`,
+    `register_parameter`, `add_module`; after the region, `m.<attr> = name` or
+    `nn.Parameter(name)` of a name bound inside it and not rebound since: a `.clone()`
+    outside the region is a normal tensor), mapped onto the caller's arguments across files;
+    the module must then be trained by the caller (its parameters reach an optimiser, or
+    with no optimiser in view, it is run and something is differentiated). Confidence:
+    high.
 
     ## Why is this a problem?
     Every tensor created under inference mode is an *inference tensor*. Cached on the
@@ -369,7 +553,11 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
     `RuntimeError: Inference tensors cannot be saved for backward. Please do not use
     Tensors created in inference mode in computation tracked by autograd.` (checked on
     torch 2.13) — from code that only ever *reads* the cache, often many steps after the
-    evaluation that filled it.
+    evaluation that filled it. The same happens to weights: a layer or a resized embedding
+    created under inference mode holds inference tensors, and the first backward that saves
+    them fails the same way (checked on torch 2.13 with `resize_token_embeddings` of a
+    Hugging Face model, a new `nn.Linear`, `weight.data = ...`), while writing into the
+    existing weight in place (`w[:, :k] = 0`) leaves it a normal tensor and trains fine.
 
     ## Example
     ```python
@@ -379,9 +567,19 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
             self.cached_keys = self.proj(x)
     ```
 
+    A module changed in an inference-mode helper, then trained:
+    ```python
+    @torch.inference_mode()
+    def add_tokens(model, tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+
+    add_tokens(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ```
+
     ## Use instead
-    Cache under `no_grad` (normal tensors without a graph), or `.clone()` the value
-    *outside* inference mode before storing it:
+    Cache (or change the module) under `no_grad` (normal tensors without a graph), or
+    `.clone()` the value *outside* inference mode before storing it:
     ```python
     class Encoder(nn.Module):
         @torch.no_grad()
@@ -394,21 +592,115 @@ def inference_tensor_stored(facts: FileModel) -> Iterator[Hit]:
       https://pytorch.org/docs/stable/notes/autograd.html#inference-mode
     - facebookresearch/dinov2#472; unslothai/unsloth#2434
     """
+    reported: set[Pos] = set()
     for function in facts.functions:
-        if function.cls is None or not function.cls.is_module:
+        if function.cls is not None:
+            yield from _stored_on_object(facts, function, reported)
+        yield from _module_changed_then_trained(facts, function, reported)
+
+
+def _stored_on_object(
+    facts: FileModel, function: FunctionModel, reported: set[Pos]
+) -> Iterator[Hit]:
+    """``self.x = <tensor>`` under inference_mode, on a module (its own file or a project
+    base class in another file says so) or on an object whose training reads ``self.x``."""
+    cls = function.cls
+    assert cls is not None
+    module: bool | None = None
+    for assign in function.assigns:
+        if assign.mode is not GradState.INFERENCE or plain_value(assign.value):
             continue
-        for assign in function.assigns:
-            if assign.mode is not GradState.INFERENCE or _scalar(assign.value):
+        for target in assign.targets:
+            text = dotted(target)
+            if text is None or not text.startswith("self."):
                 continue
-            for target in assign.targets:
-                text = dotted(target)
-                if text is not None and text.startswith("self."):
-                    yield (
-                        target,
-                        f"`{text}` stores an inference tensor on the module: using it outside "
-                        "inference_mode raises RuntimeError",
-                        None,
-                    )
+            if module is None:
+                ref = facts.analysis.class_of(function.qualname)
+                module = cls.is_module or (ref is not None and facts.analysis.is_module_class(ref))
+            if not module and not _read_where_trained(facts, function, text):
+                continue
+            reported.add(pos(assign.node))
+            if module:
+                yield (
+                    target,
+                    f"`{text}` stores an inference tensor on the module: using it outside "
+                    "inference_mode raises RuntimeError",
+                    None,
+                )
+            else:  # whether the read saves it for backward is beyond the analysis
+                yield (
+                    target,
+                    f"`{text}` stores an inference tensor on the object, and a method that "
+                    "trains reads it: an operation that saves it for backward raises "
+                    "RuntimeError",
+                    None,
+                    LOW,
+                )
+
+
+def _read_where_trained(facts: FileModel, function: FunctionModel, attribute: str) -> bool:
+    """Another method of the class reads ``self.x`` and differentiates: the inference
+    tensor takes part in training."""
+    assert function.cls is not None
+    for method in function.cls.methods.values():
+        if method is function or not isinstance(method.node, ast.FunctionDef):
+            continue
+        reads = any(
+            isinstance(sub, ast.Attribute)
+            and isinstance(sub.ctx, ast.Load)
+            and dotted(sub) == attribute
+            for sub in body_nodes(method.node.body)
+        )
+        if reads and differentiates(facts, method):
+            return True
+    return False
+
+
+def _module_changed_then_trained(
+    facts: FileModel, function: FunctionModel, reported: set[Pos]
+) -> Iterator[Hit]:
+    """A module given new weights, layers or buffers under inference_mode (in the
+    function or in a project helper it calls: ``add_tokens(model)`` whose
+    ``@torch.inference_mode()`` body calls ``model.resize_token_embeddings(n)``), then
+    trained by the function."""
+    node = function.node
+    if isinstance(node, ast.ClassDef):
+        return
+    start = getattr(node, "lineno", 1)
+    end = getattr(node, "end_lineno", None) or len(facts.lines)
+    if not any_between(facts.training_lines, start, end):
+        return
+    writes = [
+        (line, col, target)
+        for line, col, kind, target in events(facts, function)
+        if kind == "inference_write" and not target.startswith("self.")
+    ]
+    nodes: dict[Pos, ast.AST] | None = None
+    for line, col, target in writes:
+        head = target.split(".", 1)[0]
+        if (line, col) in reported or not is_trained(facts, function, head):
+            continue
+        if nodes is None:
+            nodes = {}
+            for sub in body_nodes(node.body):  # a call rather than its statement
+                if isinstance(sub, ast.Call | ast.Assign | ast.AnnAssign):
+                    nodes.setdefault(pos(sub), sub)
+                    if isinstance(sub, ast.Call):
+                        nodes[pos(sub)] = sub
+        at = nodes.get((line, col))
+        if at is None:
+            continue
+        reported.add((line, col))
+        if isinstance(at, ast.Call):
+            what = f"`{dotted(at.func) or 'the call'}(...)` gives `{head}` new tensors"
+        else:
+            what = f"`{target}` is given a tensor made"
+        yield (
+            at,
+            f"{what} under inference_mode, and `{head}` is trained afterwards: its "
+            "inference tensors raise RuntimeError in backward",
+            None,
+        )
 
 
 def _mutations(
@@ -493,9 +785,9 @@ def inference_tensor_mutated_outside(facts: FileModel) -> Iterator[Hit]:
             bound: dict[str, tuple[int, int]] = {}
             for assign in function.assigns:
                 here = pos(assign.node)
-                if not start <= here <= end or _scalar(assign.value):
+                if not start <= here <= end or plain_value(assign.value):
                     continue
-                if isinstance(assign.node, ast.AugAssign) and _scalar(assign.node.value):
+                if isinstance(assign.node, ast.AugAssign) and plain_value(assign.node.value):
                     continue
                 for name in assign.target_names():
                     if "." not in name:
