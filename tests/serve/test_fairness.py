@@ -147,3 +147,23 @@ def test_a_flood_of_big_requests_does_not_lock_out_one_text_requests(
     assert refused.status_code == 503 and "small requests" in refused.json()["detail"]
     assert small.status_code == 200
     assert small.json()["predictions"][0]["label"] == stub_label("b b")
+
+
+def test_while_small_requests_run_a_big_one_gets_short_batches() -> None:
+    model = StubClassifier()
+    batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1)
+    model.gate.clear()  # both workers stall in the model
+    small = batcher.submit(["b"])
+    while batcher.queue_depth:  # one worker runs the small request
+        pass
+    big = batcher.submit([f"g{i:02d}" for i in range(16)])
+    while batcher.queue_depth > 14:  # the other takes a short batch of the big one
+        pass
+    model.gate.set()
+    assert small.result(30)[0].label == stub_label("b")
+    assert len(big.result(30)) == 16
+    assert ["b"] in model.batches
+    first_big = next(batch for batch in model.batches if "g00" in batch)
+    assert first_big == ["g00", "g01"]  # an eighth of 16
+    # (with no small request left, batches are full again: see the first test here)
+    batcher.stop()

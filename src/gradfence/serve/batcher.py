@@ -299,6 +299,7 @@ class Batcher:
         # model seconds of small requests' batches (True) and the others' (False) since
         # both classes were last queued together
         self._model_time = {True: 0.0, False: 0.0}
+        self._small_running = 0  # small requests' batches in the model now
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -563,32 +564,48 @@ class Batcher:
         The batch is planned by length (:func:`plan_batch`) from a window of the oldest
         queued texts of one class: small requests' or the others'. With both queued, the
         others get a batch only while their share of the recent model time is under
-        :data:`BIG_SHARE`: a flood of big requests cannot take the model from one-text
+        :data:`BIG_SHARE`, and while small requests are queued or running, the others'
+        batches are short (an eighth of the size and token limits), so a worker is soon
+        back for them: a flood of big requests cannot take the model from one-text
         requests, and cannot starve either.
         """
         items = list(self._items)
-        small = [len(item.request.texts) <= SMALL_REQUEST_TEXTS for item in items]
+        small = [_is_small(item) for item in items]
+        small_active = any(small) or self._small_running > 0
+        max_texts, max_tokens = self.max_batch_size, self.max_batch_tokens
         if all(small) or not any(small):
-            self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
+            if not small_active:
+                self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
             pool = list(range(len(items)))
         else:
             spent = self._model_time[True] + self._model_time[False]
             big_turn = self._model_time[False] < BIG_SHARE * spent
             pool = [i for i, is_small in enumerate(small) if is_small != big_turn]
+        if small_active and not small[pool[0]]:
+            # a short batch: the worker is soon back for the small requests
+            max_texts = max(1, max_texts // 8)
+            max_tokens = max(1, max_tokens // 8)
         window = pool[: self.window]
-        chosen = plan_batch(
-            [items[i].encoded.tokens for i in window], self.max_batch_size, self.max_batch_tokens
-        )
+        chosen = plan_batch([items[i].encoded.tokens for i in window], max_texts, max_tokens)
         taken = {window[i] for i in chosen}
         self._items = deque(item for i, item in enumerate(items) if i not in taken)
         batch = [items[i] for i in sorted(taken)]
         self._queued_tokens -= sum(item.encoded.tokens for item in batch)
-        return [item for item in batch if not item.request.cancelled]
+        batch = [item for item in batch if not item.request.cancelled]
+        if batch and _is_small(batch[0]):
+            self._small_running += 1
+        return batch
 
     def _loop(self, scores: Scorer, state: Callable[[], dict[str, Any]]) -> None:
         while (batch := self._next_batch(state)) is not None:
-            if batch:
+            if not batch:
+                continue
+            try:
                 self._run_batch(batch, scores)
+            finally:
+                if _is_small(batch[0]):
+                    with self._cond:
+                        self._small_running -= 1
 
     def _run_batch(self, batch: list[_Item], scores: Scorer) -> None:
         start = time.perf_counter()
@@ -612,8 +629,7 @@ class Batcher:
             return
         elapsed = time.perf_counter() - start
         with self._cond:  # the model time each class of request got (see _take_batch)
-            is_small = len(batch[0].request.texts) <= SMALL_REQUEST_TEXTS
-            self._model_time[is_small] += elapsed
+            self._model_time[_is_small(batch[0])] += elapsed
         labels = self.model.labels
         for item, row in zip(batch, rows, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
@@ -622,6 +638,10 @@ class Batcher:
         self.stats.record(len(batch), tokens=sum(item.encoded.tokens for item in batch))
         if self.on_batch is not None:
             self.on_batch(len(batch), elapsed)
+
+
+def _is_small(item: _Item) -> bool:
+    return len(item.request.texts) <= SMALL_REQUEST_TEXTS
 
 
 def _deliver(request: _Request, index: int, prediction: Prediction) -> None:
