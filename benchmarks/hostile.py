@@ -148,9 +148,10 @@ def served_and_late(url: str) -> tuple[float, float]:
 
 def measure(
     url: str, port: int, texts: list[str], args: argparse.Namespace, attack: str | None
-) -> tuple[float, float, int, float, float]:
-    """Good clients' texts/s, p99 ms and errors, the model's texts/s and the 504s
-    answered to anyone, with ``attack`` running alongside."""
+) -> tuple[float, float, int, float, float, float]:
+    """Good clients' texts/s, p99 ms and errors, the model's texts/s, the 504s answered
+    to anyone, and the cores the attacker's own process used, with ``attack`` running
+    alongside (on the same machine: its CPU is CPU the server does not get)."""
     attacker = None
     if attack:
         spawn = multiprocessing.get_context("spawn")
@@ -158,8 +159,11 @@ def measure(
         attacker.start()
         time.sleep(3)  # let the attack build up
     served, late = served_and_late(url)
+    attacker_cpu = cpu_seconds(attacker.pid) if attacker and attacker.pid else 0.0
     result = asyncio.run(drive(url, texts, args.clients, args.duration, 1))
     served_after, late_after = served_and_late(url)
+    if attacker and attacker.pid:
+        attacker_cpu = cpu_seconds(attacker.pid) - attacker_cpu
     model_rate = (served_after - served) / args.duration
     if attacker:
         attacker.join(60)
@@ -167,7 +171,24 @@ def measure(
             attacker.kill()
     latencies = sorted(result.latencies_ms) or [float("nan")]
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    return result.texts / args.duration, p99, result.errors, model_rate, late_after - late
+    cores_taken = attacker_cpu / args.duration if attack else 0.0
+    return (
+        result.texts / args.duration,
+        p99,
+        result.errors,
+        model_rate,
+        late_after - late,
+        cores_taken,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -189,14 +210,15 @@ def main() -> int:
         wait_ready(f"{url}/health/ready", process)
         measure(url, port, texts, argparse.Namespace(clients=8, duration=3), None)  # warm-up
         print(f"{args.clients} good clients, {args.duration:g} s each, {os.cpu_count()} CPUs")
-        header = ("attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s")
-        print("{:16} {:>8} {:>8} {:>6} {:>8} {:>6} {:>5}".format(*header))
-        row = "{:16} {:8.1f} {:8.1f} {:6d} {:8.2f} {:6.1f} {:5.0f}"
-        base, p99, errors, model, late = measure(url, port, texts, args, None)
-        print(row.format("none", base, p99, errors, 1.0, model, late))
+        header = ("attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s", "attacker")
+        print("{:16} {:>8} {:>8} {:>6} {:>8} {:>6} {:>5} {:>9}".format(*header))
+        row = "{:16} {:8.1f} {:8.1f} {:6d} {:8.2f} {:6.1f} {:5.0f} {:9}"
+        base, p99, errors, model, late, _ = measure(url, port, texts, args, None)
+        print(row.format("none", base, p99, errors, 1.0, model, late, "-"))
         for name in args.attacks.split(","):
-            rate, p99, errors, model, late = measure(url, port, texts, args, name)
-            print(row.format(name, rate, p99, errors, rate / base, model, late))
+            rate, p99, errors, model, late, cores = measure(url, port, texts, args, name)
+            taken = f"{cores:.2f} cpu"
+            print(row.format(name, rate, p99, errors, rate / base, model, late, taken))
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         methods = set(re.findall(r'method="([^"]*)"', metrics))
         print(f"/metrics: {len(metrics)} bytes, method labels {sorted(methods)}")

@@ -68,7 +68,7 @@ SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", 
 ADMIT_FRACTION = 0.6
 # a body this small may be a small request (SMALL_REQUEST_TEXTS texts): not refused
 # before it is read by the limits that protect small requests from big ones
-SMALL_BODY_BYTES = 8 * 1024
+SMALL_BODY_BYTES = 2 * 1024
 # tokens the service must have run before its measured cost per token is trusted; the
 # cost is then re-measured over every window of this many tokens (a moving average)
 MIN_OBSERVED_TOKENS = 512
