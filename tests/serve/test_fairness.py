@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import httpx
@@ -166,4 +167,26 @@ def test_while_small_requests_run_a_big_one_gets_short_batches() -> None:
     first_big = next(batch for batch in model.batches if "g00" in batch)
     assert first_big == ["g00", "g01"]  # an eighth of 16
     # (with no small request left, batches are full again: see the first test here)
+    batcher.stop()
+
+
+def test_big_requests_that_had_their_share_wait_while_small_ones_run() -> None:
+    model = StubClassifier()
+    batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1)
+    model.gate.clear()
+    small = batcher.submit(["b"])
+    while batcher.queue_depth:  # one worker runs the small request
+        pass
+    with batcher._cond:  # the big requests already had half of the recent model time
+        batcher._model_time = {True: 1.0, False: 1.0}
+    big = batcher.submit([f"g{i:02d}" for i in range(16)])
+    time.sleep(0.3)
+    assert batcher.queue_depth == 16  # the free worker holds back
+    second = batcher.submit(["bb"])  # ... and takes the next small request at once
+    deadline = time.monotonic() + 10
+    while batcher.queue_depth > 16 and time.monotonic() < deadline:
+        pass
+    assert batcher.queue_depth == 16
+    model.gate.set()
+    assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
     batcher.stop()
