@@ -31,19 +31,23 @@ def test_flushes_at_max_batch_size_and_splits_large_requests() -> None:
     model = StubClassifier()
     batcher = started(model, max_batch_size=4, max_wait_ms=10_000)
     model.gate.clear()
-    first = batcher.submit(["b"])
+    first = batcher.submit(first_texts())  # 5 texts: a big request
     texts = [f"{'g' * (i % 3)}{'b' * (i % 2)} {i}" for i in range(11)]
     second = batcher.submit(texts)
     model.gate.set()
     assert [p.label for p in second.result(30)] == [stub_label(t) for t in texts]
-    assert [p.label for p in first.result(30)] == ["negative"]
-    # 12 texts, a 10 s wait: only the size rule can have flushed these batches; the
-    # one-text request is batched apart from the big one (see test_fairness.py), whose
-    # texts are chosen by length (see test_token_budget.py)
-    assert [len(batch) for batch in model.batches] == [1, 4, 4, 3]
-    assert model.batches[0] == ["b"]
-    assert sorted(t for batch in model.batches for t in batch) == sorted(["b", *texts])
+    assert [p.label for p in first.result(30)] == [stub_label(t) for t in first_texts()]
+    # 16 texts, a 10 s wait: only the size rule can have flushed these batches; the
+    # oldest text is in the first, the rest chosen by length (see test_token_budget.py;
+    # small requests are batched apart: test_fairness.py)
+    assert [len(batch) for batch in model.batches] == [4, 4, 4, 4]
+    assert model.batches[0][0] == "b"
+    assert sorted(t for batch in model.batches for t in batch) == sorted(first_texts() + texts)
     batcher.stop()
+
+
+def first_texts() -> list[str]:
+    return ["b", "g b", "b g", "g g", "b b"]
 
 
 def test_max_wait_flushes_a_partial_batch() -> None:

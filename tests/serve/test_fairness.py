@@ -190,3 +190,13 @@ def test_big_requests_that_had_their_share_wait_while_small_ones_run() -> None:
     model.gate.set()
     assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
     batcher.stop()
+
+
+def test_a_small_request_a_moment_ago_still_keeps_big_batches_short() -> None:
+    model = StubClassifier()
+    batcher = started(model, max_batch_size=16, max_wait_ms=1)
+    assert len(batcher.submit(["b"]).result(30)) == 1  # answered: neither queued nor running
+    assert len(batcher.submit([f"g{i:02d}" for i in range(16)]).result(30)) == 16
+    # its client is about to send the next one: the big request runs in short batches
+    assert [len(batch) for batch in model.batches] == [1, *[2] * 8]
+    batcher.stop()

@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -108,6 +109,7 @@ SMALL_REQUEST_TEXTS = 4
 # With both active, the other requests' batches get at most about this share of the model.
 BIG_SHARE = 0.2
 BIG_WAIT_S = 0.005  # how often a worker holding back big requests looks again
+SMALL_RECENT_S = 1.0  # small requests count as active this long after the last one
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
 
@@ -301,6 +303,7 @@ class Batcher:
         # both classes were last queued together
         self._model_time = {True: 0.0, False: 0.0}
         self._small_running = 0  # small requests' batches in the model now
+        self._last_small = -math.inf  # when the last small request was queued
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -402,6 +405,8 @@ class Batcher:
         now = time.monotonic()
         with self._cond:
             self._check_room(total, small)
+            if any(len(texts) <= SMALL_REQUEST_TEXTS for texts in requests):
+                self._last_small = now
             for request, prepared in zip(pending, encoded, strict=True):
                 for i, item in enumerate(prepared):
                     self._items.append(_Item(request, i, now, item))
@@ -562,11 +567,18 @@ class Batcher:
                     return self._take_batch()
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
 
+    def _small_recent(self) -> bool:
+        """A small request arrived within :data:`SMALL_RECENT_S` (clients that wait for
+        each answer send their next request a moment later)."""
+        return time.monotonic() - self._last_small < SMALL_RECENT_S
+
     def _big_ones_wait(self) -> bool:
-        """True when only big requests are queued while small ones run in the model and
-        the big ones already had their share of the model time (holding the condition):
-        the worker waits for the small requests' next texts instead."""
-        if self._small_running == 0 or any(_is_small(item) for item in self._items):
+        """True when only big requests are queued while small ones run in the model (or
+        arrived a moment ago) and the big ones already had their share of the model time
+        (holding the condition): the worker waits for the small requests' next texts."""
+        if any(_is_small(item) for item in self._items):
+            return False
+        if self._small_running == 0 and not self._small_recent():
             return False
         spent = self._model_time[True] + self._model_time[False]
         return self._model_time[False] > BIG_SHARE * spent
@@ -586,7 +598,7 @@ class Batcher:
         """
         items = list(self._items)
         small = [_is_small(item) for item in items]
-        small_active = any(small) or self._small_running > 0
+        small_active = any(small) or self._small_running > 0 or self._small_recent()
         max_texts, max_tokens = self.max_batch_size, self.max_batch_tokens
         if all(small) or not any(small):
             if not small_active:
