@@ -46,8 +46,9 @@ def test_a_one_text_request_is_batched_before_the_rest_of_big_ones_and_alone() -
         assert len(future.result(30)) == 12
     # the batch after the stalled one: the small request alone, not padded to big texts
     assert model.batches[1] == ["c00"]
-    # then the big ones take turns, oldest first
-    assert model.batches[2] == ["a04", "a05", "a06", "a07"]
+    # then the big ones, oldest first, in short batches (an eighth of the size limit)
+    # for a second after a small request
+    assert model.batches[2] == ["a04"]
     assert sum(len(batch) for batch in model.batches) == 25
     batcher.stop()
 

@@ -573,12 +573,10 @@ class Batcher:
         return time.monotonic() - self._last_small < SMALL_RECENT_S
 
     def _big_ones_wait(self) -> bool:
-        """True when only big requests are queued while small ones run in the model (or
-        arrived a moment ago) and the big ones already had their share of the model time
-        (holding the condition): the worker waits for the small requests' next texts."""
-        if any(_is_small(item) for item in self._items):
-            return False
-        if self._small_running == 0 and not self._small_recent():
+        """True when only big requests are queued while small ones run in the model and
+        the big ones already had their share of the model time (holding the condition):
+        the worker waits for the small requests' next texts instead."""
+        if self._small_running == 0 or any(_is_small(item) for item in self._items):
             return False
         spent = self._model_time[True] + self._model_time[False]
         return self._model_time[False] > BIG_SHARE * spent
