@@ -119,6 +119,15 @@ def test_the_pytest_plugin_loads_without_torch(light: Path, tmp_path: Path) -> N
     assert "gradfence-" in done.stdout  # listed among the plugins: loaded, not skipped
 
 
+def test_the_leak_check_without_torch_says_what_to_install(light: Path, tmp_path: Path) -> None:
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert True\n")
+    argv = ("-m", "pytest", "-p", "no:cacheprovider", "--gradfence-leaks")
+    done = _run(light, _bin(light, "python"), *argv, cwd=tmp_path)
+    assert done.returncode == 4  # pytest's usage error
+    assert "--gradfence-leaks needs torch: pip install 'gradfence[torch]'" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "extra"),
     [

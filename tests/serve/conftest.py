@@ -178,7 +178,7 @@ def serve_model() -> Iterator[ServerFactory]:
         settings.setdefault("workers", 1)
         server = ThreadedServer(create_app(load, ServeSettings(**settings)))
         servers.append(server.__enter__())
-        server.wait_ready()
+        server.wait_ready(180)  # worker processes import torch first: slow on a busy machine
         return server
 
     yield start

@@ -15,6 +15,7 @@ nothing to the start-up of test runs that do not use it.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("gradfence_leaks", False) and importlib.util.find_spec("torch") is None:
+        raise pytest.UsageError("--gradfence-leaks needs torch: pip install 'gradfence[torch]'")
     config.addinivalue_line(
         "markers",
         f"{MARKER}(fixture_name, **audit_options): run the test body under gf.audit() of "
