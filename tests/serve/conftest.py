@@ -17,6 +17,7 @@ import uvicorn
 from torch import Tensor, nn
 
 from gradfence.serve.app import ServeSettings, create_app
+from gradfence.serve.batcher import Batcher
 from gradfence.serve.model import TextClassifier
 from gradfence.serve.server import uvicorn_config
 
@@ -160,6 +161,13 @@ def wait_process_ready(url: str, process: subprocess.Popen[bytes], timeout_s: fl
 
 
 ServerFactory = Callable[..., ThreadedServer]
+
+
+def started(model: StubClassifier, **options: Any) -> Batcher:
+    """A batcher of ``model`` with its workers running (no warm-up batch)."""
+    batcher = Batcher(model, **options)
+    batcher.start(warmup=[])
+    return batcher
 
 
 @pytest.fixture

@@ -18,13 +18,7 @@ from gradfence.serve.batcher import (
     QueueFullError,
 )
 
-from .conftest import StubClassifier, stub_label
-
-
-def started(model: StubClassifier, **options: float) -> Batcher:
-    batcher = Batcher(model, **options)  # type: ignore[arg-type]
-    batcher.start(warmup=[])
-    return batcher
+from .conftest import StubClassifier, started, stub_label
 
 
 def test_flushes_at_max_batch_size_and_splits_large_requests() -> None:

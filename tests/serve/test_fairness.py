@@ -13,9 +13,9 @@ import pytest
 from torch import Tensor
 
 from gradfence.serve.app import WorkAdmission
-from gradfence.serve.batcher import Batcher, QueueFullError
+from gradfence.serve.batcher import QueueFullError
 
-from .conftest import ServerFactory, StubClassifier, stub_label
+from .conftest import ServerFactory, StubClassifier, started, stub_label
 
 
 def server_queue_depth(url: str) -> float:
@@ -23,12 +23,6 @@ def server_queue_depth(url: str) -> float:
         if line.startswith("gradfence_queue_depth "):
             return float(line.split()[1])
     raise AssertionError("no queue depth in /metrics")
-
-
-def started(model: StubClassifier, **options: float) -> Batcher:
-    batcher = Batcher(model, **options)  # type: ignore[arg-type]
-    batcher.start(warmup=[])
-    return batcher
 
 
 def test_a_one_text_request_is_batched_before_the_rest_of_big_ones_and_alone() -> None:

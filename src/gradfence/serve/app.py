@@ -39,12 +39,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradfence.serve.batcher import (
-    SMALL_REQUEST_TEXTS,
     Batcher,
     BatcherStoppedError,
     Prediction,
     QueueFullError,
     available_cores,
+    is_small_request,
 )
 from gradfence.serve.metrics import ServiceMetrics
 from gradfence.serve.model import TextClassifier
@@ -789,7 +789,7 @@ def create_app(
                     "texts",
                 )
             needed = estimate_tokens(batcher.model, texts)
-            small = len(texts) <= SMALL_REQUEST_TEXTS
+            small = is_small_request(texts)
             try:
                 service.admission.admit(needed, small)
             except QueueFullError as exc:

@@ -113,6 +113,11 @@ SMALL_RECENT_S = 1.0  # small requests count as active this long after the last 
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
 
+def is_small_request(texts: Sequence[str]) -> bool:
+    """Whether a request of ``texts`` is small (:data:`SMALL_REQUEST_TEXTS` at most)."""
+    return len(texts) <= SMALL_REQUEST_TEXTS
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -389,7 +394,7 @@ class Batcher:
     ) -> list[concurrent.futures.Future[list[Prediction]]]:
         """Queue several requests at once (all or none), e.g. a batch another server formed."""
         total = sum(len(texts) for texts in requests)
-        small = all(len(texts) <= SMALL_REQUEST_TEXTS for texts in requests)
+        small = all(is_small_request(texts) for texts in requests)
         with self._cond:  # refuse before tokenizing
             self._check_room(total, small)
         if encoded is None:
@@ -405,7 +410,7 @@ class Batcher:
         now = time.monotonic()
         with self._cond:
             self._check_room(total, small)
-            if any(len(texts) <= SMALL_REQUEST_TEXTS for texts in requests):
+            if any(is_small_request(texts) for texts in requests):
                 self._last_small = now
             for request, prepared in zip(pending, encoded, strict=True):
                 for i, item in enumerate(prepared):
@@ -667,7 +672,7 @@ class Batcher:
 
 
 def _is_small(item: _Item) -> bool:
-    return len(item.request.texts) <= SMALL_REQUEST_TEXTS
+    return is_small_request(item.request.texts)
 
 
 def _deliver(request: _Request, index: int, prediction: Prediction) -> None:

@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from gradfence.errors import UsageError
+from gradfence.serve.signals import stop_signals_to
 
 log = logging.getLogger("gradfence.serve")
 
@@ -251,13 +252,8 @@ def _signals_stop_startup() -> Iterator[None]:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise _Interrupted(signum)
 
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, interrupt) for sig in sigs}
-    try:
+    with stop_signals_to(interrupt):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # GNU OpenMP's worker threads spin after every parallel region by default; on a small

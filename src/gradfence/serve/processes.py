@@ -29,6 +29,7 @@ from typing import Any
 
 from gradfence.modes import GradMode
 from gradfence.serve.model import EncodedText, TextClassifier
+from gradfence.serve.signals import STOP_SIGNALS
 
 ModelLoader = Callable[[], TextClassifier]
 """A picklable function that builds the model, e.g. ``functools.partial(load_model, path)``."""
@@ -172,8 +173,8 @@ def _serve(
     name: str,
 ) -> None:
     """The worker process's main function."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:  # the server decides when we stop
+        signal.signal(sig, signal.SIG_IGN)
     threading.current_thread().name = name
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:

@@ -36,6 +36,7 @@ from ray import serve
 
 from gradfence.serve.app import ServeSettings, create_app
 from gradfence.serve.model import TextClassifier
+from gradfence.serve.signals import stop_signals_to
 
 log = logging.getLogger("gradfence.serve")
 
@@ -92,13 +93,8 @@ def _signals_set(stop: threading.Event) -> Generator[None, None, None]:
         log.info("%s: shutting down Ray Serve", signal.Signals(signum).name)
         stop.set()
 
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
-    try:
+    with stop_signals_to(on_signal):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def ray_init_options(host: str) -> dict[str, Any]:

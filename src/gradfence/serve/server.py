@@ -42,6 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gradfence.serve.app import SECURITY_HEADERS, ServeSettings, create_app
 from gradfence.serve.model import TextClassifier
+from gradfence.serve.signals import stop_signals_to
 
 log = logging.getLogger("gradfence.serve")
 
@@ -259,13 +260,8 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
-        try:
+        with stop_signals_to(self.handle_exit):
             yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
