@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
 import random
@@ -33,12 +34,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import HOST, drive, free_port, load_texts, wait_ready
+from load import HOST, KeepAliveClient, drive, free_port, load_texts, tree_cpu_seconds, wait_ready
 
 Attack = Callable[[str, int, asyncio.Event], Awaitable[None]]
 
@@ -75,41 +77,40 @@ async def slowloris(url: str, port: int, stop: asyncio.Event) -> None:
     await asyncio.gather(*(one() for _ in range(1100)))
 
 
+async def repeat(
+    port: int, stop: asyncio.Event, clients: int, method: Callable[[], str], body: bytes = b""
+) -> None:
+    """``clients`` loops sending ``method() /v1/predict`` with ``body`` as fast as they are
+    answered, ignoring what they are told (``Retry-After`` included). The minimal client
+    of ``load.py`` keeps the attacker's own CPU low: what it costs is what it sends."""
+
+    async def one() -> None:
+        http = KeepAliveClient(HOST, port)
+        while not stop.is_set():
+            try:
+                await http.request(method(), "/v1/predict", body)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                await asyncio.sleep(0.01)  # refused a connection: the server is at its cap
+        await http.close()
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+
+
 async def retry_storm(url: str, port: int, stop: asyncio.Event) -> None:
     body = {"texts": ["this is a retry storm of a client ignoring Retry-After"] * 64}
-    limits = httpx.Limits(max_connections=300)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-
-        async def one() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(httpx.HTTPError):
-                    await client.post("/v1/predict", json=body)
-
-        await asyncio.gather(*(one() for _ in range(300)))
+    await repeat(port, stop, 300, lambda: "POST", json.dumps(body).encode())
 
 
 async def made_up_methods(url: str, port: int, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    def method() -> str:
+        return "".join(random.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=8))
 
-        async def one() -> None:
-            while not stop.is_set():
-                method = "".join(random.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=8))
-                with contextlib.suppress(httpx.HTTPError):
-                    await client.request(method, "/v1/predict")
-
-        await asyncio.gather(*(one() for _ in range(8)))
+    await repeat(port, stop, 8, method)
 
 
 async def long_texts(url: str, port: int, stop: asyncio.Event) -> None:
     body = {"texts": ["a long text that costs the model many tokens " * 33] * 64}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-
-        async def one() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(httpx.HTTPError):
-                    await client.post("/v1/predict", json=body)
-
-        await asyncio.gather(*(one() for _ in range(16)))
+    await repeat(port, stop, 16, lambda: "POST", json.dumps(body).encode())
 
 
 ATTACKS: dict[str, Attack] = {
@@ -119,6 +120,17 @@ ATTACKS: dict[str, Attack] = {
     "made-up-methods": made_up_methods,
     "long-texts": long_texts,
 }
+
+
+def burn(cores: float, seconds: float) -> None:
+    """Spin for a ``cores`` fraction of each 10 ms for ``seconds``: the control that takes
+    the CPU an attacker took, sending nothing."""
+    end = time.perf_counter() + seconds
+    while (now := time.perf_counter()) < end:
+        busy_until = now + 0.01 * cores
+        while time.perf_counter() < busy_until:
+            pass
+        time.sleep(0.01 * (1 - cores))
 
 
 def run_attack(name: str, url: str, port: int, seconds: float) -> None:
@@ -146,39 +158,62 @@ def served_and_late(url: str) -> tuple[float, float]:
     return float(match.group(1)) if match else float("nan"), sum(map(float, late))
 
 
+@dataclass
+class Run:
+    """One measured run of the good clients."""
+
+    rate: float  # their texts/s
+    p99_ms: float
+    errors: int
+    model_rate: float  # texts/s the model ran for anyone
+    late: float  # 504s answered to anyone
+    other_cores: float  # cores the attacker's (or the control's) process used
+    http_cores: float  # cores the server's HTTP process used
+    model_cores: float  # cores its model worker processes used
+
+
 def measure(
-    url: str, port: int, texts: list[str], args: argparse.Namespace, attack: str | None
-) -> tuple[float, float, int, float, float, float]:
-    """Good clients' texts/s, p99 ms and errors, the model's texts/s, the 504s answered
-    to anyone, and the cores the attacker's own process used, with ``attack`` running
-    alongside (on the same machine: its CPU is CPU the server does not get)."""
-    attacker = None
+    url: str,
+    server: int,
+    texts: list[str],
+    args: argparse.Namespace,
+    attack: str | None,
+    burn_cores: float = 0.0,
+) -> Run:
+    """The good clients' run with ``attack`` (or, with ``burn_cores``, a process that only
+    takes that much CPU) running alongside on the same machine."""
+    other = None
+    spawn = multiprocessing.get_context("spawn")
     if attack:
-        spawn = multiprocessing.get_context("spawn")
-        attacker = spawn.Process(target=run_attack, args=(attack, url, port, args.duration + 3))
-        attacker.start()
+        port = int(url.rsplit(":", 1)[1])
+        other = spawn.Process(target=run_attack, args=(attack, url, port, args.duration + 3))
+    elif burn_cores:
+        other = spawn.Process(target=burn, args=(min(burn_cores, 1.0), args.duration + 3))
+    if other:
+        other.start()
         time.sleep(3)  # let the attack build up
     served, late = served_and_late(url)
-    attacker_cpu = cpu_seconds(attacker.pid) if attacker and attacker.pid else 0.0
+    other_cpu = cpu_seconds(other.pid) if other and other.pid else 0.0
+    http_cpu, tree_cpu = cpu_seconds(server), tree_cpu_seconds(server)
     result = asyncio.run(drive(url, texts, args.clients, args.duration, 1))
     served_after, late_after = served_and_late(url)
-    if attacker and attacker.pid:
-        attacker_cpu = cpu_seconds(attacker.pid) - attacker_cpu
-    model_rate = (served_after - served) / args.duration
-    if attacker:
-        attacker.join(60)
-        if attacker.is_alive():
-            attacker.kill()
+    if other and other.pid:
+        other_cpu = cpu_seconds(other.pid) - other_cpu
+    http_cpu, tree_cpu = cpu_seconds(server) - http_cpu, tree_cpu_seconds(server) - tree_cpu
+    if other:
+        other.join(60)
+        if other.is_alive():
+            other.kill()
     latencies = sorted(result.latencies_ms) or [float("nan")]
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    cores_taken = attacker_cpu / args.duration if attack else 0.0
-    return (
-        result.texts / args.duration,
-        p99,
-        result.errors,
-        model_rate,
-        late_after - late,
-        cores_taken,
+    return Run(
+        rate=result.texts / args.duration,
+        p99_ms=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        errors=result.errors,
+        model_rate=(served_after - served) / args.duration,
+        late=late_after - late,
+        other_cores=other_cpu / args.duration,
+        http_cores=http_cpu / args.duration,
+        model_cores=(tree_cpu - http_cpu) / args.duration,
     )
 
 
@@ -197,28 +232,75 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated")
+    parser.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the control runs (a process taking the attacker's CPU, sending nothing)",
+    )
+    parser.add_argument("--server-args", default="", help="extra gradfence serve arguments")
     args = parser.parse_args()
     texts = load_texts(1024)
     port = free_port()
     url = f"http://{HOST}:{port}"
     command = [sys.executable, "-m", "gradfence", "serve", "--port", str(port)]
-    command += ["--log-level", "warning"]
+    command += ["--log-level", "warning", *args.server_args.split()]
     if args.model_dir:
         command += ["--model-dir", str(args.model_dir)]
     process = subprocess.Popen(command)
     try:
         wait_ready(f"{url}/health/ready", process)
-        measure(url, port, texts, argparse.Namespace(clients=8, duration=3), None)  # warm-up
+        measure(url, process.pid, texts, argparse.Namespace(clients=8, duration=3), None)
         print(f"{args.clients} good clients, {args.duration:g} s each, {os.cpu_count()} CPUs")
-        header = ("attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s", "attacker")
-        print("{:16} {:>8} {:>8} {:>6} {:>8} {:>6} {:>5} {:>9}".format(*header))
-        row = "{:16} {:8.1f} {:8.1f} {:6d} {:8.2f} {:6.1f} {:5.0f} {:9}"
-        base, p99, errors, model, late, _ = measure(url, port, texts, args, None)
-        print(row.format("none", base, p99, errors, 1.0, model, late, "-"))
+        header = "attack", "texts/s", "p99 ms", "errors", "goodput", "model", "504s"
+        header += "attacker", "http", "workers", "control", "vs control"
+        print(
+            "{:16} {:>8} {:>8} {:>6} {:>8} {:>6} {:>5} {:>8} {:>5} {:>7} {:>10} {:>10}".format(
+                *header
+            )
+        )
+        row = "{:16} {:8.1f} {:8.1f} {:6d} {:8.2f} {:6.1f} {:5.0f} {:>8} {:5.2f} {:7.2f} "
+        row += "{:>10} {:>10}"
+        base = measure(url, process.pid, texts, args, None)
+        print(
+            row.format(
+                "none",
+                base.rate,
+                base.p99_ms,
+                base.errors,
+                1.0,
+                base.model_rate,
+                base.late,
+                "-",
+                base.http_cores,
+                base.model_cores,
+                "-",
+                "-",
+            )
+        )
         for name in args.attacks.split(","):
-            rate, p99, errors, model, late, cores = measure(url, port, texts, args, name)
-            taken = f"{cores:.2f} cpu"
-            print(row.format(name, rate, p99, errors, rate / base, model, late, taken))
+            run = measure(url, process.pid, texts, args, name)
+            control, versus = "-", "-"
+            if args.control and run.other_cores >= 0.05:
+                same_cpu = measure(url, process.pid, texts, args, None, run.other_cores)
+                control = f"{same_cpu.rate:.0f}@{same_cpu.other_cores:.2f}"
+                versus = f"{run.rate / same_cpu.rate:.2f}"
+            print(
+                row.format(
+                    name,
+                    run.rate,
+                    run.p99_ms,
+                    run.errors,
+                    run.rate / base.rate,
+                    run.model_rate,
+                    run.late,
+                    f"{run.other_cores:.2f}",
+                    run.http_cores,
+                    run.model_cores,
+                    control,
+                    versus,
+                )
+            )
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         methods = set(re.findall(r'method="([^"]*)"', metrics))
         print(f"/metrics: {len(metrics)} bytes, method labels {sorted(methods)}")

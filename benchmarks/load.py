@@ -6,10 +6,12 @@ default) for a fixed duration after a short unmeasured warm-up, and reports text
 p50/p95/p99 latency, errors, texts per server CPU-second (user + system time of the
 server's whole process tree during the measured phase) and the batch sizes. Configs:
 
-* ``batched``:   ``gradfence serve`` with its defaults (one single-threaded worker per core);
+* ``batched``:   ``gradfence serve --runtime torch``, otherwise its defaults (one
+  single-threaded worker process per core);
 * ``workers1``:  the same with ``--workers 1`` (one worker using every core);
 * ``unbatched``: the same with ``--max-batch-size 1``;
-* ``onnx``:      the same with ``--runtime onnx``;
+* ``onnx``:      ``gradfence serve --runtime onnx``: what its default, ``--runtime auto``,
+  serves when the ``onnx`` extra is installed (as ``make serve`` does);
 * ``litserve``:  LitServe serving the same model (same encoder, head, tokenization,
   eval + inference mode) with batching at the same 32 texts / 5 ms, in its best layout
   here: ``workers_per_device`` = cores, one torch thread each (extra ``bench-peers``);
@@ -182,9 +184,9 @@ def start_server(name: str, port: int, model_dir: Path | None) -> subprocess.Pop
         return subprocess.Popen([*me, "--litserve-server", "--workers", str(workers)])
     command = [sys.executable, "-m", "gradfence", "serve", "--port", str(port), *extra]
     command += {
-        "batched": [],
-        "workers1": ["--workers", "1"],
-        "unbatched": ["--max-batch-size", "1"],
+        "batched": ["--runtime", "torch"],
+        "workers1": ["--runtime", "torch", "--workers", "1"],
+        "unbatched": ["--runtime", "torch", "--max-batch-size", "1"],
         "onnx": ["--runtime", "onnx"],
     }[name]
     return subprocess.Popen([*command, "--log-level", "warning"])
@@ -219,11 +221,16 @@ class KeepAliveClient:
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST ``body`` (JSON) to ``path``; returns the status and the response body."""
+        return await self.request("POST", path, body)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """Send ``method path`` with ``body`` (JSON; reconnecting when the server closed
+        the connection); returns the status and the response body."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         try:

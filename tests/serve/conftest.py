@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -23,6 +24,20 @@ from gradfence.serve.server import uvicorn_config
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = ["good", "bad", "great", "awful", "day", "the", "movie", "was", "not", "very"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """ONNX exports (``--runtime auto``, the default, makes them) go to a temporary
+    directory, for the servers the tests start as subprocesses too: never the user's."""
+    directory = tmp_path_factory.mktemp("gradfence-cache")
+    previous = os.environ.get("GRADFENCE_CACHE_DIR")
+    os.environ["GRADFENCE_CACHE_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        del os.environ["GRADFENCE_CACHE_DIR"]
+    else:
+        os.environ["GRADFENCE_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

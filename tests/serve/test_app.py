@@ -78,6 +78,7 @@ def test_model_info_seen_from_inference_thread(serve_model: ServerFactory) -> No
     assert state["grad_enabled"] is False and state["inference_mode"] is True
     assert state["thread"] == "gradfence-inference"
     assert info["labels"] == ["negative", "neutral", "positive"]
+    assert info["runtime"] == "torch"
     assert info["limits"]["max_texts"] == MAX_TEXTS
     assert predict(server, {"texts": ["bb"]}).status_code == 200
     assert all(

@@ -12,17 +12,19 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import torch
 
-from gradfence.serve.app import LOOPBACK_HOSTS, METHODS
+from gradfence.serve.app import LOOPBACK_HOSTS, METHODS, RefusalPause
 
 from .conftest import ServerFactory, StubClassifier, ThreadedServer, read_all
 
 JSON = {"content-type": "application/json"}
+T = TypeVar("T")
 
 
 def raw_request(server: ThreadedServer, data: bytes, timeout: float = 10) -> bytes:
@@ -46,7 +48,7 @@ def good_request_ok(server: ThreadedServer) -> bool:
 def test_endless_head_is_431_at_once_and_stalls_nobody(
     serve_model: ServerFactory, where: str
 ) -> None:
-    server = serve_model(StubClassifier())
+    server = serve_model(StubClassifier(), refusal_pause_s=0)  # (the pause: further down)
     start = b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Endless: "
     if where == "url":
         start = b"GET /health/live?" + b"a" * 10
@@ -85,7 +87,7 @@ def test_endless_head_is_431_at_once_and_stalls_nobody(
 def test_a_flood_of_bad_heads_logs_one_line(
     serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = serve_model(StubClassifier())
+    server = serve_model(StubClassifier(), refusal_pause_s=0)
     uvicorn_log = logging.getLogger("uvicorn")  # does not propagate to caplog's root handler
     uvicorn_log.addHandler(caplog.handler)
     try:
@@ -148,11 +150,102 @@ def test_idle_connections_cannot_lock_clients_out(serve_model: ServerFactory) ->
             sock.close()
 
 
+# --- refusals only a retry can answer come after a pause -----------------------------
+
+PAUSE_S = 0.8
+
+
+def answered_after(send: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """``send(*args, **kwargs)`` and the seconds it took."""
+    started = time.monotonic()
+    answer = send(*args, **kwargs)
+    return answer, time.monotonic() - started
+
+
+def test_a_refused_head_waits_unread_and_others_are_served_meanwhile(
+    serve_model: ServerFactory,
+) -> None:
+    server = serve_model(StubClassifier(), refusal_pause_s=PAUSE_S)
+    head = b"GET /health/live HTTP/1.1\r\n" + b"X: y\r\n" * 3000  # over 16 KiB
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.setblocking(False)
+        started = time.monotonic()
+        assert good_request_ok(server)  # the pause holds no one else up
+        sent = 0
+        while time.monotonic() - started < PAUSE_S / 2:  # meanwhile, nothing is read
+            try:
+                sent += sock.send(b"a" * 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+        sock.setblocking(True)
+        sock.settimeout(10)
+        answer = read_all(sock)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert waited >= PAUSE_S * 0.9
+    assert sent < 16 << 20, f"{sent} bytes were taken during the pause"
+    nonsense, waited = answered_after(raw_request, server, b"\x00 nonsense\r\n\r\n")
+    assert nonsense.startswith(b"HTTP/1.1 400 ")
+    assert waited >= PAUSE_S * 0.9
+
+
+def test_made_up_methods_wait_and_mistakes_do_not(serve_model: ServerFactory) -> None:
+    server = serve_model(StubClassifier(), refusal_pause_s=PAUSE_S)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        made_up, waited = answered_after(client.request, "BREW", "/v1/predict")
+        assert made_up.status_code == 405
+        assert waited >= PAUSE_S * 0.9
+        for method, path, status in [
+            ("GET", "/v1/predict", 405),  # a known method on the wrong route
+            ("POST", "/v1/nothing", 404),
+        ]:
+            mistake, waited = answered_after(client.request, method, path, json={})
+            assert mistake.status_code == status
+            assert waited < PAUSE_S * 0.9, (method, path)
+        invalid, waited = answered_after(client.post, "/v1/predict", json={"texts": 3})
+        assert invalid.status_code == 422
+        assert waited < PAUSE_S * 0.9
+
+
+def test_a_pausing_refusal_gives_its_connection_up_at_the_cap(
+    serve_model: ServerFactory,
+) -> None:
+    server = serve_model(StubClassifier(), refusal_pause_s=30, max_connections=4)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            paused = [asyncio.create_task(client.request("BREW", "/v1/predict")) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            assert await asyncio.to_thread(good_request_ok, server)
+            assert time.monotonic() - started < 10  # not the 30 s pause
+            for task in paused:
+                task.cancel()
+            await asyncio.gather(*paused, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_refusal_pause_holds_at_most_its_limit_and_spaces_answers_out() -> None:
+    pause = RefusalPause(1.0, limit=3, per_second=10)
+    first, second, third = pause.take(), pause.take(), pause.take()
+    assert first is not None and second is not None and third is not None
+    assert 0.95 <= first <= 1.0
+    # at most 10 answers a second: each waits 0.1 s more than the one before
+    assert second - first == pytest.approx(0.1, abs=0.02)
+    assert third - second == pytest.approx(0.1, abs=0.02)
+    assert pause.take() is None  # a fourth is answered at once
+    pause.release()
+    assert pause.take() is not None
+    assert RefusalPause(0, limit=10).take() is None  # 0 s: off
+
+
 # --- what the app lets through ------------------------------------------------------
 
 
 def test_made_up_methods_do_not_grow_metrics(serve_model: ServerFactory) -> None:
-    server = serve_model(StubClassifier())
+    server = serve_model(StubClassifier(), refusal_pause_s=0)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for i in range(200):
             assert client.request(f"M{i:04d}X", "/v1/predict").status_code == 405
@@ -280,7 +373,9 @@ def test_full_queue_refuses_before_the_body_and_logs_little(
     serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = EnteredStub()
-    server = serve_model(model, max_batch_size=1, max_queue=2, max_wait_ms=0)
+    server = serve_model(
+        model, max_batch_size=1, max_queue=2, max_wait_ms=0, refusal_pause_s=PAUSE_S
+    )
     model.gate.clear()
     model.entered.clear()
 
@@ -296,7 +391,8 @@ def test_full_queue_refuses_before_the_body_and_logs_little(
             while "gradfence_queue_depth 2.0" not in (await client.get("/metrics")).text:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
-            # the head of a big request, whose body never comes: refused at once
+            # the head of a big request, whose body never comes: refused unread, after
+            # the refusal pause
             started = time.monotonic()
             head = (
                 b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -305,7 +401,7 @@ def test_full_queue_refuses_before_the_body_and_logs_little(
             answer = await asyncio.to_thread(raw_request, server, head, 5)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"retry-after: 1" in answer.lower() and b"connection: close" in answer
-            assert time.monotonic() - started < 2
+            assert PAUSE_S * 0.9 <= time.monotonic() - started < PAUSE_S + 2
             with caplog.at_level(logging.WARNING, logger="gradfence.serve"):
                 storm = await asyncio.gather(
                     *(client.post("/v1/predict", json={"texts": ["b"] * 64}) for _ in range(100))

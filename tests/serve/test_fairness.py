@@ -165,7 +165,7 @@ def test_while_small_requests_run_a_big_one_gets_short_batches() -> None:
     batcher.stop()
 
 
-def test_big_requests_that_had_their_share_wait_while_small_ones_run() -> None:
+def test_a_free_worker_takes_big_work_past_its_share_rather_than_idle() -> None:
     model = StubClassifier()
     batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1)
     model.gate.clear()
@@ -175,15 +175,17 @@ def test_big_requests_that_had_their_share_wait_while_small_ones_run() -> None:
     with batcher._cond:  # the big requests already had half of the recent model time
         batcher._model_time = {True: 1.0, False: 1.0}
     big = batcher.submit([f"g{i:02d}" for i in range(16)])
-    time.sleep(0.3)
-    assert batcher.queue_depth == 16  # the free worker holds back
-    second = batcher.submit(["bb"])  # ... and takes the next small request at once
     deadline = time.monotonic() + 10
-    while batcher.queue_depth > 16 and time.monotonic() < deadline:
-        pass
-    assert batcher.queue_depth == 16
+    while batcher.queue_depth > 14 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert batcher.queue_depth == 14  # the free worker took a short batch of it
+    second = batcher.submit(["bb"])  # a small one now goes first (both workers busy)
     model.gate.set()
     assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
+    big_batches = [batch for batch in model.batches if batch[0].startswith("g")]
+    assert big_batches[0] == ["g00", "g01"]
+    after_second = model.batches[model.batches.index(["bb"]) :]
+    assert ["g02", "g03"] in after_second  # the next big batch waited for the small one
     batcher.stop()
 
 

@@ -1,7 +1,9 @@
-"""``--runtime onnx``: same scores as torch within 1e-5, export cached by weight hash."""
+"""``--runtime onnx``: same scores as torch within 1e-5, export cached by weight hash;
+``--runtime auto`` (the default): ONNX Runtime when it is installed and checks out."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import gradfence as gf
+from gradfence.serve import model as serve_model
 from gradfence.serve.batcher import Batcher
 from gradfence.serve.model import load_model, load_model_dir
 
@@ -75,3 +78,29 @@ def test_an_export_that_disagrees_with_torch_fails_at_start(
     shutil.copyfile(stale, onnx_runtime.export_path(model))  # a damaged cache entry
     with pytest.raises(onnx_runtime.RuntimeMismatchError, match="differ from torch by"):
         onnx_runtime.load_onnx(model)
+
+
+def test_auto_runs_onnx_when_installed_and_torch_otherwise(
+    tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_model(tiny_model_dir, runtime="auto").runtime == "onnx"
+    monkeypatch.setattr(serve_model, "onnx_installed", lambda: False)
+    assert load_model(tiny_model_dir, runtime="auto").runtime == "torch"
+
+
+def test_auto_falls_back_to_torch_when_onnx_scores_differ(
+    tiny_model_dir: Path,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(onnx_runtime, "TOLERANCE", -1.0)  # no export can pass the check
+    with caplog.at_level(logging.WARNING, logger="gradfence.serve"):
+        model = load_model(tiny_model_dir, runtime="auto")
+    assert model.runtime == "torch" and not isinstance(model, onnx_runtime.OnnxClassifier)
+    assert any(
+        "serving tiny-bert" in r.getMessage() and "with torch" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+    with pytest.raises(onnx_runtime.RuntimeMismatchError):  # asked for by name: refused
+        load_model(tiny_model_dir, runtime="onnx")

@@ -99,6 +99,8 @@ class ServeSettings:
     head_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 512
+    # refusals only a retry can answer (busy, a made-up method, a bad head) wait this long
+    refusal_pause_s: float = 1.0
     workers: int | None = None  # model workers; None: one per core available
     # each worker's model in a process of its own (``load`` must then be picklable)
     worker_processes: bool = False
@@ -161,9 +163,10 @@ class ModelInfo(BaseModel):
 
     model: str
     labels: list[str]
+    runtime: str = Field(description="what computes the logits: torch or onnx")
     backend: str
     inference_thread: dict[str, Any]
-    batching: dict[str, float]
+    batching: dict[str, float | str]
     limits: dict[str, float]
 
 
@@ -192,6 +195,62 @@ class RequestError(Exception):
         if self.field is not None:
             body["field"] = self.field
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# set in a request's ASGI scope while its refusal waits: the HTTP layer may then close
+# the connection to make room, as it closes idle ones
+REFUSAL_PAUSE_KEY = "gradfence.refusal_paused"
+
+
+# refusals answered per second at most while they pause: a bound on what clients that
+# retry at once can make the server do, however many they are (each costs ~0.5 ms here)
+REFUSALS_PER_S = 100.0
+
+
+class RefusalPause:
+    """A pause before refusals that a client can only answer by retrying.
+
+    A client told "busy" (503), or sending a made-up method or a head it must not send,
+    gains nothing by an immediate answer, and a client that ignores ``Retry-After``
+    retries at once: answered immediately, a few such clients keep a core busy (theirs
+    and the server's) for nothing. Each such refusal waits ``seconds``, and longer when
+    more than ``per_second`` would be answered in a second, so clients in a retry loop
+    send one request per pause, whatever their number; the connection waits at no CPU
+    cost (the HTTP layer stops reading it). At most ``limit`` refusals wait at once;
+    beyond that they are answered at once. ``seconds`` 0 turns the pause off.
+    """
+
+    def __init__(self, seconds: float, limit: int, per_second: float = REFUSALS_PER_S) -> None:
+        self.seconds = seconds
+        self.limit = limit
+        self.per_second = per_second
+        self.waiting = 0
+        self._last = -math.inf  # when the latest pausing refusal is answered
+
+    def take(self) -> float | None:
+        """How long one more refusal waits (then :meth:`release` it), or None when it is
+        answered at once (the pause is off, or ``limit`` refusals wait already)."""
+        if self.seconds <= 0 or self.waiting >= self.limit:
+            return None
+        now = time.monotonic()
+        self._last = max(now + self.seconds, self._last + 1 / self.per_second)
+        self.waiting += 1
+        return self._last - now
+
+    def release(self) -> None:
+        self.waiting -= 1
+
+    async def wait(self, scope: Scope, until: asyncio.Event) -> None:
+        """Sleep before a refusal is sent, or until ``until`` is set (shutting down)."""
+        delay = self.take()
+        if delay is None:
+            return
+        scope[REFUSAL_PAUSE_KEY] = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), delay)
+        finally:
+            self.release()
 
 
 def _field_name(loc: Sequence[int | str]) -> str:
@@ -409,6 +468,7 @@ def model_body(
     return {
         "model": model.model_id,
         "labels": list(model.labels),
+        "runtime": model.runtime,
         "backend": backend,
         "inference_thread": state,
         "batching": {
@@ -565,6 +625,7 @@ class _Service:
             settings.request_timeout_s, parallelism=settings.workers or available_cores()
         )
         self.refusals = _Throttle()
+        self.pause = RefusalPause(settings.refusal_pause_s, settings.max_connections)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = asyncio.Event()
         self.aborting = asyncio.Event()
@@ -641,6 +702,15 @@ class _Service:
             )
         return self.batcher
 
+    async def refuse(self, error: RequestError, scope: Scope) -> None:
+        """Log a 503 (throttled) and, for one that asks for a retry, pause before it is
+        sent (:class:`RefusalPause`; not while shutting down)."""
+        if error.status != 503:
+            return
+        self.refusals.warning(f"{scope['method']} {scope['path']} -> 503: {error.detail}")
+        if "Retry-After" in error.headers:
+            await self.pause.wait(scope, self.draining)
+
     def check_capacity(self, batcher: Batcher, body_bytes: int | None) -> None:
         """The cheap refusal before a body is read: 503 when the queue is full or the
         admitted work already fills the time budget. A body of at most
@@ -688,10 +758,11 @@ class _Edge:
             try:
                 self._check(scope, path, method)
             except RequestError as error:
-                if error.status == 503:
-                    self.service.refusals.warning(f"{method} {path} -> 503: {error.detail}")
+                await self.service.refuse(error, scope)
                 await error.response()(scope, receive, send_and_record)
                 return
+            if method not in METHODS:  # a made-up method: its 405 or 404 after the pause
+                await self.service.pause.wait(scope, self.service.draining)
             await self.app(scope, receive, send_and_record)
         finally:
             seconds = time.perf_counter() - start
@@ -799,9 +870,8 @@ def create_app(
             predictions = await unless_disconnected(request, work, service.aborting)
             served = True
         except RequestError as error:
-            if error.status == 503:
-                service.refusals.warning(f"POST /v1/predict -> 503: {error.detail}")
-            elif error.status >= 500:
+            await service.refuse(error, request.scope)
+            if error.status >= 500 and error.status != 503:
                 log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)
             return error.response()
         finally:

@@ -108,7 +108,6 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 SMALL_REQUEST_TEXTS = 4
 # With both active, the other requests' batches get at most about this share of the model.
 BIG_SHARE = 0.2
-BIG_WAIT_S = 0.005  # how often a worker holding back big requests looks again
 SMALL_RECENT_S = 1.0  # small requests count as active this long after the last one
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
@@ -565,9 +564,6 @@ class Batcher:
                     or self._queued_tokens >= self.max_batch_tokens
                 )
                 remaining = self._items[0].arrived + self.max_wait_s - time.monotonic()
-                if (full or remaining <= 0) and not self._stopping and self._big_ones_wait():
-                    self._cond.wait(BIG_WAIT_S)  # for a small request, or their turn
-                    continue
                 if full or remaining <= 0 or self._stopping:
                     return self._take_batch()
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
@@ -577,15 +573,6 @@ class Batcher:
         each answer send their next request a moment later)."""
         return time.monotonic() - self._last_small < SMALL_RECENT_S
 
-    def _big_ones_wait(self) -> bool:
-        """True when only big requests are queued while small ones run in the model and
-        the big ones already had their share of the model time (holding the condition):
-        the worker waits for the small requests' next texts instead."""
-        if self._small_running == 0 or any(_is_small(item) for item in self._items):
-            return False
-        spent = self._model_time[True] + self._model_time[False]
-        return self._model_time[False] > BIG_SHARE * spent
-
     def _take_batch(self) -> list[_Item]:
         """Remove the next batch from the queue (holding the condition).
 
@@ -594,10 +581,10 @@ class Batcher:
         others get a batch only while their share of the recent model time is under
         :data:`BIG_SHARE`, and while small requests are queued or running, the others'
         batches are short (an eighth of the size and token limits), so a worker is soon
-        back for them; while small requests run and the others had their share, a worker
-        waits for the small ones' next texts rather than take the others'
-        (``_big_ones_wait``): a flood of big requests cannot take the model from one-text
-        requests, and cannot starve either.
+        back for them: a flood of big requests cannot take the model from one-text
+        requests, and cannot starve either. With only big requests queued, a free worker
+        takes them whatever their share: holding it back for small requests still to
+        come left a core idle (measured: less for everyone, the small requests included).
         """
         items = list(self._items)
         small = [_is_small(item) for item in items]
@@ -636,7 +623,6 @@ class Batcher:
                 if _is_small(batch[0]):
                     with self._cond:
                         self._small_running -= 1
-                        self._cond.notify_all()  # workers holding back big requests
 
     def _run_batch(self, batch: list[_Item], scores: Scorer) -> None:
         start = time.perf_counter()

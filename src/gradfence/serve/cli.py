@@ -80,10 +80,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="run the model with torch (default) or ONNX Runtime fp32 (extra 'onnx'; "
-        "exported on first use, checked against torch at start-up)",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="run the model with ONNX Runtime fp32 (extra 'onnx'; exported on first use, "
+        "cached, its scores checked against torch at start-up) or torch; auto (default): "
+        "ONNX Runtime when the extra is installed and the check passes, else torch",
     )
     parser.add_argument(
         "--api-key-env",
@@ -134,6 +135,14 @@ def register(subparsers: Any) -> None:
         type=float,
         default=5.0,
         help="close a kept-alive connection idle this long (default 5)",
+    )
+    parser.add_argument(
+        "--refusal-pause-s",
+        type=float,
+        default=1.0,
+        help="answer refusals only a retry can answer (503 busy, a made-up method, a "
+        "malformed or oversized head) this much later, so clients retrying in a loop "
+        "cost little; 0: at once (default 1)",
     )
     parser.add_argument(
         "--backend",
@@ -199,6 +208,8 @@ def _settings_from(args: argparse.Namespace) -> Any:
         raise UsageError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
     if args.head_timeout_s <= 0 or args.idle_timeout_s <= 0:
         raise UsageError("--head-timeout-s and --idle-timeout-s must be > 0")
+    if not 0 <= args.refusal_pause_s <= 60:
+        raise UsageError("--refusal-pause-s must be between 0 and 60")
     if args.max_head_bytes < 1024:
         raise UsageError("--max-head-bytes must be at least 1024")
     if not 0 <= args.port <= 65535:
@@ -230,6 +241,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
         head_timeout_s=args.head_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
         max_connections=args.max_connections,
+        refusal_pause_s=args.refusal_pause_s,
         workers=args.workers,
         worker_processes=args.worker_kind == "process" and args.backend == "uvicorn",
     )

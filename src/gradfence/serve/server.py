@@ -5,13 +5,15 @@ is installed), with limits no hostile client can get around:
 
 * a request head (request line + headers) over ``max_head_bytes`` is answered ``431``
   as soon as the buffered bytes exceed the limit, so an endless header or URL costs
-  neither CPU nor memory;
+  neither CPU nor memory; that answer, like a ``400`` for a malformed head, is sent
+  after the :class:`~gradfence.serve.app.RefusalPause` with the connection no longer
+  read, so a client repeating such heads sends one per pause;
 * a head not complete ``head_timeout_s`` after its first byte (or after the connection
   opened) is answered ``408`` and the connection closed (slowloris);
 * an idle keep-alive connection is closed after ``idle_timeout_s``;
 * at ``max_connections`` open connections, a new one closes the connection that has
-  been idle longest (one without a request in progress), or is answered ``503`` if none
-  is idle: idle connections cannot lock clients out.
+  been idle longest (one without a request in progress, or whose refusal is pausing),
+  or is answered ``503`` if none is idle: idle connections cannot lock clients out.
 
 Signals: the first SIGTERM/SIGINT stops accepting connections and answers every
 accepted request (a body still arriving gets ``shutdown_body_grace_s``); a second one
@@ -40,7 +42,13 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gradfence.serve.app import SECURITY_HEADERS, ServeSettings, create_app
+from gradfence.serve.app import (
+    REFUSAL_PAUSE_KEY,
+    SECURITY_HEADERS,
+    RefusalPause,
+    ServeSettings,
+    create_app,
+)
 from gradfence.serve.model import TextClassifier
 from gradfence.serve.signals import stop_signals_to
 
@@ -117,6 +125,7 @@ class GuardedH11Protocol(H11Protocol):
     """
 
     settings = ServeSettings()
+    pause = RefusalPause(0, 0)  # shared by the connections of one server
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +133,7 @@ class GuardedH11Protocol(H11Protocol):
         self.head_limited = _HeadLimitedConnection(h11.SERVER, self.settings.max_head_bytes)
         self.conn = self.head_limited
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
 
     # --- the connection cap -----------------------------------------------------
@@ -150,8 +160,11 @@ class GuardedH11Protocol(H11Protocol):
 
     @property
     def idle(self) -> bool:
-        """No request in progress: waiting for (the rest of) a head, or kept alive."""
-        return self.cycle is None or self.cycle.response_complete
+        """No request in progress (waiting for (the rest of) a head, or kept alive), or
+        one whose refusal is pausing."""
+        if self.cycle is None or self.cycle.response_complete:
+            return True
+        return bool(self.cycle.scope.get(REFUSAL_PAUSE_KEY))
 
     # --- head size and time -----------------------------------------------------
 
@@ -169,9 +182,29 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         if self.head_limited.refused_status == 431:
             limit = self.settings.max_head_bytes
-            self._refuse(431, f"request head over {limit} bytes (request line and headers)")
+            detail = f"request head over {limit} bytes (request line and headers)"
+            self._refuse_after_pause(431, detail)
         else:
-            self._refuse(400, "invalid HTTP request")
+            self._refuse_after_pause(400, "invalid HTTP request")
+
+    def _refuse_after_pause(self, status: int, detail: str) -> None:
+        """:meth:`_refuse` after the refusal pause, reading nothing more meanwhile."""
+        self._cancel_head_timer()
+        if self.transport.is_closing() or self._refusal is not None:
+            return
+        delay = self.pause.take()
+        if delay is None:
+            self._refuse(status, detail)
+            return
+        self.transport.pause_reading()
+        self.idle_since = self.loop.time()
+
+        def answer() -> None:
+            self._refusal = None
+            self.pause.release()
+            self._refuse(status, detail)
+
+        self._refusal = self.loop.call_later(delay, answer)
 
     def _refuse(self, status: int, detail: str) -> None:
         self._cancel_head_timer()
@@ -200,12 +233,17 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._refusal is not None:
+            self._refusal.cancel()
+            self._refusal = None
+            self.pause.release()
         super().connection_lost(exc)
 
 
 def protocol_for(settings: ServeSettings) -> type[GuardedH11Protocol]:
     """The protocol class uvicorn runs, bound to ``settings``' limits."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"settings": settings})
+    pause = RefusalPause(settings.refusal_pause_s, settings.max_connections)
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"settings": settings, "pause": pause})
 
 
 def raise_fd_limit(settings: ServeSettings) -> ServeSettings:
