@@ -27,7 +27,7 @@ def server_queue_depth(url: str) -> float:
 
 def test_a_one_text_request_is_batched_before_the_rest_of_big_ones_and_alone() -> None:
     model = StubClassifier()
-    batcher = started(model, max_batch_size=4, max_wait_ms=10_000)
+    batcher = started(model, max_batch_size=4, max_wait_ms=300)
     model.gate.clear()  # the first batch stalls in the model
     big = [batcher.submit([f"a{i:02d}" for i in range(12)])]
     while batcher.queue_depth > 8:  # the worker took A's first 4 texts and waits
@@ -44,6 +44,37 @@ def test_a_one_text_request_is_batched_before_the_rest_of_big_ones_and_alone() -
     # for a second after a small request
     assert model.batches[2] == ["a04"]
     assert sum(len(batch) for batch in model.batches) == 25
+    batcher.stop()
+
+
+class SlowBigStub(StubClassifier):
+    """Takes 30 ms for a batch of big requests' texts (named ``a..``)."""
+
+    def forward(self, texts: Sequence[str]) -> Tensor:
+        if texts[0].startswith("a"):
+            time.sleep(0.03)
+        return super().forward(texts)
+
+
+def test_small_requests_are_still_batched_while_big_ones_wait() -> None:
+    model = SlowBigStub()
+    batcher = started(model, workers=1, max_batch_size=8, max_wait_ms=400)
+    model.gate.clear()  # the first batch stalls in the model
+    big = batcher.submit([f"a{i:02d}" for i in range(24)])
+    while batcher.queue_depth > 16:
+        pass
+    first = batcher.submit(["s0"])
+    time.sleep(0.45)  # the big texts are long overdue, and so is the first small one...
+    model.gate.set()
+    time.sleep(0.05)
+    others = [batcher.submit(["s1"])]  # ... the next small batch is not: it waits for
+    time.sleep(0.1)  # more small texts (up to 0.4 s), not for the big ones to run
+    others.append(batcher.submit(["s2"]))
+    for future in (first, *others):
+        assert len(future.result(30)) == 1
+    assert len(big.result(30)) == 24
+    small_batches = [batch for batch in model.batches if batch[0].startswith("s")]
+    assert small_batches == [["s0"], ["s1", "s2"]], model.batches
     batcher.stop()
 
 

@@ -559,13 +559,14 @@ class Batcher:
                         return None
                     self._cond.wait()
                     continue
-                full = (
-                    len(self._items) >= self.max_batch_size
-                    or self._queued_tokens >= self.max_batch_tokens
+                items = list(self._items)
+                pool, max_texts, max_tokens = self._next_pool(items)
+                full = len(pool) >= max_texts or (
+                    sum(items[i].encoded.tokens for i in pool) >= max_tokens
                 )
-                remaining = self._items[0].arrived + self.max_wait_s - time.monotonic()
+                remaining = items[pool[0]].arrived + self.max_wait_s - time.monotonic()
                 if full or remaining <= 0 or self._stopping:
-                    return self._take_batch()
+                    return self._take_batch(items, pool, max_texts, max_tokens)
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
 
     def _small_recent(self) -> bool:
@@ -573,20 +574,21 @@ class Batcher:
         each answer send their next request a moment later)."""
         return time.monotonic() - self._last_small < SMALL_RECENT_S
 
-    def _take_batch(self) -> list[_Item]:
-        """Remove the next batch from the queue (holding the condition).
+    def _next_pool(self, items: list[_Item]) -> tuple[list[int], int, int]:
+        """Which queued texts the next batch comes from, and its size and token limits
+        (holding the condition): the indices in ``items`` of one class of request, small
+        requests' or the others'.
 
-        The batch is planned by length (:func:`plan_batch`) from a window of the oldest
-        queued texts of one class: small requests' or the others'. With both queued, the
-        others get a batch only while their share of the recent model time is under
-        :data:`BIG_SHARE`, and while small requests are queued or running, the others'
-        batches are short (an eighth of the size and token limits), so a worker is soon
-        back for them: a flood of big requests cannot take the model from one-text
-        requests, and cannot starve either. With only big requests queued, a free worker
-        takes them whatever their share: holding it back for small requests still to
-        come left a core idle (measured: less for everyone, the small requests included).
+        With both queued, the others get a batch only while their share of the recent
+        model time is under :data:`BIG_SHARE`, and while small requests are queued or
+        running, the others' batches are short (an eighth of the size and token limits),
+        so a worker is soon back for them: a flood of big requests cannot take the model
+        from one-text requests, and cannot starve either. With only big requests queued, a
+        free worker takes them whatever their share: holding it back for small requests
+        still to come left a core idle (measured: less for everyone, the small requests
+        included). A batch is due by its own class's count, tokens and oldest text, so
+        small requests are still batched while big ones wait.
         """
-        items = list(self._items)
         small = [_is_small(item) for item in items]
         small_active = any(small) or self._small_running > 0 or self._small_recent()
         max_texts, max_tokens = self.max_batch_size, self.max_batch_tokens
@@ -602,6 +604,14 @@ class Batcher:
             # a short batch: the worker is soon back for the small requests
             max_texts = max(1, max_texts // 8)
             max_tokens = max(1, max_tokens // 8)
+        return pool, max_texts, max_tokens
+
+    def _take_batch(
+        self, items: list[_Item], pool: list[int], max_texts: int, max_tokens: int
+    ) -> list[_Item]:
+        """Remove the next batch from the queue (holding the condition): planned by length
+        (:func:`plan_batch`) from a window of the oldest texts of ``pool``
+        (:meth:`_next_pool`)."""
         window = pool[: self.window]
         chosen = plan_batch([items[i].encoded.tokens for i in window], max_texts, max_tokens)
         taken = {window[i] for i in chosen}
@@ -645,7 +655,7 @@ class Batcher:
                 self._run_batch([item for item in batch if item.request is request], scores)
             return
         elapsed = time.perf_counter() - start
-        with self._cond:  # the model time each class of request got (see _take_batch)
+        with self._cond:  # the model time each class of request got (see _next_pool)
             self._model_time[_is_small(batch[0])] += elapsed
         labels = self.model.labels
         for item, row in zip(batch, rows, strict=True):
