@@ -239,6 +239,12 @@ def test_refusal_pause_holds_at_most_its_limit_and_spaces_answers_out() -> None:
     pause.release()
     assert pause.take() is not None
     assert RefusalPause(0, limit=10).take() is None  # 0 s: off
+    # clients that leave at once do not push the schedule out for those that come later
+    churn = RefusalPause(1.0, limit=5, per_second=10)
+    for _ in range(100):
+        delay = churn.take()
+        assert delay is not None and delay <= 1.0 + 2 / 10
+        churn.release()
 
 
 # --- what the app lets through ------------------------------------------------------

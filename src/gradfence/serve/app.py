@@ -215,9 +215,11 @@ class RefusalPause:
     retries at once: answered immediately, a few such clients keep a core busy (theirs
     and the server's) for nothing. Each such refusal waits ``seconds``, and longer when
     more than ``per_second`` would be answered in a second, so clients in a retry loop
-    send one request per pause, whatever their number; the connection waits at no CPU
-    cost (the HTTP layer stops reading it). At most ``limit`` refusals wait at once;
-    beyond that they are answered at once. ``seconds`` 0 turns the pause off.
+    send one request per pause, whatever their number. The wait costs no CPU: a refused
+    head is no longer read (the client's writes block), and a request refused by the app
+    is read no further than the HTTP layer's buffer. One instance serves the app and the
+    HTTP layer of a server. At most ``limit`` refusals wait at once; beyond that they are
+    answered at once. ``seconds`` 0 turns the pause off.
     """
 
     def __init__(self, seconds: float, limit: int, per_second: float = REFUSALS_PER_S) -> None:
@@ -233,7 +235,11 @@ class RefusalPause:
         if self.seconds <= 0 or self.waiting >= self.limit:
             return None
         now = time.monotonic()
-        self._last = max(now + self.seconds, self._last + 1 / self.per_second)
+        # spaced 1/per_second apart after the latest; a refusal released early (its client
+        # left) frees its place in that schedule too: never further out than the number
+        # waiting needs
+        latest = min(self._last, now + self.seconds + self.waiting / self.per_second)
+        self._last = max(now + self.seconds, latest + 1 / self.per_second)
         self.waiting += 1
         return self._last - now
 
@@ -247,7 +253,7 @@ class RefusalPause:
             return
         scope[REFUSAL_PAUSE_KEY] = True
         try:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin before 3.11
                 await asyncio.wait_for(until.wait(), delay)
         finally:
             self.release()
@@ -870,6 +876,8 @@ def create_app(
             predictions = await unless_disconnected(request, work, service.aborting)
             served = True
         except RequestError as error:
+            service.admission.finish(tokens, served, small)  # not held through the pause
+            tokens = 0
             await service.refuse(error, request.scope)
             if error.status >= 500 and error.status != 503:
                 log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)

@@ -106,7 +106,8 @@ DEFAULT_MAX_BATCH_TOKENS = 2048
 # ones get most of the model time (the others a share, so nothing starves), and the last
 # quarter of the queue is theirs alone: a flood of big requests cannot lock out everyone.
 SMALL_REQUEST_TEXTS = 4
-# With both active, the other requests' batches get at most about this share of the model.
+# With both queued, the other requests get a batch only while their share of the model
+# time is under this (with only theirs queued, a free worker takes them: no idle core).
 BIG_SHARE = 0.2
 SMALL_RECENT_S = 1.0  # small requests count as active this long after the last one
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread

@@ -192,6 +192,9 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_head_timer()
         if self.transport.is_closing() or self._refusal is not None:
             return
+        if not self.idle:  # a body gone wrong mid-request: the app is reading it
+            self._refuse(status, detail)
+            return
         delay = self.pause.take()
         if delay is None:
             self._refuse(status, detail)
@@ -240,9 +243,9 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def protocol_for(settings: ServeSettings) -> type[GuardedH11Protocol]:
-    """The protocol class uvicorn runs, bound to ``settings``' limits."""
-    pause = RefusalPause(settings.refusal_pause_s, settings.max_connections)
+def protocol_for(settings: ServeSettings, pause: RefusalPause) -> type[GuardedH11Protocol]:
+    """The protocol class uvicorn runs, bound to ``settings``' limits and to the app's
+    :class:`RefusalPause` (one schedule for the refusals of both)."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {"settings": settings, "pause": pause})
 
 
@@ -270,7 +273,7 @@ def uvicorn_config(app: Any, settings: ServeSettings, **options: Any) -> uvicorn
     """The uvicorn configuration of the service's edge (also used by the tests)."""
     return uvicorn.Config(
         app,
-        http=protocol_for(settings),
+        http=protocol_for(settings, app.state.service.pause),
         ws="none",
         access_log=False,
         lifespan="on",
