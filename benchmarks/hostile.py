@@ -40,7 +40,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import HOST, KeepAliveClient, drive, free_port, load_texts, tree_cpu_seconds, wait_ready
+from load import (
+    HOST,
+    KeepAliveClient,
+    cpu_seconds,
+    drive,
+    free_port,
+    load_texts,
+    tree_cpu_seconds,
+    wait_ready,
+)
 
 Attack = Callable[[str, int, asyncio.Event], Awaitable[None]]
 
@@ -204,10 +213,9 @@ def measure(
         other.join(60)
         if other.is_alive():
             other.kill()
-    latencies = sorted(result.latencies_ms) or [float("nan")]
     return Run(
         rate=result.texts / args.duration,
-        p99_ms=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        p99_ms=result.percentile(99),
         errors=result.errors,
         model_rate=(served_after - served) / args.duration,
         late=late_after - late,
@@ -215,15 +223,6 @@ def measure(
         http_cores=http_cpu / args.duration,
         model_cores=(tree_cpu - http_cpu) / args.duration,
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

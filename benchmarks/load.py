@@ -155,20 +155,24 @@ def histogram_delta(before: dict[float, float], after: dict[float, float]) -> di
     return out
 
 
+def cpu_seconds(process: psutil.Process | int) -> float:
+    """User + system CPU seconds of a live process (0 if it is gone)."""
+    try:
+        times = (
+            process if isinstance(process, psutil.Process) else psutil.Process(process)
+        ).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and all its live descendants."""
-    total = 0.0
     try:
         root = psutil.Process(pid)
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                times = process.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
+        return sum(cpu_seconds(process) for process in [root, *root.children(recursive=True)])
     except psutil.NoSuchProcess:
-        pass
-    return total
+        return 0.0
 
 
 # --- servers ------------------------------------------------------------------------

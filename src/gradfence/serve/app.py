@@ -710,7 +710,7 @@ class _Service:
 
     async def refuse(self, error: RequestError, scope: Scope) -> None:
         """Log a 503 (throttled) and, for one that asks for a retry, pause before it is
-        sent (:class:`RefusalPause`; not while shutting down)."""
+        sent (:class:`RefusalPause`, cut short when shutting down)."""
         if error.status != 503:
             return
         self.refusals.warning(f"{scope['method']} {scope['path']} -> 503: {error.detail}")
@@ -876,14 +876,16 @@ def create_app(
             predictions = await unless_disconnected(request, work, service.aborting)
             served = True
         except RequestError as error:
-            service.admission.finish(tokens, served, small)  # not held through the pause
-            tokens = 0
-            await service.refuse(error, request.scope)
-            if error.status >= 500 and error.status != 503:
-                log.warning("POST /v1/predict -> %d: %s", error.status, error.detail)
-            return error.response()
-        finally:
+            refused: RequestError | None = error
+        else:
+            refused = None
+        finally:  # the admitted work is freed before a refusal pauses
             service.admission.finish(tokens, served, small)
+        if refused is not None:
+            await service.refuse(refused, request.scope)
+            if refused.status >= 500 and refused.status != 503:
+                log.warning("POST /v1/predict -> %d: %s", refused.status, refused.detail)
+            return refused.response()
         return JSONResponse(predictions_body(predictions, batcher.model.model_id))
 
     @app.get(

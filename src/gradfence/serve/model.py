@@ -85,7 +85,7 @@ class TextClassifier(nn.Module):
     labels: tuple[str, ...]
     model_id: str
     max_tokens: int = MAX_TOKENS
-    runtime: str = "torch"  # what computes the logits (see :data:`RUNTIMES`)
+    runtime: str = "torch"  # what computes the logits: "torch" or "onnx"
 
     def forward(self, texts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
