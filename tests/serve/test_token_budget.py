@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -35,6 +37,51 @@ def test_plan_batch_groups_texts_of_similar_length() -> None:
     assert chosen == [0, 4, 7, 10]  # the 28-31 token texts, not the first four queued
     assert plan_batch([7] * 40, max_texts=32, max_tokens=4096) == list(range(32))
     assert plan_batch([300, 5, 5], max_texts=32, max_tokens=256) == [0]  # too long: alone
+
+
+def _cost(runs: Sequence[Sequence[int]], overhead: float) -> float:
+    return sum(overhead + len(run) * max(run) for run in runs)
+
+
+def _least_cost(tokens: list[int], max_texts: int, max_tokens: int, overhead: float) -> float:
+    """Every way to cut the sorted token counts into runs, by brute force."""
+    ordered = sorted(tokens)
+    best = math.inf
+    for cuts in itertools.product((False, True), repeat=len(ordered) - 1):
+        runs, run = [], [ordered[0]]
+        for cut, length in zip(cuts, ordered[1:], strict=True):
+            if cut:
+                runs.append(run)
+                run = []
+            run.append(length)
+        runs.append(run)
+        if all(
+            len(r) <= max_texts and (len(r) == 1 or len(r) * max(r) <= max_tokens) for r in runs
+        ):
+            best = min(best, _cost(runs, overhead))
+    return best
+
+
+def test_plan_batch_cuts_the_queue_into_the_cheapest_batches() -> None:
+    rng = random.Random(2)
+    for _ in range(300):
+        tokens = [rng.choice([3, 9, 12, 30, 31, 60, 120]) for _ in range(rng.randint(1, 8))]
+        max_texts, max_tokens = rng.randint(1, 6), rng.choice([64, 256, 2048])
+        overhead = rng.choice([0, 8, 32, 500])
+        queue, runs = list(tokens), []
+        while queue:  # what the workers take, one batch after the other
+            chosen = plan_batch(queue, max_texts, max_tokens, overhead)
+            runs.append([queue[i] for i in chosen])
+            queue = [t for i, t in enumerate(queue) if i not in set(chosen)]
+        assert _cost(runs, overhead) == _least_cost(tokens, max_texts, max_tokens, overhead)
+
+
+def test_a_long_text_does_not_pad_a_batch_of_short_ones() -> None:
+    tokens = [12, 14, 11, 13, 160, 12, 15, 13]
+    assert plan_batch(tokens, max_texts=32, max_tokens=2048) == [0, 1, 2, 3, 5, 6, 7]
+    assert plan_batch(tokens[4:] + tokens[:4], max_texts=32, max_tokens=2048) == [0]
+    # where a batch costs much more than its tokens, one batch is cheapest
+    assert plan_batch(tokens, 32, 2048, overhead=10_000) == list(range(8))
 
 
 class TokenCounted(StubClassifier):
