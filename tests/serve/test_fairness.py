@@ -196,9 +196,10 @@ def test_while_small_requests_run_a_big_one_gets_short_batches() -> None:
     batcher.stop()
 
 
-def test_a_free_worker_takes_big_work_past_its_share_rather_than_idle() -> None:
+def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     model = StubClassifier()
-    batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1)
+    # a hold longer than the checks below take
+    batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1, small_hold_s=3)
     model.gate.clear()
     small = batcher.submit(["b"])
     while batcher.queue_depth:  # one worker runs the small request
@@ -206,17 +207,40 @@ def test_a_free_worker_takes_big_work_past_its_share_rather_than_idle() -> None:
     with batcher._cond:  # the big requests already had half of the recent model time
         batcher._model_time = {True: 1.0, False: 1.0}
     big = batcher.submit([f"g{i:02d}" for i in range(16)])
+    time.sleep(0.3)
+    assert batcher.queue_depth == 16  # the free worker holds the big work back
+    second = batcher.submit(["bb"])  # and takes the next small request at once
     deadline = time.monotonic() + 10
-    while batcher.queue_depth > 14 and time.monotonic() < deadline:
+    while batcher.queue_depth > 16 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert batcher.queue_depth == 14  # the free worker took a short batch of it
-    second = batcher.submit(["bb"])  # a small one now goes first (both workers busy)
+    assert batcher.queue_depth == 16
     model.gate.set()
     assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
-    big_batches = [batch for batch in model.batches if batch[0].startswith("g")]
-    assert big_batches[0] == ["g00", "g01"]
-    after_second = model.batches[model.batches.index(["bb"]) :]
-    assert ["g02", "g03"] in after_second  # the next big batch waited for the small one
+    first_big = next(i for i, batch in enumerate(model.batches) if "g00" in batch)
+    assert model.batches.index(["bb"]) < first_big
+    batcher.stop()
+
+
+def test_a_trickle_of_small_requests_does_not_starve_big_ones() -> None:
+    model = StubClassifier()
+    batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1, small_hold_s=0.05)
+    stop = threading.Event()
+
+    def trickle() -> None:  # one small request every 0.2 s: small requests stay active
+        while not stop.wait(0.2):
+            batcher.submit(["b"]).result(30)
+
+    assert len(batcher.submit(["b"]).result(30)) == 1  # small requests are active
+    with batcher._cond:  # and the big requests are far past their share
+        batcher._model_time = {True: 1.0, False: 9.0}
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        # past the short hold after each small request, a free worker takes big work
+        assert len(batcher.submit([f"g{i:02d}" for i in range(16)]).result(30)) == 16
+    finally:
+        stop.set()
+        thread.join()
     batcher.stop()
 
 

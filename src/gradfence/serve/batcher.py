@@ -112,10 +112,16 @@ BATCH_OVERHEAD_TOKENS = 32
 # ones get most of the model time (the others a share, so nothing starves), and the last
 # quarter of the queue is theirs alone: a flood of big requests cannot lock out everyone.
 SMALL_REQUEST_TEXTS = 4
-# With both queued, the other requests get a batch only while their share of the model
-# time is under this (with only theirs queued, a free worker takes them: no idle core).
-BIG_SHARE = 0.2
+# While small requests are active, the other requests get a batch only while their share
+# of the model time is under this; with small requests gone, they get the whole model.
+BIG_SHARE = 0.1
 SMALL_RECENT_S = 1.0  # small requests count as active this long after the last one
+# With only big requests queued and their share spent, a free worker waits this long
+# after the last small request arrived or was answered (its client is about to send the
+# next), then takes big work: a trickle of small requests cannot starve the big ones.
+SMALL_HOLD_S = 0.05
+# the shares are of the model time of about the last this many worker-seconds
+SHARE_HORIZON_S = 10.0
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
 
 
@@ -289,6 +295,7 @@ class Batcher:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         window: int | None = None,
         loader: ModelLoader | None = None,
+        small_hold_s: float = SMALL_HOLD_S,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
@@ -303,6 +310,7 @@ class Batcher:
         self.on_batch = on_batch
         self.workers = workers
         self.max_batch_tokens = max_batch_tokens
+        self.small_hold_s = small_hold_s
         # texts sorted by length to complete a batch: a few batches' worth
         self.window = window or 4 * max_batch_size
         # one intra-op thread per core: N single-threaded workers beat one N-threaded one
@@ -313,11 +321,11 @@ class Batcher:
         self._items: deque[_Item] = deque()
         self._queued_tokens = 0
         self._state_requests: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
-        # model seconds of small requests' batches (True) and the others' (False) since
-        # both classes were last queued together
+        # model seconds of small requests' batches (True) and the others' (False) while
+        # small requests were active, over about SHARE_HORIZON_S
         self._model_time = {True: 0.0, False: 0.0}
         self._small_running = 0  # small requests' batches in the model now
-        self._last_small = -math.inf  # when the last small request was queued
+        self._last_small = -math.inf  # when a small request was last queued or answered
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -571,6 +579,9 @@ class Batcher:
                     continue
                 items = list(self._items)
                 pool, max_texts, max_tokens = self._next_pool(items)
+                if not pool:  # big work held back for a moment
+                    self._cond.wait(self._last_small + self.small_hold_s - time.monotonic())
+                    continue
                 full = len(pool) >= max_texts or (
                     sum(items[i].encoded.tokens for i in pool) >= max_tokens
                 )
@@ -579,37 +590,43 @@ class Batcher:
                     return self._take_batch(items, pool, max_texts, max_tokens)
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
 
-    def _small_recent(self) -> bool:
-        """A small request arrived within :data:`SMALL_RECENT_S` (clients that wait for
-        each answer send their next request a moment later)."""
-        return time.monotonic() - self._last_small < SMALL_RECENT_S
+    def _small_recent(self, within_s: float = SMALL_RECENT_S) -> bool:
+        """A small request was queued or answered within ``within_s`` (clients that wait
+        for each answer send their next request a moment later)."""
+        return time.monotonic() - self._last_small < within_s
 
     def _next_pool(self, items: list[_Item]) -> tuple[list[int], int, int]:
         """Which queued texts the next batch comes from, and its size and token limits
         (holding the condition): the indices in ``items`` of one class of request, small
-        requests' or the others'.
+        requests' or the others'; none when the worker is to wait for small requests.
 
-        With both queued, the others get a batch only while their share of the recent
-        model time is under :data:`BIG_SHARE`, and while small requests are queued or
-        running, the others' batches are short (an eighth of the size and token limits),
-        so a worker is soon back for them: a flood of big requests cannot take the model
-        from one-text requests, and cannot starve either. With only big requests queued, a
-        free worker takes them whatever their share: holding it back for small requests
-        still to come left a core idle (measured: less for everyone, the small requests
-        included). A batch is due by its own class's count, tokens and oldest text, so
-        small requests are still batched while big ones wait.
+        While small requests are active (queued, running, or one a moment ago), the others
+        get a batch only while their share of the recent model time is under
+        :data:`BIG_SHARE`, and a short one (an eighth of the size and token limits), so a
+        worker is soon back for the small requests: a flood of big requests cannot take
+        the model from one-text requests. With only big requests queued and their share
+        spent, a free worker waits up to ``small_hold_s`` after the last small request was
+        queued or answered (their clients send the next one a moment later), then takes
+        the big ones: a trickle of small requests cannot starve them, and with small
+        requests gone they get the whole model. A batch is due by its own class's count,
+        tokens and oldest text, so small requests are still batched while big ones wait.
         """
         small = [_is_small(item) for item in items]
         small_active = any(small) or self._small_running > 0 or self._small_recent()
         max_texts, max_tokens = self.max_batch_size, self.max_batch_tokens
-        if all(small) or not any(small):
-            if not small_active:
-                self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
+        if not small_active:
+            self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
+        spent = self._model_time[True] + self._model_time[False]
+        big_turn = not small_active or self._model_time[False] < BIG_SHARE * spent
+        if all(small):
             pool = list(range(len(items)))
+        elif not any(small):
+            held = not (big_turn or self._stopping) and self._small_recent(self.small_hold_s)
+            pool = [] if held else list(range(len(items)))
         else:
-            spent = self._model_time[True] + self._model_time[False]
-            big_turn = self._model_time[False] < BIG_SHARE * spent
             pool = [i for i, is_small in enumerate(small) if is_small != big_turn]
+        if not pool:
+            return pool, max_texts, max_tokens
         if small_active and not small[pool[0]]:
             # a short batch: the worker is soon back for the small requests
             max_texts = max(1, max_texts // 8)
@@ -643,6 +660,8 @@ class Batcher:
                 if _is_small(batch[0]):
                     with self._cond:
                         self._small_running -= 1
+                        self._last_small = time.monotonic()  # its clients send more soon
+                        self._cond.notify_all()  # a worker holding big work back
 
     def _run_batch(self, batch: list[_Item], scores: Scorer) -> None:
         start = time.perf_counter()
@@ -667,6 +686,8 @@ class Batcher:
         elapsed = time.perf_counter() - start
         with self._cond:  # the model time each class of request got (see _next_pool)
             self._model_time[_is_small(batch[0])] += elapsed
+            if sum(self._model_time.values()) > SHARE_HORIZON_S:
+                self._model_time = {k: v / 2 for k, v in self._model_time.items()}
         labels = self.model.labels
         for item, row in zip(batch, rows, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
