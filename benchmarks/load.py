@@ -449,8 +449,9 @@ def ceiling_batches(model: Any, clients: int, max_words: int | None) -> list[Any
 
     encoded = model.encode(load_texts(2000, max_words))
     batches = []
-    for start in range(0, len(encoded), clients):
-        window = list(encoded[start : start + clients])
+    step = min(clients, 4 * MAX_BATCH_SIZE)  # the server plans from at most that many
+    for start in range(0, len(encoded), step):
+        window = list(encoded[start : start + step])
         while window:
             chosen = plan_batch(
                 [e.tokens for e in window], MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS

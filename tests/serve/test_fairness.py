@@ -13,7 +13,7 @@ import pytest
 from torch import Tensor
 
 from gradfence.serve.app import WorkAdmission
-from gradfence.serve.batcher import QueueFullError
+from gradfence.serve.batcher import Batcher, QueueFullError
 
 from .conftest import ServerFactory, StubClassifier, started, stub_label
 
@@ -196,6 +196,14 @@ def test_while_small_requests_run_a_big_one_gets_short_batches() -> None:
     batcher.stop()
 
 
+def _busy_small_past_big_share(batcher: Batcher) -> None:
+    """As if small requests had kept both workers busy for the last half second, and big
+    ones had half of that model time (far past their share)."""
+    with batcher._cond:
+        batcher._model_time = {True: 4.0, False: 4.0}
+        batcher._shares_since = time.monotonic() - 0.5
+
+
 def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     model = StubClassifier()
     # a hold longer than the checks below take
@@ -204,8 +212,7 @@ def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     small = batcher.submit(["b"])
     while batcher.queue_depth:  # one worker runs the small request
         pass
-    with batcher._cond:  # the big requests already had half of the recent model time
-        batcher._model_time = {True: 1.0, False: 1.0}
+    _busy_small_past_big_share(batcher)
     big = batcher.submit([f"g{i:02d}" for i in range(16)])
     time.sleep(0.3)
     assert batcher.queue_depth == 16  # the free worker holds the big work back
@@ -214,6 +221,9 @@ def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     while batcher.queue_depth > 16 and time.monotonic() < deadline:
         time.sleep(0.001)
     assert batcher.queue_depth == 16
+    with batcher._cond:  # no more holding: the rest of the test need not wait for it
+        batcher.small_hold_s = 0
+        batcher._cond.notify_all()
     model.gate.set()
     assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
     first_big = next(i for i, batch in enumerate(model.batches) if "g00" in batch)
@@ -221,13 +231,14 @@ def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     batcher.stop()
 
 
-def test_a_trickle_of_small_requests_does_not_starve_big_ones() -> None:
+@pytest.mark.parametrize("every_s", [0.2, 0.01])
+def test_a_trickle_of_small_requests_does_not_starve_big_ones(every_s: float) -> None:
     model = StubClassifier()
     batcher = started(model, workers=2, max_batch_size=16, max_wait_ms=1, small_hold_s=0.05)
     stop = threading.Event()
 
-    def trickle() -> None:  # one small request every 0.2 s: small requests stay active
-        while not stop.wait(0.2):
+    def trickle() -> None:  # small requests stay active, far apart or closer than the hold
+        while not stop.wait(every_s):
             batcher.submit(["b"]).result(30)
 
     assert len(batcher.submit(["b"]).result(30)) == 1  # small requests are active
@@ -236,7 +247,7 @@ def test_a_trickle_of_small_requests_does_not_starve_big_ones() -> None:
     thread = threading.Thread(target=trickle)
     thread.start()
     try:
-        # past the short hold after each small request, a free worker takes big work
+        # the small requests leave the workers mostly idle: a free worker takes big work
         assert len(batcher.submit([f"g{i:02d}" for i in range(16)]).result(30)) == 16
     finally:
         stop.set()

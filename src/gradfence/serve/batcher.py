@@ -21,10 +21,11 @@ whichever comes first. The batch always holds the oldest queued text of its clas
 text waits behind newer ones for ever), with the texts of about its length from a window
 of the queue (:func:`plan_batch`): a batch is padded to its longest text, and on a CPU
 time follows the padded tokens, so texts of unlike lengths go to different batches.
-Small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger ones are batched apart; with both
-queued, the bigger ones get at most :data:`BIG_SHARE` of the model time, so a one-text
-request does not wait behind a flood of 64-text ones (nor is padded to their length)
-while those still move. The last quarter of the queue is kept for small requests. A
+Small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger ones are batched apart; while
+small requests are active, the bigger ones' turn comes while their share of the model time
+is under :data:`BIG_SHARE` (see :meth:`Batcher._next_pool`), so a one-text request does
+not wait behind a flood of 64-text ones (nor is padded to their length) while those still
+move. The last quarter of the queue is kept for small requests. A
 request with more texts than a batch holds is spread over several batches. Every batch
 must give exactly one row of scores per text; when it does not (or the model raises),
 each request of the batch is run again alone, and a request that fails alone gets the
@@ -112,14 +113,17 @@ BATCH_OVERHEAD_TOKENS = 32
 # ones get most of the model time (the others a share, so nothing starves), and the last
 # quarter of the queue is theirs alone: a flood of big requests cannot lock out everyone.
 SMALL_REQUEST_TEXTS = 4
-# While small requests are active, the other requests get a batch only while their share
-# of the model time is under this; with small requests gone, they get the whole model.
+# While small requests are active, the other requests' turn comes while their share of
+# the model time is under this; with small requests gone, they get the whole model.
 BIG_SHARE = 0.1
 SMALL_RECENT_S = 1.0  # small requests count as active this long after the last one
 # With only big requests queued and their share spent, a free worker waits this long
 # after the last small request arrived or was answered (its client is about to send the
-# next), then takes big work: a trickle of small requests cannot starve the big ones.
+# next), then takes big work; and it waits only while small requests keep the workers
+# busy at least SMALL_BUSY of the time: a free worker takes big work rather than idle
+# next to a trickle of small requests.
 SMALL_HOLD_S = 0.05
+SMALL_BUSY = 0.5
 # the shares are of the model time of about the last this many worker-seconds
 SHARE_HORIZON_S = 10.0
 OFFLOAD_ENCODE_CHARS = 20_000  # predict() tokenizes bigger requests in a helper thread
@@ -322,8 +326,9 @@ class Batcher:
         self._queued_tokens = 0
         self._state_requests: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
         # model seconds of small requests' batches (True) and the others' (False) while
-        # small requests were active, over about SHARE_HORIZON_S
+        # small requests were active, over about SHARE_HORIZON_S, and since when
         self._model_time = {True: 0.0, False: 0.0}
+        self._shares_since = time.monotonic()
         self._small_running = 0  # small requests' batches in the model now
         self._last_small = -math.inf  # when a small request was last queued or answered
         self._cond = threading.Condition()
@@ -580,7 +585,8 @@ class Batcher:
                 items = list(self._items)
                 pool, max_texts, max_tokens = self._next_pool(items)
                 if not pool:  # big work held back for a moment
-                    self._cond.wait(self._last_small + self.small_hold_s - time.monotonic())
+                    hold = min(self.small_hold_s, SMALL_RECENT_S)
+                    self._cond.wait(self._last_small + hold - time.monotonic())
                     continue
                 full = len(pool) >= max_texts or (
                     sum(items[i].encoded.tokens for i in pool) >= max_tokens
@@ -589,6 +595,12 @@ class Batcher:
                 if full or remaining <= 0 or self._stopping:
                     return self._take_batch(items, pool, max_texts, max_tokens)
                 self._cond.wait(remaining)  # then look again: another worker may have taken it
+
+    def _small_busy(self) -> bool:
+        """Small requests kept the workers busy :data:`SMALL_BUSY` of the time or more
+        since the shares were last reset (holding the condition)."""
+        capacity = self.workers * (time.monotonic() - self._shares_since)
+        return self._model_time[True] >= SMALL_BUSY * capacity
 
     def _small_recent(self, within_s: float = SMALL_RECENT_S) -> bool:
         """A small request was queued or answered within ``within_s`` (clients that wait
@@ -605,23 +617,30 @@ class Batcher:
         :data:`BIG_SHARE`, and a short one (an eighth of the size and token limits), so a
         worker is soon back for the small requests: a flood of big requests cannot take
         the model from one-text requests. With only big requests queued and their share
-        spent, a free worker waits up to ``small_hold_s`` after the last small request was
-        queued or answered (their clients send the next one a moment later), then takes
-        the big ones: a trickle of small requests cannot starve them, and with small
-        requests gone they get the whole model. A batch is due by its own class's count,
-        tokens and oldest text, so small requests are still batched while big ones wait.
+        spent, and small requests keeping the workers busy at least :data:`SMALL_BUSY` of
+        the time, a free worker waits up to ``small_hold_s`` after the last small request
+        was queued or answered (their clients send the next one a moment later), then
+        takes the big ones: a trickle of small requests neither starves them nor leaves a
+        worker idle, and with small requests gone they get the whole model. A batch is
+        due by its own class's count, tokens and oldest text, so small requests are still
+        batched while big ones wait.
         """
         small = [_is_small(item) for item in items]
         small_active = any(small) or self._small_running > 0 or self._small_recent()
         max_texts, max_tokens = self.max_batch_size, self.max_batch_tokens
-        if not small_active:
-            self._model_time = {True: 0.0, False: 0.0}  # one class: no shares to keep
+        if not small_active:  # one class: no shares to keep
+            self._model_time = {True: 0.0, False: 0.0}
+            self._shares_since = time.monotonic()
         spent = self._model_time[True] + self._model_time[False]
-        big_turn = not small_active or self._model_time[False] < BIG_SHARE * spent
+        big_turn = not small_active or self._model_time[False] <= BIG_SHARE * spent
         if all(small):
             pool = list(range(len(items)))
         elif not any(small):
-            held = not (big_turn or self._stopping) and self._small_recent(self.small_hold_s)
+            held = (
+                not (big_turn or self._stopping)
+                and self._small_recent(min(self.small_hold_s, SMALL_RECENT_S))
+                and self._small_busy()
+            )
             pool = [] if held else list(range(len(items)))
         else:
             pool = [i for i, is_small in enumerate(small) if is_small != big_turn]
@@ -686,8 +705,10 @@ class Batcher:
         elapsed = time.perf_counter() - start
         with self._cond:  # the model time each class of request got (see _next_pool)
             self._model_time[_is_small(batch[0])] += elapsed
-            if sum(self._model_time.values()) > SHARE_HORIZON_S:
+            if sum(self._model_time.values()) > SHARE_HORIZON_S:  # keep the recent half
                 self._model_time = {k: v / 2 for k, v in self._model_time.items()}
+                now = time.monotonic()
+                self._shares_since = now - (now - self._shares_since) / 2
         labels = self.model.labels
         for item, row in zip(batch, rows, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
