@@ -445,11 +445,11 @@ def litserve_server(port: int, model_dir: Path | None, workers: int) -> None:
 def ceiling_batches(model: Any, clients: int, max_words: int | None) -> list[Any]:
     """The held-out tweets tokenized beforehand and split into the server's token-budget
     batches, ``clients`` texts at a time (what the server's queue holds at most)."""
-    from gradfence.serve.batcher import DEFAULT_MAX_BATCH_TOKENS, plan_batch
+    from gradfence.serve.batcher import DEFAULT_MAX_BATCH_TOKENS, WINDOW_BATCHES, plan_batch
 
     encoded = model.encode(load_texts(2000, max_words))
     batches = []
-    step = min(clients, 4 * MAX_BATCH_SIZE)  # the server plans from at most that many
+    step = min(clients, WINDOW_BATCHES * MAX_BATCH_SIZE)  # the server's window at most
     for start in range(0, len(encoded), step):
         window = list(encoded[start : start + step])
         while window:

@@ -850,6 +850,7 @@ def create_app(
         """One prediction per text, in order: label, its probability, every label's."""
         tokens = 0
         served = small = False
+        refused: RequestError | None = None
         try:
             batcher = service.ready_batcher()
             texts = await parse_predict(
@@ -876,9 +877,7 @@ def create_app(
             predictions = await unless_disconnected(request, work, service.aborting)
             served = True
         except RequestError as error:
-            refused: RequestError | None = error
-        else:
-            refused = None
+            refused = error
         finally:  # the admitted work is freed before a refusal pauses
             service.admission.finish(tokens, served, small)
         if refused is not None:

@@ -25,11 +25,11 @@ Small requests (:data:`SMALL_REQUEST_TEXTS`) and bigger ones are batched apart; 
 small requests are active, the bigger ones' turn comes while their share of the model time
 is under :data:`BIG_SHARE` (see :meth:`Batcher._next_pool`), so a one-text request does
 not wait behind a flood of 64-text ones (nor is padded to their length) while those still
-move. The last quarter of the queue is kept for small requests. A
-request with more texts than a batch holds is spread over several batches. Every batch
-must give exactly one row of scores per text; when it does not (or the model raises),
-each request of the batch is run again alone, and a request that fails alone gets the
-error: none is left waiting, and one bad request does not fail the others.
+move. The last quarter of the queue is kept for small requests. A request with more
+texts than a batch holds is spread over several batches. Every batch must give exactly
+one row of scores per text; when it does not (or the model raises), each request of the
+batch is run again alone, and a request that fails alone gets the error: none is left
+waiting, and one bad request does not fail the others.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ class _Item:
 
 
 DEFAULT_MAX_BATCH_TOKENS = 2048
+WINDOW_BATCHES = 4  # a batch is planned from this many batches' worth of queued texts
 # What one batch costs besides its padded tokens (the runtime's call, the hand-over to a
 # model process), in padded tokens: held-out tweets, 32 queued at a time, one ONNX
 # Runtime thread, ran at 153 / 140 / 146 / 120 / 117 texts/s with 8 / 16 / 32 / 64 / 128,
@@ -314,9 +315,10 @@ class Batcher:
         self.on_batch = on_batch
         self.workers = workers
         self.max_batch_tokens = max_batch_tokens
-        self.small_hold_s = small_hold_s
+        # never past the time small requests count as active (the hold would outlast them)
+        self.small_hold_s = min(small_hold_s, SMALL_RECENT_S)
         # texts sorted by length to complete a batch: a few batches' worth
-        self.window = window or 4 * max_batch_size
+        self.window = window or WINDOW_BATCHES * max_batch_size
         # one intra-op thread per core: N single-threaded workers beat one N-threaded one
         self.threads_per_worker = max(1, available_cores() // workers)
         # queue places only small requests may take (see SMALL_REQUEST_TEXTS)
@@ -585,8 +587,7 @@ class Batcher:
                 items = list(self._items)
                 pool, max_texts, max_tokens = self._next_pool(items)
                 if not pool:  # big work held back for a moment
-                    hold = min(self.small_hold_s, SMALL_RECENT_S)
-                    self._cond.wait(self._last_small + hold - time.monotonic())
+                    self._cond.wait(self._last_small + self.small_hold_s - time.monotonic())
                     continue
                 full = len(pool) >= max_texts or (
                     sum(items[i].encoded.tokens for i in pool) >= max_tokens
@@ -638,7 +639,7 @@ class Batcher:
         elif not any(small):
             held = (
                 not (big_turn or self._stopping)
-                and self._small_recent(min(self.small_hold_s, SMALL_RECENT_S))
+                and self._small_recent(self.small_hold_s)
                 and self._small_busy()
             )
             pool = [] if held else list(range(len(items)))
