@@ -197,6 +197,36 @@ class RequestError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+class Flag:
+    """A flag set once (draining, aborting) that requests wait on without a task each.
+
+    ``asyncio.Event.wait()`` needs a task of its own to be raced against other work;
+    :meth:`future` is a plain future of the running loop, which ``asyncio.wait`` takes
+    as it is. Use it on the event loop's thread (set it from others through
+    ``call_soon_threadsafe``).
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._future: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    def future(self) -> asyncio.Future[None]:
+        """Done once the flag is set (one future per flag, made on first use)."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self._set:
+                self._future.set_result(None)
+        return self._future
+
+
 # set in a request's ASGI scope while its refusal waits: the HTTP layer may then close
 # the connection to make room, as it closes idle ones
 REFUSAL_PAUSE_KEY = "gradfence.refusal_paused"
@@ -246,15 +276,14 @@ class RefusalPause:
     def release(self) -> None:
         self.waiting -= 1
 
-    async def wait(self, scope: Scope, until: asyncio.Event) -> None:
+    async def wait(self, scope: Scope, until: Flag) -> None:
         """Sleep before a refusal is sent, or until ``until`` is set (shutting down)."""
         delay = self.take()
         if delay is None:
             return
         scope[REFUSAL_PAUSE_KEY] = True
         try:
-            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin before 3.11
-                await asyncio.wait_for(until.wait(), delay)
+            await asyncio.wait((until.future(),), timeout=delay)
         finally:
             self.release()
 
@@ -294,7 +323,7 @@ async def read_body(
     request: Request,
     limit: int = MAX_BODY_BYTES,
     timeout_s: float | None = None,
-    draining: asyncio.Event | None = None,
+    draining: Flag | None = None,
     grace_s: float = 2.0,
 ) -> bytes:
     """The request body, or a :class:`RequestError`: 413 as soon as it exceeds ``limit``,
@@ -309,7 +338,7 @@ async def read_body(
     reading = asyncio.ensure_future(_read_chunks(request, limit))
     waits: list[asyncio.Future[Any]] = [reading]
     if draining is not None:
-        waits.append(asyncio.ensure_future(draining.wait()))
+        waits.append(draining.future())
     try:
         done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when="FIRST_COMPLETED")
         if reading not in done and len(done) == 1:  # draining: a short grace, then stop
@@ -326,8 +355,7 @@ async def read_body(
     except ClientDisconnect as exc:
         raise RequestError(499, "the client closed the connection before its body") from exc
     finally:
-        for wait in waits:
-            wait.cancel()
+        reading.cancel()
         with contextlib.suppress(BaseException):
             await reading
 
@@ -397,7 +425,7 @@ def check_json_content_type(headers: Any) -> None:
 async def parse_predict(
     request: Request,
     timeout_s: float | None = None,
-    draining: asyncio.Event | None = None,
+    draining: Flag | None = None,
     grace_s: float = 2.0,
 ) -> list[str]:
     """The texts of a ``POST /v1/predict`` request, or a 408/413/422/499/503
@@ -410,55 +438,77 @@ async def parse_predict(
     return validate_texts(body)
 
 
-async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
-    """Await ``work`` (a prediction, say), mapping its failures to HTTP answers (503/504/500)."""
+def failure_answer(exc: BaseException, settings: ServeSettings) -> RequestError:
+    """The HTTP answer (503/504/500) to the failure of a prediction or model query."""
     retry = {"Retry-After": str(settings.retry_after_s)}
+    if isinstance(exc, QueueFullError):
+        return RequestError(503, f"busy: {exc}", headers=retry)
+    if isinstance(exc, asyncio.TimeoutError):  # the builtin TimeoutError from 3.11 on
+        return RequestError(504, f"no answer within {settings.request_timeout_s:g} s")
+    if isinstance(exc, BatcherStoppedError):
+        return RequestError(503, str(exc), headers=retry)
+    log.error("prediction failed: %r", exc)
+    return RequestError(500, f"inference failed: {type(exc).__name__}")
+
+
+async def guarded(work: Awaitable[T], settings: ServeSettings) -> T:
+    """Await ``work`` (a model query, say), mapping its failures to HTTP answers."""
     try:
         return await work
-    except QueueFullError as exc:
-        raise RequestError(503, f"busy: {exc}", headers=retry) from exc
-    except asyncio.TimeoutError as exc:  # the builtin TimeoutError from Python 3.11 on
-        raise RequestError(504, f"no answer within {settings.request_timeout_s:g} s") from exc
-    except BatcherStoppedError as exc:
-        raise RequestError(503, str(exc), headers=retry) from exc
     except Exception as exc:
-        log.error("prediction failed: %r", exc)
-        raise RequestError(500, f"inference failed: {type(exc).__name__}") from exc
+        raise failure_answer(exc, settings) from exc
 
 
-async def unless_disconnected(
-    request: Request, work: Awaitable[T], aborting: asyncio.Event | None = None
-) -> T:
-    """Await ``work``; if the client goes away first, cancel it and raise a 499; if
-    ``aborting`` is set first (a second Ctrl+C), cancel it and raise a 503.
+async def await_answer(
+    batcher: Batcher,
+    texts: Sequence[str],
+    request: Request,
+    settings: ServeSettings,
+    aborting: Flag | None = None,
+) -> list[Prediction]:
+    """The predictions of ``texts``, or a :class:`RequestError`: 503 when the queue
+    cannot take them (or, with ``aborting`` set first, a second Ctrl+C), 504 after
+    ``settings.request_timeout_s``, 499 when the client goes away first, 500 when the
+    model fails.
 
     Call once the body has been read: the ASGI ``receive`` then only reports the
-    disconnect. A cancelled prediction drops its queued texts, so a client that gave up
-    does not leave work for the model (nor places in the queue) behind.
+    disconnect. A request given up drops its queued texts, so a client that left does
+    not leave work for the model (nor places in the queue) behind. The answer, the
+    timeout and ``aborting`` are raced as plain futures: the only task is the one that
+    watches for the disconnect.
     """
+    try:
+        queued = await batcher.enqueue(texts)
+    except Exception as exc:
+        raise failure_answer(exc, settings) from exc
+    answer = asyncio.wrap_future(queued)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    task = asyncio.ensure_future(work)
-    watches: list[asyncio.Future[Any]] = [asyncio.ensure_future(disconnected())]
+    gone = asyncio.ensure_future(disconnected())
+    waits: list[asyncio.Future[Any]] = [answer, gone]
     if aborting is not None:
-        watches.append(asyncio.ensure_future(aborting.wait()))
+        waits.append(aborting.future())
     try:
-        await asyncio.wait((task, *watches), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=settings.request_timeout_s, return_when="FIRST_COMPLETED")
     finally:
-        for watch in watches:
-            watch.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-    if task.cancelled():
-        if aborting is not None and aborting.is_set():
-            raise RequestError(503, "shutting down", headers={"Connection": "close"})
+        gone.cancel()
+        if not answer.done():
+            batcher.cancel(queued)
+            answer.cancel()
+    if not answer.cancelled():
+        try:
+            return answer.result()
+        except Exception as exc:
+            raise failure_answer(exc, settings) from exc
+    if aborting is not None and aborting.is_set():
+        raise RequestError(503, "shutting down", headers={"Connection": "close"})
+    if gone.done() and not gone.cancelled():
+        gone.exception()  # retrieved: a receive that failed also means the client is gone
         raise RequestError(499, "the client closed the connection before its answer")
-    return task.result()
+    raise failure_answer(asyncio.TimeoutError(), settings)
 
 
 def predictions_body(predictions: list[Prediction], model_id: str) -> dict[str, Any]:
@@ -633,8 +683,8 @@ class _Service:
         self.refusals = _Throttle()
         self.pause = RefusalPause(settings.refusal_pause_s, settings.max_connections)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.draining = asyncio.Event()
-        self.aborting = asyncio.Event()
+        self.draining = Flag()
+        self.aborting = Flag()
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -686,7 +736,7 @@ class _Service:
         self._set_soon(self.draining)
         self._set_soon(self.aborting)
 
-    def _set_soon(self, event: asyncio.Event) -> None:
+    def _set_soon(self, event: Flag) -> None:
         if self.status in ("loading", "ready"):
             self.status = "stopping"
         if self.loop is not None and not self.loop.is_closed():
@@ -735,13 +785,26 @@ class _Service:
 
 
 class _Edge:
-    """ASGI middleware in front of every route: metrics with bounded labels, one debug
-    line per request, security headers, then the Host check, the API key, the content
-    type and the cheap capacity check of ``POST /v1/predict``."""
+    """ASGI layer in front of every route: metrics with bounded labels, one debug line
+    per request, security headers, then the Host check, the API key, the content type
+    and the cheap capacity check of ``POST /v1/predict``.
 
-    def __init__(self, app: ASGIApp, service: _Service) -> None:
+    ``POST /v1/predict`` then goes straight to ``predict``: the framework's layers
+    (routing, dependencies, exception middleware) cost more of the server's CPU than the
+    handler itself, on the one route where requests come by the hundred a second. Every
+    other request goes on to ``app`` (FastAPI), where the OpenAPI schema of the predict
+    route lives too.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: _Service,
+        predict: Callable[[Request], Awaitable[Response]],
+    ) -> None:
         self.app = app
         self.service = service
+        self.predict = predict
         settings = service.settings
         self.public = PUBLIC_ROUTES + (("/metrics",) if settings.metrics_public else ())
 
@@ -767,6 +830,9 @@ class _Edge:
                 await self.service.refuse(error, scope)
                 await error.response()(scope, receive, send_and_record)
                 return
+            if path == "/v1/predict" and method == "POST":
+                await self._predict(scope, receive, send_and_record)
+                return
             if method not in METHODS:  # a made-up method: its 405 or 404 after the pause
                 await self.service.pause.wait(scope, self.service.draining)
             await self.app(scope, receive, send_and_record)
@@ -776,6 +842,14 @@ class _Edge:
             label = method if method in METHODS else "other"
             self.service.metrics.observe_request(route, label, status, seconds)
             log.debug("%s %s %d %.1fms", label, route, status, seconds * 1000)
+
+    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.predict(Request(scope, receive))
+        except Exception:  # a bug: one JSON 500 and one traceback in the log
+            log.exception("POST /v1/predict failed")
+            response = RequestError(500, "internal error").response()
+        await response(scope, receive, send)
 
     def _check(self, scope: Scope, path: str, method: str) -> None:
         settings = self.service.settings
@@ -816,7 +890,7 @@ def create_app(
         # every accepted request is answered by now; the thread drains the rest
         await asyncio.to_thread(service.stop)
 
-    app = FastAPI(
+    app = _App(
         title="gradfence serve",
         version="1",
         lifespan=lifespan,
@@ -826,7 +900,6 @@ def create_app(
     )
     app.state.service = service
     app.state.metrics = metrics
-    app.add_middleware(_Edge, service=service)
     bearer = HTTPBearer(auto_error=False, description="--api-key-env: the service's key")
     keyed = [Depends(bearer)] if settings.api_key is not None else []
     metrics_keyed = keyed if not settings.metrics_public else []
@@ -873,8 +946,7 @@ def create_app(
             except QueueFullError as exc:
                 raise RequestError(503, f"busy: {exc}", headers=retry) from exc
             tokens = needed
-            work = guarded(batcher.predict(texts, settings.request_timeout_s), settings)
-            predictions = await unless_disconnected(request, work, service.aborting)
+            predictions = await await_answer(batcher, texts, request, settings, service.aborting)
             served = True
         except RequestError as error:
             refused = error
@@ -946,4 +1018,21 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.edge = _Edge(app.framework, service, predict)
     return app
+
+
+class _App(FastAPI):
+    """The FastAPI app behind :class:`_Edge` (set as ``edge`` once the routes exist)."""
+
+    edge: _Edge | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.edge is None or scope["type"] != "http":  # lifespan, or not built yet
+            await self.framework(scope, receive, send)
+        else:
+            await self.edge(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request through FastAPI's own layers (every route but the predict POST)."""
+        await super().__call__(scope, receive, send)

@@ -456,19 +456,22 @@ class Batcher:
     async def predict(
         self, texts: Sequence[str], timeout_s: float | None = None
     ) -> list[Prediction]:
-        """Await the predictions for ``texts``; on timeout their queued texts are dropped.
-
-        Big requests are tokenized in a helper thread, so the event loop stays free.
-        """
-        encoded = None
-        if sum(len(text) for text in texts) > OFFLOAD_ENCODE_CHARS:
-            encoded = await asyncio.to_thread(self.model.encode, texts)
-        future = self.submit(texts, encoded)
+        """Await the predictions for ``texts`` (:meth:`enqueue`); on timeout or
+        cancellation their queued texts are dropped."""
+        future = await self.enqueue(texts)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             self.cancel(future)
             raise
+
+    async def enqueue(self, texts: Sequence[str]) -> concurrent.futures.Future[list[Prediction]]:
+        """:meth:`submit` ``texts`` from an event loop, tokenizing big requests in a
+        helper thread so that the loop stays free."""
+        encoded = None
+        if sum(len(text) for text in texts) > OFFLOAD_ENCODE_CHARS:
+            encoded = await asyncio.to_thread(self.model.encode, texts)
+        return self.submit(texts, encoded)
 
     def cancel(self, future: concurrent.futures.Future[list[Prediction]]) -> None:
         """Drop the queued texts of the request behind ``future`` (its caller gave up).
