@@ -286,6 +286,28 @@ def test_broken_model_gives_500_not_a_hang(serve_model: ServerFactory) -> None:
     assert predict(server, {"texts": ["b"]}).status_code == 200
 
 
+class _MiscountingStub(StubClassifier):
+    """A model whose token count has a bug: the predict path fails outside the model."""
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        raise RuntimeError("a bug in count_tokens")
+
+
+def test_a_bug_in_the_predict_path_is_a_json_500_with_the_edge_headers(
+    serve_model: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve_model(_MiscountingStub())
+    with caplog.at_level(logging.ERROR, logger="gradfence.serve"):
+        response = predict(server, {"texts": ["b"]})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error"}
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    assert 'route="/v1/predict",status="500"} 1.0' in metrics_text(server)
+    assert [r.getMessage() for r in caplog.records] == ["POST /v1/predict failed"]
+    assert httpx.get(f"{server.url}/health/ready").status_code == 200
+
+
 def test_metrics_exposes_the_documented_series(serve_model: ServerFactory) -> None:
     server = serve_model(StubClassifier())
     predict(server, {"texts": ["b", "g"]})

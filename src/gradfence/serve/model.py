@@ -44,6 +44,16 @@ MAX_TOKENS = 256  # the encoder's max_seq_length (sentence_bert_config.json)
 # borrowed"): texts are tokenized by callers' threads, so one at a time.
 _TOKENIZER_LOCK = threading.Lock()
 CHARS_PER_TOKEN = 3.0  # held-out tweets: 3.1 characters per MiniLM token (estimate 1.12x)
+# texts on which a tokenizer's own call and its Rust backend must give the same ids
+# before the backend is called directly: punctuation, accents, CJK, emoji, whitespace
+# only, nothing, and a text long enough to be truncated
+TOKENIZER_PROBES = (
+    "",
+    " \t\n",
+    "Hello, World! Isn't it GREAT?!",
+    "naïve café — Zürich, 東京 😀 #tag @user https://example.com/a?b=1",
+    "word " * 1200,
+)
 
 
 @dataclass(frozen=True)
@@ -165,12 +175,34 @@ class TokenizedClassifier(TextClassifier):
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids of each text (special tokens added, truncated to ``max_tokens``)."""
-        with _TOKENIZER_LOCK:
-            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
-        return [
-            EncodedText(text, len(ids), ids)
-            for text, ids in zip(texts, encoded["input_ids"], strict=True)
-        ]
+        direct = self._direct_tokenizer()
+        if direct is not None:
+            # one text at a time: a batch call hands texts to a thread pool, which on a
+            # machine kept busy by the model workers means waiting to be scheduled
+            rows = [direct.encode(text).ids for text in texts]
+        else:
+            with _TOKENIZER_LOCK:
+                encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+            rows = encoded["input_ids"]
+        return [EncodedText(text, len(ids), ids) for text, ids in zip(texts, rows, strict=True)]
+
+    def _direct_tokenizer(self) -> Any | None:
+        """The tokenizer's Rust backend, when it gives the ids its wrapper gives.
+
+        The server tokenizes every request on its event loop; through the ``transformers``
+        wrapper that costs several times what the backend itself does (argument
+        handling, and truncation set and reset on the backend at each call, which is
+        also why those calls must take turns). A private copy of the backend, set once
+        to truncate at ``max_tokens`` and not pad, needs neither. It is used only if it
+        agrees with the wrapper on :data:`TOKENIZER_PROBES`; otherwise (a slow
+        tokenizer, one the wrapper adds steps to) the wrapper is called.
+        """
+        cached = self.__dict__.get("_direct", False)
+        if cached is not False:
+            return cached
+        direct = direct_tokenizer(self.tokenizer, self.max_tokens)
+        self.__dict__["_direct"] = direct
+        return direct
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         """Logits, one row per text."""
@@ -190,6 +222,33 @@ class TokenizedClassifier(TextClassifier):
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # pragma: no cover
         """Logits for padded token ids, one row per text."""
         raise NotImplementedError
+
+
+def direct_tokenizer(tokenizer: Any, max_tokens: int) -> Any | None:
+    """A copy of ``tokenizer``'s Rust backend truncating at ``max_tokens``, not padding,
+    or None when it does not give the ids of ``tokenizer(texts, truncation=True,
+    max_length=max_tokens)`` on :data:`TOKENIZER_PROBES` (or there is no backend)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        direct = Tokenizer.from_str(backend.to_str())
+        direct.no_padding()
+        side = str(getattr(tokenizer, "truncation_side", "right"))
+        direct.enable_truncation(max_tokens, strategy="longest_first", direction=side)
+        probes = list(TOKENIZER_PROBES)
+        got = [direct.encode(text).ids for text in probes]
+        with _TOKENIZER_LOCK:
+            expected = tokenizer(probes, truncation=True, max_length=max_tokens)["input_ids"]
+    except Exception as exc:  # an exotic tokenizer: its own call it is
+        log.debug("tokenizer backend not used directly: %r", exc)
+        return None
+    if got != [list(ids) for ids in expected]:
+        log.debug("tokenizer backend not used directly: its ids differ from the tokenizer's")
+        return None
+    return direct
 
 
 class SentenceEncoder(nn.Module):
