@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -513,7 +513,8 @@ async def await_answer(
 
 def predictions_body(predictions: list[Prediction], model_id: str) -> dict[str, Any]:
     """The JSON answer of ``POST /v1/predict``."""
-    return {"predictions": [asdict(p) for p in predictions], "model": model_id}
+    rows = [{"label": p.label, "score": p.score, "scores": p.scores} for p in predictions]
+    return {"predictions": rows, "model": model_id}
 
 
 def model_body(
