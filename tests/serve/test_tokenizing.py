@@ -72,8 +72,7 @@ def test_wrapper_that_differs_from_its_backend_is_called_instead(tiny_model_dir:
     model = load_model_dir(tiny_model_dir)
     shifted = _Shifted(model.tokenizer)
     assert direct_tokenizer(shifted, model.max_tokens) is None
-    model.tokenizer = shifted
-    model.__dict__.pop("_direct", None)
+    model.tokenizer = shifted  # a new tokenizer: the direct copy is checked again
     ids = model.encode(["good bad"])[0].ids
     assert ids is not None
     assert list(ids) == wrapper_ids(model, ["good bad"])[0]  # the wrapper's, shifted
@@ -97,3 +96,21 @@ def test_direct_tokenizer_is_safe_from_many_threads() -> None:
         results = list(pool.map(lambda i: [e.ids for e in model.encode(texts[i::8])], range(8)))
     for i, result in enumerate(results):
         assert result == expected[i::8]
+
+
+def test_special_tokens_in_user_text_are_split_as_the_wrapper_splits_them(
+    tiny_model_dir: Path,
+) -> None:
+    """``split_special_tokens`` is set on the backend by the wrapper at each call, not
+    saved with it: a copy without it would turn a user's "[SEP]" into a real separator."""
+    texts = ["good [SEP] bad [CLS] good", "[PAD][MASK] bad", "good"]
+    for split in (False, True):
+        model = load_model_dir(tiny_model_dir)
+        model.tokenizer.split_special_tokens = split
+        encoded = [item.ids for item in model.encode(texts)]
+        assert model._direct_tokenizer() is not None
+        assert encoded == wrapper_ids(model, texts)
+        separators = encoded[0].count(model.tokenizer.sep_token_id)  # type: ignore[union-attr]
+        assert separators == (1 if split else 2)  # the closing one, and the user's unless split
+        model.tokenizer.split_special_tokens = not split  # changed: checked again
+        assert [item.ids for item in model.encode(texts)] == wrapper_ids(model, texts)

@@ -495,6 +495,8 @@ async def await_answer(
         await asyncio.wait(waits, timeout=settings.request_timeout_s, return_when="FIRST_COMPLETED")
     finally:
         gone.cancel()
+        # a receive that failed means the client is gone too; its error is read on any path
+        gone.add_done_callback(lambda task: task.cancelled() or task.exception())
         if not answer.done():
             batcher.cancel(queued)
             answer.cancel()
@@ -506,7 +508,6 @@ async def await_answer(
     if aborting is not None and aborting.is_set():
         raise RequestError(503, "shutting down", headers={"Connection": "close"})
     if gone.done() and not gone.cancelled():
-        gone.exception()  # retrieved: a receive that failed also means the client is gone
         raise RequestError(499, "the client closed the connection before its answer")
     raise failure_answer(asyncio.TimeoutError(), settings)
 

@@ -197,11 +197,19 @@ class TokenizedClassifier(TextClassifier):
         agrees with the wrapper on :data:`TOKENIZER_PROBES`; otherwise (a slow
         tokenizer, one the wrapper adds steps to) the wrapper is called.
         """
-        cached = self.__dict__.get("_direct", False)
-        if cached is not False:
-            return cached
-        direct = direct_tokenizer(self.tokenizer, self.max_tokens)
-        self.__dict__["_direct"] = direct
+        # built for one tokenizer and its settings: rebuilt if any of them changes
+        tokenizer = self.tokenizer
+        key = (
+            id(tokenizer),
+            self.max_tokens,
+            getattr(tokenizer, "truncation_side", None),
+            getattr(tokenizer, "split_special_tokens", None),
+        )
+        cached = self.__dict__.get("_direct")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        direct = direct_tokenizer(tokenizer, self.max_tokens)
+        self.__dict__["_direct"] = (key, direct)
         return direct
 
     def forward(self, texts: Sequence[str]) -> Tensor:
@@ -238,7 +246,13 @@ def direct_tokenizer(tokenizer: Any, max_tokens: int) -> Any | None:
         direct.no_padding()
         side = str(getattr(tokenizer, "truncation_side", "right"))
         direct.enable_truncation(max_tokens, strategy="longest_first", direction=side)
-        probes = list(TOKENIZER_PROBES)
+        # not saved with the backend: the wrapper sets it at each call
+        direct.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        # a text quoting every special and added token: user text must not turn into
+        # (or fail to turn into) a separator where the wrapper does otherwise
+        specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", ())]
+        added = [str(t) for t in getattr(tokenizer, "get_added_vocab", dict)()]
+        probes = [*TOKENIZER_PROBES, " x ".join(["quote", *specials, *added[:200], "end"])]
         got = [direct.encode(text).ids for text in probes]
         with _TOKENIZER_LOCK:
             expected = tokenizer(probes, truncation=True, max_length=max_tokens)["input_ids"]
