@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ from gradfence.serve import model as serve_model
 from gradfence.serve.batcher import Batcher
 from gradfence.serve.model import load_model, load_model_dir
 
-from .conftest import WORDS
+from .conftest import WORDS, ServerFactory
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not available on this platform")
 from gradfence.serve import onnx_runtime
@@ -104,3 +107,50 @@ def test_auto_falls_back_to_torch_when_onnx_scores_differ(
     ), caplog.text
     with pytest.raises(onnx_runtime.RuntimeMismatchError):  # asked for by name: refused
         load_model(tiny_model_dir, runtime="onnx")
+
+
+# A loader resolving its runtime differently in the second worker process, as
+# ``--runtime auto`` could if ONNX Runtime failed its check in one process only. Worker
+# processes import it by name, so it lives in a module of its own (tests are imported
+# by path).
+MIXED_LOADER = """
+import multiprocessing
+
+from gradfence.serve.model import load_model
+
+
+def torch_in_worker_2(model_dir):
+    second = multiprocessing.current_process().name == "gradfence-inference-2"
+    return load_model(model_dir, runtime="torch" if second else "onnx")
+"""
+
+
+def test_workers_running_another_runtime_are_reported(
+    tiny_model_dir: Path,
+    cache: Path,
+    serve_model: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("loader")
+    (tmp_path / "gf_mixed_loader.py").write_text(MIXED_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))  # worker processes get this sys.path
+    mixed = importlib.import_module("gf_mixed_loader")
+    loader = functools.partial(mixed.torch_in_worker_2, tiny_model_dir)
+    with caplog.at_level(logging.WARNING, logger="gradfence.serve"):
+        server = serve_model(loader, workers=2, worker_processes=True)
+    info = httpx.get(f"{server.url}/v1/model", timeout=30).json()
+    assert info["runtime"] == "onnx + torch"
+    warnings = [r.getMessage() for r in caplog.records if "runs the model with" in r.getMessage()]
+    assert warnings == [
+        "gradfence-inference-2 runs the model with torch, the server's copy with onnx"
+    ]
+
+
+def test_workers_running_the_servers_runtime_report_it_alone(
+    tiny_model_dir: Path, cache: Path, serve_model: ServerFactory
+) -> None:
+    loader = functools.partial(load_model, tiny_model_dir, "onnx")
+    server = serve_model(loader, workers=2, worker_processes=True)
+    assert httpx.get(f"{server.url}/v1/model", timeout=30).json()["runtime"] == "onnx"

@@ -163,7 +163,10 @@ class ModelInfo(BaseModel):
 
     model: str
     labels: list[str]
-    runtime: str = Field(description="what computes the logits: torch or onnx")
+    runtime: str = Field(
+        description="what computes the logits: torch or onnx (in every worker; where "
+        "worker processes resolved --runtime auto differently, each one, e.g. 'onnx + torch')"
+    )
     backend: str
     inference_thread: dict[str, Any]
     batching: dict[str, float | str]
@@ -519,14 +522,19 @@ def predictions_body(predictions: list[Prediction], model_id: str) -> dict[str, 
 
 
 def model_body(
-    model: TextClassifier, state: dict[str, Any], settings: ServeSettings, backend: str
+    model: TextClassifier,
+    state: dict[str, Any],
+    settings: ServeSettings,
+    backend: str,
+    runtimes: Sequence[str | None] = (),
 ) -> dict[str, Any]:
     """The JSON answer of ``GET /v1/model``; ``state`` is :func:`thread_state` as seen
-    from the thread that runs the model."""
+    from the thread that runs the model, ``runtimes`` what runs it in each worker."""
+    seen = sorted({runtime for runtime in runtimes if runtime}) or [model.runtime]
     return {
         "model": model.model_id,
         "labels": list(model.labels),
-        "runtime": model.runtime,
+        "runtime": " + ".join(seen),
         "backend": backend,
         "inference_thread": state,
         "batching": {
@@ -975,7 +983,8 @@ def create_app(
             state = await guarded(batcher.inspect_thread(timeout), settings)
         except RequestError as error:
             return error.response()
-        return JSONResponse(model_body(batcher.model, state, settings, backend))
+        body = model_body(batcher.model, state, settings, backend, batcher.runtimes)
+        return JSONResponse(body)
 
     @app.get("/health/live", response_model=HealthBody, responses=_errors(400))
     async def live() -> Response:

@@ -338,6 +338,9 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._started = 0
         self._failed: BaseException | None = None
+        # what computes the logits in each worker, once started (a worker process loads
+        # the model, and resolves ``--runtime auto``, for itself)
+        self.runtimes: list[str | None] = [None] * workers
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -509,6 +512,7 @@ class Batcher:
                 # process-wide in torch, the same value from every worker
                 torch.set_num_threads(self.threads_per_worker)
                 model = self.model
+                self.runtimes[index] = model.runtime
                 with gf.inference(model, mode=self.mode):
                     check_ready(model, warmup)
                     ready = True
@@ -529,6 +533,14 @@ class Batcher:
                     if worker.model_id != self.model.model_id:
                         raise RuntimeError(
                             f"{name} loaded {worker.model_id}, not {self.model.model_id}"
+                        )
+                    self.runtimes[index] = worker.runtime
+                    if worker.runtime != self.model.runtime:
+                        log.warning(
+                            "%s runs the model with %s, the server's copy with %s",
+                            name,
+                            worker.runtime,
+                            self.model.runtime,
                         )
                     ready = True
                     if self._wait_for_all(barrier):

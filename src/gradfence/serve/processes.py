@@ -67,6 +67,7 @@ class ModelProcess:
         self.warmup = list(warmup)
         self.name = name
         self.model_id: str | None = None
+        self.runtime: str | None = None  # what computes the logits in the process
         self._conn: multiprocessing.connection.Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
 
@@ -94,6 +95,7 @@ class ModelProcess:
             self.stop()
             raise value
         self.model_id = value["model_id"]
+        self.runtime = value["runtime"]
         return self
 
     def scores(self, batch: Sequence[EncodedText]) -> list[list[float]]:
@@ -194,7 +196,8 @@ def _serve(
         except BaseException as exc:
             _send(conn, ("failed", _portable(exc)))
             return
-        if not _send(conn, ("ready", {"model_id": model.model_id, "state": state})):
+        ready = {"model_id": model.model_id, "runtime": model.runtime, "state": state}
+        if not _send(conn, ("ready", ready)):
             return
         while True:
             try:
