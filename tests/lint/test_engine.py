@@ -7,6 +7,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +357,8 @@ def test_dead_worker_falls_back_to_this_process(monkeypatch: pytest.MonkeyPatch)
             os._exit(3)  # a worker killed mid-run (OOM killer, signal...)
         return original(*args)  # type: ignore[arg-type]
 
-    # workers are forked, so they see the patched function
+    # workers are forked (as in a one-thread process), so they see the patched function
+    monkeypatch.setattr(engine, "_threads", lambda: 1)
     monkeypatch.setattr(engine, "lint_file", dies_in_workers)
     fixtures = Path(__file__).parent / "fixtures" / "rules"
     paths = sorted(str(p) for p in fixtures.glob("GF3*.py"))
@@ -385,3 +387,46 @@ def test_collector_runs_rarely_while_linting_and_is_restored(
     assert [d.code for d in results[0].diagnostics] == ["GF101"]
     assert seen and seen[0][0] >= engine.GC_GEN0_THRESHOLD
     assert gc.get_threshold() == before
+
+
+START_METHOD = """
+import sys, threading
+from gradfence.lint.engine import _context
+if sys.argv[1] == "thread":
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
+print(_context().get_start_method())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is chosen on Linux only")
+def test_workers_are_forked_only_from_a_process_of_one_thread() -> None:
+    """A fork copies locks other threads hold, held for ever in the child (Python 3.12+
+    warns): with other threads running, the workers start from a fork server."""
+
+    def method(kind: str) -> str:
+        command = [sys.executable, "-c", START_METHOD, kind]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert method("alone") == "fork"
+    assert method("thread") == "forkserver"
+
+
+def test_parallel_lint_from_a_fork_server_agrees_with_sequential() -> None:
+    """The fork server's workers import the lint afresh (no copy of this process)."""
+    fixtures = Path(__file__).parent / "fixtures" / "rules"
+    paths = sorted(str(p) for p in fixtures.glob("GF*.py"))
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, daemon=True)
+    helper.start()
+    try:
+        from gradfence.lint import engine
+
+        assert engine._context().get_start_method() in ("forkserver", "spawn")
+        parallel = lint_paths(paths, Settings(), jobs=2)
+    finally:
+        stop.set()
+        helper.join()
+    sequential = lint_paths(paths, Settings(), jobs=1)
+    assert [r.diagnostics for r in parallel] == [r.diagnostics for r in sequential]
+    assert sum(len(r.diagnostics) for r in sequential) > 50

@@ -15,6 +15,7 @@ import io
 import os
 import re
 import sys
+import threading
 import tokenize
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -326,12 +327,24 @@ def _imported_stems(path: str) -> list[str]:
 
 
 def _context() -> BaseContext:
+    """How the lint's worker processes start: ``fork`` (cheapest) on Linux in a process
+    running one thread; ``forkserver`` on Linux when other threads run (a thread holding
+    a lock at the fork leaves it held in the child for ever, and Python 3.12+ warns about
+    it; the lint used as a library, or in a test run, shares its process with others);
+    elsewhere the platform's default."""
     import multiprocessing
 
-    # fork is cheapest where it is safe; elsewhere the platform default
     if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
+        return multiprocessing.get_context("fork" if _threads() == 1 else "forkserver")
     return multiprocessing.get_context()
+
+
+def _threads() -> int:
+    """Threads of this process, native ones (a BLAS pool, say) included."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 __all__ = [
