@@ -344,6 +344,8 @@ def test_very_long_expressions_do_not_exhaust_recursion() -> None:
     assert [d.code for d in check_source(source + "\n", "long.py")] == ["GF401"]
 
 
+# the fork this test needs, from a test run's many threads (Python 3.12+ warns)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_dead_worker_falls_back_to_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
