@@ -746,11 +746,11 @@ class _Service:
         self._set_soon(self.draining)
         self._set_soon(self.aborting)
 
-    def _set_soon(self, event: Flag) -> None:
+    def _set_soon(self, flag: Flag) -> None:
         if self.status in ("loading", "ready"):
             self.status = "stopping"
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(event.set)
+            self.loop.call_soon_threadsafe(flag.set)
 
     def stop(self) -> None:
         if self.loader is not None:
@@ -954,7 +954,7 @@ def create_app(
             try:
                 service.admission.admit(needed, small)
             except QueueFullError as exc:
-                raise RequestError(503, f"busy: {exc}", headers=retry) from exc
+                raise failure_answer(exc, settings) from exc
             tokens = needed
             predictions = await await_answer(batcher, texts, request, settings, service.aborting)
             served = True

@@ -199,17 +199,16 @@ class TokenizedClassifier(TextClassifier):
         """
         # built for one tokenizer and its settings: rebuilt if any of them changes
         tokenizer = self.tokenizer
-        key = (
-            id(tokenizer),
+        settings = (
             self.max_tokens,
             getattr(tokenizer, "truncation_side", None),
             getattr(tokenizer, "split_special_tokens", None),
         )
         cached = self.__dict__.get("_direct")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] is tokenizer and cached[1] == settings:
+            return cached[2]
         direct = direct_tokenizer(tokenizer, self.max_tokens)
-        self.__dict__["_direct"] = (key, direct)
+        self.__dict__["_direct"] = (tokenizer, settings, direct)
         return direct
 
     def forward(self, texts: Sequence[str]) -> Tensor:
