@@ -289,8 +289,8 @@ def test_broken_model_gives_500_not_a_hang(serve_model: ServerFactory) -> None:
 class _MiscountingStub(StubClassifier):
     """A model whose token count has a bug: the predict path fails outside the model."""
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        raise RuntimeError("a bug in count_tokens")
+    def estimate_tokens(self, texts: Sequence[str]) -> int:
+        raise RuntimeError("a bug in estimate_tokens")
 
 
 def test_a_bug_in_the_predict_path_is_a_json_500_with_the_edge_headers(

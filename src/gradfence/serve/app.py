@@ -556,25 +556,10 @@ def model_body(
 # --- admission by estimated work ---------------------------------------------------
 
 
-def estimate_tokens(model: TextClassifier, texts: Sequence[str]) -> int:
-    """The model work of ``texts`` in tokens, as cheaply as the model can tell.
-
-    A model with a ``count_tokens(texts) -> list[int]`` method answers for itself;
-    otherwise about one token per 4 characters plus the two special tokens, capped at
-    the model's ``max_tokens`` (it truncates there). Only comparisons between requests
-    of one service matter: :class:`WorkAdmission` learns the cost of this unit.
-    """
-    count = getattr(model, "count_tokens", None)
-    if callable(count):
-        return int(sum(count(texts)))
-    cap = int(getattr(model, "max_tokens", 512))
-    return sum(min(cap, len(text) // 4 + 2) for text in texts)
-
-
 class WorkAdmission:
     """Admits a request only if the model can answer it within the request timeout.
 
-    It counts the estimated tokens (:func:`estimate_tokens`) of every admitted request
+    It counts the estimated tokens (``TextClassifier.estimate_tokens``) of every admitted request
     not yet answered, and measures the model's seconds per token from the batches run
     (``observe_batch``) and the tokens of the requests they answered (``finish``), over
     windows of ``MIN_OBSERVED_TOKENS`` tokens, as a moving average that follows a
@@ -949,7 +934,7 @@ def create_app(
                     f"{settings.max_queue} texts (--max-queue)",
                     "texts",
                 )
-            needed = estimate_tokens(batcher.model, texts)
+            needed = batcher.estimate_tokens(texts)
             small = is_small_request(texts)
             try:
                 service.admission.admit(needed, small)
