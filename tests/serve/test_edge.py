@@ -8,6 +8,7 @@ service serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -82,6 +83,38 @@ def test_endless_head_is_431_at_once_and_stalls_nobody(
     assert b"x-content-type-options: nosniff" in answer
     assert sent < 4 << 20, f"the server read {sent} bytes of one head"
     assert good_request_ok(server)
+
+
+def test_the_head_limit_counts_one_head_not_what_follows_it(
+    serve_model: ServerFactory,
+) -> None:
+    """A write longer than the head limit is fine when each head in it fits: pipelined
+    requests, or a small head followed by its body."""
+    server = serve_model(StubClassifier(), max_head_bytes=1024, head_timeout_s=1)
+    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    last = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    answer = raw_request(server, head * 99 + last)  # about 4.6 kB in one write
+    assert answer.count(b"HTTP/1.1 200 ") == 100, answer[:300]
+    body = json.dumps({"texts": ["b" * 3000, "g" * 3000]}).encode()
+    post = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    answer = raw_request(server, post + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    # a head pipelined after a request, in the same write, is held to the limit and to
+    # the head time as well
+    endless = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"a" * 900
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + endless)
+        time.sleep(0.2)
+        sock.sendall(b"a" * 2000)
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200 ") == 1 and b"HTTP/1.1 431 " in answer, answer[-300:]
+    started = time.monotonic()
+    answer = raw_request(server, head + b"GET /health/live HTTP/1.1\r\nHost: 1")
+    assert answer.count(b"HTTP/1.1 200 ") == 1 and b"HTTP/1.1 408 " in answer, answer[-300:]
+    assert time.monotonic() - started < 4  # the head time (1 s), not the idle time
 
 
 def test_a_flood_of_bad_heads_logs_one_line(
@@ -193,8 +226,14 @@ def test_a_refused_head_waits_unread_and_others_are_served_meanwhile(
 def test_made_up_methods_wait_and_mistakes_do_not(serve_model: ServerFactory) -> None:
     server = serve_model(StubClassifier(), refusal_pause_s=PAUSE_S)
     with httpx.Client(base_url=server.url, timeout=10) as client:
+        # a method HTTP does not know is refused by the parser; one it knows, but the
+        # app does not serve, by the app: both after the pause
         made_up, waited = answered_after(client.request, "BREW", "/v1/predict")
-        assert made_up.status_code == 405
+        assert made_up.status_code == 400
+        assert made_up.json() == {"detail": "invalid HTTP request"}
+        assert waited >= PAUSE_S * 0.9
+        unserved, waited = answered_after(client.request, "PROPFIND", "/v1/predict")
+        assert unserved.status_code == 405
         assert waited >= PAUSE_S * 0.9
         for method, path, status in [
             ("GET", "/v1/predict", 405),  # a known method on the wrong route
@@ -250,11 +289,17 @@ def test_refusal_pause_holds_at_most_its_limit_and_spaces_answers_out() -> None:
 # --- what the app lets through ------------------------------------------------------
 
 
+# methods the HTTP parser knows and the app does not serve
+UNSERVED_METHODS = ("PROPFIND", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "PURGE")
+
+
 def test_made_up_methods_do_not_grow_metrics(serve_model: ServerFactory) -> None:
     server = serve_model(StubClassifier(), refusal_pause_s=0)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for i in range(200):
-            assert client.request(f"M{i:04d}X", "/v1/predict").status_code == 405
+            assert client.request(f"M{i:04d}X", "/v1/predict").status_code == 400
+            method = UNSERVED_METHODS[i % len(UNSERVED_METHODS)]
+            assert client.request(method, "/v1/predict").status_code == 405
         text = client.get("/metrics").text
     methods = {
         line.split('method="')[1].split('"')[0]
