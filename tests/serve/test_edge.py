@@ -45,21 +45,17 @@ def good_request_ok(server: ThreadedServer) -> bool:
 # --- the request head ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["header", "url"])
-def test_endless_head_is_431_at_once_and_stalls_nobody(
-    serve_model: ServerFactory, where: str
-) -> None:
-    server = serve_model(StubClassifier(), refusal_pause_s=0)  # (the pause: further down)
-    start = b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Endless: "
-    if where == "url":
-        start = b"GET /health/live?" + b"a" * 10
+def send_endless(server: ThreadedServer, start: bytes) -> tuple[bytes, int]:
+    """Send ``start``, then ``a`` bytes without end (up to 64 MiB, 10 s) until the server
+    answers or closes; checks a good client is served meanwhile. Returns everything the
+    server answered and the bytes sent after ``start``."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sent = 0
         answer = b""
         sock.setblocking(False)
         deadline = time.monotonic() + 10
         sock.sendall(start)
-        while sent < 64 << 20 and time.monotonic() < deadline:  # up to 64 MiB
+        while sent < 64 << 20 and time.monotonic() < deadline:
             try:
                 sent += sock.send(b"a" * 65536)
             except BlockingIOError:
@@ -78,10 +74,42 @@ def test_endless_head_is_431_at_once_and_stalls_nobody(
         sock.setblocking(True)
         sock.settimeout(5)
         answer += read_all(sock)
+    return answer, sent
+
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_endless_head_is_431_at_once_and_stalls_nobody(
+    serve_model: ServerFactory, where: str
+) -> None:
+    server = serve_model(StubClassifier(), refusal_pause_s=0)  # (the pause: further down)
+    start = b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Endless: "
+    if where == "url":
+        start = b"GET /health/live?" + b"a" * 10
+    answer, sent = send_endless(server, start)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"request head over 16384 bytes" in answer
     assert b"x-content-type-options: nosniff" in answer
     assert sent < 4 << 20, f"the server read {sent} bytes of one head"
+    assert good_request_ok(server)
+
+
+def test_endless_chunked_trailer_is_cut_off(serve_model: ServerFactory) -> None:
+    """Trailers of a chunked body are header fields too, and bounded the same way; a
+    body the app answered without reading is not read on."""
+    server = serve_model(StubClassifier(), refusal_pause_s=0)
+    body = b'{"texts": ["b"]}'
+    head = (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+    )
+    answer, sent = send_endless(server, head % (b"/v1/predict", len(body), body) + b"0\r\nX: ")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"chunked framing" in answer
+    assert sent < 4 << 20, f"the server read {sent} bytes of trailers"
+    # a probe answers without reading the body: its connection is closed at once
+    unfinished = head % (b"/health/live", len(body), body)
+    answer, waited = answered_after(raw_request, server, unfinished)
+    assert answer.startswith(b"HTTP/1.1 405 ") and waited < 3, (answer[:100], waited)
     assert good_request_ok(server)
 
 
@@ -115,6 +143,56 @@ def test_the_head_limit_counts_one_head_not_what_follows_it(
     answer = raw_request(server, head + b"GET /health/live HTTP/1.1\r\nHost: 1")
     assert answer.count(b"HTTP/1.1 200 ") == 1 and b"HTTP/1.1 408 " in answer, answer[-300:]
     assert time.monotonic() - started < 4  # the head time (1 s), not the idle time
+
+
+def test_a_bad_head_pipelined_behind_a_request_waits_for_its_answer(
+    serve_model: ServerFactory,
+) -> None:
+    good = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    too_long = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"a" * 3000
+    for pause in (PAUSE_S, 0):
+        server = serve_model(StubClassifier(), refusal_pause_s=pause, max_head_bytes=1024)
+        for bad, status in [(b"GARBAGE\r\n\r\n", b"400"), (too_long, b"431")]:
+            answer, waited = answered_after(raw_request, server, good + bad)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            assert answer.count(b"HTTP/1.1 " + status + b" ") == 1, answer[-300:]
+            assert waited >= pause * 0.9  # the bad head's refusal pause still holds
+
+
+def test_a_late_head_pipelined_behind_a_slow_request_waits_for_its_answer(
+    serve_model: ServerFactory,
+) -> None:
+    model = StubClassifier()
+    server = serve_model(model, head_timeout_s=0.5)
+    body = json.dumps({"texts": ["bbb"]}).encode()
+    predict = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    model.gate.clear()  # the model holds the request past the head time
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(predict + b"GET /health/live HTTP/1.1\r\nHost: 1")
+        time.sleep(1.5)
+        model.gate.set()
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 408 ") == 1, answer[-300:]
+
+
+def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed(
+    serve_model: ServerFactory,
+) -> None:
+    """Nothing is upgraded: the request is answered as HTTP/1.1, and the bytes after its
+    head are not read as requests (the parser stops at such a head)."""
+    server = serve_model(StubClassifier())
+    upgrade = (
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\n\r\n"
+    )
+    smuggled = b"GET /v1/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 400  # past 16 KiB
+    answer, waited = answered_after(raw_request, server, upgrade + smuggled)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1, answer[-300:]
+    assert waited < 3  # closed after the answer, not at the idle timeout (5 s)
 
 
 def test_a_flood_of_bad_heads_logs_one_line(

@@ -114,8 +114,15 @@ class GuardedProtocol(HttpToolsProtocol):
     fed only up to it; a head still not complete there is refused with ``431``. A head
     that starts in the read that ends the request before it (pipelining) is counted from
     the next read, so it can pass the limit by at most one read (uvloop reads at most
-    256 KiB at a time). Use :func:`protocol_for` to get one bound to a
-    :class:`ServeSettings`.
+    256 KiB at a time). The framing of a chunked body (chunk sizes, extensions, trailers)
+    is bounded by the same limit (``400``); a connection whose request was answered
+    before its body was read is closed.
+
+    Pipelined requests (llhttp parses every head of a read at once): a head refused, or
+    late, behind requests still in progress is answered after them, with nothing more
+    read meanwhile. A request asking to upgrade is answered as HTTP/1.1 and its
+    connection closed (the parser reads nothing after such a head). Use
+    :func:`protocol_for` to get one bound to a :class:`ServeSettings`.
     """
 
     settings = ServeSettings()
@@ -129,6 +136,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_too_big = False
         self._heads = 0  # heads parsed on this connection
         self._head_begun = False  # the parser has seen the start of the current head
+        self._body_fed = self._body_got = 0  # bytes fed while in a body, and body bytes
+        # what to do once the requests in progress are answered (refuse a head that came
+        # behind them, close after an upgrade request); no more is read meanwhile
+        self._after_response: Callable[[], None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
@@ -166,8 +177,8 @@ class GuardedProtocol(HttpToolsProtocol):
     # --- head size and time -----------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._refusal is not None or self.transport.is_closing():
-            return  # a refused head: nothing more is read
+        if self._refusal is not None or self._after_response or self.transport.is_closing():
+            return  # a refused head, or a request that asked to upgrade: nothing more is read
         if self._in_head and self._head_timer is None:
             self._arm_head_timer()  # a new head starts on a kept-alive connection
         # a chunk that would take a head past the limit is fed up to it: the head (or
@@ -178,7 +189,7 @@ class GuardedProtocol(HttpToolsProtocol):
             heads = self._heads
             self._head_bytes += room
             super().data_received(data[:room])
-            if self._refusal is not None or self.transport.is_closing():
+            if self._refusal is not None or self._after_response or self.transport.is_closing():
                 return
             if self._in_head and self._heads == heads:
                 self._head_too_big = True
@@ -188,8 +199,13 @@ class GuardedProtocol(HttpToolsProtocol):
             data = data[room:]
         if self._in_head:
             self._head_bytes += len(data)
+        else:
+            self._body_fed += len(data)
         if data:
             super().data_received(data)
+        # chunk headers and trailers are parsed like a head: bounded the same way
+        if not self._in_head and self._body_fed - 2 * self._body_got > self.settings.max_head_bytes:
+            self._refuse(400, "chunked framing (chunk sizes, extensions, trailers) too long")
 
     def on_message_begin(self) -> None:
         self._head_begun = True
@@ -199,9 +215,19 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = self._head_begun = False
+        self._body_fed = self._body_got = 0
         self._heads += 1
         self._cancel_head_timer()
         super().on_headers_complete()
+        if self.parser.should_upgrade():
+            # this service upgrades to nothing: the request is answered as plain HTTP and
+            # the connection closed (the parser reads no further than such a head)
+            self.cycle.keep_alive = False
+            self._after_response = self.transport.close
+
+    def on_body(self, body: bytes) -> None:
+        self._body_got += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0
@@ -210,6 +236,12 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self.idle_since = self.loop.time()
         super().on_response_complete()
+        if not self._in_head:  # answered before its body was read: nothing to wait for
+            self.transport.close()
+        elif self._after_response is not None and self.cycle.response_complete:
+            # every request read before a refused or late head is answered: now its turn
+            action, self._after_response = self._after_response, None
+            action()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_big:
@@ -220,12 +252,17 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse_after_pause(400, "invalid HTTP request")
 
     def _refuse_after_pause(self, status: int, detail: str) -> None:
-        """:meth:`_refuse` after the refusal pause, reading nothing more meanwhile."""
+        """:meth:`_refuse` after the refusal pause, reading nothing more meanwhile; a
+        head refused while requests before it are still answered waits for them."""
         self._cancel_head_timer()
         if self.transport.is_closing() or self._refusal is not None:
             return
-        if not self.idle:  # a body gone wrong mid-request: the app is reading it
+        if not self._in_head:  # a body gone wrong mid-request: the app is reading it
             self._refuse(status, detail)
+            return
+        if not self.idle:  # a bad head pipelined behind a request still in progress
+            self.transport.pause_reading()
+            self._after_response = lambda: self._refuse_after_pause(status, detail)
             return
         delay = self.pause.take()
         if delay is None:
@@ -262,7 +299,12 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self._head_begun or self._head_bytes:
             timeout = self.settings.head_timeout_s
-            self._refuse(408, f"the request head did not arrive within {timeout:g} s")
+            late = f"the request head did not arrive within {timeout:g} s"
+            if self.idle:
+                self._refuse(408, late)
+            else:  # pipelined behind a request still in progress: answered after it
+                self.transport.pause_reading()
+                self._after_response = lambda: self._refuse(408, late)
         else:
             self.transport.close()
 
