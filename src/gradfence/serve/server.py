@@ -114,13 +114,13 @@ class GuardedProtocol(HttpToolsProtocol):
     fed only up to it; a head still not complete there is refused with ``431``. A head
     that starts in the read that ends the request before it (pipelining) is counted from
     the next read, so it can pass the limit by at most one read (uvloop reads at most
-    256 KiB at a time). The framing of a chunked body (chunk sizes, extensions, trailers)
-    is bounded by the same limit (``400``); a connection whose request was answered
-    before its body was read is closed.
+    256 KiB at a time). The framing of a chunked body (chunk sizes, extensions, trailers:
+    the bytes fed since its last body bytes) is bounded by the same limit (``400``); a
+    connection whose request was answered before its body was read is closed.
 
     Pipelined requests (llhttp parses every head of a read at once): a head refused, or
-    late, behind requests still in progress is answered after them, with nothing more
-    read meanwhile. A request asking to upgrade is answered as HTTP/1.1 and its
+    late, or a body refused, behind requests still in progress is answered after them,
+    with nothing more read meanwhile. A request asking to upgrade is answered as HTTP/1.1 and its
     connection closed (the parser reads nothing after such a head). Use
     :func:`protocol_for` to get one bound to a :class:`ServeSettings`.
     """
@@ -136,7 +136,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_too_big = False
         self._heads = 0  # heads parsed on this connection
         self._head_begun = False  # the parser has seen the start of the current head
-        self._body_fed = self._body_got = 0  # bytes fed while in a body, and body bytes
+        self._framing = 0  # bytes fed in a body since its last body bytes
         # what to do once the requests in progress are answered (refuse a head that came
         # behind them, close after an upgrade request); no more is read meanwhile
         self._after_response: Callable[[], None] | None = None
@@ -178,6 +178,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None or self._after_response or self.transport.is_closing():
+            self.transport.pause_reading()  # (uvicorn's flow control may have resumed it)
             return  # a refused head, or a request that asked to upgrade: nothing more is read
         if self._in_head and self._head_timer is None:
             self._arm_head_timer()  # a new head starts on a kept-alive connection
@@ -200,12 +201,13 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
         else:
-            self._body_fed += len(data)
+            self._framing += len(data)
         if data:
             super().data_received(data)
-        # chunk headers and trailers are parsed like a head: bounded the same way
-        if not self._in_head and self._body_fed - 2 * self._body_got > self.settings.max_head_bytes:
-            self._refuse(400, "chunked framing (chunk sizes, extensions, trailers) too long")
+        # chunk sizes, extensions and trailers (bytes fed since the last body bytes) are
+        # parsed like a head: bounded the same way (to within one read)
+        if not self._in_head and self._framing > self.settings.max_head_bytes:
+            self._refuse_body(400, "chunked framing (chunk sizes, extensions, trailers) too long")
 
     def on_message_begin(self) -> None:
         self._head_begun = True
@@ -215,7 +217,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = self._head_begun = False
-        self._body_fed = self._body_got = 0
+        self._framing = 0
         self._heads += 1
         self._cancel_head_timer()
         super().on_headers_complete()
@@ -223,10 +225,10 @@ class GuardedProtocol(HttpToolsProtocol):
             # this service upgrades to nothing: the request is answered as plain HTTP and
             # the connection closed (the parser reads no further than such a head)
             self.cycle.keep_alive = False
-            self._after_response = self.transport.close
+            self._defer(self.transport.close)
 
     def on_body(self, body: bytes) -> None:
-        self._body_got += len(body)
+        self._framing = 0
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -235,13 +237,22 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self.idle_since = self.loop.time()
+        starts_next = bool(self.pipeline)  # a request read after this one is started
         super().on_response_complete()
-        if not self._in_head:  # answered before its body was read: nothing to wait for
-            self.transport.close()
-        elif self._after_response is not None and self.cycle.response_complete:
-            # every request read before a refused or late head is answered: now its turn
+        if starts_next or self.transport.is_closing():
+            return
+        if self._after_response is not None:
+            # every request read before a refused or late one is answered: now its turn
+            self._unset_keepalive_if_required()
             action, self._after_response = self._after_response, None
             action()
+        elif not self._in_head:  # answered before its body was read: nothing to wait for
+            self.transport.close()
+
+    def _defer(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the requests in progress are answered; read nothing more."""
+        self.transport.pause_reading()
+        self._after_response = action
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_big:
@@ -257,12 +268,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         if self.transport.is_closing() or self._refusal is not None:
             return
-        if not self._in_head:  # a body gone wrong mid-request: the app is reading it
-            self._refuse(status, detail)
+        if not self._in_head:  # a body gone wrong
+            self._refuse_body(status, detail)
             return
         if not self.idle:  # a bad head pipelined behind a request still in progress
-            self.transport.pause_reading()
-            self._after_response = lambda: self._refuse_after_pause(status, detail)
+            self._defer(lambda: self._refuse_after_pause(status, detail))
             return
         delay = self.pause.take()
         if delay is None:
@@ -277,6 +287,16 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse(status, detail)
 
         self._refusal = self.loop.call_later(delay, answer)
+
+    def _refuse_body(self, status: int, detail: str) -> None:
+        """Refuse the request whose body went wrong: at once if the app is reading it, or,
+        pipelined behind requests still in progress, after them (it never starts)."""
+        queued = [entry for entry in self.pipeline if entry[0] is self.cycle]
+        if not queued:
+            self._refuse(status, detail)
+            return
+        self.pipeline.remove(queued[0])
+        self._defer(lambda: self._refuse(status, detail))
 
     def _refuse(self, status: int, detail: str) -> None:
         self._cancel_head_timer()
@@ -303,8 +323,7 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.idle:
                 self._refuse(408, late)
             else:  # pipelined behind a request still in progress: answered after it
-                self.transport.pause_reading()
-                self._after_response = lambda: self._refuse(408, late)
+                self._defer(lambda: self._refuse(408, late))
         else:
             self.transport.close()
 
