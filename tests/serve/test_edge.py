@@ -94,9 +94,9 @@ def test_endless_head_is_431_at_once_and_stalls_nobody(
 
 
 def test_endless_chunked_trailer_is_cut_off(serve_model: ServerFactory) -> None:
-    """Trailers of a chunked body are header fields too, and bounded the same way; a
-    body the app answered without reading is not read on."""
-    server = serve_model(StubClassifier(), refusal_pause_s=0)
+    """Trailers of a chunked body are header fields too, and bounded the same way; the
+    rest of a body the app answered without reading must come within the head time."""
+    server = serve_model(StubClassifier(), refusal_pause_s=0, head_timeout_s=1)
     body = b'{"texts": ["b"]}'
     head = (
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -106,7 +106,7 @@ def test_endless_chunked_trailer_is_cut_off(serve_model: ServerFactory) -> None:
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"chunked framing" in answer
     assert sent < 4 << 20, f"the server read {sent} bytes of trailers"
-    # a probe answers without reading the body: its connection is closed at once
+    # a probe answers without reading the body: the connection is closed at the head time
     unfinished = head % (b"/health/live", len(body), body)
     answer, waited = answered_after(raw_request, server, unfinished)
     assert answer.startswith(b"HTTP/1.1 405 ") and waited < 3, (answer[:100], waited)
@@ -209,6 +209,23 @@ def test_pipelined_and_chunked_bodies(serve_model: ServerFactory) -> None:
     answer = raw_request(server, good + broken)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert answer.count(b"HTTP/1.1 400 ") == 1, answer[-300:]
+
+
+def test_a_body_sent_after_its_answer_keeps_the_connection(serve_model: ServerFactory) -> None:
+    """A client writes a head and its body apart; an answer that did not need the body
+    (a 404) may come in between: the body is then read and the connection kept."""
+    server = serve_model(StubClassifier())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+        time.sleep(0.2)
+        sock.sendall(b"{}")
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
 def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed(

@@ -115,8 +115,8 @@ class GuardedProtocol(HttpToolsProtocol):
     that starts in the read that ends the request before it (pipelining) is counted from
     the next read, so it can pass the limit by at most one read (uvloop reads at most
     256 KiB at a time). The framing of a chunked body (chunk sizes, extensions, trailers:
-    the bytes fed since its last body bytes) is bounded by the same limit (``400``); a
-    connection whose request was answered before its body was read is closed.
+    the bytes fed since its last body bytes) is bounded by the same limit (``400``); the
+    rest of a body its answer did not wait for must come within ``head_timeout_s``.
 
     Pipelined requests (llhttp parses every head of a read at once): a head refused, or
     late, or a body refused, behind requests still in progress is answered after them,
@@ -233,6 +233,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0
+        self._cancel_head_timer()  # (a body that came after its answer)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -246,8 +247,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()
             action, self._after_response = self._after_response, None
             action()
-        elif not self._in_head:  # answered before its body was read: nothing to wait for
-            self.transport.close()
+        elif not self._in_head:
+            # answered before its body was read: the rest may still come (a client writes
+            # a head and its body apart), within the head time
+            self._arm_head_timer()
 
     def _defer(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the requests in progress are answered; read nothing more."""
@@ -315,7 +318,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
+        if self.transport.is_closing():
+            return
+        if not self._in_head:  # a body that did not end within the head time of its answer
+            self.transport.close()
             return
         if self._head_begun or self._head_bytes:
             timeout = self.settings.head_timeout_s
