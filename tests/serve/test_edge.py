@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from gradfence.serve.app import LOOPBACK_HOSTS, METHODS, RefusalPause
+from gradfence.serve.server import MAX_PIPELINED
 
 from .conftest import ServerFactory, StubClassifier, ThreadedServer, read_all
 
@@ -121,8 +122,9 @@ def test_the_head_limit_counts_one_head_not_what_follows_it(
     server = serve_model(StubClassifier(), max_head_bytes=1024, head_timeout_s=1)
     head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     last = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    answer = raw_request(server, head * 99 + last)  # about 4.6 kB in one write
-    assert answer.count(b"HTTP/1.1 200 ") == 100, answer[:300]
+    padded = head[:-2] + b"X-Padding: " + b"p" * 80 + b"\r\n\r\n"
+    answer = raw_request(server, padded * 11 + last)  # about 1.6 kB in one write
+    assert answer.count(b"HTTP/1.1 200 ") == 12, answer[:300]
     body = json.dumps({"texts": ["b" * 3000, "g" * 3000]}).encode()
     post = (
         b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -226,6 +228,65 @@ def test_a_body_sent_after_its_answer_keeps_the_connection(serve_model: ServerFa
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    # and the connection is idle from then on: closed at the idle time
+    server = serve_model(StubClassifier(), idle_timeout_s=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+        sock.sendall(b"{}")
+        closed, waited = answered_after(read_all, sock)
+    assert closed == b"" and waited < 4, (closed, waited)
+
+
+def test_a_pipelined_head_waiting_for_its_turn_is_not_late(serve_model: ServerFactory) -> None:
+    """A head not read on because the requests before it are in progress is not held to
+    the head time meanwhile."""
+    model = StubClassifier()
+    server = serve_model(model, head_timeout_s=0.5)
+    body = json.dumps({"texts": ["bbb"]}).encode()
+    predict = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    good = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    model.gate.clear()  # the first request takes longer than the head time
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(predict + good + b"GET /health/live HTTP/1.1\r\nHost: 1")
+        time.sleep(1.5)
+        model.gate.set()
+        sock.sendall(b"27.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200 ") == 3, answer[-300:]
+
+
+def test_pipelined_requests_past_the_limit_are_refused_after_the_others(
+    serve_model: ServerFactory,
+) -> None:
+    """llhttp parses every head of a read at once: a client pipelining thousands of
+    requests in one write must not queue them all (each holds a scope and a cycle)."""
+    server = serve_model(StubClassifier())
+    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer = raw_request(server, head * 5000)  # 235 kB in one write
+    # (answered between two reads of the write, a few more may be served)
+    assert 1 + MAX_PIPELINED <= answer.count(b"HTTP/1.1 200 ") < 1000, answer[-300:]
+    assert answer.count(b"HTTP/1.1 503 ") == 1 and answer.endswith(b'one connection"}')
+    assert good_request_ok(server)
+
+
+def test_a_request_asking_to_upgrade_with_a_body_is_refused(serve_model: ServerFactory) -> None:
+    """The parser reads nothing after a head asking to upgrade, so its body would reach
+    the app empty: refused instead."""
+    server = serve_model(StubClassifier())
+    body = json.dumps({"texts": ["bbb"]}).encode()
+    request = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = raw_request(server, request)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"asking to upgrade has a body" in answer
 
 
 def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed(

@@ -58,6 +58,10 @@ log = logging.getLogger("gradfence.serve")
 # file descriptors kept free for the model's files, logs and the listening socket
 RESERVED_FDS = 64
 
+# requests one connection may have waiting behind the one in progress (pipelining): llhttp
+# parses every head of a read at once, and each queued request holds its scope and cycle
+MAX_PIPELINED = 16
+
 
 def raw_answer(status: int, detail: str) -> bytes:
     """A complete HTTP/1.1 answer with a JSON ``detail``, closing the connection.
@@ -118,10 +122,13 @@ class GuardedProtocol(HttpToolsProtocol):
     the bytes fed since its last body bytes) is bounded by the same limit (``400``); the
     rest of a body its answer did not wait for must come within ``head_timeout_s``.
 
-    Pipelined requests (llhttp parses every head of a read at once): a head refused, or
-    late, or a body refused, behind requests still in progress is answered after them,
-    with nothing more read meanwhile. A request asking to upgrade is answered as HTTP/1.1 and its
-    connection closed (the parser reads nothing after such a head). Use
+    Pipelined requests (llhttp parses every head of a read at once): at most
+    :data:`MAX_PIPELINED` wait behind the one in progress (the rest of the read is
+    ignored and refused with ``503``); a head or body refused behind requests still in
+    progress is answered after them, with nothing more read meanwhile; a head waiting
+    behind them is timed from when they are answered. A request asking to upgrade is
+    answered as HTTP/1.1 and its connection closed (the parser reads nothing after such a
+    head; one declaring a body is refused with ``400``). Use
     :func:`protocol_for` to get one bound to a :class:`ServeSettings`.
     """
 
@@ -137,6 +144,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._heads = 0  # heads parsed on this connection
         self._head_begun = False  # the parser has seen the start of the current head
         self._framing = 0  # bytes fed in a body since its last body bytes
+        self._ignoring = False  # the parser's callbacks are ignored (a refused request)
         # what to do once the requests in progress are answered (refuse a head that came
         # behind them, close after an upgrade request); no more is read meanwhile
         self._after_response: Callable[[], None] | None = None
@@ -210,31 +218,66 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse_body(400, "chunked framing (chunk sizes, extensions, trailers) too long")
 
     def on_message_begin(self) -> None:
+        if self._ignoring:
+            return
         self._head_begun = True
         if self._head_timer is None:  # a head pipelined after the one before
             self._arm_head_timer()
         super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._ignoring:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._ignoring:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = self._head_begun = False
         self._framing = 0
         self._heads += 1
         self._cancel_head_timer()
-        super().on_headers_complete()
+        if self._ignoring:
+            return
+        if len(self.pipeline) >= MAX_PIPELINED:  # the rest of the read is ignored
+            self._ignoring = True
+            too_many = f"more than {MAX_PIPELINED} requests pipelined on one connection"
+            self._defer(lambda: self._refuse(503, too_many))
+            return
         if self.parser.should_upgrade():
             # this service upgrades to nothing: the request is answered as plain HTTP and
-            # the connection closed (the parser reads no further than such a head)
+            # the connection closed (the parser reads no further than such a head, so a
+            # body it declares would never be read: refused instead)
+            if any(
+                name in (b"content-length", b"transfer-encoding") and value.strip() != b"0"
+                for name, value in self.headers
+            ):
+                self._ignoring = True
+                self._defer(lambda: self._refuse(400, "a request asking to upgrade has a body"))
+                return
+            super().on_headers_complete()
             self.cycle.keep_alive = False
             self._defer(self.transport.close)
+            return
+        super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         self._framing = 0
-        super().on_body(body)
+        if not self._ignoring:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0
         self._cancel_head_timer()  # (a body that came after its answer)
+        if self._ignoring:
+            return
         super().on_message_complete()
+        if self.cycle.response_complete and not (self.pipeline or self._after_response):
+            # a body that came after its answer: the connection is idle from now on
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_response_complete(self) -> None:
         self.idle_since = self.loop.time()
@@ -253,9 +296,13 @@ class GuardedProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def _defer(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once the requests in progress are answered; read nothing more."""
+        """Run ``action`` once the requests in progress are answered (at once if none
+        is); read nothing more."""
         self.transport.pause_reading()
-        self._after_response = action
+        if self.idle and not self.pipeline:
+            action()
+        else:
+            self._after_response = action
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_big:
@@ -323,13 +370,14 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._in_head:  # a body that did not end within the head time of its answer
             self.transport.close()
             return
+        if not self.idle:
+            # pipelined behind requests in progress: timed from when they are answered
+            # (the server may not read on meanwhile: not the client's delay)
+            self._arm_head_timer()
+            return
         if self._head_begun or self._head_bytes:
             timeout = self.settings.head_timeout_s
-            late = f"the request head did not arrive within {timeout:g} s"
-            if self.idle:
-                self._refuse(408, late)
-            else:  # pipelined behind a request still in progress: answered after it
-                self._defer(lambda: self._refuse(408, late))
+            self._refuse(408, f"the request head did not arrive within {timeout:g} s")
         else:
             self.transport.close()
 
