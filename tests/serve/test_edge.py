@@ -36,6 +36,15 @@ def raw_request(server: ThreadedServer, data: bytes, timeout: float = 10) -> byt
         return read_all(sock)
 
 
+PREDICT_HEAD = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def raw_predict(texts: list[str], headers: bytes = b"") -> bytes:
+    """A whole ``POST /v1/predict`` of ``texts`` with its Content-Length, ``headers`` added."""
+    body = json.dumps({"texts": texts}).encode()
+    return PREDICT_HEAD + headers + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
 def good_request_ok(server: ThreadedServer) -> bool:
     response = httpx.post(f"{server.url}/v1/predict", json={"texts": ["bbb"]}, timeout=10)
     return response.status_code == 200 and response.json()["predictions"][0]["label"] == (
@@ -125,12 +134,7 @@ def test_the_head_limit_counts_one_head_not_what_follows_it(
     padded = head[:-2] + b"X-Padding: " + b"p" * 80 + b"\r\n\r\n"
     answer = raw_request(server, padded * 11 + last)  # about 1.6 kB in one write
     assert answer.count(b"HTTP/1.1 200 ") == 12, answer[:300]
-    body = json.dumps({"texts": ["b" * 3000, "g" * 3000]}).encode()
-    post = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
-    answer = raw_request(server, post + body)
+    answer = raw_request(server, raw_predict(["b" * 3000, "g" * 3000], b"Connection: close\r\n"))
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     # a head pipelined after a request, in the same write, is held to the limit and to
     # the head time as well
@@ -166,11 +170,7 @@ def test_a_late_head_pipelined_behind_a_slow_request_waits_for_its_answer(
 ) -> None:
     model = StubClassifier()
     server = serve_model(model, head_timeout_s=0.5)
-    body = json.dumps({"texts": ["bbb"]}).encode()
-    predict = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    predict = raw_predict(["bbb"])
     model.gate.clear()  # the model holds the request past the head time
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(predict + b"GET /health/live HTTP/1.1\r\nHost: 1")
@@ -188,10 +188,7 @@ def test_pipelined_and_chunked_bodies(serve_model: ServerFactory) -> None:
     server = serve_model(StubClassifier())
     good = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     body = json.dumps({"texts": ["bbb " * 1500]}).encode()
-    post = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\n"
-    )
+    post = PREDICT_HEAD + b"Connection: close\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(good + post + b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
         time.sleep(0.3)
@@ -246,11 +243,7 @@ def test_a_pipelined_head_waiting_for_its_turn_is_not_late(serve_model: ServerFa
     the head time meanwhile."""
     model = StubClassifier()
     server = serve_model(model, head_timeout_s=0.5)
-    body = json.dumps({"texts": ["bbb"]}).encode()
-    predict = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    predict = raw_predict(["bbb"])
     good = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     model.gate.clear()  # the first request takes longer than the head time
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -280,11 +273,7 @@ def test_a_request_asking_to_upgrade_with_a_body_is_refused(serve_model: ServerF
     """The parser reads nothing after a head asking to upgrade, so its body would reach
     the app empty: refused instead."""
     server = serve_model(StubClassifier())
-    body = json.dumps({"texts": ["bbb"]}).encode()
-    request = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    request = raw_predict(["bbb"], b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
     answer = raw_request(server, request)
     assert answer.startswith(b"HTTP/1.1 400 ") and b"asking to upgrade has a body" in answer
 
