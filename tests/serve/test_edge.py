@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -43,6 +44,10 @@ def raw_predict(texts: list[str], headers: bytes = b"") -> bytes:
     """A whole ``POST /v1/predict`` of ``texts`` with its Content-Length, ``headers`` added."""
     body = json.dumps({"texts": texts}).encode()
     return PREDICT_HEAD + headers + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def metrics(server: ThreadedServer) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=10).text
 
 
 def good_request_ok(server: ThreadedServer) -> bool:
@@ -261,11 +266,14 @@ def test_pipelined_requests_past_the_limit_are_refused_after_the_others(
     """llhttp parses every head of a read at once: a client pipelining thousands of
     requests in one write must not queue them all (each holds a scope and a cycle)."""
     server = serve_model(StubClassifier())
-    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    answer = raw_request(server, head * 5000)  # 235 kB in one write
+    head = b"GET /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    # 215 kB in one write; what the client reads may be cut short: the server closes with
+    # the rest of the write unread, and the client's kernel then resets the connection
+    raw_request(server, head * 5000)
+    served = re.search(r'route="/v1/model",status="200"} ([0-9.]+)', metrics(server))
+    assert served is not None
     # (answered between two reads of the write, a few more may be served)
-    assert 1 + MAX_PIPELINED <= answer.count(b"HTTP/1.1 200 ") < 1000, answer[-300:]
-    assert answer.count(b"HTTP/1.1 503 ") == 1 and answer.endswith(b'one connection"}')
+    assert 1 + MAX_PIPELINED <= float(served.group(1)) < 1000, served.group(0)
     assert good_request_ok(server)
 
 
