@@ -140,7 +140,6 @@ class GuardedProtocol(HttpToolsProtocol):
         self.logger = http_log
         self._in_head = True  # the next bytes belong to a request head
         self._head_bytes = 0  # of the current head, so far
-        self._head_too_big = False
         self._heads = 0  # heads parsed on this connection
         self._head_begun = False  # the parser has seen the start of the current head
         self._framing = 0  # bytes fed in a body since its last body bytes
@@ -201,9 +200,10 @@ class GuardedProtocol(HttpToolsProtocol):
             if self._refusal is not None or self._after_response or self.transport.is_closing():
                 return
             if self._in_head and self._heads == heads:
-                self._head_too_big = True
                 self.logger.warning("Request head over the size limit.")
-                self.send_400_response("")
+                limit = self.settings.max_head_bytes
+                detail = f"request head over {limit} bytes (request line and headers)"
+                self._refuse_after_pause(431, detail)
                 return
             data = data[room:]
         if self._in_head:
@@ -305,12 +305,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._after_response = action
 
     def send_400_response(self, msg: str) -> None:
-        if self._head_too_big:
-            limit = self.settings.max_head_bytes
-            detail = f"request head over {limit} bytes (request line and headers)"
-            self._refuse_after_pause(431, detail)
-        else:
-            self._refuse_after_pause(400, "invalid HTTP request")
+        self._refuse_after_pause(400, "invalid HTTP request")
 
     def _refuse_after_pause(self, status: int, detail: str) -> None:
         """:meth:`_refuse` after the refusal pause, reading nothing more meanwhile; a
